@@ -1,0 +1,1 @@
+"""Small pieces every daemon uses: auth, errors, clock, serving. Imports only contracts."""

@@ -1,0 +1,98 @@
+"""Run a FastAPI app under uvicorn the way every rbee daemon should.
+
+SIGTERM and SIGINT shut down gracefully and the process exits 0 (uvicorn alone re-raises the
+signal after shutdown, which would report death-by-signal). A taken port or a bad setting is a
+one-line message and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import sys
+from collections.abc import Callable
+from types import FrameType
+from typing import NoReturn, TypeVar
+
+import uvicorn
+from fastapi import FastAPI
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings, CliApp
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+def fail(prog: str, message: str, code: int = 1) -> NoReturn:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def parse_settings(cls: type[S], prog: str, argv: list[str] | None = None) -> S:
+    """Flags and environment parsed by the settings class itself: each option is written once."""
+    try:
+        return CliApp.run(cls, cli_args=argv)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = "-".join(str(p) for p in first["loc"]) or "settings"
+        fail(prog, f"--{where.replace('_', '-')}: {first['msg']}", code=2)
+
+
+class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, on_signal: Callable[[], None] | None) -> None:
+        super().__init__(config)
+        self._on_signal = on_signal
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Same as uvicorn's, minus remembering the signal to re-raise it after shutdown.
+        first = not self.should_exit
+        if self.should_exit and sig == 2:
+            self.force_exit = True
+        else:
+            self.should_exit = True
+        if first and self._on_signal is not None:
+            self._on_signal()
+
+
+def bind_socket(prog: str, host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        reason = "is already in use" if exc.errno == 98 else f"cannot be opened ({exc.strerror})"
+        fail(prog, f"{host}:{port} {reason}")
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(
+    app: FastAPI,
+    *,
+    prog: str,
+    host: str,
+    port: int,
+    graceful_s: int = 5,
+    on_signal: Callable[[], None] | None = None,
+    log_level: str = "warning",
+) -> int:
+    """Serve until SIGTERM/SIGINT; returns the exit code (0 after a clean shutdown)."""
+    logging.basicConfig(level=logging.INFO, format=f"{prog}: %(message)s")
+    sock = bind_socket(prog, host, port)
+    config = uvicorn.Config(
+        app,
+        log_level=log_level,
+        timeout_graceful_shutdown=graceful_s,
+        access_log=False,
+        lifespan="on",
+    )
+    server = _Server(config, on_signal)
+    try:
+        asyncio.run(server.serve(sockets=[sock]))
+    except SystemExit as exc:  # uvicorn exits this way when the app's startup fails
+        return int(exc.code or 1)
+    finally:
+        sock.close()
+    return 0 if server.started else 1

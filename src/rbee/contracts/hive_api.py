@@ -1,0 +1,53 @@
+"""Requests and answers of the hive's HTTP API (spawn, processes, catalog)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from rbee.contracts.workers import NonEmptyStr, Port
+
+
+class SpawnRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: NonEmptyStr
+    device: NonEmptyStr = "cpu:0"
+    slots: Annotated[int, Field(ge=1, le=64)] = 1
+    worker_id: NonEmptyStr | None = None
+
+
+class SpawnResponse(BaseModel):
+    worker_id: str
+    pid: int
+    port: Port
+    url: str
+
+
+class WorkerProcess(BaseModel):
+    """A worker process found on the hive's machine by asking the operating system."""
+
+    pid: int
+    worker_id: str
+    model: str
+    port: int
+    uptime_s: float
+    memory_bytes: int
+
+
+class WorkerProcessList(BaseModel):
+    workers: list[WorkerProcess]
+
+
+class CatalogModel(BaseModel):
+    id: str
+    name: str
+    path: str
+    size_bytes: int
+    format: str
+    source: str
+
+
+class CatalogList(BaseModel):
+    models: list[CatalogModel]

@@ -1,0 +1,66 @@
+"""The jobs API shared by queen and hive: long operations with SSE progress."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from rbee.contracts.workers import NonEmptyStr
+
+
+class ModelDownloadJob(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    operation: Literal["model_download"]
+    model: NonEmptyStr
+    hive_id: NonEmptyStr | None = None
+
+
+class WorkerSpawnJob(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    operation: Literal["worker_spawn"]
+    model: NonEmptyStr
+    hive_id: NonEmptyStr | None = None
+    device: NonEmptyStr | None = None
+    slots: Annotated[int, Field(ge=1, le=64)] = 1
+
+
+class WorkerStopJob(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    operation: Literal["worker_stop"]
+    worker_id: NonEmptyStr
+
+
+class ModelListJob(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    operation: Literal["model_list"]
+    hive_id: NonEmptyStr | None = None
+
+
+JobRequest = Annotated[
+    ModelDownloadJob | WorkerSpawnJob | WorkerStopJob | ModelListJob,
+    Field(discriminator="operation"),
+]
+
+
+class JobCreated(BaseModel):
+    job_id: str
+    sse_url: str
+
+
+class JobEvent(BaseModel):
+    """One SSE event of a job. `type` is `progress`, `log`, `done` (final) or `error` (final)."""
+
+    type: Literal["progress", "log", "done", "error"]
+    message: str = ""
+    bytes_done: int | None = None
+    bytes_total: int | None = None
+    result: dict[str, Any] | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.type in ("done", "error")

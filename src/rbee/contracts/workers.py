@@ -1,0 +1,78 @@
+"""The worker contract: what a worker tells the queen about itself."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_serializer
+
+NonEmptyStr = Annotated[str, Field(min_length=1, max_length=256)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class WorkerStatus(StrEnum):
+    STARTING = "starting"
+    READY = "ready"
+    BUSY = "busy"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+class WorkerInfo(BaseModel):
+    """One worker process serving one model. Field names follow the TEAM-270 seed."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: NonEmptyStr
+    model_id: NonEmptyStr
+    device: NonEmptyStr = "cpu:0"
+    port: Port
+    status: WorkerStatus
+    implementation: NonEmptyStr = "llm-worker-rbee"
+    version: NonEmptyStr
+    host: NonEmptyStr = "127.0.0.1"
+    hive_id: NonEmptyStr | None = None
+    slots: Annotated[int, Field(ge=1)] = 1
+    in_flight: Annotated[int, Field(ge=0)] = 0
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def load(self) -> float:
+        return self.in_flight / self.slots
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class WorkerHeartbeat(BaseModel):
+    """Sent by a worker straight to the queen: at start, on every status change, every interval."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    worker: WorkerInfo
+    timestamp: AwareDatetime = Field(default_factory=utc_now)
+
+    @field_serializer("timestamp")
+    def _rfc3339_utc(self, value: datetime) -> str:
+        return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+class HeartbeatAck(BaseModel):
+    status: Literal["ok", "error"] = "ok"
+    message: str = ""
+
+
+class WorkerView(WorkerInfo):
+    """A worker as the queen reports it: the worker's own fields plus the queen's judgement."""
+
+    online: bool
+    available: bool
+    last_seen_s: float
+    timestamp: str

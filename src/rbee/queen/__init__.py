@@ -1,0 +1,1 @@
+"""queen-rbee: the cluster's brain — registry, scheduling, routing, the OpenAI API."""

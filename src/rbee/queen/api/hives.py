@@ -1,0 +1,26 @@
+"""Hive heartbeats in, the hive inventory out."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends
+
+from rbee.contracts.hives import HiveHeartbeat, HiveView
+from rbee.contracts.workers import HeartbeatAck
+from rbee.queen.state import QueenState, get_state
+
+router = APIRouter()
+State = Annotated[QueenState, Depends(get_state)]
+
+
+@router.post("/v1/hive-heartbeat")
+async def hive_heartbeat(heartbeat: HiveHeartbeat, state: State) -> HeartbeatAck:
+    if state.hives.update(heartbeat):
+        state.bus.publish("hive", {"change": "registered", "hive_id": heartbeat.hive.id})
+    return HeartbeatAck(status="ok", message=f"hive {heartbeat.hive.id} recorded")
+
+
+@router.get("/v1/hives")
+async def list_hives(state: State) -> dict[str, list[HiveView]]:
+    return {"hives": sorted(state.hives.all(), key=lambda h: h.id)}

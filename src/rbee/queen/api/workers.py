@@ -1,0 +1,104 @@
+"""Worker heartbeats in, the registry out (list, get, delete, live stream of changes)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from rbee.common.errors import NotFound
+from rbee.contracts.workers import HeartbeatAck, WorkerHeartbeat, WorkerView
+from rbee.queen.registry import ChangeKind, RegistryChange, worker_view
+from rbee.queen.state import QueenState, get_state
+
+router = APIRouter()
+State = Annotated[QueenState, Depends(get_state)]
+
+
+def publish_change(state: QueenState, change: RegistryChange) -> None:
+    state.bus.publish(
+        "worker",
+        {
+            "change": change.kind.value,
+            "worker_id": change.worker.id,
+            "model_id": change.worker.model_id,
+            "state": "removed"
+            if change.kind is ChangeKind.REMOVED
+            else ("offline" if change.kind is ChangeKind.OFFLINE else change.worker.status.value),
+        },
+    )
+
+
+@router.post("/v1/worker-heartbeat")
+async def worker_heartbeat(heartbeat: WorkerHeartbeat, state: State) -> HeartbeatAck:
+    change = state.registry.update_worker(heartbeat)
+    if change is not None:
+        publish_change(state, change)
+    return HeartbeatAck(status="ok", message=f"heartbeat from {heartbeat.worker.id} recorded")
+
+
+@router.get("/v1/workers")
+async def list_workers(
+    state: State,
+    model_id: Annotated[str | None, Query(min_length=1)] = None,
+    available: bool | None = None,
+) -> dict[str, list[WorkerView]]:
+    now = state.registry.now()
+    views = [worker_view(state.registry, r, now) for r in state.registry.records()]
+    if model_id is not None:
+        views = [v for v in views if v.model_id == model_id]
+    if available is not None:
+        views = [v for v in views if v.available == available]
+    return {"workers": sorted(views, key=lambda v: v.id)}
+
+
+@router.get("/v1/workers/{worker_id}")
+async def get_worker(worker_id: str, state: State) -> WorkerView:
+    record = state.registry.get_record(worker_id)
+    if record is None:
+        raise NotFound(f"no worker {worker_id!r} in the registry", code="worker_not_found")
+    return worker_view(state.registry, record, state.registry.now())
+
+
+@router.delete("/v1/workers/{worker_id}")
+async def delete_worker(worker_id: str, state: State) -> dict[str, Any]:
+    info = state.registry.get_worker(worker_id)
+    if info is None or not state.registry.remove_worker(worker_id):
+        raise NotFound(f"no worker {worker_id!r} in the registry", code="worker_not_found")
+    publish_change(state, RegistryChange(ChangeKind.REMOVED, info))
+    return {"removed": worker_id}
+
+
+def summary(state: QueenState) -> dict[str, int]:
+    return {
+        "total": state.registry.total_worker_count(),
+        "online": state.registry.online_worker_count(),
+        "available": state.registry.available_worker_count(),
+        "hives_online": len(state.hives.online()),
+    }
+
+
+@router.get("/v1/heartbeats/stream")
+async def heartbeat_stream(request: Request, state: State) -> EventSourceResponse:
+    """SSE: `worker` events on every registry change, a `summary` event every few seconds."""
+
+    async def events() -> AsyncIterator[ServerSentEvent]:
+        async with state.bus.subscribe() as queue:
+            yield ServerSentEvent(data=json.dumps(summary(state)), event="summary")
+            interval = state.settings.summary_interval
+            loop = asyncio.get_running_loop()
+            next_summary = loop.time() + interval
+            while True:
+                try:
+                    timeout = max(0.0, next_summary - loop.time())
+                    name, data = await asyncio.wait_for(queue.get(), timeout)
+                    yield ServerSentEvent(data=json.dumps(data), event=name)
+                except TimeoutError:
+                    next_summary = loop.time() + interval
+                    yield ServerSentEvent(data=json.dumps(summary(state)), event="summary")
+
+    return EventSourceResponse(events(), ping=15)

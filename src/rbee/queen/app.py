@@ -1,0 +1,83 @@
+"""The queen's app factory: builds its state, routes and background tasks from settings."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import Depends, FastAPI
+
+from rbee import __version__
+from rbee.common.auth import bearer_guard
+from rbee.common.clock import Clock, monotonic
+from rbee.common.errors import install_error_handlers
+from rbee.queen.api import hives as hives_api
+from rbee.queen.api import workers as workers_api
+from rbee.queen.hives import HiveRegistry
+from rbee.queen.registry import ChangeKind, RegistryChange, WorkerRegistry
+from rbee.queen.settings import QueenSettings
+from rbee.queen.state import QueenState
+
+log = logging.getLogger("rbee.queen")
+
+
+async def cleanup_loop(state: QueenState) -> None:
+    """Remove workers not heard from within the timeout, every cleanup interval."""
+    while True:
+        await asyncio.sleep(state.settings.cleanup_interval)
+        for info in state.registry.remove_stale_workers():
+            log.info("removed stale worker %s", info.id)
+            workers_api.publish_change(state, RegistryChange(ChangeKind.REMOVED, info))
+
+
+async def offline_watch(state: QueenState, interval_s: float) -> None:
+    """Announce workers that went quiet, as soon as they pass the timeout (before cleanup)."""
+    online: set[str] = set()
+    while True:
+        now = state.registry.now()
+        current = {
+            r.info.id: r for r in state.registry.records() if state.registry.is_fresh(r, now)
+        }
+        for record in state.registry.records():
+            if record.info.id in online and record.info.id not in current:
+                workers_api.publish_change(state, RegistryChange(ChangeKind.OFFLINE, record.info))
+        online = set(current)
+        await asyncio.sleep(interval_s)
+
+
+def create_app(settings: QueenSettings, *, clock: Clock = monotonic) -> FastAPI:
+    state = QueenState(
+        settings=settings,
+        registry=WorkerRegistry(settings.heartbeat_timeout, clock),
+        hives=HiveRegistry(settings.heartbeat_timeout, clock),
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        tasks = [
+            asyncio.create_task(cleanup_loop(state), name="cleanup"),
+            asyncio.create_task(
+                offline_watch(state, min(1.0, settings.heartbeat_timeout / 4)), name="offline"
+            ),
+        ]
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    app = FastAPI(title="queen-rbee", version=__version__, lifespan=lifespan)
+    app.state.queen = state
+    install_error_handlers(app)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok", "version": __version__}
+
+    guarded = [Depends(bearer_guard(settings.token))]
+    app.include_router(workers_api.router, dependencies=guarded)
+    app.include_router(hives_api.router, dependencies=guarded)
+    return app

@@ -1,0 +1,41 @@
+"""queen-rbee's one settings object: flags, `RBEE_QUEEN_*` environment, and `RBEE_TOKEN`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Seconds = Annotated[float, Field(gt=0)]
+
+
+class QueenSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="RBEE_QUEEN_", cli_kebab_case=True, cli_prog_name="queen-rbee"
+    )
+
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(7833, ge=1, le=65535, description="port to listen on")
+    heartbeat_timeout: Seconds = Field(
+        90.0, description="a worker or hive not heard from for this long is offline"
+    )
+    cleanup_interval: Seconds = Field(30.0, description="how often offline workers are removed")
+    summary_interval: Seconds = Field(
+        5.0, description="how often the heartbeat stream sends a summary event"
+    )
+    token: str | None = Field(
+        None,
+        validation_alias=AliasChoices("token", "RBEE_TOKEN"),
+        description="cluster token required as a bearer token (env RBEE_TOKEN)",
+    )
+    routing_policy: Literal["least-loaded", "round-robin"] = Field(
+        "least-loaded", description="how a worker is chosen among the available ones"
+    )
+    queue_size: int = Field(
+        32, ge=0, description="requests that may wait per model when all are busy"
+    )
+    queue_timeout: Seconds = Field(30.0, description="longest a request waits for a free worker")
+    spawn_timeout: Seconds = Field(120.0, description="longest to wait for an on-demand worker")
+    retries: int = Field(2, ge=0, description="other workers tried after a worker fails")
+    cooldown: Seconds = Field(10.0, description="how long a failed worker sits out")

@@ -1,0 +1,1 @@
+"""Helpers shipped with the package for tests and benchmarks: fake clock, real processes."""
