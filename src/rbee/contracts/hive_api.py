@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from rbee.contracts.hives import Device
 from rbee.contracts.workers import NonEmptyStr, Port
 
 
@@ -51,3 +52,25 @@ class CatalogModel(BaseModel):
 
 class CatalogList(BaseModel):
     models: list[CatalogModel]
+
+
+class Capabilities(BaseModel):
+    """`GET /v1/capabilities`: what this hive's machine can compute with."""
+
+    hive_id: str
+    devices: list[Device]
+
+
+class WorkerStopped(BaseModel):
+    """`POST /v1/workers/{pid}/stop`: which signal ended the worker."""
+
+    pid: int
+    worker_id: str
+    signal: Literal["SIGTERM", "SIGKILL"]
+    exit_code: int | None = None
+
+
+class ModelDeleted(BaseModel):
+    """`DELETE /v1/models/{id}`: the catalog entry that was removed."""
+
+    deleted: CatalogModel

@@ -41,8 +41,16 @@ class ModelListJob(BaseModel):
     hive_id: NonEmptyStr | None = None
 
 
+class ModelDeleteJob(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    operation: Literal["model_delete"]
+    model: NonEmptyStr
+    hive_id: NonEmptyStr | None = None
+
+
 JobRequest = Annotated[
-    ModelDownloadJob | WorkerSpawnJob | WorkerStopJob | ModelListJob,
+    ModelDownloadJob | WorkerSpawnJob | WorkerStopJob | ModelListJob | ModelDeleteJob,
     Field(discriminator="operation"),
 ]
 
@@ -60,7 +68,16 @@ class JobEvent(BaseModel):
     bytes_done: int | None = None
     bytes_total: int | None = None
     result: dict[str, Any] | None = None
+    code: str | None = Field(None, description="why an `error` event ended the job, e.g. cancelled")
 
     @property
     def final(self) -> bool:
         return self.type in ("done", "error")
+
+
+class JobInfo(BaseModel):
+    """Where a job stands; what `DELETE /v1/jobs/{id}` answers."""
+
+    job_id: str
+    operation: str
+    status: Literal["running", "done", "error", "cancelled"]

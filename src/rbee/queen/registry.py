@@ -38,6 +38,15 @@ class WorkerRecord:
     info: WorkerInfo
     timestamp: datetime
     seen_at: float
+    # Derived once at receipt: the scheduler's hot loop reads plain attributes.
+    ready: bool
+    load: float
+
+    @classmethod
+    def of(cls, heartbeat: WorkerHeartbeat, seen_at: float) -> WorkerRecord:
+        info = heartbeat.worker
+        ready = info.status is WorkerStatus.READY
+        return cls(info, heartbeat.timestamp, seen_at, ready, info.in_flight / info.slots)
 
 
 class WorkerRegistry:
@@ -58,7 +67,7 @@ class WorkerRegistry:
         info = heartbeat.worker
         if info.status is WorkerStatus.STOPPED:
             return RegistryChange(ChangeKind.REMOVED, info) if self.remove_worker(info.id) else None
-        record = WorkerRecord(info, heartbeat.timestamp, self._clock())
+        record = WorkerRecord.of(heartbeat, self._clock())
         with self._lock:
             previous = self._records.get(info.id)
             if previous is not None and previous.info.model_id != info.model_id:
@@ -107,7 +116,7 @@ class WorkerRegistry:
 
     @staticmethod
     def _ready(record: WorkerRecord) -> bool:
-        return record.info.status is WorkerStatus.READY
+        return record.ready
 
     def get_record(self, worker_id: str) -> WorkerRecord | None:
         with self._lock:
@@ -132,6 +141,10 @@ class WorkerRegistry:
         now = self._clock()
         return [r.info for r in self.records() if self._fresh(r, now) and self._ready(r)]
 
+    def records_for_model(self, model_id: str) -> list[WorkerRecord]:
+        with self._lock:
+            return list(self._by_model.get(model_id, {}).values())
+
     def find_workers_by_model(self, model_id: str) -> list[WorkerInfo]:
         with self._lock:
             return [r.info for r in self._by_model.get(model_id, {}).values()]
@@ -144,7 +157,7 @@ class WorkerRegistry:
 
     def find_best_worker_for_model(self, model_id: str) -> WorkerInfo | None:
         """The available worker with the lowest `in_flight / slots`; equals take turns."""
-        now = self._clock()
+        cutoff = self._clock() - self.timeout_s
         with self._lock:
             peers = self._by_model.get(model_id)
             if not peers:
@@ -152,9 +165,9 @@ class WorkerRegistry:
             best: list[WorkerInfo] = []
             best_load = float("inf")
             for record in peers.values():
-                if record.info.status is not WorkerStatus.READY or not self._fresh(record, now):
+                if not record.ready or record.seen_at < cutoff:
                     continue
-                load = record.info.in_flight / record.info.slots
+                load = record.load
                 if load < best_load:
                     best_load, best = load, [record.info]
                 elif load == best_load:

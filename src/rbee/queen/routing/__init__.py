@@ -1,0 +1,1 @@
+"""Which worker serves a request: pure policies over snapshots, plus the queen's own load count."""

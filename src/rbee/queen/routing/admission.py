@@ -1,0 +1,66 @@
+"""Admission: requests for a model wait here, first in first out, when every worker is busy."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+class QueueFull(Exception):
+    """Too many requests already wait for this model."""
+
+
+class WaitExpired(Exception):
+    """No worker freed up within the longest allowed wait."""
+
+
+class AdmissionQueue:
+    """One FIFO per model. Only the head of a queue may take a worker, so order is kept;
+    `notify(model)` wakes the head whenever a slot may have freed (a request ended, a
+    heartbeat arrived, a worker joined)."""
+
+    def __init__(self, max_waiting: int, max_wait_s: float) -> None:
+        self.max_waiting = max_waiting
+        self.max_wait_s = max_wait_s
+        self._queues: dict[str, deque[asyncio.Event]] = {}
+
+    def waiting(self, model: str) -> int:
+        return len(self._queues.get(model, ()))
+
+    def notify(self, model: str) -> None:
+        queue = self._queues.get(model)
+        if queue:
+            queue[0].set()
+
+    async def acquire(self, model: str, try_take: Callable[[], T | None]) -> T:
+        queue = self._queues.setdefault(model, deque())
+        if not queue and (taken := try_take()) is not None:
+            return taken
+        if len(queue) >= self.max_waiting:
+            raise QueueFull(model)
+        me = asyncio.Event()
+        queue.append(me)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_wait_s
+        try:
+            while True:
+                if queue[0] is me and (taken := try_take()) is not None:
+                    return taken
+                me.clear()
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise WaitExpired(model)
+                try:
+                    await asyncio.wait_for(me.wait(), remaining)
+                except TimeoutError:
+                    raise WaitExpired(model) from None
+        finally:
+            queue.remove(me)
+            if not queue:
+                self._queues.pop(model, None)
+            else:
+                queue[0].set()

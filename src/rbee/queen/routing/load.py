@@ -1,0 +1,52 @@
+"""What the queen knows better than any heartbeat: its own in-flight requests and failed workers."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from rbee.common.clock import Clock, monotonic
+
+
+@dataclass(frozen=True, slots=True)
+class _Penalty:
+    until: float
+    failed_at: float
+
+
+class LoadTracker:
+    """Counts requests in flight per worker and benches workers that just failed.
+
+    A benched worker returns after `cooldown_s`, or sooner if it heartbeats after the failure:
+    a fresh heartbeat proves it is alive again.
+    """
+
+    def __init__(self, cooldown_s: float, clock: Clock = monotonic) -> None:
+        self.cooldown_s = cooldown_s
+        self._clock = clock
+        self._in_flight: Counter[str] = Counter()
+        self._benched: dict[str, _Penalty] = {}
+
+    def in_flight(self, worker_id: str) -> int:
+        return self._in_flight[worker_id]
+
+    def begin(self, worker_id: str) -> None:
+        self._in_flight[worker_id] += 1
+
+    def end(self, worker_id: str) -> None:
+        self._in_flight[worker_id] -= 1
+        if self._in_flight[worker_id] <= 0:
+            del self._in_flight[worker_id]
+
+    def bench(self, worker_id: str) -> None:
+        now = self._clock()
+        self._benched[worker_id] = _Penalty(until=now + self.cooldown_s, failed_at=now)
+
+    def is_benched(self, worker_id: str, last_heartbeat_at: float) -> bool:
+        penalty = self._benched.get(worker_id)
+        if penalty is None:
+            return False
+        if self._clock() >= penalty.until or last_heartbeat_at > penalty.failed_at:
+            del self._benched[worker_id]
+            return False
+        return True
