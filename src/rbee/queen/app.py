@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
+import httpx
 from fastapi import Depends, FastAPI
 
 from rbee import __version__
@@ -14,11 +15,12 @@ from rbee.common.auth import bearer_guard
 from rbee.common.clock import Clock, monotonic
 from rbee.common.errors import install_error_handlers
 from rbee.queen.api import hives as hives_api
+from rbee.queen.api import jobs as jobs_api
+from rbee.queen.api import openai as openai_api
 from rbee.queen.api import workers as workers_api
-from rbee.queen.hives import HiveRegistry
-from rbee.queen.registry import ChangeKind, RegistryChange, WorkerRegistry
+from rbee.queen.registry import ChangeKind, RegistryChange
 from rbee.queen.settings import QueenSettings
-from rbee.queen.state import QueenState
+from rbee.queen.state import QueenState, build_state
 
 log = logging.getLogger("rbee.queen")
 
@@ -47,12 +49,13 @@ async def offline_watch(state: QueenState, interval_s: float) -> None:
         await asyncio.sleep(interval_s)
 
 
-def create_app(settings: QueenSettings, *, clock: Clock = monotonic) -> FastAPI:
-    state = QueenState(
-        settings=settings,
-        registry=WorkerRegistry(settings.heartbeat_timeout, clock),
-        hives=HiveRegistry(settings.heartbeat_timeout, clock),
-    )
+def create_app(
+    settings: QueenSettings,
+    *,
+    clock: Clock = monotonic,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> FastAPI:
+    state = build_state(settings, clock, transport)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -68,6 +71,7 @@ def create_app(settings: QueenSettings, *, clock: Clock = monotonic) -> FastAPI:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await state.aclose()
 
     app = FastAPI(title="queen-rbee", version=__version__, lifespan=lifespan)
     app.state.queen = state
@@ -80,4 +84,6 @@ def create_app(settings: QueenSettings, *, clock: Clock = monotonic) -> FastAPI:
     guarded = [Depends(bearer_guard(settings.token))]
     app.include_router(workers_api.router, dependencies=guarded)
     app.include_router(hives_api.router, dependencies=guarded)
+    app.include_router(openai_api.router, dependencies=guarded)
+    app.include_router(jobs_api.router, dependencies=guarded)
     return app

@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import socket
+from dataclasses import dataclass
 
+import httpx
 from fastapi import Request
 
+from rbee.common.clock import Clock
+from rbee.common.jobs import Jobs
 from rbee.queen.events import EventBus
 from rbee.queen.hives import HiveRegistry
+from rbee.queen.operations import HiveClients, Operations
+from rbee.queen.proxy import Proxy
 from rbee.queen.registry import WorkerRegistry
+from rbee.queen.routing.admission import AdmissionQueue
+from rbee.queen.routing.load import LoadTracker
+from rbee.queen.routing.policies import POLICIES
+from rbee.queen.routing.router import Router
+from rbee.queen.scheduler.spawner import Spawner
 from rbee.queen.settings import QueenSettings
+
+# Generation can be slow to start on a busy CPU; connecting to a live worker is not.
+WORKER_TIMEOUT = httpx.Timeout(connect=3.0, read=600.0, write=60.0, pool=10.0)
+NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
 
 
 @dataclass
@@ -17,7 +32,65 @@ class QueenState:
     settings: QueenSettings
     registry: WorkerRegistry
     hives: HiveRegistry
-    bus: EventBus = field(default_factory=EventBus)
+    bus: EventBus
+    router: Router
+    spawner: Spawner
+    proxy: Proxy
+    jobs: Jobs
+    operations: Operations
+    hive_clients: HiveClients
+    worker_http: httpx.AsyncClient
+
+    async def aclose(self) -> None:
+        await self.jobs.close()
+        await self.hive_clients.aclose()
+        await self.worker_http.aclose()
+
+
+def build_state(
+    settings: QueenSettings,
+    clock: Clock,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> QueenState:
+    """Wire the queen's parts. `transport` replaces the network to workers and hives in tests."""
+    registry = WorkerRegistry(settings.heartbeat_timeout, clock)
+    hives = HiveRegistry(settings.heartbeat_timeout, clock)
+    bus = EventBus()
+    router = Router(
+        registry,
+        LoadTracker(settings.cooldown, clock),
+        POLICIES[settings.routing_policy],
+        AdmissionQueue(settings.queue_size, settings.queue_timeout),
+    )
+    clients = HiveClients(settings.token, transport)
+    spawner = Spawner(registry, hives, bus, clients.spawn, settings.spawn_timeout)
+    worker_http = httpx.AsyncClient(
+        timeout=WORKER_TIMEOUT,
+        transport=transport or httpx.AsyncHTTPTransport(socket_options=NODELAY),
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+    )
+    proxy = Proxy(
+        registry,
+        hives,
+        router,
+        spawner,
+        worker_http,
+        token=settings.token,
+        retries=settings.retries,
+    )
+    return QueenState(
+        settings=settings,
+        registry=registry,
+        hives=hives,
+        bus=bus,
+        router=router,
+        spawner=spawner,
+        proxy=proxy,
+        jobs=Jobs(clock=clock),
+        operations=Operations(registry, hives, spawner, clients),
+        hive_clients=clients,
+        worker_http=worker_http,
+    )
 
 
 def get_state(request: Request) -> QueenState:

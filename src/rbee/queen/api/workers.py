@@ -38,6 +38,8 @@ async def worker_heartbeat(heartbeat: WorkerHeartbeat, state: State) -> Heartbea
     change = state.registry.update_worker(heartbeat)
     if change is not None:
         publish_change(state, change)
+    # A heartbeat may mean a free slot or a new worker: let the head of the line try again.
+    state.router.admission.notify(heartbeat.worker.model_id)
     return HeartbeatAck(status="ok", message=f"heartbeat from {heartbeat.worker.id} recorded")
 
 

@@ -54,11 +54,13 @@ class Router:
                 found.append(Candidate(info.id, info.url, info.slots, in_flight))
         return found
 
-    def has_live_worker(self, model: str) -> bool:
+    def has_live_worker(self, model: str, exclude: Collection[str] = ()) -> bool:
         """A worker that is up or on its way up (starting), so waiting for it makes sense."""
         now = self.registry.now()
         return any(
-            r.info.status in (*SERVING, WorkerStatus.STARTING) and self.registry.is_fresh(r, now)
+            r.info.id not in exclude
+            and r.info.status in (*SERVING, WorkerStatus.STARTING)
+            and self.registry.is_fresh(r, now)
             for r in self.registry.records_for_model(model)
         )
 

@@ -1,0 +1,169 @@
+"""The queen's jobs: cluster operations carried out through the hives, with progress events.
+
+Hive work is forwarded to the hive's registered URL with the typed hive client; the hive's own
+download progress is relayed event by event, and cancelling the queen's job cancels the hive's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import anyio
+import httpx
+
+from rbee.clients.hive import HiveClient, HiveError
+from rbee.common.errors import BadGateway, BadRequest, NotFound, RbeeError, Unavailable
+from rbee.common.jobs import Job
+from rbee.contracts.hive_api import SpawnRequest, SpawnResponse
+from rbee.contracts.hives import HiveView
+from rbee.contracts.jobs import (
+    JobEvent,
+    ModelDeleteJob,
+    ModelDownloadJob,
+    ModelListJob,
+    WorkerSpawnJob,
+    WorkerStopJob,
+)
+from rbee.queen.hives import HiveRegistry
+from rbee.queen.registry import WorkerRegistry
+from rbee.queen.scheduler.spawner import Spawner
+
+
+def hive_failure(exc: HiveError) -> RbeeError:
+    return BadGateway(exc.message, code=exc.code or "hive_error")
+
+
+class HiveClients:
+    """One client per hive URL, kept for the queen's lifetime."""
+
+    def __init__(self, token: str | None, transport: httpx.AsyncBaseTransport | None) -> None:
+        self.token = token
+        self.transport = transport
+        self._clients: dict[str, HiveClient] = {}
+
+    def get(self, hive: HiveView) -> HiveClient:
+        client = self._clients.get(hive.url)
+        if client is None:
+            client = HiveClient(hive.url, token=self.token, transport=self.transport)
+            self._clients[hive.url] = client
+        return client
+
+    async def spawn(self, hive: HiveView, request: SpawnRequest) -> SpawnResponse:
+        try:
+            return await self.get(hive).spawn(request)
+        except HiveError as exc:
+            raise hive_failure(exc) from None
+
+    async def aclose(self) -> None:
+        for client in self._clients.values():
+            await client.aclose()
+        self._clients.clear()
+
+
+class Operations:
+    def __init__(
+        self,
+        registry: WorkerRegistry,
+        hives: HiveRegistry,
+        spawner: Spawner,
+        clients: HiveClients,
+    ) -> None:
+        self.registry = registry
+        self.hives = hives
+        self.spawner = spawner
+        self.clients = clients
+
+    def _online_hive(self, hive_id: str) -> HiveView:
+        hive = self.hives.get(hive_id)
+        if hive is None:
+            known = ", ".join(h.id for h in self.hives.all()) or "none"
+            raise NotFound(f"no hive {hive_id!r} (hives: {known})", code="hive_not_found")
+        if not hive.online:
+            raise Unavailable(f"hive {hive_id!r} is offline", code="hive_unavailable")
+        return hive
+
+    def _one_hive(self, hive_id: str | None, model: str | None = None) -> HiveView:
+        if hive_id is not None:
+            return self._online_hive(hive_id)
+        online = self.hives.online()
+        if model is not None:
+            online = [h for h in online if model in h.models] or online
+        if len(online) == 1:
+            return online[0]
+        if not online:
+            raise Unavailable("no hive is online", code="no_hive")
+        names = ", ".join(h.id for h in online)
+        raise BadRequest(f"several hives are online ({names}): say which", code="hive_required")
+
+    async def worker_spawn(self, job: Job, request: WorkerSpawnJob) -> dict[str, Any]:
+        hive = self.spawner.pick_hive(request.model, request.hive_id, request.device)
+        job.emit(JobEvent(type="log", message=f"starting a {request.model} worker on {hive.id}"))
+        spawned, _ = await self.spawner.start(request.model, hive, request.device, request.slots)
+        job.emit(JobEvent(type="log", message=f"worker {spawned.worker_id} is ready"))
+        return {**spawned.model_dump(), "hive_id": hive.id}
+
+    async def worker_stop(self, job: Job, request: WorkerStopJob) -> dict[str, Any]:
+        info = self.registry.get_worker(request.worker_id)
+        if info is None:
+            raise NotFound(
+                f"no worker {request.worker_id!r} in the registry", code="worker_not_found"
+            )
+        if info.hive_id is None:
+            raise BadRequest(
+                f"worker {info.id} was not started by a hive; stop it where it runs",
+                code="no_hive",
+            )
+        client = self.clients.get(self._online_hive(info.hive_id))
+        try:
+            processes = await client.workers()
+            pid = next((p.pid for p in processes if p.worker_id == info.id), None)
+            if pid is None:
+                raise NotFound(
+                    f"hive {info.hive_id} runs no process for worker {info.id}",
+                    code="worker_not_found",
+                )
+            job.emit(JobEvent(type="log", message=f"stopping pid {pid} on {info.hive_id}"))
+            await client.stop_worker(pid)
+        except HiveError as exc:
+            raise hive_failure(exc) from None
+        return {"worker_id": info.id, "pid": pid, "hive_id": info.hive_id}
+
+    async def model_download(self, job: Job, request: ModelDownloadJob) -> dict[str, Any]:
+        hive = self._one_hive(request.hive_id)
+        client = self.clients.get(hive)
+        try:
+            created = await client.start_download(request.model)
+            try:
+                async for event in client.job_events(created.job_id):
+                    if event.type == "done":
+                        return {**(event.result or {}), "hive_id": hive.id}
+                    if event.type == "error":
+                        raise BadGateway(event.message, code=event.code or "download_failed")
+                    job.emit(event)
+            except asyncio.CancelledError:
+                with anyio.CancelScope(shield=True):
+                    await client.cancel_job(created.job_id)
+                raise
+        except HiveError as exc:
+            raise hive_failure(exc) from None
+        raise BadGateway(f"download job on {hive.id} ended without a result")
+
+    async def model_list(self, job: Job, request: ModelListJob) -> dict[str, Any]:
+        hives = [self._online_hive(request.hive_id)] if request.hive_id else self.hives.online()
+        models: list[dict[str, Any]] = []
+        for hive in hives:
+            try:
+                found = await self.clients.get(hive).models()
+            except HiveError as exc:
+                raise hive_failure(exc) from None
+            models += [{**m.model_dump(), "hive_id": hive.id} for m in found]
+        return {"models": models}
+
+    async def model_delete(self, job: Job, request: ModelDeleteJob) -> dict[str, Any]:
+        hive = self._one_hive(request.hive_id, request.model)
+        try:
+            deleted = await self.clients.get(hive).delete_model(request.model)
+        except HiveError as exc:
+            raise hive_failure(exc) from None
+        return {**deleted.model_dump(), "hive_id": hive.id}

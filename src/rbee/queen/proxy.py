@@ -1,0 +1,173 @@
+"""The OpenAI front door: find a worker for the request's model and stream its answer back.
+
+Bytes pass through as they arrive. A worker that fails before the first byte is benched and the
+request goes to another; after the first byte the client gets an error event and the stream
+ends. A client that goes away cancels the upstream request, which frees the worker's slot.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Collection
+from typing import Any
+
+import anyio
+import httpx
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from rbee.common.auth import auth_headers
+from rbee.common.errors import BadGateway, BadRequest, NotFound, TooManyRequests, Unavailable
+from rbee.contracts.errors import ErrorBody
+from rbee.queen.hives import HiveRegistry
+from rbee.queen.registry import WorkerRegistry
+from rbee.queen.routing.admission import QueueFull, WaitExpired
+from rbee.queen.routing.router import Lease, Router
+from rbee.queen.scheduler.placement import hives_with_model
+from rbee.queen.scheduler.spawner import Spawner
+
+log = logging.getLogger("rbee.queen.proxy")
+WORKER_HEADER = "x-rbee-worker-id"
+PASSED_REQUEST_HEADERS = ("content-type", "accept", "x-request-id")
+
+
+def parse_body(raw: bytes) -> tuple[str, bool]:
+    """The two fields the queen needs: `model` and `stream`. Everything else passes through."""
+    try:
+        payload: Any = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(payload, dict):
+        raise BadRequest("request body must be a JSON object", code="invalid_json")
+    model = payload.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("`model` is required and must be a non-empty string", code="missing_model")
+    return model, payload.get("stream") is True
+
+
+def sse_error(message: str) -> bytes:
+    body = ErrorBody.of(message, "server_error", "worker_failed").model_dump()
+    return f"data: {json.dumps(body)}\n\n".encode()
+
+
+class Proxy:
+    def __init__(
+        self,
+        registry: WorkerRegistry,
+        hives: HiveRegistry,
+        router: Router,
+        spawner: Spawner,
+        client: httpx.AsyncClient,
+        *,
+        token: str | None,
+        retries: int,
+    ) -> None:
+        self.registry = registry
+        self.hives = hives
+        self.router = router
+        self.spawner = spawner
+        self.client = client
+        self.token = token
+        self.retries = retries
+
+    def known_models(self) -> list[str]:
+        served = set(self.registry.models())
+        for hive in self.hives.all():
+            if hive.online:
+                served.update(hive.models)
+        return sorted(served)
+
+    async def lease(self, model: str, exclude: Collection[str] = ()) -> Lease:
+        if not self.router.has_live_worker(model, exclude):
+            if hives_with_model(self.hives.all(), model):
+                await self.spawner.ensure_worker(model)
+            elif self.registry.find_workers_by_model(model):
+                failed = f" ({', '.join(exclude)} failed)" if exclude else ""
+                raise Unavailable(
+                    f"no worker for model {model!r} is reachable right now{failed}",
+                    code="no_worker",
+                )
+            else:
+                known = ", ".join(self.known_models()) or "none"
+                raise NotFound(
+                    f"model {model!r} is not served by any worker and no hive has it "
+                    f"(models: {known})",
+                    code="model_not_found",
+                )
+        admission = self.router.admission
+        try:
+            return await self.router.acquire(model, exclude)
+        except QueueFull:
+            raise TooManyRequests(
+                f"all workers for {model!r} are busy and {admission.max_waiting} requests "
+                "already wait",
+                retry_after_s=2,
+                code="queue_full",
+            ) from None
+        except WaitExpired:
+            raise TooManyRequests(
+                f"no worker for {model!r} freed up within {admission.max_wait_s:.0f}s",
+                retry_after_s=2,
+                code="queue_timeout",
+            ) from None
+
+    async def forward(self, request: Request, path: str) -> StreamingResponse:
+        raw = await request.body()
+        model, stream = parse_body(raw)
+        headers = {k: v for k, v in request.headers.items() if k.lower() in PASSED_REQUEST_HEADERS}
+        headers.update(auth_headers(self.token))
+        tried: list[str] = []
+        reason = ""
+        for _ in range(self.retries + 1):
+            lease = await self.lease(model, tried)
+            upstream_request = self.client.build_request(
+                "POST", f"{lease.url}{path}", content=raw, headers=headers
+            )
+            try:
+                upstream = await self.client.send(upstream_request, stream=True)
+            except httpx.TransportError as exc:
+                reason = f"{lease.worker_id}: {type(exc).__name__}: {exc}"
+            else:
+                if upstream.status_code < 500:
+                    return self._respond(lease, upstream, stream)
+                detail = (await upstream.aread())[:200].decode(errors="replace")
+                await upstream.aclose()
+                reason = f"{lease.worker_id}: HTTP {upstream.status_code} {detail}"
+            log.warning("worker failed before answering, trying another: %s", reason)
+            self.router.fail(lease)
+            tried.append(lease.worker_id)
+        raise BadGateway(f"{len(tried)} worker(s) failed for {model!r}; last: {reason}")
+
+    def _respond(self, lease: Lease, upstream: httpx.Response, sse: bool) -> StreamingResponse:
+        headers = {WORKER_HEADER: lease.worker_id}
+        for name in ("retry-after",):
+            if name in upstream.headers:
+                headers[name] = upstream.headers[name]
+        return StreamingResponse(
+            self._relay(lease, upstream, sse),
+            status_code=upstream.status_code,
+            headers=headers,
+            media_type=upstream.headers.get("content-type"),
+        )
+
+    async def _relay(
+        self, lease: Lease, upstream: httpx.Response, sse: bool
+    ) -> AsyncIterator[bytes]:
+        failed = False
+        try:
+            async for chunk in upstream.aiter_bytes():
+                yield chunk
+        except httpx.HTTPError as exc:
+            failed = True
+            log.warning("worker %s failed mid-answer: %s", lease.worker_id, exc)
+            if sse:
+                yield sse_error(f"worker {lease.worker_id} failed mid-stream: {type(exc).__name__}")
+        finally:
+            # Free the slot first: when the client has gone, this runs under cancellation.
+            if failed:
+                self.router.fail(lease)
+            else:
+                self.router.release(lease)
+            with anyio.CancelScope(shield=True):
+                await upstream.aclose()

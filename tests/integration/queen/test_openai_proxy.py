@@ -1,0 +1,296 @@
+"""The queen's OpenAI API in-process, with workers and hives played by an injected transport."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from rbee.queen.app import create_app
+from rbee.queen.settings import QueenSettings
+
+Handler = Callable[[httpx.Request], Awaitable[httpx.Response]]
+
+
+def completion(worker: str, body: dict[str, Any]) -> httpx.Response:
+    answer = {
+        "id": "x",
+        "object": "chat.completion",
+        "model": body["model"],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": f"from {worker}"}}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
+        "echo": {k: v for k, v in body.items() if k not in ("model", "messages")},
+    }
+    return httpx.Response(200, json=answer)
+
+
+async def sse_chunks(n: int, fail_after: int | None = None) -> AsyncIterator[bytes]:
+    for i in range(n):
+        if fail_after is not None and i == fail_after:
+            raise httpx.ReadError("connection reset by peer")
+        yield f'data: {{"n": {i}}}\n\n'.encode()
+    yield b"data: [DONE]\n\n"
+
+
+class Cluster:
+    """Fake workers and hives behind one transport; the queen under test is real."""
+
+    def __init__(self) -> None:
+        self.workers: dict[str, Handler] = {}
+        self.hive_spawns: list[dict[str, Any]] = []
+        self.queen: httpx.AsyncClient | None = None
+        self.app = create_app(
+            QueenSettings.model_validate(
+                {"queue_size": 2, "queue_timeout": 0.5, "spawn_timeout": 5, "cooldown": 30}
+            ),
+            transport=httpx.MockTransport(self.handle),
+        )
+        self.client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=self.app), base_url="http://queen", timeout=10
+        )
+        self.served: list[str] = []
+
+    async def handle(self, request: httpx.Request) -> httpx.Response:
+        host = request.url.host
+        if host == "hive.test":
+            return await self.hive(request)
+        self.served.append(host)
+        handler = self.workers.get(host)
+        if handler is None:
+            raise httpx.ConnectError("connection refused", request=request)
+        return await handler(request)
+
+    async def hive(self, request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/v1/workers/spawn"
+        spec = json.loads(request.content)
+        self.hive_spawns.append(spec)
+        worker_id = f"spawned-{len(self.hive_spawns)}"
+        self.workers[worker_id] = self.ok_worker(worker_id)
+
+        async def come_up() -> None:
+            await asyncio.sleep(0.05)
+            await self.heartbeat(worker_id, spec["model"], "ready", hive_id="h1")
+
+        asyncio.get_running_loop().create_task(come_up())
+        url = f"http://{worker_id}:8080"
+        return httpx.Response(
+            201, json={"worker_id": worker_id, "pid": 1, "port": 8080, "url": url}
+        )
+
+    def ok_worker(self, name: str) -> Handler:
+        async def handler(request: httpx.Request) -> httpx.Response:
+            body = json.loads(request.content)
+            if body.get("stream"):
+                return httpx.Response(
+                    200, content=sse_chunks(3), headers={"content-type": "text/event-stream"}
+                )
+            return completion(name, body)
+
+        return handler
+
+    async def heartbeat(
+        self, worker_id: str, model: str = "m", status: str = "ready", **extra: Any
+    ) -> None:
+        worker = {"id": worker_id, "model_id": model, "host": worker_id, "port": 8080}
+        body = {"worker": {**worker, "status": status, "version": "1", **extra}}
+        (await self.client.post("/v1/worker-heartbeat", json=body)).raise_for_status()
+
+    async def hive_heartbeat(self, models: list[str]) -> None:
+        body = {
+            "hive": {"id": "h1", "url": "http://hive.test:7835", "version": "1"},
+            "devices": [
+                {
+                    "id": "cpu:0",
+                    "kind": "cpu",
+                    "name": "cpu",
+                    "memory_total_bytes": 10,
+                    "memory_free_bytes": 5,
+                }
+            ],
+            "models": models,
+        }
+        (await self.client.post("/v1/hive-heartbeat", json=body)).raise_for_status()
+
+    async def chat(self, model: str = "m", **extra: Any) -> httpx.Response:
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
+        return await self.client.post("/v1/chat/completions", json=body)
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[Cluster]:
+    c = Cluster()
+    yield c
+    await c.client.aclose()
+    await c.app.state.queen.aclose()
+
+
+async def test_answer_names_its_worker_and_unknown_fields_pass_through(cluster: Cluster) -> None:
+    cluster.workers["w1"] = cluster.ok_worker("w1")
+    await cluster.heartbeat("w1")
+    response = await cluster.chat(temperature=0, custom_knob={"a": 1})
+    assert response.status_code == 200
+    assert response.headers["x-rbee-worker-id"] == "w1"
+    assert response.json()["choices"][0]["message"]["content"] == "from w1"
+    assert response.json()["echo"] == {"temperature": 0, "custom_knob": {"a": 1}}
+
+
+async def test_streams_pass_through_to_done(cluster: Cluster) -> None:
+    cluster.workers["w1"] = cluster.ok_worker("w1")
+    await cluster.heartbeat("w1")
+    response = await cluster.chat(stream=True)
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.text.count("data: ") == 4
+    assert response.text.endswith("data: [DONE]\n\n")
+
+
+async def test_requests_spread_over_equal_workers(cluster: Cluster) -> None:
+    for name in ("w1", "w2"):
+        cluster.workers[name] = cluster.ok_worker(name)
+        await cluster.heartbeat(name)
+    served = [(await cluster.chat()).headers["x-rbee-worker-id"] for _ in range(4)]
+    assert sorted(served) == ["w1", "w1", "w2", "w2"]
+
+
+async def test_dead_worker_is_stepped_around_and_benched(cluster: Cluster) -> None:
+    cluster.workers["alive"] = cluster.ok_worker("alive")
+    await cluster.heartbeat("alive")
+    await cluster.heartbeat("dead")  # registered, but connections are refused
+    for _ in range(4):
+        response = await cluster.chat()
+        assert response.status_code == 200
+        assert response.headers["x-rbee-worker-id"] == "alive"
+    assert cluster.served.count("dead") == 1, "a failed worker sits out instead of failing again"
+
+
+async def test_worker_5xx_before_first_byte_is_retried(cluster: Cluster) -> None:
+    async def broken(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(500, json={"error": {"message": "boom"}})
+
+    cluster.workers["broken"] = broken
+    cluster.workers["good"] = cluster.ok_worker("good")
+    await cluster.heartbeat("broken")
+    await cluster.heartbeat("good")
+    for _ in range(2):
+        response = await cluster.chat()
+        assert response.status_code == 200
+        assert response.headers["x-rbee-worker-id"] == "good"
+
+
+async def test_worker_4xx_is_passed_to_the_client(cluster: Cluster) -> None:
+    async def strict(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(400, json={"error": {"message": "prompt too long", "code": "ctx"}})
+
+    cluster.workers["w1"] = strict
+    await cluster.heartbeat("w1")
+    response = await cluster.chat()
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == "prompt too long"
+
+
+async def test_stream_cut_midway_ends_with_an_error_event(cluster: Cluster) -> None:
+    async def dying(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(
+            200, content=sse_chunks(5, fail_after=2), headers={"content-type": "text/event-stream"}
+        )
+
+    cluster.workers["w1"] = dying
+    await cluster.heartbeat("w1")
+    response = await asyncio.wait_for(cluster.chat(stream=True), 5)
+    events = [line for line in response.text.split("\n\n") if line]
+    assert events[:2] == ['data: {"n": 0}', 'data: {"n": 1}']
+    assert json.loads(events[-1].removeprefix("data: "))["error"]["code"] == "worker_failed"
+
+
+async def test_when_every_worker_fails_the_answer_is_503(cluster: Cluster) -> None:
+    await cluster.heartbeat("dead1")
+    await cluster.heartbeat("dead2")
+    response = await cluster.chat()
+    assert response.status_code == 503
+    assert "dead1, dead2 failed" in response.json()["error"]["message"]
+    assert (await cluster.chat()).status_code == 503
+
+
+async def test_unknown_model_is_404_listing_known_models(cluster: Cluster) -> None:
+    cluster.workers["w1"] = cluster.ok_worker("w1")
+    await cluster.heartbeat("w1", model="real-model")
+    response = await cluster.chat(model="no-such-model")
+    assert response.status_code == 404
+    error = response.json()["error"]
+    assert error["code"] == "model_not_found"
+    assert "real-model" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (b"{oops", "invalid_json"),
+        (b"[1, 2]", "invalid_json"),
+        (b'{"messages": []}', "missing_model"),
+    ],
+)
+async def test_bad_requests_are_400(cluster: Cluster, body: bytes, code: str) -> None:
+    response = await cluster.client.post(
+        "/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == code
+
+
+async def test_full_queue_is_429_with_retry_after(cluster: Cluster) -> None:
+    release = asyncio.Event()
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        await release.wait()
+        return completion("slow", json.loads(request.content))
+
+    cluster.workers["slow"] = slow
+    await cluster.heartbeat("slow")
+    running = [asyncio.create_task(cluster.chat()) for _ in range(3)]  # 1 serving + 2 waiting
+    await asyncio.sleep(0.1)
+    rejected = await cluster.chat()
+    assert rejected.status_code == 429
+    assert int(rejected.headers["retry-after"]) >= 1
+    assert rejected.json()["error"]["code"] == "queue_full"
+    release.set()
+    assert [r.status_code for r in await asyncio.gather(*running)] == [200, 200, 200]
+
+
+async def test_wait_that_expires_is_429(cluster: Cluster) -> None:
+    release = asyncio.Event()
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        await release.wait()
+        return completion("slow", json.loads(request.content))
+
+    cluster.workers["slow"] = slow
+    await cluster.heartbeat("slow")
+    first = asyncio.create_task(cluster.chat())
+    await asyncio.sleep(0.05)
+    expired = await cluster.chat()  # queue_timeout is 0.5 s
+    assert expired.status_code == 429
+    assert expired.json()["error"]["code"] == "queue_timeout"
+    release.set()
+    assert (await first).status_code == 200
+
+
+async def test_cold_model_starts_one_worker_for_many_requests(cluster: Cluster) -> None:
+    await cluster.hive_heartbeat(["cold"])
+    responses = await asyncio.gather(*(cluster.chat(model="cold") for _ in range(3)))
+    assert [r.status_code for r in responses] == [200, 200, 200]
+    assert len(cluster.hive_spawns) == 1
+    assert cluster.hive_spawns[0]["model"] == "cold"
+    assert {r.headers["x-rbee-worker-id"] for r in responses} == {"spawned-1"}
+
+
+async def test_models_lists_loaded_and_startable(cluster: Cluster) -> None:
+    cluster.workers["w1"] = cluster.ok_worker("w1")
+    await cluster.heartbeat("w1", model="hot")
+    await cluster.hive_heartbeat(["hot", "cold"])
+    data = (await cluster.client.get("/v1/models")).json()["data"]
+    by_id = {m["id"]: m["rbee"] for m in data}
+    assert by_id["hot"] == {"state": "loaded", "workers": 1, "hives": ["h1"]}
+    assert by_id["cold"] == {"state": "available", "workers": 0, "hives": ["h1"]}
