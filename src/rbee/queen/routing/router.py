@@ -55,12 +55,14 @@ class Router:
         return found
 
     def has_live_worker(self, model: str, exclude: Collection[str] = ()) -> bool:
-        """A worker that is up or on its way up (starting), so waiting for it makes sense."""
+        """A worker that is up or on its way up (starting) and not benched after a failure,
+        so waiting for it makes sense."""
         now = self.registry.now()
         return any(
             r.info.id not in exclude
             and r.info.status in (*SERVING, WorkerStatus.STARTING)
             and self.registry.is_fresh(r, now)
+            and not self.tracker.is_benched(r.info.id, r.seen_at)
             for r in self.registry.records_for_model(model)
         )
 
