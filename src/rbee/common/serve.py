@@ -82,6 +82,7 @@ def serve(
 ) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit code (0 after a clean shutdown)."""
     logging.basicConfig(level=logging.INFO, format=f"{prog}: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
     sock = bind_socket(prog, host, port)
     config = uvicorn.Config(
         app,

@@ -80,9 +80,12 @@ class Proxy:
 
     async def lease(self, model: str, exclude: Collection[str] = ()) -> Lease:
         if not self.router.has_live_worker(model, exclude):
-            if hives_with_model(self.hives.all(), model):
+            known_workers = self.registry.find_workers_by_model(model)
+            if not known_workers and hives_with_model(self.hives.all(), model):
+                # Cold model: start one. Never after failures, so a broken worker cannot make
+                # the queen start worker after worker.
                 await self.spawner.ensure_worker(model)
-            elif self.registry.find_workers_by_model(model):
+            elif known_workers:
                 failed = f" ({', '.join(exclude)} failed)" if exclude else ""
                 raise Unavailable(
                     f"no worker for model {model!r} is reachable right now{failed}",
