@@ -19,7 +19,12 @@ from rbee.common.bundled import DEFAULT_MODEL
 from .conftest import Cluster, start_cluster
 
 pytestmark = pytest.mark.e2e
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+# A plain system message: without one SmolLM2's template adds its own, and greedy decoding then
+# sits on a near-tie between "L'Étoile…" and "The capital…" that flips between llama.cpp builds.
+QUESTION = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "What is the capital of France?"},
+]
 
 
 def client(cluster: Cluster) -> openai.OpenAI:
