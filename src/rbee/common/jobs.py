@@ -12,7 +12,7 @@ import contextlib
 import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -137,10 +137,12 @@ class Jobs:
 def job_routes(get_jobs: Callable[[Request], Jobs]) -> APIRouter:
     """`GET /v1/jobs/{id}/stream` (SSE of JobEvents), `GET /v1/jobs/{id}`, `DELETE /v1/jobs/{id}`."""
     router = APIRouter()
-    JobsDep = Annotated[Jobs, Depends(get_jobs)]
+    # A default, not an Annotated alias: under `from __future__ import annotations` FastAPI
+    # resolves annotations in module globals, where a local alias is invisible.
+    jobs_dep = Depends(get_jobs)
 
     @router.get("/v1/jobs/{job_id}/stream")
-    async def stream_job(job_id: str, jobs: JobsDep) -> EventSourceResponse:
+    async def stream_job(job_id: str, jobs: Jobs = jobs_dep) -> EventSourceResponse:
         job = jobs.get(job_id)
 
         async def events() -> AsyncIterator[ServerSentEvent]:
@@ -154,11 +156,11 @@ def job_routes(get_jobs: Callable[[Request], Jobs]) -> APIRouter:
         return EventSourceResponse(events())
 
     @router.get("/v1/jobs/{job_id}")
-    async def get_job(job_id: str, jobs: JobsDep) -> JobInfo:
+    async def get_job(job_id: str, jobs: Jobs = jobs_dep) -> JobInfo:
         return jobs.get(job_id).info
 
     @router.delete("/v1/jobs/{job_id}")
-    async def cancel_job(job_id: str, jobs: JobsDep) -> JobInfo:
+    async def cancel_job(job_id: str, jobs: Jobs = jobs_dep) -> JobInfo:
         return await jobs.cancel(job_id)
 
     return router

@@ -81,3 +81,4 @@ class JobInfo(BaseModel):
     job_id: str
     operation: str
     status: Literal["running", "done", "error", "cancelled"]
+    last_event: JobEvent | None = Field(None, description="the latest event, e.g. progress")

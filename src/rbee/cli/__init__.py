@@ -1,0 +1,1 @@
+"""`rbee`: the command line. Each command parses its flags, calls the queen client, renders."""

@@ -1,0 +1,68 @@
+"""`rbee status`, `rbee models`: what the cluster is and what it serves."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from rbee.cli.context import cli_of
+from rbee.cli.render import hives_table, models_table, to_json, workers_table
+from rbee.clients.queen import ModelEntry, QueenClient
+from rbee.contracts.hives import HiveView
+from rbee.contracts.workers import WorkerView
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+
+def status(ctx: typer.Context, as_json: JsonFlag = False) -> None:
+    """Hives and workers of the cluster: model, status, load, address, last seen."""
+    cli = cli_of(ctx)
+
+    async def fetch(client: QueenClient) -> tuple[list[HiveView], list[WorkerView]]:
+        await client.health()
+        return await client.hives(), await client.workers()
+
+    hives, workers = cli.run(fetch)
+    if as_json:
+        print(to_json({"queen_url": cli.queen_url, "hives": hives, "workers": workers}))
+        return
+    ready = sum(1 for w in workers if w.available)
+    cli.out.print(
+        f"queen {cli.queen_url}: {len(hives)} hive(s), {len(workers)} worker(s), {ready} ready",
+        markup=False,
+        highlight=False,
+    )
+    if hives:
+        cli.out.print()
+        cli.out.print(hives_table(hives))
+    cli.out.print()
+    if workers:
+        cli.out.print(workers_table(workers))
+    else:
+        cli.out.print("no workers yet — start one with `rbee worker spawn -m MODEL`", markup=False)
+
+
+def models(ctx: typer.Context, as_json: JsonFlag = False) -> None:
+    """What the cluster serves (loaded) and what its hives could start (available)."""
+    cli = cli_of(ctx)
+
+    async def fetch(client: QueenClient) -> list[ModelEntry]:
+        return await client.models()
+
+    entries = cli.run(fetch)
+    if as_json:
+        print(to_json({"models": entries}))
+    elif entries:
+        cli.out.print(models_table(entries))
+    else:
+        cli.out.print(
+            "the cluster has no models: no worker serves one and no hive has one — "
+            "`rbee model download REF` fetches one",
+            markup=False,
+        )
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(status)
+    app.command()(models)

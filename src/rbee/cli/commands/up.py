@@ -1,0 +1,152 @@
+"""`rbee up`: a whole cluster on this machine, in the foreground, until Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from rbee.cli import state
+from rbee.cli.cluster import LocalCluster, UpPlan, check_free, clean_stale_lock
+from rbee.cli.context import Cli, CliError, advice, cli_of
+from rbee.clients.queen import QueenError
+from rbee.common.bundled import DEFAULT_MODEL
+
+T = TypeVar("T")
+EXAMPLE_PROMPT = "What is the capital of France?"
+
+
+def usage_text(plan: UpPlan) -> str:
+    """What to paste: the OpenAI base URL, a curl call and the Python `openai` client."""
+    base = f"{plan.queen_url}/v1"
+    body = json.dumps(
+        {"model": plan.model, "messages": [{"role": "user", "content": EXAMPLE_PROMPT}]}
+    )
+    auth = '  -H "Authorization: Bearer $RBEE_TOKEN" \\\n' if plan.token else ""
+    api_key = 'os.environ["RBEE_TOKEN"]' if plan.token else '"not-needed"'
+    workers = f"{plan.workers} worker{'s' if plan.workers != 1 else ''}"
+    return f"""
+rbee is up: {workers} serving {plan.model}
+
+OpenAI base URL: {base}
+
+curl:
+  curl {base}/chat/completions \\
+  -H "Content-Type: application/json" \\
+{auth}  -d '{body}'
+
+Python (pip install openai):
+{"  import os" + chr(10) if plan.token else ""}  from openai import OpenAI
+  client = OpenAI(base_url="{base}", api_key={api_key})
+  reply = client.chat.completions.create(
+      model="{plan.model}",
+      messages=[{{"role": "user", "content": "{EXAMPLE_PROMPT}"}}],
+  )
+  print(reply.choices[0].message.content)
+
+Or: rbee{" --queen-url " + plan.queen_url if plan.port != 7833 else ""} infer "{EXAMPLE_PROMPT}"
+Logs: {state.log_path("up-queen")}, {state.log_path("up-hive")}
+Press Ctrl-C to stop everything.
+"""
+
+
+async def until_stopped(work: Coroutine[Any, Any, T], stop: asyncio.Event) -> T | None:
+    """Run `work` to its end (its result; its error is raised), or None once `stop` is set."""
+    task = asyncio.create_task(work)
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    for pending in (task, stopper):
+        pending.cancel()
+    await asyncio.gather(task, stopper, return_exceptions=True)
+    if stop.is_set():  # whatever the interrupted work said, the user asked us to stop
+        return None
+    return task.result()
+
+
+async def run_cluster(cli: Cli, plan: UpPlan) -> int:
+    """Start, serve until a signal or a daemon's death, stop. Returns the exit code."""
+
+    def say(line: str) -> None:
+        cli.out.print(line, markup=False, highlight=False, soft_wrap=True)
+
+    cluster = LocalCluster(plan, cli.make_client, say)
+    stop = asyncio.Event()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            cluster.hurry()
+        stop.set()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    code = 0
+    try:
+        if await until_stopped(cluster.start(), stop) is None:
+            say("interrupted during start-up")
+        else:
+            say(usage_text(plan))
+            if died := await until_stopped(cluster.watch(), stop):
+                cli.err.print(f"rbee: {died}", markup=False, highlight=False, soft_wrap=True)
+                code = 1
+    except (CliError, QueenError) as exc:
+        cli.err.print(f"rbee: {advice(exc, plan.queen_url)}", markup=False, soft_wrap=True)
+        code = 1
+    finally:
+        say("stopping…")
+        await cluster.stop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    say("stopped" if code == 0 else "stopped after an error")
+    return code
+
+
+def up(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Option("-m", "--model", help="Model the workers serve.")] = (
+        DEFAULT_MODEL
+    ),
+    workers: Annotated[int, typer.Option(min=1, max=64, help="How many workers.")] = 1,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="The queen's port.")] = 7833,
+    hive_port: Annotated[int, typer.Option(min=1, max=65535, help="The hive's port.")] = 7835,
+    hive_id: Annotated[
+        str | None, typer.Option(help="Id of this machine's hive (default: hostname).")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="Device for the workers, e.g. cpu:0.")] = None,
+    models_dir: Annotated[
+        Path | None, typer.Option(help="Where the hive keeps model files.")
+    ] = None,
+    timeout: Annotated[
+        float, typer.Option(min=1, help="Seconds to wait for the workers to be ready.")
+    ] = 300,
+) -> None:
+    """Start a queen, a local hive and its workers; serve until Ctrl-C, then stop them all."""
+    cli = cli_of(ctx)
+    plan = UpPlan(
+        model=model,
+        workers=workers,
+        port=port,
+        hive_port=hive_port,
+        hive_id=hive_id or socket.gethostname() or "local",
+        token=cli.token,
+        device=device,
+        models_dir=models_dir,
+        ready_timeout_s=timeout,
+    )
+    for leftover in clean_stale_lock():
+        cli.err.print(f"stopped {leftover}, left by an earlier `rbee up`", markup=False)
+    try:
+        check_free(plan)
+    except CliError as exc:
+        cli.fail(str(exc))
+    raise typer.Exit(asyncio.run(run_cluster(cli, plan)))
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(up)

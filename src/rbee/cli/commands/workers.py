@@ -1,0 +1,93 @@
+"""`rbee worker spawn|list|stop`: worker processes, through the queen's jobs API."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from rbee.cli import jobs
+from rbee.cli.context import cli_of
+from rbee.cli.render import to_json, workers_table
+from rbee.clients.queen import QueenClient
+from rbee.contracts.jobs import WorkerSpawnJob, WorkerStopJob
+from rbee.contracts.workers import WorkerView
+
+app = typer.Typer(help="Worker processes: start, list, stop.", no_args_is_help=True)
+
+
+@app.command()
+def spawn(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Option("-m", "--model", help="Model id to serve.")],
+    hive: Annotated[
+        str | None, typer.Option("--hive", help="Hive id (default: the queen picks one).")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="Device, e.g. cpu:0 or cuda:1.")] = None,
+    slots: Annotated[int, typer.Option(min=1, max=64, help="Requests served at once.")] = 1,
+    wait: Annotated[
+        bool, typer.Option("--wait/--no-wait", help="Wait until the worker is ready.")
+    ] = True,
+    timeout: Annotated[float, typer.Option(min=1, help="Seconds to wait for ready.")] = 300,
+) -> None:
+    """Start a worker for a model on a hive."""
+    cli = cli_of(ctx)
+    request = WorkerSpawnJob(
+        operation="worker_spawn", model=model, hive_id=hive, device=device, slots=slots
+    )
+
+    async def work(client: QueenClient) -> WorkerView | str:
+        worker_id = await jobs.spawn_worker(client, request, cli.err)
+        if not wait:
+            return worker_id
+        cli.err.print(f"worker {worker_id} started; waiting until it is ready…", markup=False)
+        return (await jobs.wait_until_ready(client, [worker_id], timeout))[0]
+
+    result = cli.run(work)
+    if isinstance(result, str):
+        cli.out.print(f"worker {result} started (not waiting for ready)", markup=False)
+    else:
+        cli.out.print(
+            f"worker {result.id} ready: {result.model_id} at {result.url}"
+            f" (hive {result.hive_id or '-'}, {result.device})",
+            markup=False,
+            highlight=False,
+        )
+
+
+@app.command("list")
+def list_workers(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """The workers the queen knows: model, status, load, address, last seen."""
+    cli = cli_of(ctx)
+
+    async def work(client: QueenClient) -> list[WorkerView]:
+        return await client.workers()
+
+    workers = cli.run(work)
+    if as_json:
+        print(to_json({"workers": workers}))
+    elif workers:
+        cli.out.print(workers_table(workers))
+    else:
+        cli.out.print("no workers — start one with `rbee worker spawn -m MODEL`", markup=False)
+
+
+@app.command()
+def stop(
+    ctx: typer.Context,
+    worker_id: Annotated[
+        str, typer.Argument(metavar="ID", help="Worker id, as `rbee worker list`.")
+    ],
+) -> None:
+    """Stop a worker process (through its hive)."""
+    cli = cli_of(ctx)
+
+    async def work(client: QueenClient) -> dict[str, Any]:
+        request = WorkerStopJob(operation="worker_stop", worker_id=worker_id)
+        return await jobs.run_job(client, request, cli.err)
+
+    cli.run(work)
+    cli.out.print(f"worker {worker_id} stopped", markup=False, highlight=False)

@@ -1,0 +1,77 @@
+"""The `rbee` command: global options, the command tree, and the console-script entry point."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from rbee import __version__
+from rbee.cli.commands import daemons, infer, models, status, up, workers
+from rbee.cli.context import Cli, ClientFactory, default_client
+from rbee.clients.queen import DEFAULT_QUEEN_URL
+
+
+def console(*, stderr: bool) -> Console:
+    """A rich console; into a pipe or file, tables get room instead of wrapping at 80 columns."""
+    found = Console(stderr=stderr)
+    if found.is_terminal or "COLUMNS" in os.environ:
+        return found
+    return Console(stderr=stderr, width=200)
+
+
+def print_version(value: bool) -> None:
+    if value:
+        print(f"rbee {__version__}")
+        raise typer.Exit()
+
+
+def build_app(make_client: ClientFactory = default_client) -> typer.Typer:
+    """The command tree. Tests pass a `make_client` that talks to an in-process queen."""
+    app = typer.Typer(
+        name="rbee",
+        help="Run and watch an rbee cluster: one OpenAI-compatible API over your machines.",
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+        add_completion=False,
+    )
+
+    @app.callback()
+    def root(
+        ctx: typer.Context,
+        queen_url: Annotated[
+            str, typer.Option(envvar="RBEE_QUEEN_URL", help="Where the queen answers.")
+        ] = DEFAULT_QUEEN_URL,
+        token: Annotated[
+            str | None,
+            typer.Option(envvar="RBEE_TOKEN", help="Cluster token (sent as a bearer token)."),
+        ] = None,
+        version: Annotated[
+            bool,
+            typer.Option(
+                "--version", is_eager=True, callback=print_version, help="Print the version."
+            ),
+        ] = False,
+    ) -> None:
+        ctx.obj = Cli(
+            queen_url=queen_url.rstrip("/"),
+            token=token or None,
+            make_client=make_client,
+            out=console(stderr=False),
+            err=console(stderr=True),
+        )
+
+    up.register(app)
+    status.register(app)
+    infer.register(app)
+    app.add_typer(models.app, name="model")
+    app.add_typer(workers.app, name="worker")
+    app.add_typer(daemons.queen_app, name="queen")
+    app.add_typer(daemons.hive_app, name="hive")
+    return app
+
+
+def main() -> None:
+    build_app()(prog_name="rbee")

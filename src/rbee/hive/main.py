@@ -1,0 +1,25 @@
+"""`rbee-hive`: the daemon's entry point."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from rbee.common.auth import refuse_open_bind
+from rbee.common.serve import fail, parse_settings, serve
+from rbee.hive.app import create_app
+from rbee.hive.settings import HiveSettings
+
+PROG = "rbee-hive"
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = parse_settings(HiveSettings, PROG, argv)
+    if reason := refuse_open_bind(settings.host, settings.token):
+        fail(PROG, reason)
+    try:
+        settings.models_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        fail(PROG, f"--models-dir {settings.models_dir}: {exc.strerror or exc}")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per heartbeat
+    sys.exit(serve(create_app(settings), prog=PROG, host=settings.host, port=settings.port))

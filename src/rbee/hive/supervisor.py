@@ -1,0 +1,277 @@
+"""Starting, finding and stopping worker processes — with no list of them kept anywhere.
+
+A worker started by this hive carries two marks the operating system keeps for us: its
+command line (`llm-worker-rbee … --hive-id ID --worker-id W --port P`) and an environment
+variable (`RBEE_SPAWNED_BY_HIVE=ID`). Listing and stopping read those marks through psutil,
+so a restarted hive sees exactly what the old one started, and can never be talked into
+signalling a process that is not one of its workers.
+
+Workers run in their own session: a SIGINT/SIGKILL to the hive's process group leaves them
+serving. The only in-memory state is `Popen` handles kept so that workers which exit while
+this hive runs are reaped instead of lingering as zombies; they are never consulted as a list.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import httpx
+import psutil
+
+from rbee.common.clock import Clock, monotonic
+from rbee.common.errors import BadRequest, Conflict, NotFound, RbeeError, Unavailable
+from rbee.contracts.hive_api import (
+    CatalogModel,
+    SpawnRequest,
+    SpawnResponse,
+    WorkerProcess,
+    WorkerStopped,
+)
+from rbee.hive.catalog import Catalog
+from rbee.hive.ports import pick_port
+from rbee.hive.settings import HiveSettings
+
+WORKER_EXECUTABLE = "llm-worker-rbee"
+SPAWN_MARKER = "RBEE_SPAWNED_BY_HIVE"
+WORKER_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+OUTPUT_TAIL_BYTES = 4000
+
+
+class WorkerStartFailed(RbeeError):
+    status_code = 500
+    type = "server_error"
+    code = "worker_start_failed"
+
+
+def parse_flags(args: Sequence[str]) -> dict[str, str]:
+    """`--name value` and `--name=value` pairs of a command line."""
+    flags: dict[str, str] = {}
+    for index, arg in enumerate(args):
+        if not arg.startswith("--"):
+            continue
+        name, eq, value = arg.partition("=")
+        if eq:
+            flags[name] = value
+        elif index + 1 < len(args):
+            flags[name] = args[index + 1]
+    return flags
+
+
+def worker_flags(cmdline: Sequence[str], hive_id: str) -> dict[str, str] | None:
+    """The flags of a worker command line of this hive, or None for any other process."""
+    if not any(Path(arg).name == WORKER_EXECUTABLE for arg in cmdline[:2]):
+        return None
+    flags = parse_flags(cmdline[1:])
+    if flags.get("--hive-id") != hive_id or not flags.get("--worker-id"):
+        return None
+    if not flags.get("--port", "").isdigit():
+        return None
+    return flags
+
+
+def output_tail(path: Path, limit: int = OUTPUT_TAIL_BYTES) -> str:
+    try:
+        with path.open("rb") as log:
+            log.seek(max(0, log.seek(0, os.SEEK_END) - limit))
+            return log.read().decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+class Supervisor:
+    def __init__(
+        self,
+        settings: HiveSettings,
+        catalog: Catalog,
+        http: httpx.AsyncClient,
+        *,
+        clock: Clock = monotonic,
+    ) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self._http = http
+        self._clock = clock
+        self._lock = asyncio.Lock()
+        self._reserved: set[int] = set()  # ports of spawns still starting up
+        self._children: dict[int, subprocess.Popen[bytes]] = {}  # for reaping only
+
+    # -- finding -------------------------------------------------------------------------
+
+    def processes(self) -> list[WorkerProcess]:
+        """The workers of this hive, as the operating system reports them right now."""
+        self.reap()
+        found = []
+        for proc in psutil.process_iter(["cmdline", "create_time"]):
+            if (worker := self._inspect(proc)) is not None:
+                found.append(worker)
+        return sorted(found, key=lambda w: w.port)
+
+    def _inspect(self, proc: psutil.Process) -> WorkerProcess | None:
+        try:
+            flags = worker_flags(proc.cmdline(), self.settings.hive_id)
+            if flags is None or proc.environ().get(SPAWN_MARKER) != self.settings.hive_id:
+                return None
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return None
+            rss = proc.memory_info().rss
+            started = proc.create_time()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            return None
+        return WorkerProcess(
+            pid=proc.pid,
+            worker_id=flags["--worker-id"],
+            model=flags.get("--model-id") or self._model_name(flags.get("--model", "")),
+            port=int(flags["--port"]),
+            uptime_s=round(max(0.0, time.time() - started), 3),
+            memory_bytes=rss,
+        )
+
+    def _model_name(self, ref: str) -> str:
+        try:
+            return self.catalog.resolve(ref).id
+        except RbeeError:
+            return ref
+
+    # -- spawning ------------------------------------------------------------------------
+
+    async def spawn(self, request: SpawnRequest, device_ids: Sequence[str]) -> SpawnResponse:
+        model = self.catalog.resolve(request.model)
+        if model.format != "gguf":
+            raise BadRequest(f"{model.id!r} is {model.format}; {WORKER_EXECUTABLE} loads GGUF")
+        if request.device not in device_ids:
+            raise BadRequest(
+                f"this hive has no device {request.device!r}; it has {', '.join(device_ids)}"
+            )
+        if request.worker_id is not None and not WORKER_ID_PATTERN.match(request.worker_id):
+            raise BadRequest(f"{request.worker_id!r} is not a valid worker id")
+        async with self._lock:
+            running = self.processes()
+            if request.worker_id in {w.worker_id for w in running}:
+                raise Conflict(f"worker {request.worker_id!r} is already running on this hive")
+            taken = {w.port for w in running} | self._reserved
+            port = pick_port(self.settings.host, self.settings.port_range, taken)
+            if port is None:
+                raise Unavailable(
+                    f"no free port in {self.settings.worker_ports} on hive "
+                    f"{self.settings.hive_id}; stop a worker or widen --worker-ports",
+                    code="no_free_port",
+                )
+            self._reserved.add(port)
+        worker_id = request.worker_id or f"{self.settings.hive_id}-{port}"
+        try:
+            popen, log_path = self._start(worker_id, model, port, request)
+            await self._wait_ready(popen, port, log_path)
+        finally:
+            self._reserved.discard(port)
+        host = self.settings.public_host
+        url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        return SpawnResponse(worker_id=worker_id, pid=popen.pid, port=port, url=url)
+
+    def command(
+        self, worker_id: str, model: CatalogModel, port: int, request: SpawnRequest
+    ) -> list[str]:
+        s = self.settings
+        # A bundled model goes by name (the worker finds its file); others by path. Either
+        # way the worker announces the catalog id, the name the queen routes by.
+        model_arg = model.id if model.source == "bundled" else model.path
+        return [
+            s.worker_command,
+            *("--model", model_arg, "--model-id", model.id, "--port", str(port)),
+            *("--queen-url", s.queen_url),
+            *("--worker-id", worker_id, "--hive-id", s.hive_id),
+            *("--host", s.host, "--advertise-host", s.public_host),
+            *("--device", request.device, "--slots", str(request.slots)),
+            *("--heartbeat-interval", str(s.heartbeat_interval)),
+        ]
+
+    def _start(
+        self, worker_id: str, model: CatalogModel, port: int, request: SpawnRequest
+    ) -> tuple[subprocess.Popen[bytes], Path]:
+        env = {**os.environ, SPAWN_MARKER: self.settings.hive_id}
+        env.pop("RBEE_TOKEN", None)
+        if self.settings.token:  # in the environment, so it never shows in `ps`
+            env["RBEE_TOKEN"] = self.settings.token
+        self.settings.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.settings.log_dir / f"worker-{worker_id}.log"
+        try:
+            with log_path.open("wb") as log:
+                popen = subprocess.Popen(
+                    self.command(worker_id, model, port, request),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,  # the hive's signals must not reach its workers
+                )
+        except OSError as exc:
+            raise WorkerStartFailed(
+                f"cannot start {self.settings.worker_command}: {exc.strerror or exc}"
+            ) from None
+        self._children[popen.pid] = popen
+        return popen, log_path
+
+    async def _wait_ready(self, popen: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
+        health = f"http://{self.settings.local_host}:{port}/health"
+        deadline = self._clock() + self.settings.spawn_timeout
+        while True:
+            code = popen.poll()
+            if code is not None:
+                raise WorkerStartFailed(
+                    f"the worker exited with code {code} during start-up; "
+                    f"its last output:\n{output_tail(log_path)}"
+                )
+            with contextlib.suppress(httpx.HTTPError):
+                if (await self._http.get(health, timeout=2.0)).status_code == 200:
+                    return
+            if self._clock() >= deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(popen.pid, signal.SIGKILL)
+                await asyncio.to_thread(popen.wait)
+                raise WorkerStartFailed(
+                    f"the worker was not ready after {self.settings.spawn_timeout:g}s and was "
+                    f"stopped (raise --spawn-timeout for big models); its last output:\n"
+                    f"{output_tail(log_path)}"
+                )
+            await asyncio.sleep(0.1)
+
+    # -- stopping ------------------------------------------------------------------------
+
+    async def stop(self, pid: int) -> WorkerStopped:
+        try:
+            proc = psutil.Process(pid)
+        except (psutil.NoSuchProcess, ValueError):
+            proc = None
+        worker = self._inspect(proc) if proc is not None else None
+        if proc is None or worker is None:
+            raise NotFound(
+                f"pid {pid} is not a worker of hive {self.settings.hive_id}; nothing was signalled",
+                code="not_a_worker",
+            )
+        sent: Literal["SIGTERM", "SIGKILL"] = "SIGTERM"
+        exit_code: int | None = None
+        try:
+            proc.terminate()  # psutil checks the pid was not reused since it was inspected
+            try:
+                exit_code = await asyncio.to_thread(proc.wait, self.settings.stop_grace)
+            except psutil.TimeoutExpired:
+                sent = "SIGKILL"
+                proc.kill()
+                exit_code = await asyncio.to_thread(proc.wait, 10.0)
+        except psutil.NoSuchProcess:
+            pass
+        self.reap()
+        return WorkerStopped(pid=pid, worker_id=worker.worker_id, signal=sent, exit_code=exit_code)
+
+    def reap(self) -> None:
+        for pid, popen in list(self._children.items()):
+            if popen.poll() is not None:
+                del self._children[pid]

@@ -1,0 +1,115 @@
+"""An engine that needs no model: it answers with a fixed reply, one word per token, at a set pace.
+
+For tests and load experiments only; product code never builds one.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+
+from rbee.worker.engines.base import (
+    Message,
+    Outcome,
+    Prompt,
+    PromptError,
+    PromptTooLong,
+    SamplingParams,
+)
+from rbee.worker.engines.text import StopMatcher
+
+
+class FakeEngine:
+    def __init__(
+        self,
+        reply: str = "Paris is the capital of France.",
+        *,
+        token_delay_s: float = 0.0,
+        context_size: int = 256,
+        repeat: bool = False,
+        fail_with: Exception | None = None,
+    ) -> None:
+        """`repeat` keeps cycling the reply until max_tokens (a long generation)."""
+        self.words = [w if i == 0 else " " + w for i, w in enumerate(reply.split())]
+        self.token_delay_s = token_delay_s
+        self._context_size = context_size
+        self.repeat = repeat
+        self.fail_with = fail_with
+        self.generations = 0
+        self.running = 0
+        self.max_running = 0
+        self.tokens_emitted = 0
+        self.cancelled = 0
+        self.closed = False
+        self._lock = threading.Lock()
+
+    @property
+    def context_size(self) -> int:
+        return self._context_size
+
+    def _fit(self, text: str) -> Prompt:
+        tokens = [hash(w) & 0xFFFF for w in text.split()]
+        if not tokens:
+            raise PromptError("the prompt is empty", code="empty_prompt")
+        if len(tokens) >= self._context_size:
+            raise PromptTooLong(len(tokens), self._context_size)
+        return Prompt(tokens=tokens)
+
+    def prepare_chat(self, messages: Sequence[Message]) -> Prompt:
+        return self._fit(" ".join(f"<{m.role}> {m.content}" for m in messages))
+
+    def prepare_text(self, text: str) -> Prompt:
+        return self._fit(text)
+
+    def generate(
+        self,
+        prompt: Prompt,
+        params: SamplingParams,
+        emit: Callable[[str], None],
+        cancelled: threading.Event,
+    ) -> Outcome:
+        with self._lock:
+            self.generations += 1
+            self.running += 1
+            self.max_running = max(self.max_running, self.running)
+        try:
+            return self._generate(prompt, params, emit, cancelled)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+    def _generate(
+        self,
+        prompt: Prompt,
+        params: SamplingParams,
+        emit: Callable[[str], None],
+        cancelled: threading.Event,
+    ) -> Outcome:
+        if self.fail_with is not None:
+            raise self.fail_with
+        room = self._context_size - len(prompt.tokens)
+        limit = room if params.max_tokens is None else min(params.max_tokens, room)
+        stops = StopMatcher(params.stop)
+        produced = 0
+        while produced < limit:
+            if not self.repeat and produced >= len(self.words):
+                return Outcome(len(prompt.tokens), produced, "stop")
+            # Waiting on the event (not sleeping) lets a cancel cut the wait short.
+            if cancelled.wait(self.token_delay_s) or cancelled.is_set():
+                with self._lock:
+                    self.cancelled += 1
+                return Outcome(len(prompt.tokens), produced, "stop", cancelled=True)
+            word = self.words[produced % len(self.words)]
+            produced += 1
+            with self._lock:
+                self.tokens_emitted += 1
+            if text := stops.push(word):
+                emit(text)
+            if stops.stopped:
+                return Outcome(len(prompt.tokens), produced, "stop")
+        if tail := stops.flush():
+            emit(tail)
+        return Outcome(len(prompt.tokens), produced, "length")
+
+    def close(self) -> None:
+        self.closed = True

@@ -1,0 +1,162 @@
+"""The worker's app factory: runtime, heartbeats and routes, built from settings."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+from fastapi import Depends, FastAPI
+from fastapi.responses import JSONResponse
+
+from rbee import __version__
+from rbee.common.auth import bearer_guard
+from rbee.common.bundled import BUNDLED_MODELS, bundled_model_path
+from rbee.common.errors import install_error_handlers
+from rbee.contracts.workers import WorkerStatus
+from rbee.worker.api import openai as openai_api
+from rbee.worker.engines.base import Engine, EngineError
+from rbee.worker.heartbeat import Heartbeater
+from rbee.worker.runtime import WorkerRuntime
+from rbee.worker.settings import WorkerSettings
+from rbee.worker.state import Identity, WorkerStatusBoard
+
+log = logging.getLogger("rbee.worker")
+
+FINAL_HEARTBEAT_TIMEOUT_S = 2.0
+
+
+def resolve_model(ref: str) -> Path:
+    """A bundled model's name or a path to a .gguf file → the file. EngineError if neither."""
+    if ref in BUNDLED_MODELS:
+        path = bundled_model_path(ref)
+        if path is None:
+            package = BUNDLED_MODELS[ref].package
+            raise EngineError(f"bundled model {ref} is not installed (pip package {package})")
+        return path
+    return Path(ref).expanduser()
+
+
+def default_model_id(ref: str) -> str:
+    return ref if ref in BUNDLED_MODELS else Path(ref).stem
+
+
+def default_threads(slots: int) -> int:
+    # The cores are shared between the slots, which all generate at once.
+    return max(1, (os.cpu_count() or 1) // slots)
+
+
+def identity_from(settings: WorkerSettings) -> Identity:
+    return Identity(
+        worker_id=settings.worker_id or f"worker-{uuid.uuid4().hex[:12]}",
+        model_id=settings.model_id or default_model_id(settings.model),
+        device=settings.device,
+        host=settings.advertise_host or settings.host,
+        port=settings.port,
+        hive_id=settings.hive_id,
+        slots=settings.slots,
+    )
+
+
+def llama_engine_factory(settings: WorkerSettings) -> Callable[[], Engine]:
+    path = resolve_model(settings.model)
+    threads = settings.threads or default_threads(settings.slots)
+
+    def load() -> Engine:
+        from rbee.worker.engines.llama_cpp import load_llama_engine
+
+        return load_llama_engine(path, ctx_size=settings.ctx_size, threads=threads)
+
+    return load
+
+
+def create_app(
+    settings: WorkerSettings,
+    *,
+    engine_factory: Callable[[], Engine] | None = None,
+    queen_transport: httpx.AsyncBaseTransport | None = None,
+    stop_process: Callable[[], None] | None = None,
+) -> FastAPI:
+    """`engine_factory` loads one engine (called once per slot); tests pass a fake one, and
+    `queen_transport` to catch heartbeats in-process."""
+    board = WorkerStatusBoard(identity_from(settings))
+    runtime = WorkerRuntime(
+        board,
+        engine_factory or llama_engine_factory(settings),
+        queue_size=settings.queue_size,
+        shutdown_grace_s=settings.shutdown_grace,
+        stop_process=stop_process,
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime.bind_loop()
+        async with httpx.AsyncClient(transport=queen_transport) as client:
+            heartbeat = Heartbeater(
+                client,
+                settings.queen_url,
+                board.info,
+                interval_s=settings.heartbeat_interval,
+                token=settings.token,
+            )
+            runtime.heartbeat = heartbeat
+            board.set_on_change(heartbeat.notify)
+            beating = asyncio.create_task(heartbeat.run(), name="heartbeat")
+            loading = asyncio.create_task(runtime.load(), name="load-model")
+            try:
+                yield
+            finally:
+                await _shut_down(runtime, heartbeat, beating, loading)
+
+    app = FastAPI(title="llm-worker-rbee", version=__version__, lifespan=lifespan)
+    app.state.worker = runtime
+    install_error_handlers(app)
+
+    @app.get("/health", response_model=None)
+    async def health() -> JSONResponse:
+        status = board.status
+        if status is WorkerStatus.STARTING:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        if status in (WorkerStatus.STOPPING, WorkerStatus.STOPPED):
+            return JSONResponse({"status": status.value}, status_code=503)
+        body: dict[str, Any] = {
+            "status": "ok",
+            "state": status.value,
+            "worker_id": runtime.identity.worker_id,
+            "model": runtime.model_id,
+            "slots": runtime.identity.slots,
+            "in_flight": board.in_flight,
+            "waiting": runtime.pool.waiting if runtime.pool else 0,
+            "version": __version__,
+        }
+        return JSONResponse(body)
+
+    app.include_router(openai_api.router, dependencies=[Depends(bearer_guard(settings.token))])
+    return app
+
+
+async def _shut_down(
+    runtime: WorkerRuntime,
+    heartbeat: Heartbeater,
+    beating: asyncio.Task[None],
+    loading: asyncio.Task[None],
+) -> None:
+    if not loading.done():
+        # The engine being loaded in its thread finishes on its own; nothing else waits for it.
+        loading.cancel()
+    await asyncio.gather(loading, return_exceptions=True)
+    await runtime.finish()
+    heartbeat.close()
+    try:
+        await asyncio.wait_for(beating, FINAL_HEARTBEAT_TIMEOUT_S)
+    except TimeoutError:
+        log.warning("the last heartbeat before shutdown did not finish in time")
+    runtime.board.set_lifecycle(WorkerStatus.STOPPED)
+    if await heartbeat.send(runtime.board.info(), timeout_s=FINAL_HEARTBEAT_TIMEOUT_S):
+        log.info("told the queen this worker stopped")

@@ -1,0 +1,106 @@
+"""The bridge between a blocking engine and the event loop.
+
+A generation runs in a thread of its own and hands each piece of text to the loop as it is
+made, so the loop stays free for `/health` and other requests. Its slot is given back when the
+thread ends — not when the client goes away — so a slot is never handed out while its engine
+is still busy. A client that leaves sets the cancel flag, which the engine checks every token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor
+from typing import TypeVar
+
+from rbee.common.errors import RbeeError, Unavailable
+from rbee.worker.engines.base import Engine, Outcome, Prompt, SamplingParams
+from rbee.worker.slots import SlotPool
+
+log = logging.getLogger("rbee.worker")
+R = TypeVar("R")
+_END = object()
+
+
+class Lease:
+    """One slot, held by one request until its generation ends."""
+
+    def __init__(self, pool: SlotPool[Engine], engine: Engine, executor: Executor) -> None:
+        self.pool = pool
+        self.engine = engine
+        self.executor = executor
+        self._released = False
+
+    async def run(self, fn: Callable[[], R]) -> R:
+        """A blocking call on this slot's engine, in a thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self.pool.release(self.engine)
+
+
+class Generation:
+    """Starts at once on construction; iterate `pieces()` for the text, then read `outcome`."""
+
+    def __init__(
+        self,
+        lease: Lease,
+        prompt: Prompt,
+        params: SamplingParams,
+        on_end: Callable[[Generation], None] = lambda _: None,
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[object] = asyncio.Queue()
+        self._cancelled = threading.Event()
+        self.outcome: Outcome | None = None
+        self._lease = lease
+        self._on_end = on_end
+        engine = lease.engine
+
+        def work() -> Outcome:
+            return engine.generate(prompt, params, self._emit, self._cancelled)
+
+        self._future = self._loop.run_in_executor(lease.executor, work)
+        # Runs on the loop after every piece the thread emitted, as both travel the same way.
+        self._future.add_done_callback(self._ended)
+
+    def _emit(self, piece: str) -> None:
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, piece)
+
+    def _ended(self, _: asyncio.Future[Outcome]) -> None:
+        self._lease.release()
+        self._queue.put_nowait(_END)
+        self._on_end(self)
+
+    @property
+    def done(self) -> bool:
+        return self._future.done()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    async def pieces(self) -> AsyncIterator[str]:
+        try:
+            while (item := await self._queue.get()) is not _END:
+                assert isinstance(item, str)
+                yield item
+            try:
+                self.outcome = self._future.result()
+            except Exception as exc:
+                log.exception("generation failed")
+                raise RbeeError(f"generation failed: {exc}", code="generation_failed") from None
+        finally:
+            if not self._future.done():
+                self._cancelled.set()
+
+    async def text(self) -> str:
+        text = "".join([piece async for piece in self.pieces()])
+        if self.outcome is not None and self.outcome.cancelled:
+            raise Unavailable(
+                "the worker shut down before the answer was complete", code="worker_stopping"
+            )
+        return text

@@ -1,0 +1,43 @@
+"""`llm-worker-rbee`: the daemon's entry point."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+from rbee.common.auth import refuse_open_bind
+from rbee.common.serve import fail, parse_settings, serve
+from rbee.worker.app import create_app, resolve_model
+from rbee.worker.engines.base import EngineError
+from rbee.worker.runtime import WorkerRuntime
+from rbee.worker.settings import WorkerSettings
+
+PROG = "llm-worker-rbee"
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = parse_settings(WorkerSettings, PROG, argv)
+    if reason := refuse_open_bind(settings.host, settings.token):
+        fail(PROG, reason)
+    try:
+        # A missing or obviously wrong file is reported before anything starts; deeper damage
+        # shows when llama.cpp loads it, after the server is up (see WorkerRuntime.load).
+        from rbee.worker.engines.llama_cpp import check_gguf
+
+        check_gguf(resolve_model(settings.model))
+    except EngineError as exc:
+        fail(PROG, str(exc))
+    app = create_app(settings)
+    runtime: WorkerRuntime = app.state.worker
+    code = serve(
+        app,
+        prog=PROG,
+        host=settings.host,
+        port=settings.port,
+        # uvicorn's own deadline sits past ours, so ours decides and cleanup still runs.
+        graceful_s=math.ceil(settings.shutdown_grace) + 2,
+        on_signal=runtime.begin_shutdown,
+    )
+    if runtime.load_error is not None:
+        fail(PROG, runtime.load_error)
+    sys.exit(code)

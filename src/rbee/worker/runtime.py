@@ -1,0 +1,163 @@
+"""Everything one running worker owns: its engines and slots, its status, its heartbeats.
+
+The app factory builds one of these; routes reach it through `get_runtime`. Loading happens in
+the background after the server is up, so `/health` can say "loading" and the queen hears
+`starting` at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from fastapi import Request
+
+from rbee.common.errors import NotFound, Unavailable
+from rbee.contracts.workers import WorkerStatus
+from rbee.worker.engines.base import Engine, EngineError, Prompt, SamplingParams
+from rbee.worker.generation import Generation, Lease
+from rbee.worker.heartbeat import Heartbeater
+from rbee.worker.slots import SlotPool
+from rbee.worker.state import WorkerStatusBoard
+
+log = logging.getLogger("rbee.worker")
+
+
+class WorkerRuntime:
+    def __init__(
+        self,
+        board: WorkerStatusBoard,
+        engine_factory: Callable[[], Engine],
+        *,
+        queue_size: int,
+        shutdown_grace_s: float,
+        stop_process: Callable[[], None] | None = None,
+    ) -> None:
+        self.board = board
+        self.started_at = int(time.time())
+        self.identity = board.identity
+        self._engine_factory = engine_factory
+        self._queue_size = queue_size
+        self.shutdown_grace_s = shutdown_grace_s
+        # One thread per slot: a slot's blocking work never waits for another slot's thread.
+        self.executor = ThreadPoolExecutor(
+            max_workers=self.identity.slots, thread_name_prefix="rbee-slot"
+        )
+        self.pool: SlotPool[Engine] | None = None
+        self.engines: list[Engine] = []
+        self.load_error: str | None = None
+        self.heartbeat: Heartbeater | None = None
+        self._generations: set[Generation] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_process = stop_process or (lambda: signal.raise_signal(signal.SIGTERM))
+
+    @property
+    def model_id(self) -> str:
+        return self.identity.model_id
+
+    def bind_loop(self) -> None:
+        self._loop = asyncio.get_running_loop()
+
+    async def load(self) -> None:
+        """Load one engine per slot. A failure is kept for main() to report, and stops the process."""
+        loop = asyncio.get_running_loop()
+        try:
+            for _ in range(self.identity.slots):
+                self.engines.append(await loop.run_in_executor(self.executor, self._engine_factory))
+        except Exception as exc:
+            # EngineError says what is wrong with the file; anything else is still the load's.
+            reason = str(exc) if isinstance(exc, EngineError) else f"cannot load the model: {exc!r}"
+            if not isinstance(exc, EngineError):
+                log.debug("model load failed", exc_info=True)
+            self.load_error = reason
+            self._close_engines()
+            self._stop_process()
+            return
+        self.pool = SlotPool(list(self.engines), self._queue_size, on_change=self._slots_changed)
+        self.board.set_lifecycle(WorkerStatus.READY)
+        log.info(
+            "model %s ready: %d slot(s) on port %d",
+            self.model_id,
+            self.identity.slots,
+            self.identity.port,
+        )
+
+    def _slots_changed(self) -> None:
+        if self.pool is not None:
+            self.board.set_in_flight(self.pool.in_flight)
+
+    # ---- serving ------------------------------------------------------------------------
+
+    def check_model(self, model: str) -> None:
+        if model != self.model_id:
+            raise NotFound(
+                f"model {model!r} is not served here; this worker serves {self.model_id!r}",
+                code="model_not_found",
+            )
+
+    async def acquire(self) -> Lease:
+        if self.board.lifecycle in (WorkerStatus.STOPPING, WorkerStatus.STOPPED):
+            raise Unavailable("this worker is shutting down", code="worker_stopping")
+        if self.pool is None:
+            raise Unavailable("the model is still loading", code="model_loading")
+        engine = await self.pool.acquire()
+        return Lease(self.pool, engine, self.executor)
+
+    async def start(
+        self, lease: Lease, prepare: Callable[[Engine], Prompt], params: SamplingParams
+    ) -> Generation:
+        """Prepare the prompt on the leased engine (it may be refused), then start generating."""
+        try:
+            engine = lease.engine
+            prompt = await lease.run(lambda: prepare(engine))
+        except BaseException:
+            lease.release()
+            raise
+        generation = Generation(lease, prompt, params, on_end=self._generations.discard)
+        self._generations.add(generation)
+        return generation
+
+    # ---- shutdown -----------------------------------------------------------------------
+
+    def begin_shutdown(self) -> None:
+        """Called from the signal handler: stop taking requests and tell the queen at once."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        loop.call_soon_threadsafe(self._enter_stopping)
+
+    def _enter_stopping(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+        if self.board.lifecycle is not WorkerStatus.STOPPED:
+            self.board.set_lifecycle(WorkerStatus.STOPPING)
+
+    async def finish(self) -> None:
+        """Let running generations end (bounded), cancel the rest, free the engines."""
+        self._enter_stopping()
+        if self.pool is not None and not await self.pool.wait_idle(self.shutdown_grace_s):
+            log.warning("cancelling %d generation(s) still running", len(self._generations))
+            for generation in list(self._generations):
+                generation.cancel()
+            # A cancelled generation stops within a token.
+            if not await self.pool.wait_idle(5.0):
+                log.error("a generation did not stop; leaving its engine open")
+                return
+        self._close_engines()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def _close_engines(self) -> None:
+        for engine in self.engines:
+            with contextlib.suppress(Exception):
+                engine.close()
+        self.engines.clear()
+
+
+def get_runtime(request: Request) -> WorkerRuntime:
+    runtime: WorkerRuntime = request.app.state.worker
+    return runtime

@@ -1,0 +1,68 @@
+"""llm-worker-rbee's one settings object: flags, `RBEE_WORKER_*` environment, and `RBEE_TOKEN`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Seconds = Annotated[float, Field(gt=0)]
+
+
+class WorkerSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="RBEE_WORKER_", cli_kebab_case=True, cli_prog_name="llm-worker-rbee"
+    )
+
+    model: str = Field(
+        min_length=1, description="path to a .gguf file, or the name of a bundled model"
+    )
+    port: int = Field(ge=1, le=65535, description="port to listen on")
+    queen_url: str = Field(
+        min_length=1, description="where to send heartbeats, e.g. http://127.0.0.1:7833"
+    )
+    worker_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        description="this worker's id (default: made up, unique)",
+    )
+    model_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        description="the model name clients ask for (default: the bundled name or the file's stem)",
+    )
+    host: str = Field("127.0.0.1", description="address to listen on")
+    advertise_host: str | None = Field(
+        None, description="address the queen should use to reach this worker (default: --host)"
+    )
+    hive_id: str | None = Field(None, min_length=1, description="the hive that started this worker")
+    device: str = Field("cpu:0", min_length=1, description="device the model runs on")
+    slots: int = Field(1, ge=1, le=64, description="requests generated at the same time")
+    queue_size: int = Field(
+        8, ge=0, description="requests that may wait for a slot; more are answered 429"
+    )
+    ctx_size: int = Field(2048, ge=16, description="context window per slot, in tokens")
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads per slot (default: the cores shared out among the slots)",
+    )
+    heartbeat_interval: Seconds = Field(30.0, description="seconds between heartbeats to the queen")
+    shutdown_grace: Seconds = Field(
+        5.0, description="how long running requests may finish after SIGTERM"
+    )
+    token: str | None = Field(
+        None,
+        validation_alias=AliasChoices("token", "RBEE_TOKEN"),
+        description="cluster token: required from clients, sent to the queen (env RBEE_TOKEN)",
+    )
+
+    @field_validator("queen_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL, e.g. http://127.0.0.1:7833")
+        return value.rstrip("/")

@@ -1,0 +1,75 @@
+"""The worker's own view of itself: status, slots and the WorkerInfo it announces."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from rbee import __version__
+from rbee.contracts.workers import WorkerInfo, WorkerStatus
+
+
+@dataclass(frozen=True)
+class Identity:
+    worker_id: str
+    model_id: str
+    device: str
+    host: str
+    port: int
+    hive_id: str | None
+    slots: int
+
+
+class WorkerStatusBoard:
+    """Status as the queen should see it. `busy` and `ready` follow the slots; the lifecycle
+    steps (`starting` → `ready` … `stopping` → `stopped`) are set explicitly."""
+
+    def __init__(self, identity: Identity, on_change: Callable[[], None] = lambda: None) -> None:
+        self.identity = identity
+        self._lifecycle = WorkerStatus.STARTING
+        self.in_flight = 0
+        self._on_change = on_change
+        self._last = self.status
+
+    def set_on_change(self, on_change: Callable[[], None]) -> None:
+        self._on_change = on_change
+
+    @property
+    def status(self) -> WorkerStatus:
+        if self._lifecycle is WorkerStatus.READY and self.in_flight >= self.identity.slots:
+            return WorkerStatus.BUSY
+        return self._lifecycle
+
+    @property
+    def lifecycle(self) -> WorkerStatus:
+        return self._lifecycle
+
+    def set_lifecycle(self, status: WorkerStatus) -> None:
+        self._lifecycle = status
+        self._changed()
+
+    def set_in_flight(self, in_flight: int) -> None:
+        self.in_flight = in_flight
+        self._changed()
+
+    def _changed(self) -> None:
+        status = self.status
+        if status is not self._last:
+            self._last = status
+            self._on_change()
+
+    def info(self, status: WorkerStatus | None = None) -> WorkerInfo:
+        i = self.identity
+        return WorkerInfo(
+            id=i.worker_id,
+            model_id=i.model_id,
+            device=i.device,
+            port=i.port,
+            status=status or self.status,
+            implementation="llm-worker-rbee",
+            version=__version__,
+            host=i.host,
+            hive_id=i.hive_id,
+            slots=i.slots,
+            in_flight=self.in_flight,
+        )

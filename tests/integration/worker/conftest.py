@@ -1,0 +1,153 @@
+"""A worker app in-process with a fake engine; heartbeats land in a list instead of a queen."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+from rbee.contracts.workers import WorkerHeartbeat, WorkerStatus
+from rbee.testing.fake_engine import FakeEngine
+from rbee.testing.processes import free_port
+from rbee.worker.app import create_app
+from rbee.worker.engines.base import Engine
+from rbee.worker.runtime import WorkerRuntime
+from rbee.worker.settings import WorkerSettings
+
+MODEL = "fake-model"
+
+
+@dataclass
+class Harness:
+    app: FastAPI
+    client: httpx.AsyncClient
+    engines: list[FakeEngine]
+    beats: list[WorkerHeartbeat]
+    auth: list[str | None]
+    stops: list[int] = field(default_factory=list)
+    stack: AsyncExitStack = field(default_factory=AsyncExitStack)
+
+    async def stop(self) -> None:
+        """Run the app's shutdown, as uvicorn does after SIGTERM."""
+        await self.stack.aclose()
+
+    @property
+    def runtime(self) -> WorkerRuntime:
+        runtime: WorkerRuntime = self.app.state.worker
+        return runtime
+
+    @property
+    def statuses(self) -> list[WorkerStatus]:
+        return [b.worker.status for b in self.beats]
+
+    async def wait_ready(self, within_s: float = 5.0) -> None:
+        async with asyncio.timeout(within_s):
+            while True:
+                if (await self.client.get("/health")).status_code == 200:
+                    return
+                await asyncio.sleep(0.01)
+
+
+def chat_body(content: str = "What is the capital of France?", **fields: Any) -> dict[str, Any]:
+    return {"model": MODEL, "messages": [{"role": "user", "content": content}], **fields}
+
+
+def settings_for(**overrides: Any) -> WorkerSettings:
+    base = {
+        "model": "unused.gguf",
+        "model_id": MODEL,
+        "port": 18080,
+        "queen_url": "http://queen.test",
+        "worker_id": "w-test",
+        "heartbeat_interval": 30,
+        "shutdown_grace": 1.0,
+    }
+    return WorkerSettings.model_validate({**base, **overrides})
+
+
+def queen_catcher(beats: list[WorkerHeartbeat], auth: list[str | None]) -> httpx.MockTransport:
+    def handle(request: httpx.Request) -> httpx.Response:
+        auth.append(request.headers.get("authorization"))
+        beats.append(WorkerHeartbeat.model_validate(json.loads(request.content)))
+        return httpx.Response(200, json={"status": "ok", "message": ""})
+
+    return httpx.MockTransport(handle)
+
+
+@pytest.fixture
+async def make_worker() -> AsyncIterator[Callable[..., Any]]:
+    """Build, start (lifespan) and finally stop worker apps: `await make_worker(engine=..., **settings)`."""
+    harnesses: list[Harness] = []
+    try:
+
+        async def make(
+            engine: Callable[[], FakeEngine] | None = None,
+            *,
+            wait_ready: bool = True,
+            **overrides: Any,
+        ) -> Harness:
+            engines: list[FakeEngine] = []
+            beats: list[WorkerHeartbeat] = []
+            auth: list[str | None] = []
+            stops: list[int] = []
+
+            def factory() -> Engine:
+                built = engine() if engine else FakeEngine()
+                engines.append(built)
+                return built
+
+            app = create_app(
+                settings_for(**overrides),
+                engine_factory=factory,
+                queen_transport=queen_catcher(beats, auth),
+                stop_process=lambda: stops.append(1),
+            )
+            client = httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://worker", timeout=10
+            )
+            harness = Harness(app, client, engines, beats, auth, stops)
+            harnesses.append(harness)
+            await harness.stack.enter_async_context(client)
+            await harness.stack.enter_async_context(app.router.lifespan_context(app))
+            if wait_ready:
+                await harness.wait_ready()
+            return harness
+
+        yield make
+    finally:
+        for harness in harnesses:
+            await harness.stop()
+
+
+@pytest.fixture
+async def serve_live() -> AsyncIterator[Callable[[FastAPI], Any]]:
+    """Serve an app on a real loopback socket in this process (for disconnects and the SDK)."""
+    servers: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
+
+    async def start(app: FastAPI) -> str:
+        port = free_port()
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"
+        )
+        server = uvicorn.Server(config)
+        task = asyncio.create_task(server.serve())
+        async with asyncio.timeout(5):
+            while True:  # uvicorn offers no event for "listening"
+                if server.started:
+                    break
+                await asyncio.sleep(0.01)
+        servers.append((server, task))
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    for server, task in servers:
+        server.should_exit = True
+        await task

@@ -1,0 +1,196 @@
+"""Slots, heartbeats through the lifecycle, disconnects and shutdown — in-process, fake engine."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from rbee.contracts.workers import WorkerStatus
+from rbee.testing.fake_engine import FakeEngine
+from rbee.worker.engines.base import EngineError
+
+MODEL = "fake-model"  # the conftest's worker serves it under this name
+READY, BUSY = WorkerStatus.READY, WorkerStatus.BUSY
+
+
+def chat_body(content: str = "What is the capital of France?", **fields: Any) -> dict[str, Any]:
+    return {"model": MODEL, "messages": [{"role": "user", "content": content}], **fields}
+
+
+def slow(delay: float = 0.02, repeat: bool = True) -> Any:
+    return lambda: FakeEngine(token_delay_s=delay, repeat=repeat)
+
+
+async def eventually(condition: Any, within_s: float = 2.0) -> None:
+    async with asyncio.timeout(within_s):
+        while True:
+            if condition():
+                return
+            await asyncio.sleep(0.005)
+
+
+async def test_heartbeats_follow_starting_ready_busy_ready(make_worker: Any) -> None:
+    worker = await make_worker(slow(), slots=1)
+    await eventually(lambda: worker.statuses[-1:] == [READY])
+    assert worker.statuses[0] is WorkerStatus.STARTING
+    request = asyncio.create_task(
+        worker.client.post("/v1/chat/completions", json=chat_body(max_tokens=10))
+    )
+    await eventually(lambda: worker.statuses[-1] is BUSY)
+    busy = worker.beats[-1].worker
+    assert (busy.in_flight, busy.slots, busy.id, busy.model_id) == (1, 1, "w-test", MODEL)
+    assert (await request).status_code == 200
+    await eventually(lambda: worker.statuses[-1] is READY)
+    assert worker.beats[-1].worker.in_flight == 0
+
+
+async def test_past_slots_and_queue_the_answer_is_429_with_retry_after(make_worker: Any) -> None:
+    worker = await make_worker(slow(0.05), slots=1, queue_size=1)
+    body = chat_body(max_tokens=6)
+    running = asyncio.create_task(worker.client.post("/v1/chat/completions", json=body))
+    await eventually(lambda: worker.runtime.board.in_flight == 1)
+    waiting = asyncio.create_task(worker.client.post("/v1/chat/completions", json=body))
+    await eventually(lambda: worker.runtime.pool.waiting == 1)
+    refused = await worker.client.post("/v1/chat/completions", json=body)
+    assert refused.status_code == 429
+    assert int(refused.headers["retry-after"]) >= 1
+    assert refused.json()["error"]["type"] == "rate_limit_error"
+    assert [(await t).status_code for t in (running, waiting)] == [200, 200]
+
+
+async def test_two_slots_generate_two_answers_at_once_on_separate_engines(
+    make_worker: Any,
+) -> None:
+    worker = await make_worker(slow(0.05), slots=2, queue_size=0)
+    body = chat_body(max_tokens=6)
+    first = asyncio.create_task(worker.client.post("/v1/chat/completions", json=body))
+    second = asyncio.create_task(worker.client.post("/v1/chat/completions", json=body))
+    await eventually(lambda: worker.statuses[-1] is BUSY)
+    assert [(await first).status_code, (await second).status_code] == [200, 200]
+    assert len(worker.engines) == 2
+    assert [e.generations for e in worker.engines] == [1, 1]
+    assert all(e.max_running == 1 for e in worker.engines)
+
+
+async def test_client_leaving_mid_stream_frees_the_slot_within_a_token(
+    make_worker: Any, serve_live: Any
+) -> None:
+    worker = await make_worker(slow(0.02), slots=1, queue_size=0)
+    url = await serve_live(worker.app)
+    engine = worker.engines[0]
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        async with client.stream(
+            "POST", "/v1/chat/completions", json=chat_body(stream=True, max_tokens=100_000)
+        ) as response:
+            lines = response.aiter_lines()
+            data = [line async for line in _first_data_lines(lines, 3)]
+            assert len(data) == 3
+        # The stream is closed; the generation must notice at its next token.
+        await eventually(lambda: engine.cancelled == 1 and worker.runtime.pool.idle, within_s=1.0)
+        emitted = engine.tokens_emitted
+        assert emitted < 50
+        next_one = await client.post("/v1/chat/completions", json=chat_body(max_tokens=2))
+        assert next_one.status_code == 200
+
+
+async def _first_data_lines(lines: Any, n: int) -> Any:
+    count = 0
+    async for line in lines:
+        if line.startswith("data: "):
+            yield line
+            count += 1
+            if count == n:
+                return
+
+
+async def test_the_official_openai_client_works_unchanged(
+    make_worker: Any, serve_live: Any
+) -> None:
+    worker = await make_worker()
+    url = await serve_live(worker.app)
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    async with client:
+        models = await client.models.list()
+        assert [m.id for m in models.data] == [MODEL]
+        answer = await client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            temperature=0,
+        )
+        assert answer.choices[0].message.content == "Paris is the capital of France."
+        assert answer.usage is not None
+        assert answer.usage.completion_tokens == 6
+        stream = await client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Capital?"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        pieces, usage = [], None
+        async for chunk in stream:
+            if chunk.choices:
+                pieces.append(chunk.choices[0].delta.content or "")
+            usage = chunk.usage or usage
+        assert "".join(pieces) == "Paris is the capital of France."
+        assert usage is not None
+        assert usage.completion_tokens == 6
+        text = await client.completions.create(model=MODEL, prompt="The", max_tokens=2)
+        assert text.choices[0].text == "Paris is"
+        with pytest.raises(openai.UnprocessableEntityError):
+            await client.chat.completions.create(model=MODEL, messages=[])
+
+
+async def test_shutdown_refuses_new_work_lets_running_finish_and_says_stopped(
+    make_worker: Any,
+) -> None:
+    worker = await make_worker(slow(0.02), shutdown_grace=3)
+    running = asyncio.create_task(
+        worker.client.post("/v1/chat/completions", json=chat_body(max_tokens=20))
+    )
+    await eventually(lambda: worker.runtime.board.in_flight == 1)
+    worker.runtime.begin_shutdown()  # what the SIGTERM handler calls
+    await eventually(lambda: worker.statuses[-1] is WorkerStatus.STOPPING)
+    refused = await worker.client.post("/v1/chat/completions", json=chat_body())
+    assert refused.status_code == 503
+    assert (await worker.client.get("/health")).json() == {"status": "stopping"}
+    await worker.stop()
+    finished = await running
+    assert finished.status_code == 200
+    assert finished.json()["usage"]["completion_tokens"] == 20
+    assert worker.statuses[-2:] == [WorkerStatus.STOPPING, WorkerStatus.STOPPED]
+    assert worker.engines[0].closed
+
+
+async def test_past_the_grace_running_work_is_cut_and_the_client_told(make_worker: Any) -> None:
+    worker = await make_worker(slow(0.02), shutdown_grace=0.2)
+    running = asyncio.create_task(
+        worker.client.post("/v1/chat/completions", json=chat_body(max_tokens=100_000))
+    )
+    await eventually(lambda: worker.runtime.board.in_flight == 1)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    worker.runtime.begin_shutdown()
+    await worker.stop()
+    assert loop.time() - started < 2.0
+    cut = await running
+    assert cut.status_code == 503
+    assert "shut" in cut.json()["error"]["message"]
+    assert worker.statuses[-1] is WorkerStatus.STOPPED
+
+
+async def test_a_model_that_fails_to_load_stops_the_process_with_its_reason(
+    make_worker: Any,
+) -> None:
+    def broken() -> FakeEngine:
+        raise EngineError("model file /m/bad.gguf cannot be loaded: corrupt")
+
+    worker = await make_worker(broken, wait_ready=False)
+    await eventually(lambda: worker.stops == [1])
+    assert worker.runtime.load_error == "model file /m/bad.gguf cannot be loaded: corrupt"
+    assert (await worker.client.get("/health")).status_code == 503
+    await worker.stop()
+    assert worker.statuses[-1] is WorkerStatus.STOPPED

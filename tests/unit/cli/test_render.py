@@ -1,0 +1,61 @@
+"""Numbers and the `rbee up` banner as a person reads them."""
+
+from __future__ import annotations
+
+import pytest
+
+from rbee.cli.cluster import UpPlan
+from rbee.cli.commands.up import usage_text
+from rbee.cli.render import ago, human_bytes
+
+
+@pytest.mark.parametrize(
+    ("n", "text"),
+    [(None, "?"), (0, "0 B"), (999, "999 B"), (98_000_000, "98.0 MB"), (1_500_000_000, "1.5 GB")],
+)
+def test_human_bytes(n: int | None, text: str) -> None:
+    assert human_bytes(n) == text
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(0.2, "just now"), (3.2, "3s ago"), (119, "119s ago"), (600, "10m ago"), (10_800, "3h ago")],
+)
+def test_ago(seconds: float, text: str) -> None:
+    assert ago(seconds) == text
+
+
+def plan(**overrides: object) -> UpPlan:
+    values: dict[str, object] = {
+        "model": "smollm2-135m-instruct",
+        "workers": 1,
+        "port": 7833,
+        "hive_port": 7835,
+        "hive_id": "box",
+    }
+    values.update(overrides)
+    return UpPlan(**values)  # type: ignore[arg-type]
+
+
+def test_banner_gives_the_openai_url_and_ready_to_paste_examples() -> None:
+    text = usage_text(plan())
+
+    assert "OpenAI base URL: http://127.0.0.1:7833/v1" in text
+    assert "curl http://127.0.0.1:7833/v1/chat/completions" in text
+    assert '"model": "smollm2-135m-instruct"' in text
+    assert 'OpenAI(base_url="http://127.0.0.1:7833/v1", api_key="not-needed")' in text
+    assert 'rbee infer "What is the capital of France?"\n' in text
+    assert "Authorization" not in text
+    assert "import os" not in text
+
+
+def test_banner_on_other_ports_with_a_token_never_prints_the_token() -> None:
+    text = usage_text(plan(port=9100, token="s3cret", workers=2))
+
+    assert "2 workers serving" in text
+    assert "http://127.0.0.1:9100/v1" in text
+    assert '-H "Authorization: Bearer $RBEE_TOKEN"' in text
+    assert 'api_key=os.environ["RBEE_TOKEN"]' in text
+    assert "  import os\n  from openai import OpenAI\n" in text
+    assert 'rbee --queen-url http://127.0.0.1:9100 infer "What is' in text
+    assert "s3cret" not in text
