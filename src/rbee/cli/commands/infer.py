@@ -12,7 +12,6 @@ from rbee.cli.render import model_names
 from rbee.clients.queen import QueenClient, QueenHTTPError
 from rbee.common.bundled import DEFAULT_MODEL
 
-
 # Sent unless --system says otherwise. Without any system message, a model's template may put
 # in its own persona (SmolLM2's does), which makes small models answer plain questions worse.
 DEFAULT_SYSTEM = "You are a helpful assistant."
