@@ -13,15 +13,14 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
-from typing import TypeVar
 
 from rbee.common.errors import RbeeError, Unavailable
 from rbee.worker.engines.base import Engine, Outcome, Prompt, SamplingParams
 from rbee.worker.slots import SlotPool
 
 log = logging.getLogger("rbee.worker")
-R = TypeVar("R")
 _END = object()
+_PREPARED = object()
 
 
 class Lease:
@@ -33,10 +32,6 @@ class Lease:
         self.executor = executor
         self._released = False
 
-    async def run(self, fn: Callable[[], R]) -> R:
-        """A blocking call on this slot's engine, in a thread."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
-
     def release(self) -> None:
         if not self._released:
             self._released = True
@@ -44,12 +39,16 @@ class Lease:
 
 
 class Generation:
-    """Starts at once on construction; iterate `pieces()` for the text, then read `outcome`."""
+    """Starts at once on construction; await `started()`, iterate `pieces()`, read `outcome`.
+
+    Preparing the prompt and generating run in one thread job: a second hop between threads
+    would add to every request's time to first token.
+    """
 
     def __init__(
         self,
         lease: Lease,
-        prompt: Prompt,
+        prepare: Callable[[Engine], Prompt],
         params: SamplingParams,
         on_end: Callable[[Generation], None] = lambda _: None,
     ) -> None:
@@ -62,6 +61,8 @@ class Generation:
         engine = lease.engine
 
         def work() -> Outcome:
+            prompt = prepare(engine)
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, _PREPARED)
             return engine.generate(prompt, params, self._emit, self._cancelled)
 
         self._future = self._loop.run_in_executor(lease.executor, work)
@@ -75,6 +76,12 @@ class Generation:
         self._lease.release()
         self._queue.put_nowait(_END)
         self._on_end(self)
+
+    async def started(self) -> None:
+        """Wait until the prompt was accepted; raises what `prepare` raised (e.g. PromptError)."""
+        if await self._queue.get() is _END:
+            self._future.result()
+            raise RuntimeError("generation ended before its prompt was prepared")
 
     @property
     def done(self) -> bool:

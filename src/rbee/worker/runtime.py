@@ -111,15 +111,15 @@ class WorkerRuntime:
     async def start(
         self, lease: Lease, prepare: Callable[[Engine], Prompt], params: SamplingParams
     ) -> Generation:
-        """Prepare the prompt on the leased engine (it may be refused), then start generating."""
-        try:
-            engine = lease.engine
-            prompt = await lease.run(lambda: prepare(engine))
-        except BaseException:
-            lease.release()
-            raise
-        generation = Generation(lease, prompt, params, on_end=self._generations.discard)
+        """Prepare the prompt on the leased engine (it may be refused), then generate."""
+        generation = Generation(lease, prepare, params, on_end=self._generations.discard)
         self._generations.add(generation)
+        try:
+            await generation.started()
+        except BaseException:
+            # A refused prompt: the slot comes back when the thread ends, as always.
+            generation.cancel()
+            raise
         return generation
 
     # ---- shutdown -----------------------------------------------------------------------

@@ -94,7 +94,8 @@ def test_full_queue_answers_429(cluster: Cluster) -> None:
         assert rejected.status_code == 429
         assert int(rejected.headers["retry-after"]) >= 1
         assert rejected.json()["error"]["type"] == "rate_limit_error"
-        assert [f.result().status_code for f in busy] == [200, 200, 200, 200]
+        answers = [f.result() for f in busy]
+        assert [r.status_code for r in answers] == [200, 200, 200, 200], [r.text for r in answers]
 
 
 def test_killed_worker_fails_over_and_cut_stream_ends_with_error(cluster: Cluster) -> None:

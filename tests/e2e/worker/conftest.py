@@ -42,7 +42,9 @@ def worker_args(model: str, port: int, queen_url: str, worker_id: str, *extra: s
         "--port", str(port),
         "--queen-url", queen_url,
         "--worker-id", worker_id,
-        "--threads", "2",
+        # One thread: the test machine's cores are shared with the queen, the test and other
+        # suites, and llama.cpp's spinning thread barriers stall badly when oversubscribed.
+        "--threads", "1",
         *extra,
     ]  # fmt: skip
 
