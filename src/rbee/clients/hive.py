@@ -13,7 +13,7 @@ from types import TracebackType
 import httpx
 from pydantic import BaseModel
 
-from rbee.common.auth import auth_headers
+from rbee.common.tokens import auth_headers
 from rbee.contracts.hive_api import (
     Capabilities,
     CatalogList,

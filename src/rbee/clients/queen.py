@@ -15,17 +15,12 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
+from rbee.common.tokens import auth_headers
 from rbee.contracts.hives import HiveView
 from rbee.contracts.jobs import JobCreated, JobEvent, JobRequest
 from rbee.contracts.workers import WorkerView
 
 DEFAULT_QUEEN_URL = "http://127.0.0.1:7833"
-
-
-def auth_headers(token: str | None) -> dict[str, str]:
-    # Same as rbee.common.auth.auth_headers, which imports FastAPI: a quarter second the `rbee`
-    # command would pay on every run.
-    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 class QueenError(Exception):

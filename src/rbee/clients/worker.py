@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 
-from rbee.common.auth import auth_headers
+from rbee.common.tokens import auth_headers
 from rbee.contracts.errors import ErrorBody
 from rbee.contracts.openai import ChatCompletion, ChatCompletionChunk, ModelList
 

@@ -13,10 +13,11 @@ import pynvml
 from fastapi import Depends, FastAPI
 
 from rbee import __version__
-from rbee.common.auth import auth_headers, bearer_guard
+from rbee.common.auth import bearer_guard
 from rbee.common.clock import Clock, monotonic
 from rbee.common.errors import install_error_handlers
 from rbee.common.jobs import Jobs
+from rbee.common.tokens import auth_headers
 from rbee.hive.api import jobs as jobs_api
 from rbee.hive.api import models as models_api
 from rbee.hive.api import system as system_api

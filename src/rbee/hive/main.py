@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import sys
 
-from rbee.common.auth import refuse_open_bind
 from rbee.common.serve import fail, parse_settings, serve
+from rbee.common.tokens import refuse_open_bind
 from rbee.hive.app import create_app
 from rbee.hive.settings import HiveSettings
 

@@ -11,7 +11,7 @@ from typing import Annotated
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from rbee.common.auth import is_loopback
+from rbee.common.tokens import is_loopback
 
 Seconds = Annotated[float, Field(gt=0)]
 HIVE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from rbee.common.auth import refuse_open_bind
 from rbee.common.serve import fail, parse_settings, serve
+from rbee.common.tokens import refuse_open_bind
 from rbee.queen.app import create_app
 from rbee.queen.settings import QueenSettings
 

@@ -17,8 +17,8 @@ import httpx
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from rbee.common.auth import auth_headers
 from rbee.common.errors import BadGateway, BadRequest, NotFound, TooManyRequests, Unavailable
+from rbee.common.tokens import auth_headers
 from rbee.contracts.errors import ErrorBody
 from rbee.queen.hives import HiveRegistry
 from rbee.queen.registry import WorkerRegistry

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import httpx
 
-from rbee.common.auth import auth_headers
+from rbee.common.tokens import auth_headers
 from rbee.contracts.workers import WorkerHeartbeat, WorkerInfo
 
 log = logging.getLogger("rbee.worker.heartbeat")

@@ -6,8 +6,8 @@ import math
 import os
 import sys
 
-from rbee.common.auth import refuse_open_bind
 from rbee.common.serve import fail, parse_settings, serve
+from rbee.common.tokens import refuse_open_bind
 from rbee.worker.app import create_app, resolve_model
 from rbee.worker.engines.base import EngineError
 from rbee.worker.runtime import WorkerRuntime

@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from rbee.clients.hive import HiveClient
-from rbee.common.auth import auth_headers
+from rbee.common.tokens import auth_headers
 from rbee.hive.app import create_app
 from rbee.hive.settings import HiveSettings
 from rbee.hive.state import HiveState
