@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from types import TracebackType
 
 import httpx
+from httpx_sse import EventSource
 from pydantic import BaseModel
 
 from rbee.common.tokens import auth_headers
@@ -55,25 +56,6 @@ def _error(response: httpx.Response, body: bytes) -> HiveError:
     except ValueError:
         message = body.decode(errors="replace").strip()[:300] or message
     return HiveError(message, status=response.status_code, code=code)
-
-
-async def parse_sse(lines: AsyncIterator[str]) -> AsyncIterator[tuple[str, str]]:
-    """(event, data) pairs of a text/event-stream, per the HTML spec's field rules."""
-    event, data = "message", list[str]()
-    async for line in lines:
-        if not line:
-            if data:
-                yield event, "\n".join(data)
-            event, data = "message", []
-            continue
-        name, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if name == "event":
-            event = value
-        elif name == "data":
-            data.append(value)
-    if data:
-        yield event, "\n".join(data)
 
 
 class HiveClient:
@@ -182,8 +164,8 @@ class HiveClient:
             ) as response:
                 if response.is_error:
                     raise _error(response, await response.aread())
-                async for _, data in parse_sse(response.aiter_lines()):
-                    event = JobEvent.model_validate_json(data)
+                async for sse in EventSource(response).aiter_sse():
+                    event = JobEvent.model_validate_json(sse.data)
                     yield event
                     if event.final:
                         return

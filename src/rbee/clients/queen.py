@@ -13,6 +13,7 @@ from types import TracebackType
 from typing import Any
 
 import httpx
+from httpx_sse import EventSource
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from rbee.common.tokens import auth_headers
@@ -82,19 +83,9 @@ def error_from_response(response: httpx.Response, body: bytes) -> QueenHTTPError
 
 
 async def sse_data(response: httpx.Response) -> AsyncGenerator[str, None]:
-    """The `data:` payload of each server-sent event (multi-line data joined by newlines)."""
-    lines: list[str] = []
-    async for line in response.aiter_lines():
-        if not line:
-            if lines:
-                yield "\n".join(lines)
-                lines = []
-            continue
-        if line.startswith("data:"):
-            value = line[5:]
-            lines.append(value[1:] if value.startswith(" ") else value)
-    if lines:
-        yield "\n".join(lines)
+    """The `data:` payload of each server-sent event."""
+    async for event in EventSource(response).aiter_sse():
+        yield event.data
 
 
 class QueenClient:
