@@ -98,12 +98,35 @@ def test_full_queue_answers_429(cluster: Cluster) -> None:
         assert [r.status_code for r in answers] == [200, 200, 200, 200], [r.text for r in answers]
 
 
+# A completion that goes on for a long time: a story may end after a few dozen tokens.
+COUNTING = {"model": DEFAULT_MODEL, "prompt": "1, 2, 3, 4, 5,", "max_tokens": 1500, "stream": True}
+
+
+def test_client_that_disconnects_frees_the_workers_slot(cluster: Cluster) -> None:
+    with (
+        httpx.Client(base_url=cluster.queen_url, timeout=60) as http,
+        http.stream("POST", "/v1/completions", json=COUNTING) as streamed,
+    ):
+        worker_id = streamed.headers["x-rbee-worker-id"]
+        lines = streamed.iter_lines()  # kept alive: dropping it would close the stream
+        for _ in range(4):
+            next(lines)
+        wait_for_status(cluster, worker_id, "busy")
+    # The stream is closed long before 1000 tokens: the worker must say it is free again.
+    wait_for_status(cluster, worker_id, "ready")
+
+
+def wait_for_status(cluster: Cluster, worker_id: str, status: str, within_s: float = 5) -> None:
+    deadline = time.monotonic() + within_s
+    while httpx.get(f"{cluster.queen_url}/v1/workers/{worker_id}").json()["status"] != status:
+        assert time.monotonic() < deadline, f"{worker_id} did not turn {status}"
+        time.sleep(0.02)
+
+
 def test_killed_worker_fails_over_and_cut_stream_ends_with_error(cluster: Cluster) -> None:
     """Runs last in this module: it kills a worker."""
-    story = [{"role": "user", "content": "Tell me a very long story about the sea."}]
     with httpx.Client(base_url=cluster.queen_url, timeout=60) as http:
-        body = {"model": DEFAULT_MODEL, "messages": story, "max_tokens": 400, "stream": True}
-        with http.stream("POST", "/v1/chat/completions", json=body) as streamed:
+        with http.stream("POST", "/v1/completions", json=COUNTING) as streamed:
             victim = streamed.headers["x-rbee-worker-id"]
             lines = streamed.iter_lines()
             got = [line for _, line in zip(range(6), lines, strict=False)]
