@@ -8,6 +8,13 @@ from pathlib import Path
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
+# What `rbee infer` sends as the system message unless told otherwise. Without one, SmolLM2's
+# template adds its own persona, and the 135M model then answers "What is the capital of
+# France?" in rambling French at temperature 0; with this instruction it says Paris on both
+# the AVX2 and the AVX-512 builds of llama.cpp we tried (greedy decoding of such a small model
+# sits on near-ties that flip between builds).
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Answer questions accurately and concisely."
+
 
 @dataclass(frozen=True)
 class BundledModel:

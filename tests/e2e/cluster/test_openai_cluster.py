@@ -14,15 +14,14 @@ import httpx
 import openai
 import pytest
 
-from rbee.common.bundled import DEFAULT_MODEL
+from rbee.common.bundled import DEFAULT_MODEL, DEFAULT_SYSTEM_PROMPT
 
 from .conftest import Cluster, start_cluster
 
 pytestmark = pytest.mark.e2e
-# A plain system message: without one SmolLM2's template adds its own, and greedy decoding then
-# sits on a near-tie between "L'Étoile…" and "The capital…" that flips between llama.cpp builds.
+# See DEFAULT_SYSTEM_PROMPT for why a system message is sent.
 QUESTION = [
-    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
     {"role": "user", "content": "What is the capital of France?"},
 ]
 
@@ -125,27 +124,29 @@ def wait_for_status(cluster: Cluster, worker_id: str, status: str, within_s: flo
 
 def test_killed_worker_fails_over_and_cut_stream_ends_with_error(cluster: Cluster) -> None:
     """Runs last in this module: it kills a worker."""
-    with httpx.Client(base_url=cluster.queen_url, timeout=60) as http:
-        with http.stream("POST", "/v1/completions", json=COUNTING) as streamed:
-            victim = streamed.headers["x-rbee-worker-id"]
-            lines = streamed.iter_lines()
-            got = [line for _, line in zip(range(6), lines, strict=False)]
-            assert any(line.startswith("data: ") for line in got)
-            pid = next(p["pid"] for p in hive_processes(cluster) if p["worker_id"] == victim)
+    with (
+        httpx.Client(base_url=cluster.queen_url, timeout=60) as http,
+        http.stream("POST", "/v1/completions", json=COUNTING) as streamed,
+    ):
+        victim = streamed.headers["x-rbee-worker-id"]
+        lines = streamed.iter_lines()
+        got = [line for _, line in zip(range(6), lines, strict=False)]
+        assert any(line.startswith("data: ") for line in got)
+        pid = next(p["pid"] for p in hive_processes(cluster) if p["worker_id"] == victim)
 
-            def later_request(_: int) -> tuple[str, str]:
-                return ask(cluster, 12)
+        def later_request(_: int) -> tuple[str, str]:
+            return ask(cluster, 12)
 
-            with ThreadPoolExecutor(3) as pool:
-                followers = [pool.submit(later_request, i) for i in range(3)]
-                os.kill(pid, signal.SIGKILL)
-                killed_at = time.monotonic()
-                rest = list(lines)
-                assert time.monotonic() - killed_at < 2.0
-                last_data = [line for line in rest if line.startswith("data: ")][-1]
-                last = json.loads(last_data.removeprefix("data: "))
-                assert last["error"]["code"] == "worker_failed"
-                answers = [f.result(timeout=120) for f in followers]
+        with ThreadPoolExecutor(3) as pool:
+            followers = [pool.submit(later_request, i) for i in range(3)]
+            os.kill(pid, signal.SIGKILL)
+            killed_at = time.monotonic()
+            rest = list(lines)
+            assert time.monotonic() - killed_at < 2.0
+            last_data = [line for line in rest if line.startswith("data: ")][-1]
+            last = json.loads(last_data.removeprefix("data: "))
+            assert last["error"]["code"] == "worker_failed"
+            answers = [f.result(timeout=120) for f in followers]
     assert all("Paris" in answer for _, answer in answers)
     assert all(worker != victim for worker, _ in answers)
 

@@ -12,6 +12,8 @@ import httpx
 import openai
 import pytest
 
+from rbee.common.bundled import DEFAULT_SYSTEM_PROMPT
+
 pytestmark = pytest.mark.e2e
 
 MODEL = "smollm2-135m-instruct"
@@ -40,11 +42,9 @@ def test_capital_of_france_is_paris_through_the_openai_client(smollm_worker: Any
     client = openai.OpenAI(base_url=f"{smollm_worker.url}/v1", api_key="none", max_retries=0)
     answer = client.chat.completions.create(
         model=MODEL,
-        # Without a system message SmolLM2's template adds its own, and greedy decoding then
-        # sits on a near-tie ("L" 24.74 vs "The" 24.65 on this AVX-512 build) that flips
-        # between builds; a plain system message makes the answer stable.
+        # See DEFAULT_SYSTEM_PROMPT for why a system message is sent.
         messages=[
-            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
             {"role": "user", "content": "What is the capital of France?"},
         ],
         temperature=0,
@@ -61,7 +61,7 @@ def test_streaming_yields_several_chunks_then_done(smollm_worker: Any) -> None:
     body = {
         "model": MODEL,
         "messages": [
-            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
             {"role": "user", "content": "What is the capital of France?"},
         ],
         "temperature": 0,

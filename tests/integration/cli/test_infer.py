@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from rbee.common.bundled import DEFAULT_SYSTEM_PROMPT
+
 
 def test_infer_streams_the_answer_to_stdout(rbee: Any, queen: Any) -> None:
     queen.add_model("smollm2-135m-instruct")
@@ -16,7 +18,7 @@ def test_infer_streams_the_answer_to_stdout(rbee: Any, queen: Any) -> None:
     assert sent["stream"] is True
     assert sent["model"] == "smollm2-135m-instruct"
     assert sent["messages"] == [
-        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
         {"role": "user", "content": "What is the capital of France?"},
     ]
     assert sent["temperature"] == 0.0  # the same question gets the same answer

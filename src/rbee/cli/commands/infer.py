@@ -10,11 +10,7 @@ import typer
 from rbee.cli.context import CliError, cli_of
 from rbee.cli.render import model_names
 from rbee.clients.queen import QueenClient, QueenHTTPError
-from rbee.common.bundled import DEFAULT_MODEL
-
-# Sent unless --system says otherwise. Without any system message, a model's template may put
-# in its own persona (SmolLM2's does), which makes small models answer plain questions worse.
-DEFAULT_SYSTEM = "You are a helpful assistant."
+from rbee.common.bundled import DEFAULT_MODEL, DEFAULT_SYSTEM_PROMPT
 
 
 async def pick_model(client: QueenClient) -> str:
@@ -54,7 +50,7 @@ def infer(
     system: Annotated[
         str,
         typer.Option(help="System message sent before the prompt; empty for none."),
-    ] = DEFAULT_SYSTEM,
+    ] = DEFAULT_SYSTEM_PROMPT,
 ) -> None:
     """Ask a model through the queen and print the answer as it is generated."""
     cli = cli_of(ctx)
