@@ -21,6 +21,9 @@ def main(argv: list[str] | None = None) -> None:
     # machine the spinning threads starve each other: measured 3 tokens/s each instead of 30.
     # Must be set before llama.cpp (and its OpenMP runtime) is loaded.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # The event loop and the generation threads pass the GIL back and forth at every token;
+    # Python's default 5 ms switch interval can make the loop wait that long for it.
+    sys.setswitchinterval(0.0005)
     settings = parse_settings(WorkerSettings, PROG, argv)
     if reason := refuse_open_bind(settings.host, settings.token):
         fail(PROG, reason)
