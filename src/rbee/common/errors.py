@@ -109,6 +109,14 @@ def install_error_handlers(app: FastAPI) -> None:
         body = ErrorBody.of(_summary(errors), "invalid_request_error", "validation_error")
         return JSONResponse({**body.model_dump(), "detail": errors}, status_code=422)
 
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        # Starlette re-raises after this answer, so the server still logs the traceback.
+        body = ErrorBody.of(
+            f"internal error: {type(exc).__name__}", "server_error", "internal_error"
+        )
+        return JSONResponse(body.model_dump(), status_code=500)
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = "not_found" if exc.status_code == 404 else None

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_serializer
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_serializer, field_validator
 
+_HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,252})")
 NonEmptyStr = Annotated[str, Field(min_length=1, max_length=256)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 
@@ -36,6 +39,19 @@ class WorkerInfo(BaseModel):
     hive_id: NonEmptyStr | None = None
     slots: Annotated[int, Field(ge=1)] = 1
     in_flight: Annotated[int, Field(ge=0)] = 0
+
+    @field_validator("host")
+    @classmethod
+    def _plain_host(cls, host: str) -> str:
+        """A host name or an IP address, nothing more: the queen builds URLs from it."""
+        try:
+            ipaddress.ip_address(host)
+            return host
+        except ValueError:
+            pass
+        if not _HOSTNAME.fullmatch(host):
+            raise ValueError("must be a host name or an IP address (no port, scheme or path)")
+        return host
 
     @property
     def url(self) -> str:

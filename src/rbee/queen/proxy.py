@@ -124,23 +124,41 @@ class Proxy:
         reason = ""
         for _ in range(self.retries + 1):
             lease = await self.lease(model, tried)
-            upstream_request = self.client.build_request(
-                "POST", f"{lease.url}{path}", content=raw, headers=headers
-            )
             try:
-                upstream = await self.client.send(upstream_request, stream=True)
-            except httpx.TransportError as exc:
-                reason = f"{lease.worker_id}: {type(exc).__name__}: {exc}"
-            else:
-                if upstream.status_code < 500:
-                    return self._respond(lease, upstream, stream)
-                detail = (await upstream.aread())[:200].decode(errors="replace")
-                await upstream.aclose()
-                reason = f"{lease.worker_id}: HTTP {upstream.status_code} {detail}"
+                outcome = await self._attempt(lease, path, raw, headers)
+            except BaseException:
+                # The client left while we waited for the worker, or something unforeseen: the
+                # slot must not stay counted as busy.
+                self.router.release(lease)
+                raise
+            if isinstance(outcome, httpx.Response):
+                return self._respond(lease, outcome, stream)
+            reason = outcome
             log.warning("worker failed before answering, trying another: %s", reason)
             self.router.fail(lease)
             tried.append(lease.worker_id)
         raise BadGateway(f"{len(tried)} worker(s) failed for {model!r}; last: {reason}")
+
+    async def _attempt(
+        self, lease: Lease, path: str, raw: bytes, headers: dict[str, str]
+    ) -> httpx.Response | str:
+        """The worker's response if it answered below 500, or why it failed."""
+        try:
+            request = self.client.build_request(
+                "POST", f"{lease.url}{path}", content=raw, headers=headers
+            )
+            upstream = await self.client.send(request, stream=True)
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            return f"{lease.worker_id}: {type(exc).__name__}: {exc}"
+        if upstream.status_code < 500:
+            return upstream
+        try:
+            detail = (await upstream.aread())[:200].decode(errors="replace")
+        except httpx.HTTPError:
+            detail = ""
+        finally:
+            await upstream.aclose()
+        return f"{lease.worker_id}: HTTP {upstream.status_code} {detail}"
 
     def _respond(self, lease: Lease, upstream: httpx.Response, sse: bool) -> StreamingResponse:
         headers = {WORKER_HEADER: lease.worker_id}

@@ -50,7 +50,9 @@ class Cluster:
             transport=httpx.MockTransport(self.handle),
         )
         self.client = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=self.app), base_url="http://queen", timeout=10
+            transport=httpx.ASGITransport(app=self.app, raise_app_exceptions=False),
+            base_url="http://queen",
+            timeout=10,
         )
         self.served: list[str] = []
 
@@ -189,6 +191,40 @@ async def test_worker_4xx_is_passed_to_the_client(cluster: Cluster) -> None:
     response = await cluster.chat()
     assert response.status_code == 400
     assert response.json()["error"]["message"] == "prompt too long"
+
+
+async def test_unexpected_failure_answers_json_and_frees_the_slot(cluster: Cluster) -> None:
+    async def weird(request: httpx.Request) -> httpx.Response:
+        raise RuntimeError("something nobody planned for")
+
+    cluster.workers["w1"] = weird
+    await cluster.heartbeat("w1")
+    failed = await cluster.chat()
+    assert failed.status_code == 500
+    assert failed.json()["error"]["code"] == "internal_error"
+    cluster.workers["w1"] = cluster.ok_worker("w1")
+    served = await asyncio.wait_for(cluster.chat(), 5)  # the one slot was given back
+    assert served.status_code == 200
+
+
+async def test_client_that_leaves_before_the_answer_frees_the_slot(cluster: Cluster) -> None:
+    started = asyncio.Event()
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        started.set()
+        await asyncio.sleep(30)
+        return completion("w1", json.loads(request.content))
+
+    cluster.workers["w1"] = slow
+    await cluster.heartbeat("w1")
+    leaving = asyncio.create_task(cluster.chat())
+    await started.wait()
+    leaving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await leaving
+    cluster.workers["w1"] = cluster.ok_worker("w1")
+    served = await asyncio.wait_for(cluster.chat(), 5)
+    assert served.status_code == 200
 
 
 async def test_stream_cut_midway_ends_with_an_error_event(cluster: Cluster) -> None:

@@ -51,6 +51,8 @@ async def test_heartbeat_registers_a_worker_with_every_field(queen: httpx.AsyncC
         ("status", "dancing"),
         ("in_flight", -1),
         ("slots", 0),
+        ("host", "box:8080"),
+        ("host", "http://box"),
     ],
 )
 async def test_malformed_heartbeat_is_422_naming_the_field(
