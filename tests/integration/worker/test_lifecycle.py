@@ -97,6 +97,26 @@ async def test_client_leaving_mid_stream_frees_the_slot_within_a_token(
         assert next_one.status_code == 200
 
 
+async def test_client_leaving_a_whole_answer_frees_the_slot(
+    make_worker: Any, serve_live: Any
+) -> None:
+    worker = await make_worker(slow(0.02), slots=1, queue_size=0)
+    url = await serve_live(worker.app)
+    engine = worker.engines[0]
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        waiting = asyncio.create_task(
+            client.post("/v1/chat/completions", json=chat_body(max_tokens=100_000))
+        )
+        await eventually(lambda: engine.tokens_emitted > 3)
+        waiting.cancel()  # the client gives up and closes its connection
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        await eventually(lambda: engine.cancelled == 1 and worker.runtime.pool.idle, within_s=2.0)
+        assert engine.tokens_emitted < 200
+        next_one = await client.post("/v1/chat/completions", json=chat_body(max_tokens=2))
+        assert next_one.status_code == 200
+
+
 async def _first_data_lines(lines: Any, n: int) -> Any:
     count = 0
     async for line in lines:

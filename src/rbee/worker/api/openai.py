@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Annotated
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Annotated, TypeVar
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from sse_starlette import EventSourceResponse
 
 from rbee.common.errors import BadRequest
@@ -28,6 +29,8 @@ from rbee.worker.responses import (
 from rbee.worker.runtime import WorkerRuntime, get_runtime
 
 router = APIRouter()
+T = TypeVar("T")
+DISCONNECT_POLL_S = 0.25
 Runtime = Annotated[WorkerRuntime, Depends(get_runtime)]
 
 
@@ -50,9 +53,20 @@ async def _start(
         raise BadRequest(exc.message, code=exc.code) from None
 
 
+async def _unless_client_leaves(http: Request, generation: Generation, whole: Awaitable[T]) -> T:
+    """A whole answer, but stop generating if the client goes away meanwhile: nobody would read
+    it, and the slot is better given to the next request."""
+    task = asyncio.ensure_future(whole)
+    while not (await asyncio.wait({task}, timeout=DISCONNECT_POLL_S))[0]:
+        if await http.is_disconnected():
+            generation.cancel()
+            break
+    return await task
+
+
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(
-    request: ChatCompletionRequest, runtime: Runtime
+    request: ChatCompletionRequest, runtime: Runtime, http: Request
 ) -> ChatCompletion | EventSourceResponse:
     messages = [Message(role=m.role, content=m.text()) for m in request.messages]
 
@@ -63,12 +77,12 @@ async def chat_completions(
     answer = ChatAnswer(runtime.model_id, generation)
     if request.stream:
         return sse_response(answer.chunks(request.include_usage_in_stream), runtime)
-    return await answer.whole()
+    return await _unless_client_leaves(http, generation, answer.whole())
 
 
 @router.post("/v1/completions", response_model=None)
 async def completions(
-    request: CompletionRequest, runtime: Runtime
+    request: CompletionRequest, runtime: Runtime, http: Request
 ) -> Completion | EventSourceResponse:
     text = request.prompt_text()
 
@@ -79,4 +93,4 @@ async def completions(
     answer = TextAnswer(runtime.model_id, generation)
     if request.stream:
         return sse_response(answer.chunks(request.include_usage_in_stream), runtime)
-    return await answer.whole()
+    return await _unless_client_leaves(http, generation, answer.whole())
