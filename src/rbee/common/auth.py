@@ -24,3 +24,9 @@ def bearer_guard(token: str | None) -> Callable[[Request], Awaitable[None]]:
             raise Unauthorized("missing or wrong bearer token (set RBEE_TOKEN or pass --token)")
 
     return guard
+
+
+def openapi_url(token: str | None) -> str | None:
+    """FastAPI serves `/openapi.json`, `/docs` and `/redoc` without any check: with a cluster
+    token set they are switched off (no schema URL means no docs either)."""
+    return None if token else "/openapi.json"

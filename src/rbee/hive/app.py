@@ -13,7 +13,7 @@ import pynvml
 from fastapi import Depends, FastAPI
 
 from rbee import __version__
-from rbee.common.auth import bearer_guard
+from rbee.common.auth import bearer_guard, openapi_url
 from rbee.common.clock import Clock, monotonic
 from rbee.common.errors import install_error_handlers
 from rbee.common.jobs import Jobs
@@ -79,7 +79,12 @@ def create_app(
             for client in (queen, local, hub):
                 await client.aclose()
 
-    app = FastAPI(title="rbee-hive", version=__version__, lifespan=lifespan)
+    app = FastAPI(
+        title="rbee-hive",
+        version=__version__,
+        lifespan=lifespan,
+        openapi_url=openapi_url(settings.token),
+    )
     app.state.hive = state
     install_error_handlers(app)
 

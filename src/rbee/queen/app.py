@@ -11,7 +11,7 @@ import httpx
 from fastapi import Depends, FastAPI
 
 from rbee import __version__
-from rbee.common.auth import bearer_guard
+from rbee.common.auth import bearer_guard, openapi_url
 from rbee.common.clock import Clock, monotonic
 from rbee.common.errors import install_error_handlers
 from rbee.queen.api import hives as hives_api
@@ -73,7 +73,12 @@ def create_app(
             await asyncio.gather(*tasks, return_exceptions=True)
             await state.aclose()
 
-    app = FastAPI(title="queen-rbee", version=__version__, lifespan=lifespan)
+    app = FastAPI(
+        title="queen-rbee",
+        version=__version__,
+        lifespan=lifespan,
+        openapi_url=openapi_url(settings.token),
+    )
     app.state.queen = state
     install_error_handlers(app)
 

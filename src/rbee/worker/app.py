@@ -16,7 +16,7 @@ from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse
 
 from rbee import __version__
-from rbee.common.auth import bearer_guard
+from rbee.common.auth import bearer_guard, openapi_url
 from rbee.common.bundled import BUNDLED_MODELS, bundled_model_path
 from rbee.common.errors import install_error_handlers
 from rbee.contracts.workers import WorkerStatus
@@ -114,7 +114,12 @@ def create_app(
             finally:
                 await _shut_down(runtime, heartbeat, beating, loading)
 
-    app = FastAPI(title="llm-worker-rbee", version=__version__, lifespan=lifespan)
+    app = FastAPI(
+        title="llm-worker-rbee",
+        version=__version__,
+        lifespan=lifespan,
+        openapi_url=openapi_url(settings.token),
+    )
     app.state.worker = runtime
     install_error_handlers(app)
 

@@ -117,6 +117,8 @@ async def test_token_guards_everything_but_health(make_client: ClientFactory) ->
     assert wrong.status_code == 401
     denied = await client.post("/v1/worker-heartbeat", json=hb("w1"))
     assert denied.status_code == 401
+    for docs in ("/openapi.json", "/docs", "/redoc"):
+        assert (await client.get(docs)).status_code in (401, 404), docs
     good = {"Authorization": "Bearer s3cret"}
     assert (
         await client.post("/v1/worker-heartbeat", json=hb("w1"), headers=good)
