@@ -28,7 +28,8 @@ from rbee.common.bundled import BUNDLED_MODELS, BundledModel
 from rbee.common.errors import BadRequest, NotFound
 from rbee.contracts.hive_api import CatalogModel
 
-FORMATS = {".gguf": "gguf", ".safetensors": "safetensors"}
+# Only what a worker can load: listing other files would advertise models nothing can start.
+FORMATS = {".gguf": "gguf"}
 PARTIAL_DIR = ".partial"
 _REPO_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f\\]")

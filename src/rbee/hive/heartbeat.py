@@ -44,6 +44,8 @@ async def heartbeat_loop(state: HiveState, queen: httpx.AsyncClient) -> None:
             if reachable is not False:  # say it once per outage, not every interval
                 log.warning("queen at %s not reachable: %s (retrying)", queen.base_url, exc)
             reachable = False
+        except Exception:  # a bug here must not silence the hive for good
+            log.exception("could not build or send the hive heartbeat (retrying)")
         else:
             if reachable is False:
                 log.info("queen at %s reachable again", queen.base_url)
