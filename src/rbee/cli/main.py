@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Annotated
 
+import httpx
 import typer
 from rich.console import Console
 
@@ -28,6 +29,20 @@ def print_version(value: bool) -> None:
         raise typer.Exit()
 
 
+def check_queen_url(value: str) -> str:
+    """A bad --queen-url is a usage error, not a traceback from deep inside the HTTP client."""
+    try:
+        url = httpx.URL(value)
+        port = url.port  # parsed: out-of-range ports raise here
+    except (httpx.InvalidURL, ValueError) as exc:
+        raise typer.BadParameter(f"{value!r} is not a URL ({exc})") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise typer.BadParameter(f"{value!r} must look like http://HOST:PORT")
+    if port is not None and not 0 < port < 65536:
+        raise typer.BadParameter(f"{value!r} has no valid port")
+    return value
+
+
 def build_app(make_client: ClientFactory = default_client) -> typer.Typer:
     """The command tree. Tests pass a `make_client` that talks to an in-process queen."""
     app = typer.Typer(
@@ -42,7 +57,10 @@ def build_app(make_client: ClientFactory = default_client) -> typer.Typer:
     def root(
         ctx: typer.Context,
         queen_url: Annotated[
-            str, typer.Option(envvar="RBEE_QUEEN_URL", help="Where the queen answers.")
+            str,
+            typer.Option(
+                envvar="RBEE_QUEEN_URL", help="Where the queen answers.", callback=check_queen_url
+            ),
         ] = DEFAULT_QUEEN_URL,
         token: Annotated[
             str | None,

@@ -176,3 +176,11 @@ def test_status_reads_the_real_queens_registry(rbee_on: Any) -> None:
     assert data["workers"][0]["id"] == "w-real"
     assert data["workers"][0]["available"] is True
     assert data["hives"][0]["id"] == "h"
+
+
+@pytest.mark.parametrize("url", ["http://[::1", "http://127.0.0.1:99999", "ftp://queen"])
+def test_a_bad_queen_url_is_a_usage_error_not_a_traceback(rbee: Any, url: str) -> None:
+    result = rbee("--queen-url", url, "status")
+    assert result.exit_code == 2
+    assert "--queen-url" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
