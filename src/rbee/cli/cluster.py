@@ -163,7 +163,7 @@ class LocalCluster:
                 # The job's own log lines would repeat what `say` reports.
                 worker_id = await jobs.spawn_worker(client, request, None)
                 self.worker_ids.append(worker_id)
-                self.say(f"worker {worker_id} started; waiting until it is ready…")
+                self.say(f"worker {worker_id} started")
             ready = await jobs.wait_until_ready(client, self.worker_ids, plan.ready_timeout_s)
         for view in ready:
             self.say(f"worker {view.id} is ready at {view.url}")

@@ -103,6 +103,11 @@ class HiveClient:
         timeout = httpx.USE_CLIENT_DEFAULT if wait_s is None else httpx.Timeout(wait_s)
         try:
             response = await self._http.request(method, path, json=json_body, timeout=timeout)
+        except httpx.ReadTimeout:
+            raise HiveError(
+                f"the hive at {self.base_url} did not answer {method} {path} in time",
+                code="timeout",
+            ) from None
         except httpx.TransportError as exc:
             raise HiveUnreachable(self.base_url, str(exc) or type(exc).__name__) from None
         if response.is_error:

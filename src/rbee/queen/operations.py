@@ -37,15 +37,26 @@ def hive_failure(exc: HiveError) -> RbeeError:
 class HiveClients:
     """One client per hive URL, kept for the queen's lifetime."""
 
-    def __init__(self, token: str | None, transport: httpx.AsyncBaseTransport | None) -> None:
+    def __init__(
+        self,
+        token: str | None,
+        transport: httpx.AsyncBaseTransport | None,
+        spawn_timeout_s: float,
+    ) -> None:
         self.token = token
         self.transport = transport
+        self.spawn_timeout_s = spawn_timeout_s
         self._clients: dict[str, HiveClient] = {}
 
     def get(self, hive: HiveView) -> HiveClient:
         client = self._clients.get(hive.url)
         if client is None:
-            client = HiveClient(hive.url, token=self.token, transport=self.transport)
+            client = HiveClient(
+                hive.url,
+                token=self.token,
+                transport=self.transport,
+                spawn_timeout=self.spawn_timeout_s,  # the queen's --spawn-timeout decides
+            )
             self._clients[hive.url] = client
         return client
 

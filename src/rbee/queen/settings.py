@@ -36,6 +36,8 @@ class QueenSettings(BaseSettings):
         32, ge=0, description="requests that may wait per model when all are busy"
     )
     queue_timeout: Seconds = Field(30.0, description="longest a request waits for a free worker")
-    spawn_timeout: Seconds = Field(120.0, description="longest to wait for an on-demand worker")
+    spawn_timeout: Seconds = Field(
+        300.0, description="longest to wait for a hive to start a worker and for it to be ready"
+    )
     retries: int = Field(2, ge=0, description="other workers tried after a worker fails")
     cooldown: Seconds = Field(10.0, description="how long a failed worker sits out")

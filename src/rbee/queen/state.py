@@ -62,7 +62,7 @@ def build_state(
         POLICIES[settings.routing_policy],
         AdmissionQueue(settings.queue_size, settings.queue_timeout),
     )
-    clients = HiveClients(settings.token, transport)
+    clients = HiveClients(settings.token, transport, settings.spawn_timeout)
     spawner = Spawner(registry, hives, bus, clients.spawn, settings.spawn_timeout)
     worker_http = httpx.AsyncClient(
         timeout=WORKER_TIMEOUT,

@@ -42,26 +42,6 @@ def test_worker_spawn_waits_until_the_worker_is_ready(rbee: Any, queen: Any) -> 
     assert "worker w-7 ready: smollm2-135m-instruct at http://127.0.0.1:8085" in result.stdout
 
 
-def test_worker_spawn_no_wait_returns_once_started(rbee: Any, queen: Any) -> None:
-    queen.job_events["worker_spawn"] = [READY]  # the registry has not heard of w-7 yet
-
-    result = rbee("worker", "spawn", "-m", "m", "--no-wait")
-
-    assert result.exit_code == 0
-    assert "worker w-7 started" in result.stdout
-    assert queen.jobs[0].get("hive_id") is None
-
-
-def test_worker_spawn_that_never_gets_ready_times_out_clearly(rbee: Any, queen: Any) -> None:
-    queen.job_events["worker_spawn"] = [READY]
-    queen.add_worker("w-7", status="starting", available=False)
-
-    result = rbee("worker", "spawn", "-m", "m", "--timeout", "1")
-
-    assert result.exit_code == 1
-    assert "worker(s) w-7 not ready after 1s" in result.stderr
-
-
 def test_worker_spawn_of_an_unknown_model_lists_the_known_ones(rbee: Any, queen: Any) -> None:
     queen.add_model("smollm2-135m-instruct")
     queen.job_events["worker_spawn"] = [

@@ -21,38 +21,30 @@ def spawn(
     ctx: typer.Context,
     model: Annotated[str, typer.Option("-m", "--model", help="Model id to serve.")],
     hive: Annotated[
-        str | None, typer.Option("--hive", help="Hive id (default: the queen picks one).")
+        str | None,
+        typer.Option("--hive", help="Hive id (default: the queen picks the one with most memory)."),
     ] = None,
     device: Annotated[str | None, typer.Option(help="Device, e.g. cpu:0 or cuda:1.")] = None,
     slots: Annotated[int, typer.Option(min=1, max=64, help="Requests served at once.")] = 1,
-    wait: Annotated[
-        bool, typer.Option("--wait/--no-wait", help="Wait until the worker is ready.")
-    ] = True,
-    timeout: Annotated[float, typer.Option(min=1, help="Seconds to wait for ready.")] = 300,
 ) -> None:
-    """Start a worker for a model on a hive."""
+    """Start a worker for a model on a hive; returns once it is ready (the queen's spawn job
+    waits for that, bounded by the queen's --spawn-timeout)."""
     cli = cli_of(ctx)
     request = WorkerSpawnJob(
         operation="worker_spawn", model=model, hive_id=hive, device=device, slots=slots
     )
 
-    async def work(client: QueenClient) -> WorkerView | str:
+    async def work(client: QueenClient) -> WorkerView:
         worker_id = await jobs.spawn_worker(client, request, cli.err)
-        if not wait:
-            return worker_id
-        cli.err.print(f"worker {worker_id} started; waiting until it is ready…", markup=False)
-        return (await jobs.wait_until_ready(client, [worker_id], timeout))[0]
+        return (await jobs.wait_until_ready(client, [worker_id], 30))[0]
 
     result = cli.run(work)
-    if isinstance(result, str):
-        cli.out.print(f"worker {result} started (not waiting for ready)", markup=False)
-    else:
-        cli.out.print(
-            f"worker {result.id} ready: {result.model_id} at {result.url}"
-            f" (hive {result.hive_id or '-'}, {result.device})",
-            markup=False,
-            highlight=False,
-        )
+    cli.out.print(
+        f"worker {result.id} ready: {result.model_id} at {result.url}"
+        f" (hive {result.hive_id or '-'}, {result.device})",
+        markup=False,
+        highlight=False,
+    )
 
 
 @app.command("list")
