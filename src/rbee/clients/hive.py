@@ -6,7 +6,6 @@ status with the hive's message and code). Pass `transport=` to talk to an in-pro
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from types import TracebackType
 
@@ -15,6 +14,7 @@ from httpx_sse import EventSource
 from pydantic import BaseModel
 
 from rbee.common.tokens import auth_headers
+from rbee.contracts.errors import read_error
 from rbee.contracts.hive_api import (
     Capabilities,
     CatalogList,
@@ -47,14 +47,7 @@ class HiveUnreachable(HiveError):
 
 
 def _error(response: httpx.Response, body: bytes) -> HiveError:
-    message, code = f"HTTP {response.status_code}", None
-    try:
-        data = json.loads(body)
-        error = data.get("error") if isinstance(data, dict) else None
-        if isinstance(error, dict):
-            message, code = str(error.get("message") or message), error.get("code")
-    except ValueError:
-        message = body.decode(errors="replace").strip()[:300] or message
+    message, code = read_error(response.status_code, body)
     return HiveError(message, status=response.status_code, code=code)
 
 

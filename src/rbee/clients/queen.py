@@ -17,6 +17,7 @@ from httpx_sse import EventSource
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from rbee.common.tokens import auth_headers
+from rbee.contracts.errors import read_error
 from rbee.contracts.hives import HiveView
 from rbee.contracts.jobs import JobCreated, JobEvent, JobRequest
 from rbee.contracts.workers import WorkerView
@@ -67,18 +68,7 @@ _JOB_REQUEST: TypeAdapter[JobRequest] = TypeAdapter(JobRequest)
 
 
 def error_from_response(response: httpx.Response, body: bytes) -> QueenHTTPError:
-    message, code = f"HTTP {response.status_code}", None
-    try:
-        data = json.loads(body)
-        error = data.get("error") if isinstance(data, dict) else None
-        if isinstance(error, dict):
-            message = str(error.get("message") or message)
-            code = error.get("code")
-        elif isinstance(data, dict) and "detail" in data:
-            message = str(data["detail"])
-    except ValueError:
-        if body.strip():
-            message = body.decode(errors="replace").strip()[:200]
+    message, code = read_error(response.status_code, body)
     return QueenHTTPError(response.status_code, message, code)
 
 

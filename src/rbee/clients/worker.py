@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 
 from rbee.common.tokens import auth_headers
-from rbee.contracts.errors import ErrorBody
+from rbee.contracts.errors import ErrorBody, read_error
 from rbee.contracts.openai import ChatCompletion, ChatCompletionChunk, ModelList
 
 
@@ -24,13 +24,9 @@ class WorkerError(Exception):
 
 
 def _raise_for(response: httpx.Response) -> None:
-    if response.is_success:
-        return
-    try:
-        detail = ErrorBody.model_validate(response.json()).error
-        raise WorkerError(response.status_code, detail.message, detail.code)
-    except (ValueError, TypeError):
-        raise WorkerError(response.status_code, response.text[:200]) from None
+    if not response.is_success:
+        message, code = read_error(response.status_code, response.content)
+        raise WorkerError(response.status_code, message, code)
 
 
 class WorkerClient:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from pydantic import BaseModel
 
 
@@ -18,3 +20,21 @@ class ErrorBody(BaseModel):
     @classmethod
     def of(cls, message: str, type_: str, code: str | None = None) -> ErrorBody:
         return cls(error=ErrorDetail(message=message, type=type_, code=code))
+
+
+def read_error(status: int, body: bytes) -> tuple[str, str | None]:
+    """(message, code) of an error answer from any rbee component, or from anything else."""
+    message, code = f"HTTP {status}", None
+    try:
+        data = json.loads(body)
+    except ValueError:
+        text = body.decode(errors="replace").strip()[:300]
+        return (text or message), None
+    error = data.get("error") if isinstance(data, dict) else None
+    if isinstance(error, dict):
+        message = str(error.get("message") or message)
+        raw_code = error.get("code")
+        code = str(raw_code) if raw_code is not None else None
+    elif isinstance(data, dict) and "detail" in data:
+        message = str(data["detail"])
+    return message, code
