@@ -16,7 +16,7 @@ from rbee.cli import state
 from rbee.cli.cluster import LocalCluster, UpPlan, check_free, clean_stale_lock
 from rbee.cli.context import Cli, CliError, advice, cli_of
 from rbee.clients.queen import QueenError
-from rbee.common.bundled import DEFAULT_MODEL
+from rbee.common.bundled import DEFAULT_MODEL, DEFAULT_SYSTEM_PROMPT
 
 T = TypeVar("T")
 EXAMPLE_PROMPT = "What is the capital of France?"
@@ -25,9 +25,11 @@ EXAMPLE_PROMPT = "What is the capital of France?"
 def usage_text(plan: UpPlan) -> str:
     """What to paste: the OpenAI base URL, a curl call and the Python `openai` client."""
     base = f"{plan.queen_url}/v1"
-    body = json.dumps(
-        {"model": plan.model, "messages": [{"role": "user", "content": EXAMPLE_PROMPT}]}
-    )
+    messages = [
+        {"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
+        {"role": "user", "content": EXAMPLE_PROMPT},
+    ]
+    body = json.dumps({"model": plan.model, "messages": messages, "temperature": 0})
     auth = '  -H "Authorization: Bearer $RBEE_TOKEN" \\\n' if plan.token else ""
     api_key = 'os.environ["RBEE_TOKEN"]' if plan.token else '"not-needed"'
     workers = f"{plan.workers} worker{'s' if plan.workers != 1 else ''}"
@@ -46,7 +48,11 @@ Python (pip install openai):
   client = OpenAI(base_url="{base}", api_key={api_key})
   reply = client.chat.completions.create(
       model="{plan.model}",
-      messages=[{{"role": "user", "content": "{EXAMPLE_PROMPT}"}}],
+      messages=[
+          {{"role": "system", "content": "{DEFAULT_SYSTEM_PROMPT}"}},
+          {{"role": "user", "content": "{EXAMPLE_PROMPT}"}},
+      ],
+      temperature=0,
   )
   print(reply.choices[0].message.content)
 
