@@ -7,13 +7,12 @@ status with the hive's message and code). Pass `transport=` to talk to an in-pro
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from types import TracebackType
 
 import httpx
 from httpx_sse import EventSource
 from pydantic import BaseModel
 
-from rbee.common.tokens import auth_headers
+from rbee.clients.base import OwnedHttpClient
 from rbee.contracts.errors import read_error
 from rbee.contracts.hive_api import (
     Capabilities,
@@ -51,7 +50,7 @@ def _error(response: httpx.Response, body: bytes) -> HiveError:
     return HiveError(message, status=response.status_code, code=code)
 
 
-class HiveClient:
+class HiveClient(OwnedHttpClient):
     def __init__(
         self,
         base_url: str = DEFAULT_HIVE_URL,
@@ -61,28 +60,8 @@ class HiveClient:
         timeout: float = 30.0,
         spawn_timeout: float = 330.0,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
+        super().__init__(base_url, token=token, transport=transport, timeout=timeout)
         self.spawn_timeout = spawn_timeout
-        self._http = httpx.AsyncClient(
-            base_url=self.base_url,
-            headers=auth_headers(token),
-            transport=transport,
-            timeout=timeout,
-        )
-
-    async def __aenter__(self) -> HiveClient:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        await self._http.aclose()
 
     async def _request(
         self,

@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncGenerator, Mapping
 from contextlib import aclosing
-from types import TracebackType
 from typing import Any
 
 import httpx
 from httpx_sse import EventSource
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
-from rbee.common.tokens import auth_headers
+from rbee.clients.base import OwnedHttpClient
 from rbee.contracts.errors import read_error
 from rbee.contracts.hives import HiveView
 from rbee.contracts.jobs import JobCreated, JobEvent, JobRequest
@@ -78,7 +77,7 @@ async def sse_data(response: httpx.Response) -> AsyncGenerator[str, None]:
         yield event.data
 
 
-class QueenClient:
+class QueenClient(OwnedHttpClient):
     def __init__(
         self,
         base_url: str = DEFAULT_QUEEN_URL,
@@ -87,28 +86,9 @@ class QueenClient:
         transport: httpx.AsyncBaseTransport | None = None,
         timeout_s: float = 10.0,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self._http = httpx.AsyncClient(
-            base_url=self.base_url,
-            headers=auth_headers(token),
-            transport=transport,
-            # Reads may wait long on a slow generation or a quiet job stream; connects must not.
-            timeout=httpx.Timeout(timeout_s, read=None),
-        )
-
-    async def __aenter__(self) -> QueenClient:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        await self._http.aclose()
+        # Reads may wait long on a slow generation or a quiet job stream; connects must not.
+        timeout = httpx.Timeout(timeout_s, read=None)
+        super().__init__(base_url, token=token, transport=transport, timeout=timeout)
 
     # -- plumbing ------------------------------------------------------------------------------
 

@@ -6,14 +6,13 @@ import re
 import socket
 import sys
 from pathlib import Path
-from typing import Annotated
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from rbee.common.settings import HttpUrl, Seconds, token_field
 from rbee.common.tokens import is_loopback
 
-Seconds = Annotated[float, Field(gt=0)]
 HIVE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "[::]", ""})
 CACHE_DIR = Path("~/.cache/rbee")
@@ -36,7 +35,7 @@ class HiveSettings(BaseSettings):
         env_prefix="RBEE_HIVE_", cli_kebab_case=True, cli_prog_name="rbee-hive"
     )
 
-    queen_url: str = Field(description="where the queen listens, e.g. http://127.0.0.1:7833")
+    queen_url: HttpUrl = Field(description="where the queen listens, e.g. http://127.0.0.1:7833")
     host: str = Field("127.0.0.1", description="address to listen on (workers bind to it too)")
     port: int = Field(7835, ge=1, le=65535, description="port to listen on")
     hive_id: str = Field(
@@ -59,11 +58,7 @@ class HiveSettings(BaseSettings):
         default_factory=_default_worker_command,
         description="the worker executable",
     )
-    token: str | None = Field(
-        None,
-        validation_alias=AliasChoices("token", "RBEE_TOKEN"),
-        description="cluster token required as a bearer token (env RBEE_TOKEN)",
-    )
+    token: str | None = token_field("cluster token required as a bearer token (env RBEE_TOKEN)")
 
     @field_validator("hive_id")
     @classmethod
@@ -71,13 +66,6 @@ class HiveSettings(BaseSettings):
         if not HIVE_ID_PATTERN.match(value):
             raise ValueError("use letters, digits, '.', '_' and '-' (at most 128)")
         return value
-
-    @field_validator("queen_url")
-    @classmethod
-    def _queen_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return value.rstrip("/")
 
     @field_validator("worker_ports")
     @classmethod

@@ -39,13 +39,12 @@ async def offline_watch(state: QueenState, interval_s: float) -> None:
     online: set[str] = set()
     while True:
         now = state.registry.now()
-        current = {
-            r.info.id: r for r in state.registry.records() if state.registry.is_fresh(r, now)
-        }
-        for record in state.registry.records():
+        records = state.registry.records()
+        current = {r.info.id for r in records if state.registry.is_fresh(r, now)}
+        for record in records:
             if record.info.id in online and record.info.id not in current:
                 workers_api.publish_change(state, RegistryChange(ChangeKind.OFFLINE, record.info))
-        online = set(current)
+        online = current
         await asyncio.sleep(interval_s)
 
 

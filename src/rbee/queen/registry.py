@@ -149,12 +149,6 @@ class WorkerRegistry:
         with self._lock:
             return [r.info for r in self._by_model.get(model_id, {}).values()]
 
-    def find_available_workers_for_model(self, model_id: str) -> list[WorkerInfo]:
-        now = self._clock()
-        with self._lock:
-            peers = list(self._by_model.get(model_id, {}).values())
-        return [r.info for r in peers if self._fresh(r, now) and self._ready(r)]
-
     def find_best_worker_for_model(self, model_id: str) -> WorkerInfo | None:
         """The available worker with the lowest `in_flight / slots`; equals take turns."""
         cutoff = self._clock() - self.timeout_s

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-Seconds = Annotated[float, Field(gt=0)]
+from rbee.common.settings import Seconds, token_field
 
 
 class QueenSettings(BaseSettings):
@@ -24,11 +24,7 @@ class QueenSettings(BaseSettings):
     summary_interval: Seconds = Field(
         5.0, description="how often the heartbeat stream sends a summary event"
     )
-    token: str | None = Field(
-        None,
-        validation_alias=AliasChoices("token", "RBEE_TOKEN"),
-        description="cluster token required as a bearer token (env RBEE_TOKEN)",
-    )
+    token: str | None = token_field("cluster token required as a bearer token (env RBEE_TOKEN)")
     routing_policy: Literal["least-loaded", "round-robin"] = Field(
         "least-loaded", description="how a worker is chosen among the available ones"
     )

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-Seconds = Annotated[float, Field(gt=0)]
+from rbee.common.settings import HttpUrl, Seconds, token_field
 
 
 class WorkerSettings(BaseSettings):
@@ -19,7 +17,7 @@ class WorkerSettings(BaseSettings):
         min_length=1, description="path to a .gguf file, or the name of a bundled model"
     )
     port: int = Field(ge=1, le=65535, description="port to listen on")
-    queen_url: str = Field(
+    queen_url: HttpUrl = Field(
         min_length=1, description="where to send heartbeats, e.g. http://127.0.0.1:7833"
     )
     worker_id: str | None = Field(
@@ -54,15 +52,6 @@ class WorkerSettings(BaseSettings):
     shutdown_grace: Seconds = Field(
         5.0, description="how long running requests may finish after SIGTERM"
     )
-    token: str | None = Field(
-        None,
-        validation_alias=AliasChoices("token", "RBEE_TOKEN"),
-        description="cluster token: required from clients, sent to the queen (env RBEE_TOKEN)",
+    token: str | None = token_field(
+        "cluster token: required from clients, sent to the queen (env RBEE_TOKEN)"
     )
-
-    @field_validator("queen_url")
-    @classmethod
-    def _http_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("must be an http:// or https:// URL, e.g. http://127.0.0.1:7833")
-        return value.rstrip("/")
