@@ -25,7 +25,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TextIO
 
-SUPERNET = ipaddress.ip_network("198.18.0.0/24")
+SUPERNET = ipaddress.IPv4Network("198.18.0.0/24")
 SUBNETS = list(SUPERNET.subnets(new_prefix=28))
 LOCK_DIR = Path("/run/rbee-netns")
 
