@@ -14,8 +14,10 @@ from rbee import __version__
 from rbee.common.auth import bearer_guard, openapi_url
 from rbee.common.clock import Clock, monotonic
 from rbee.common.errors import install_error_handlers
+from rbee.common.metrics import metrics_router
 from rbee.queen.api import hives as hives_api
 from rbee.queen.api import jobs as jobs_api
+from rbee.queen.api import observe as observe_api
 from rbee.queen.api import openai as openai_api
 from rbee.queen.api import workers as workers_api
 from rbee.queen.registry import ChangeKind, RegistryChange
@@ -90,4 +92,7 @@ def create_app(
     app.include_router(hives_api.router, dependencies=guarded)
     app.include_router(openai_api.router, dependencies=guarded)
     app.include_router(jobs_api.router, dependencies=guarded)
+    # Prometheus sends the cluster token as its bearer token when one is set.
+    app.include_router(observe_api.router, dependencies=guarded)
+    app.include_router(metrics_router(state.metrics.registry), dependencies=guarded)
     return app

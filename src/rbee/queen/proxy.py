@@ -17,10 +17,18 @@ import httpx
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from rbee.common.errors import BadGateway, BadRequest, NotFound, TooManyRequests, Unavailable
+from rbee.common.errors import (
+    BadGateway,
+    BadRequest,
+    NotFound,
+    RbeeError,
+    TooManyRequests,
+    Unavailable,
+)
 from rbee.common.tokens import auth_headers
 from rbee.contracts.errors import ErrorBody
 from rbee.queen.hives import HiveRegistry
+from rbee.queen.metrics import CLIENT_CLOSED, QueenMetrics, RequestTrack
 from rbee.queen.registry import WorkerRegistry
 from rbee.queen.routing.admission import QueueFull, WaitExpired
 from rbee.queen.routing.router import Lease, Router
@@ -62,6 +70,7 @@ class Proxy:
         *,
         token: str | None,
         retries: int,
+        metrics: QueenMetrics,
     ) -> None:
         self.registry = registry
         self.hives = hives
@@ -70,6 +79,7 @@ class Proxy:
         self.client = client
         self.token = token
         self.retries = retries
+        self.metrics = metrics
 
     def known_models(self) -> list[str]:
         served = set(self.registry.models())
@@ -118,12 +128,28 @@ class Proxy:
     async def forward(self, request: Request, path: str) -> StreamingResponse:
         raw = await request.body()
         model, stream = parse_body(raw)
+        track = self.metrics.track(model)
+        track.streamed = stream
+        try:
+            return await self._forward(track, path, raw, request)
+        except RbeeError as exc:
+            track.refused(exc.status_code)
+            raise
+        except BaseException:
+            track.refused(CLIENT_CLOSED)
+            raise
+
+    async def _forward(
+        self, track: RequestTrack, path: str, raw: bytes, request: Request
+    ) -> StreamingResponse:
+        model = track.model
         headers = {k: v for k, v in request.headers.items() if k.lower() in PASSED_REQUEST_HEADERS}
         headers.update(auth_headers(self.token))
         tried: list[str] = []
         reason = ""
         for _ in range(self.retries + 1):
             lease = await self.lease(model, tried)
+            track.lease(lease.worker_id)
             try:
                 outcome = await self._attempt(lease, path, raw, headers)
             except BaseException:
@@ -132,11 +158,12 @@ class Proxy:
                 self.router.release(lease)
                 raise
             if isinstance(outcome, httpx.Response):
-                return self._respond(lease, outcome, stream)
+                return self._respond(lease, outcome, track)
             reason = outcome
             log.warning("worker failed before answering, trying another: %s", reason)
             self.router.fail(lease)
             tried.append(lease.worker_id)
+            track.failover()
         raise BadGateway(f"{len(tried)} worker(s) failed for {model!r}; last: {reason}")
 
     async def _attempt(
@@ -160,29 +187,35 @@ class Proxy:
             await upstream.aclose()
         return f"{lease.worker_id}: HTTP {upstream.status_code} {detail}"
 
-    def _respond(self, lease: Lease, upstream: httpx.Response, sse: bool) -> StreamingResponse:
+    def _respond(
+        self, lease: Lease, upstream: httpx.Response, track: RequestTrack
+    ) -> StreamingResponse:
         headers = {WORKER_HEADER: lease.worker_id}
         for name in ("retry-after",):
             if name in upstream.headers:
                 headers[name] = upstream.headers[name]
         return StreamingResponse(
-            self._relay(lease, upstream, sse),
+            self._relay(lease, upstream, track),
             status_code=upstream.status_code,
             headers=headers,
             media_type=upstream.headers.get("content-type"),
         )
 
     async def _relay(
-        self, lease: Lease, upstream: httpx.Response, sse: bool
+        self, lease: Lease, upstream: httpx.Response, track: RequestTrack
     ) -> AsyncIterator[bytes]:
         failed = False
+        first = True
         try:
             async for chunk in upstream.aiter_bytes():
+                if first:
+                    first = False
+                    track.first_byte()
                 yield chunk
         except httpx.HTTPError as exc:
             failed = True
             log.warning("worker %s failed mid-answer: %s", lease.worker_id, exc)
-            if sse:
+            if track.streamed:
                 yield sse_error(f"worker {lease.worker_id} failed mid-stream: {type(exc).__name__}")
         finally:
             # Free the slot first: when the client has gone, this runs under cancellation.
@@ -190,5 +223,7 @@ class Proxy:
                 self.router.fail(lease)
             else:
                 self.router.release(lease)
+            # A stream cut by its worker counts as a bad gateway, whatever status went out.
+            track.end(BadGateway.status_code if failed else upstream.status_code)
             with anyio.CancelScope(shield=True):
                 await upstream.aclose()

@@ -12,6 +12,7 @@ from rbee.common.clock import Clock
 from rbee.common.jobs import Jobs
 from rbee.queen.events import EventBus
 from rbee.queen.hives import HiveRegistry
+from rbee.queen.metrics import QueenMetrics
 from rbee.queen.operations import HiveClients, Operations
 from rbee.queen.proxy import Proxy
 from rbee.queen.registry import WorkerRegistry
@@ -40,6 +41,7 @@ class QueenState:
     operations: Operations
     hive_clients: HiveClients
     worker_http: httpx.AsyncClient
+    metrics: QueenMetrics
 
     async def aclose(self) -> None:
         await self.jobs.close()
@@ -56,14 +58,19 @@ def build_state(
     registry = WorkerRegistry(settings.heartbeat_timeout, clock)
     hives = HiveRegistry(settings.heartbeat_timeout, clock)
     bus = EventBus()
-    router = Router(
-        registry,
-        LoadTracker(settings.cooldown, clock),
-        POLICIES[settings.routing_policy],
-        AdmissionQueue(settings.queue_size, settings.queue_timeout),
-    )
+    tracker = LoadTracker(settings.cooldown, clock)
+    admission = AdmissionQueue(settings.queue_size, settings.queue_timeout)
+    router = Router(registry, tracker, POLICIES[settings.routing_policy], admission)
+    metrics = QueenMetrics(registry, hives, tracker, admission)
     clients = HiveClients(settings.token, transport, settings.spawn_timeout)
-    spawner = Spawner(registry, hives, bus, clients.spawn, settings.spawn_timeout)
+    spawner = Spawner(
+        registry,
+        hives,
+        bus,
+        clients.spawn,
+        settings.spawn_timeout,
+        on_result=metrics.worker_started,
+    )
     worker_http = httpx.AsyncClient(
         timeout=WORKER_TIMEOUT,
         transport=transport or httpx.AsyncHTTPTransport(socket_options=NODELAY),
@@ -77,6 +84,7 @@ def build_state(
         worker_http,
         token=settings.token,
         retries=settings.retries,
+        metrics=metrics,
     )
     return QueenState(
         settings=settings,
@@ -90,6 +98,7 @@ def build_state(
         operations=Operations(registry, hives, spawner, clients),
         hive_clients=clients,
         worker_http=worker_http,
+        metrics=metrics,
     )
 
 

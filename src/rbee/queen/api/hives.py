@@ -16,6 +16,7 @@ State = Annotated[QueenState, Depends(get_state)]
 
 @router.post("/v1/hive-heartbeat")
 async def hive_heartbeat(heartbeat: HiveHeartbeat, state: State) -> HeartbeatAck:
+    state.metrics.hive_heartbeats.inc()
     if state.hives.update(heartbeat):
         state.bus.publish("hive", {"change": "registered", "hive_id": heartbeat.hive.id})
     return HeartbeatAck(status="ok", message=f"hive {heartbeat.hive.id} recorded")

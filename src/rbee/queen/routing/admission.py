@@ -31,6 +31,9 @@ class AdmissionQueue:
     def waiting(self, model: str) -> int:
         return len(self._queues.get(model, ()))
 
+    def waiting_by_model(self) -> dict[str, int]:
+        return {model: len(queue) for model, queue in list(self._queues.items())}
+
     def notify(self, model: str) -> None:
         queue = self._queues.get(model)
         if queue:

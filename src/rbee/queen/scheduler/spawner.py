@@ -17,6 +17,8 @@ from rbee.queen.scheduler.placement import choose_hive
 
 # Asks one hive to start a worker; the queen's wiring passes a call through the hive client.
 SpawnFn = Callable[[HiveView, SpawnRequest], Awaitable[SpawnResponse]]
+# Told how each start ended: (model, "ready" | "timeout" | "failed").
+ResultFn = Callable[[str, str], None]
 
 
 class Spawner:
@@ -27,12 +29,14 @@ class Spawner:
         bus: EventBus,
         spawn: SpawnFn,
         timeout_s: float,
+        on_result: ResultFn = lambda model, result: None,
     ) -> None:
         self.registry = registry
         self.hives = hives
         self.bus = bus
         self.spawn = spawn
         self.timeout_s = timeout_s
+        self.on_result = on_result
         self._starting: dict[str, asyncio.Task[WorkerInfo]] = {}
 
     def pick_hive(self, model: str, hive_id: str | None, device: str | None) -> HiveView:
@@ -53,8 +57,17 @@ class Spawner:
     ) -> tuple[SpawnResponse, WorkerInfo]:
         """Ask the hive to start a worker, then wait until it heartbeats `ready`."""
         request = SpawnRequest(model=model, device=device or "cpu:0", slots=slots)
-        spawned = await self.spawn(hive, request)
-        return spawned, await self.wait_ready(spawned.worker_id)
+        try:
+            spawned = await self.spawn(hive, request)
+            ready = await self.wait_ready(spawned.worker_id)
+        except Unavailable as exc:
+            self.on_result(model, "timeout" if exc.code == "worker_start_timeout" else "failed")
+            raise
+        except Exception:
+            self.on_result(model, "failed")
+            raise
+        self.on_result(model, "ready")
+        return spawned, ready
 
     async def ensure_worker(self, model: str) -> WorkerInfo:
         """Start one worker for a cold model; concurrent callers share the same start."""
