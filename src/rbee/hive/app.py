@@ -17,6 +17,7 @@ from rbee.common.auth import bearer_guard, openapi_url
 from rbee.common.clock import Clock, monotonic
 from rbee.common.errors import install_error_handlers
 from rbee.common.jobs import Jobs
+from rbee.common.metrics import metrics_router
 from rbee.common.tokens import auth_headers
 from rbee.hive.api import jobs as jobs_api
 from rbee.hive.api import models as models_api
@@ -26,6 +27,7 @@ from rbee.hive.catalog import Catalog
 from rbee.hive.devices import DeviceProbe
 from rbee.hive.downloads import Downloader
 from rbee.hive.heartbeat import heartbeat_loop
+from rbee.hive.metrics import HiveMetrics
 from rbee.hive.settings import HiveSettings
 from rbee.hive.state import HiveState, get_state
 from rbee.hive.supervisor import Supervisor
@@ -95,4 +97,7 @@ def create_app(
     guarded = [Depends(bearer_guard(settings.token))]
     for module in (system_api, workers_api, models_api, jobs_api):
         app.include_router(module.router, dependencies=guarded)
+    # Listing processes takes a while: collected in a thread, off the event loop.
+    metrics = HiveMetrics(state)
+    app.include_router(metrics_router(metrics.registry, in_thread=True), dependencies=guarded)
     return app

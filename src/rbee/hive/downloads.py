@@ -66,6 +66,11 @@ class Downloader:
         self._endpoint = endpoint  # None: huggingface_hub's, i.e. HF_ENDPOINT or the Hub
         self._clock = clock
         self._active: set[str] = set()
+        self._progress: dict[str, tuple[int, int | None]] = {}  # id -> (bytes done, size)
+
+    def progress(self) -> dict[str, tuple[int, int | None]]:
+        """Downloads under way: bytes received so far and the announced size, by model id."""
+        return dict(self._progress)
 
     def claim(self, hub: HubFile) -> None:
         """Refuse a second download of a file already on its way; `release` ends the claim."""
@@ -88,6 +93,7 @@ class Downloader:
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(partial / "file", target)
         finally:
+            self._progress.pop(hub.id, None)
             shutil.rmtree(partial, ignore_errors=True)
         return self.catalog.resolve(hub.id)
 
@@ -122,6 +128,7 @@ class Downloader:
         dest.parent.mkdir(parents=True, exist_ok=True)
         digest = hashlib.sha256()
         done = 0
+        self._progress[hub.id] = (0, total)
         last: float | None = None  # the first bytes are always reported
         try:
             async with self._http.stream(
@@ -134,6 +141,7 @@ class Downloader:
                         out.write(chunk)
                         digest.update(chunk)
                         done += len(chunk)
+                        self._progress[hub.id] = (done, total)
                         now = self._clock()
                         if last is None or now - last >= PROGRESS_EVERY_S:
                             last = now

@@ -19,6 +19,7 @@ from rbee import __version__
 from rbee.common.auth import bearer_guard, openapi_url
 from rbee.common.bundled import BUNDLED_MODELS, bundled_model_path
 from rbee.common.errors import install_error_handlers
+from rbee.common.metrics import metrics_router
 from rbee.contracts.workers import WorkerStatus
 from rbee.worker.api import openai as openai_api
 from rbee.worker.engines.base import Engine, EngineError
@@ -142,7 +143,9 @@ def create_app(
         }
         return JSONResponse(body)
 
-    app.include_router(openai_api.router, dependencies=[Depends(bearer_guard(settings.token))])
+    guarded = [Depends(bearer_guard(settings.token))]
+    app.include_router(openai_api.router, dependencies=guarded)
+    app.include_router(metrics_router(runtime.metrics.registry), dependencies=guarded)
     return app
 
 

@@ -13,10 +13,14 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
+from typing import TYPE_CHECKING
 
 from rbee.common.errors import RbeeError, Unavailable
 from rbee.worker.engines.base import Engine, Outcome, Prompt, SamplingParams
 from rbee.worker.slots import SlotPool
+
+if TYPE_CHECKING:
+    from rbee.worker.metrics import TokenTimer
 
 log = logging.getLogger("rbee.worker")
 _END = object()
@@ -26,10 +30,17 @@ _PREPARED = object()
 class Lease:
     """One slot, held by one request until its generation ends."""
 
-    def __init__(self, pool: SlotPool[Engine], engine: Engine, executor: Executor) -> None:
+    def __init__(
+        self,
+        pool: SlotPool[Engine],
+        engine: Engine,
+        executor: Executor,
+        timer: TokenTimer | None = None,
+    ) -> None:
         self.pool = pool
         self.engine = engine
         self.executor = executor
+        self.timer = timer  # started before the slot was taken
         self._released = False
 
     def release(self) -> None:
@@ -70,9 +81,14 @@ class Generation:
         self._future.add_done_callback(self._ended)
 
     def _emit(self, piece: str) -> None:
+        if self._lease.timer is not None:
+            self._lease.timer.piece()
         self._loop.call_soon_threadsafe(self._queue.put_nowait, piece)
 
-    def _ended(self, _: asyncio.Future[Outcome]) -> None:
+    def _ended(self, future: asyncio.Future[Outcome]) -> None:
+        if self._lease.timer is not None:
+            failed = future.cancelled() or future.exception() is not None
+            self._lease.timer.ended(None if failed else future.result())
         self._lease.release()
         self._queue.put_nowait(_END)
         self._on_end(self)

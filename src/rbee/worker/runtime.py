@@ -22,6 +22,7 @@ from rbee.contracts.workers import WorkerStatus
 from rbee.worker.engines.base import Engine, EngineError, Prompt, SamplingParams
 from rbee.worker.generation import Generation, Lease
 from rbee.worker.heartbeat import Heartbeater
+from rbee.worker.metrics import WorkerMetrics
 from rbee.worker.slots import SlotPool
 from rbee.worker.state import WorkerStatusBoard
 
@@ -55,6 +56,7 @@ class WorkerRuntime:
         self._generations: set[Generation] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_process = stop_process or (lambda: signal.raise_signal(signal.SIGTERM))
+        self.metrics = WorkerMetrics(board, lambda: self.pool)
 
     @property
     def model_id(self) -> str:
@@ -105,8 +107,9 @@ class WorkerRuntime:
             raise Unavailable("this worker is shutting down", code="worker_stopping")
         if self.pool is None:
             raise Unavailable("the model is still loading", code="model_loading")
+        timer = self.metrics.timer()
         engine = await self.pool.acquire()
-        return Lease(self.pool, engine, self.executor)
+        return Lease(self.pool, engine, self.executor, timer)
 
     async def start(
         self, lease: Lease, prepare: Callable[[Engine], Prompt], params: SamplingParams
