@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 from typing import Annotated
 
-import httpx
 import typer
 from rich.console import Console
 
 from rbee import __version__
 from rbee.cli.commands import daemons, infer, models, status, up, workers
 from rbee.cli.context import Cli, ClientFactory, default_client
+from rbee.cli.urls import check_queen_url
 from rbee.clients.queen import DEFAULT_QUEEN_URL
 
 
@@ -27,20 +27,6 @@ def print_version(value: bool) -> None:
     if value:
         print(f"rbee {__version__}")
         raise typer.Exit()
-
-
-def check_queen_url(value: str) -> str:
-    """A bad --queen-url is a usage error, not a traceback from deep inside the HTTP client."""
-    try:
-        url = httpx.URL(value)
-        port = url.port  # parsed: out-of-range ports raise here
-    except (httpx.InvalidURL, ValueError) as exc:
-        raise typer.BadParameter(f"{value!r} is not a URL ({exc})") from None
-    if url.scheme not in ("http", "https") or not url.host:
-        raise typer.BadParameter(f"{value!r} must look like http://HOST:PORT")
-    if port is not None and not 0 < port < 65536:
-        raise typer.BadParameter(f"{value!r} has no valid port")
-    return value
 
 
 def build_app(make_client: ClientFactory = default_client) -> typer.Typer:

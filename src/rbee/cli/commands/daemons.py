@@ -1,4 +1,5 @@
-"""`rbee queen start|stop|status`, `rbee hive start|stop|status`: one daemon in the background.
+"""`rbee queen start|stop|status`, `rbee hive start|stop|status|logs`: one daemon in the
+background (a hive on another machine with `--ssh`: see `remote`).
 
 `start` runs it in its own session with its output in a log file under the state directory and
 returns once `/health` answers; `stop` sends SIGTERM and waits (SIGKILL after the grace time);
@@ -15,10 +16,15 @@ from urllib.parse import urlsplit
 import typer
 
 from rbee.cli import processes, state
+from rbee.cli.commands import remote
 from rbee.cli.context import Cli, CliError, cli_of
+from rbee.cli.remote_hive import RemoteHive
+from rbee.cli.urls import check_queen_url
 
 queen_app = typer.Typer(help="The queen daemon on this machine.", no_args_is_help=True)
-hive_app = typer.Typer(help="The hive daemon on this machine.", no_args_is_help=True)
+hive_app = typer.Typer(
+    help="The hive daemon on this machine, or on another one with --ssh.", no_args_is_help=True
+)
 
 Host = Annotated[str, typer.Option(help="Address to listen on.")]
 StartTimeout = Annotated[float, typer.Option("--timeout", min=1, help="Seconds to wait for it.")]
@@ -146,9 +152,34 @@ def queen_status(ctx: typer.Context) -> None:
 @hive_app.command("start")
 def hive_start(
     ctx: typer.Context,
-    host: Host = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 7835,
-    hive_id: Annotated[str | None, typer.Option(help="Hive id (default: the hive's own).")] = None,
+    ssh: remote.SshOption = None,
+    host: Annotated[
+        str | None,
+        typer.Option(help="Address to listen on (default: 127.0.0.1; 0.0.0.0 with --ssh)."),
+    ] = None,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 7835,
+    hive_id: Annotated[
+        str | None,
+        typer.Option(help="Hive id (default: the hive's own; with --ssh, the HOST part)."),
+    ] = None,
+    advertise_host: Annotated[
+        str | None,
+        typer.Option(help="How the queen reaches the hive (with --ssh, default: the HOST part)."),
+    ] = None,
+    remote_command: Annotated[
+        str | None,
+        typer.Option(
+            help="With --ssh: the remote rbee-hive (default: on PATH, else ~/.local/bin/rbee-hive)."
+        ),
+    ] = None,
+    queen_url: Annotated[
+        str | None,
+        typer.Option(
+            "--queen-url",
+            help="With --ssh: the queen's URL as the remote reaches it (default: the CLI's; "
+            "on loopback, the address the remote sees this machine's SSH connection come from).",
+        ),
+    ] = None,
     models_dir: Annotated[Path | None, typer.Option(help="Where model files live.")] = None,
     worker_ports: Annotated[
         str | None, typer.Option(help="Port range for workers, e.g. 8080-8999.")
@@ -156,13 +187,36 @@ def hive_start(
     heartbeat_interval: Annotated[
         float | None, typer.Option(help="Seconds between heartbeats.")
     ] = None,
-    timeout: StartTimeout = 30,
+    timeout: Annotated[
+        float,
+        typer.Option(min=1, help="Seconds to wait for it (to answer; with --ssh, to join)."),
+    ] = 60,
 ) -> None:
-    """Start this machine's hive in the background, reporting to --queen-url."""
+    """Start a hive in the background, reporting to the queen: on this machine, or with --ssh
+    on another one (detached, so it outlives the SSH session)."""
     cli = cli_of(ctx)
-    args = ["--queen-url", cli.queen_url, "--host", host, "--port", str(port)]
+    if ssh is not None:
+        if queen_url is not None:
+            check_queen_url(queen_url)
+        hive = RemoteHive(
+            target=remote.target_of(ssh),
+            port=port,
+            hive_id=hive_id,
+            advertise_host=advertise_host,
+            remote_command=remote_command,
+            queen_url=queen_url,
+            host=host or "0.0.0.0",
+            worker_ports=worker_ports,
+            models_dir=str(models_dir) if models_dir is not None else None,
+            heartbeat_interval=heartbeat_interval,
+        )
+        remote.start(cli, hive, timeout)
+        return
+    host = host or "127.0.0.1"
+    args = ["--queen-url", queen_url or cli.queen_url, "--host", host, "--port", str(port)]
     for flag, value in (
         ("--hive-id", hive_id),
+        ("--advertise-host", advertise_host),
         ("--models-dir", models_dir),
         ("--worker-ports", worker_ports),
         ("--heartbeat-interval", heartbeat_interval),
@@ -172,15 +226,54 @@ def hive_start(
     start_daemon(cli, "rbee-hive", args, processes.url_for(host, port), timeout)
 
 
+HivePort = Annotated[int, typer.Option(min=1, max=65535, help="The hive's port.")]
+
+
 @hive_app.command("stop")
-def hive_stop(ctx: typer.Context, timeout: StopTimeout = 15) -> None:
-    """Stop the hive started by `rbee hive start` (its workers keep running)."""
-    stop_daemon(cli_of(ctx), "rbee-hive", timeout)
+def hive_stop(
+    ctx: typer.Context,
+    ssh: remote.SshOption = None,
+    port: HivePort = 7835,
+    workers: Annotated[
+        bool, typer.Option("--workers", help="With --ssh: stop its workers first.")
+    ] = False,
+    timeout: StopTimeout = 15,
+) -> None:
+    """Stop the hive started by `rbee hive start` (its workers keep running unless --workers)."""
+    cli = cli_of(ctx)
+    if ssh is not None:
+        remote.stop(cli, remote.target_of(ssh), port, workers, timeout)
+        return
+    if workers:
+        cli.fail("--workers needs --ssh; here, stop workers with `rbee worker stop`")
+    stop_daemon(cli, "rbee-hive", timeout)
 
 
 @hive_app.command("status")
-def hive_status(
-    ctx: typer.Context, port: Annotated[int, typer.Option(help="Port to check.")] = 7835
+def hive_status(ctx: typer.Context, ssh: remote.SshOption = None, port: HivePort = 7835) -> None:
+    """Is the hive up (and, with --ssh, does the queen see it)? Exit code 1 when it is down."""
+    cli = cli_of(ctx)
+    if ssh is not None:
+        remote.status(cli, remote.target_of(ssh), port)
+        return
+    daemon_status(cli, "rbee-hive", processes.url_for("127.0.0.1", port))
+
+
+@hive_app.command("logs")
+def hive_logs(
+    ctx: typer.Context,
+    ssh: remote.SshOption = None,
+    port: HivePort = 7835,
+    lines: Annotated[int, typer.Option("-n", "--lines", min=1, help="How many lines.")] = 50,
 ) -> None:
-    """Is this machine's hive up? Exit code 1 when it is down."""
-    daemon_status(cli_of(ctx), "rbee-hive", processes.url_for("127.0.0.1", port))
+    """The end of the hive's log (started by `rbee hive start`, here or with --ssh)."""
+    cli = cli_of(ctx)
+    if ssh is not None:
+        remote.logs(cli, remote.target_of(ssh), port, lines)
+        return
+    path = state.log_path("rbee-hive")
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        cli.fail(f"no hive log at {path} (was the hive started with `rbee hive start`?)")
+    print("\n".join(text.splitlines()[-lines:]))
