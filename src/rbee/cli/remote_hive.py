@@ -207,7 +207,8 @@ async def start(ssh: Ssh, hive: RemoteHive, cli_queen_url: str, token: str | Non
     if result.code == EXITED:
         raise CliError(f"rbee-hive on {ssh.where} exited at once: {_tail(result)}")
     if result.code != 0:
-        raise CliError(f"starting rbee-hive on {ssh.where} failed: {result.last_lines()}")
+        output = result.last_lines() or result.last_lines(stderr=True)
+        raise CliError(f"starting rbee-hive on {ssh.where} failed: {output}")
     record = parse_record(result.out)
     return Started(
         int(record.get("pid", "0")), record.get("queen_url", ""), record.get("state") == "already"

@@ -64,9 +64,10 @@ class Result:
     out: str
     err: str
 
-    def last_lines(self, count: int = 3) -> str:
-        lines = [line.strip() for line in (self.err or self.out).strip().splitlines()]
-        return " / ".join(line for line in lines[-count:] if line)
+    def last_lines(self, count: int = 3, *, stderr: bool = False) -> str:
+        """The end of the script's output (or of stderr, where ssh complains), on one line."""
+        lines = [line.strip() for line in (self.err if stderr else self.out).splitlines()]
+        return " / ".join([line for line in lines if line][-count:])
 
 
 class Shell:
@@ -169,7 +170,9 @@ class Ssh(Shell):
         """ssh's own one-line complaint when the connection itself failed."""
         if result.code != SSH_FAILED:
             return None
-        return f"SSH to {self.target} failed: {result.last_lines(1) or 'ssh exited 255'}"
+        return (
+            f"SSH to {self.target} failed: {result.last_lines(1, stderr=True) or 'ssh exited 255'}"
+        )
 
 
 def quote(value: str | int | float | None) -> str:
