@@ -1,6 +1,7 @@
-"""`rbee up`'s machinery: a queen, a local hive and its workers, started in order and stopped in
-reverse — workers first (through the queen, then any leftover by pid), then the hive, then the
-queen. The hive starts workers in their own session and forgets them, so we must stop them."""
+"""`rbee up`'s machinery: a queen, hives (here or over SSH) and their workers, started in order
+and stopped in reverse — workers first (through the queen, then any leftover: through a remote
+hive's API, or by pid here), then the hives, then the queen. A hive starts workers in their own
+session and forgets them, so we must stop them."""
 
 from __future__ import annotations
 
@@ -13,38 +14,18 @@ from pathlib import Path
 
 import psutil
 
-from rbee.cli import jobs, processes, state
+from rbee.cli import jobs, processes, remote_hive, state
 from rbee.cli.context import ClientFactory, CliError
+from rbee.cli.plan import HivePlan, UpPlan
+from rbee.cli.ssh import Ssh
+from rbee.clients.hive import HiveError
 from rbee.clients.queen import QueenClient, QueenError
 from rbee.contracts.jobs import WorkerSpawnJob, WorkerStopJob
 from rbee.contracts.workers import WorkerView
 
 LOCK = "up"
-HIVE_HEARTBEAT_S = 2
 WATCH_POLL_S = 0.5
 WORKER_PROGRAM = "llm-worker-rbee"
-
-
-@dataclass(frozen=True)
-class UpPlan:
-    model: str
-    workers: int
-    port: int
-    hive_port: int
-    hive_id: str
-    token: str | None = None
-    device: str | None = None
-    models_dir: Path | None = None
-    ready_timeout_s: float = 300.0
-    start_timeout_s: float = 60.0
-
-    @property
-    def queen_url(self) -> str:
-        return processes.url_for("127.0.0.1", self.port)
-
-    @property
-    def hive_url(self) -> str:
-        return processes.url_for("127.0.0.1", self.hive_port)
 
 
 def worker_processes(queen_url: str) -> list[psutil.Process]:
@@ -70,7 +51,7 @@ def _flag(cmdline: list[str], name: str) -> str:
 
 
 def check_free(plan: UpPlan) -> None:
-    """Refuse clearly when another `rbee up` runs, or when our ports are taken."""
+    """Refuse clearly when another `rbee up` runs, or when our ports here are taken."""
     running = state.load_running(state.pid_path(LOCK))
     if running is not None and running[0].pid != os.getpid():
         other = running[0]
@@ -78,8 +59,11 @@ def check_free(plan: UpPlan) -> None:
             f"rbee up is already running (pid {other.pid}) with its OpenAI API at {other.url}/v1 "
             f"— stop it with Ctrl-C in its terminal or `kill {other.pid}`"
         )
-    for port, flag in ((plan.port, "--port"), (plan.hive_port, "--hive-port")):
-        if processes.port_in_use("127.0.0.1", port):
+    local_hive_flag = "--hive-port" if plan.config is None else "a different hive port"
+    ports = [(plan.queen_host, plan.port, "--port")]
+    ports += [(h.listen_host, h.port, local_hive_flag) for h in plan.hives if h.ssh is None]
+    for host, port, flag in ports:
+        if processes.port_in_use(host, port):
             raise CliError(
                 f"port {port} is already in use (is a queen or hive running? see "
                 f"`rbee queen status` / `rbee hive status`) — choose another with {flag}"
@@ -87,12 +71,14 @@ def check_free(plan: UpPlan) -> None:
 
 
 @dataclass
-class LocalCluster:
+class Cluster:
     plan: UpPlan
     make_client: ClientFactory
     say: Callable[[str], None]
     queen: processes.Started | None = None
-    hive: processes.Started | None = None
+    local_hives: dict[str, processes.Started] = field(default_factory=dict)
+    # Remote hives whose start script ran: stopped over SSH at the end, joined or not.
+    remote_hives: dict[str, HivePlan] = field(default_factory=dict)
     worker_ids: list[str] = field(default_factory=list)
     grace_s: float = 10.0
     # True once our queen answered: only then are the workers reporting to its URL ours.
@@ -115,18 +101,19 @@ class LocalCluster:
         )
         children = [
             {"name": c.name, "pid": c.pid, "create_time": c.create_time}
-            for c in (self.queen, self.hive)
+            for c in (self.queen, *self.local_hives.values())
             if c is not None
         ]
         state.save(state.pid_path(LOCK), lock, children=children)
 
     async def start(self) -> list[WorkerView]:
-        """Queen, hive, workers, in that order. Call `check_free` first."""
+        """Queen, hives, workers, in that order. Call `check_free` first."""
         plan = self.plan
         self._record()
+        queen_args = ["--host", plan.queen_host, "--port", str(plan.port), *plan.queen_args]
         self.queen = processes.spawn(
             "queen-rbee",
-            [processes.find_program("queen-rbee"), "--host", "127.0.0.1", "--port", str(plan.port)],
+            [processes.find_program("queen-rbee"), *queen_args],
             url=plan.queen_url,
             log=state.log_path("up-queen"),
             env=self._env(),
@@ -135,54 +122,69 @@ class LocalCluster:
         await processes.wait_healthy(self.queen, plan.start_timeout_s)
         self.owns_queen_url = True
         self.say(f"queen is up at {plan.queen_url} (pid {self.queen.pid})")
-
-        hive_args = [
-            processes.find_program("rbee-hive"),
-            *("--queen-url", plan.queen_url, "--host", "127.0.0.1"),
-            *("--port", str(plan.hive_port), "--hive-id", plan.hive_id),
-            *("--heartbeat-interval", str(HIVE_HEARTBEAT_S)),
-        ]
-        if plan.models_dir is not None:
-            hive_args += ["--models-dir", str(plan.models_dir)]
-        self.hive = processes.spawn(
-            "rbee-hive",
-            hive_args,
-            url=plan.hive_url,
-            log=state.log_path("up-hive"),
-            env=self._env(),
-        )
-        self._record()
-        await processes.wait_healthy(self.hive, plan.start_timeout_s)
         async with self.client() as client:
-            await self._wait_hive_known(client)
-            self.say(f"hive {plan.hive_id} is up at {plan.hive_url} (pid {self.hive.pid})")
-            request = WorkerSpawnJob(
-                operation="worker_spawn", model=plan.model, hive_id=plan.hive_id, device=plan.device
+            await asyncio.gather(*(self._start_hive(client, hive) for hive in plan.hives))
+            await asyncio.gather(
+                *(self._start_workers(client, hive.hive_id) for hive in plan.hives)
             )
-            for _ in range(plan.workers):
-                # The job's own log lines would repeat what `say` reports.
-                worker_id = await jobs.spawn_worker(client, request, None)
-                self.worker_ids.append(worker_id)
-                self.say(f"worker {worker_id} started")
             ready = await jobs.wait_until_ready(client, self.worker_ids, plan.ready_timeout_s)
         for view in ready:
-            self.say(f"worker {view.id} is ready at {view.url}")
+            self.say(f"worker {view.id} is ready at {view.url} (hive {view.hive_id})")
         return ready
 
-    async def _wait_hive_known(self, client: QueenClient) -> None:
+    async def _start_hive(self, client: QueenClient, hive: HivePlan) -> None:
+        if hive.ssh is not None:
+            await self._start_remote_hive(client, hive)
+            return
+        log = state.log_path(f"up-hive-{hive.hive_id}")
+        started = processes.spawn(
+            "rbee-hive",
+            [processes.find_program("rbee-hive"), *hive.local_args(self.plan.queen_url)],
+            url=processes.url_for(hive.listen_host, hive.port),
+            log=log,
+            env=self._env(),
+        )
+        self.local_hives[hive.hive_id] = started
+        self._record()
+        await processes.wait_healthy(started, self.plan.start_timeout_s)
+        await self._wait_hive_known(client, hive.hive_id, log)
+        self.say(f"hive {hive.hive_id} is up at {hive.url} (pid {started.pid})")
+
+    async def _start_remote_hive(self, client: QueenClient, hive: HivePlan) -> None:
+        assert hive.ssh is not None
+        remote = hive.remote(self.plan.queen_url_for_hives)
+        ssh = Ssh(hive.ssh, isolated=True)
+        self.say(f"starting hive {hive.hive_id} on {hive.ssh} over SSH…")
+        self.remote_hives[hive.hive_id] = hive
+        started = await remote_hive.start(ssh, remote, self.plan.queen_url, self.plan.token)
+        await remote_hive.wait_joined(ssh, remote, client, started, self.plan.start_timeout_s)
+        self.say(
+            f"hive {hive.hive_id} is up on {hive.ssh} at {remote.url} (pid {started.pid}), "
+            f"reporting to {started.queen_url}"
+        )
+
+    async def _start_workers(self, client: QueenClient, hive_id: str) -> None:
+        for worker in (w for w in self.plan.workers if w.hive_id == hive_id):
+            request = WorkerSpawnJob(
+                operation="worker_spawn", model=worker.model, hive_id=hive_id, device=worker.device
+            )
+            # The job's own log lines would repeat what `say` reports.
+            worker_id = await jobs.spawn_worker(client, request, None)
+            self.worker_ids.append(worker_id)
+            self.say(f"worker {worker_id} of {worker.model} started on hive {hive_id}")
+
+    async def _wait_hive_known(self, client: QueenClient, hive_id: str, log: Path) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.plan.start_timeout_s
-        while not any(h.id == self.plan.hive_id and h.online for h in await client.hives()):
+        while not any(h.id == hive_id and h.online for h in await client.hives()):
             if loop.time() >= deadline:
-                raise CliError(
-                    f"the hive never reported to the queen (log: {state.log_path('up-hive')})"
-                )
+                raise CliError(f"hive {hive_id} never reported to the queen (log: {log})")
             await asyncio.sleep(processes.HEALTH_POLL_S)
 
     async def watch(self) -> str:
-        """Returns (a reason) only when the queen or the hive died under us."""
+        """Returns (a reason) only when the queen or a hive here died under us."""
         while True:
-            for daemon in (self.queen, self.hive):
+            for daemon in (self.queen, *self.local_hives.values()):
                 if daemon is not None and not daemon.alive():
                     tail = daemon.log_tail()
                     return f"{daemon.name} exited unexpectedly" + (f": {tail}" if tail else "")
@@ -198,12 +200,26 @@ class LocalCluster:
             self._release()
             return
         await self._stop_workers()
-        for daemon in (self.hive, self.queen):
+        await asyncio.gather(*(self._stop_remote_hive(h) for h in self.remote_hives.values()))
+        for daemon in (*self.local_hives.values(), self.queen):
             if daemon is not None and daemon.alive():
                 self.say(f"stopping {daemon.name} (pid {daemon.pid})…")
                 if not await processes.stop(daemon, self.grace_s):
                     self.say(f"{daemon.name} did not stop on SIGTERM: killed it")
         self._release()
+
+    async def _stop_remote_hive(self, hive: HivePlan) -> None:
+        """Workers the queen could not stop go through the hive's own API, then the hive goes."""
+        assert hive.ssh is not None
+        remote = hive.remote(self.plan.queen_url_for_hives)
+        self.say(f"stopping hive {hive.hive_id} on {hive.ssh}…")
+        try:
+            with contextlib.suppress(HiveError):
+                if leftover := await remote_hive.stop_workers(remote.url, self.plan.token):
+                    self.say(f"stopped {len(leftover)} more worker(s) on {hive.ssh}")
+            await remote_hive.stop(Ssh(hive.ssh, isolated=True), hive.port, self.grace_s)
+        except (CliError, TimeoutError) as exc:
+            self.say(f"could not stop hive {hive.hive_id} on {hive.ssh}: {exc or 'timeout'}")
 
     def _release(self) -> None:
         lock = state.load(state.pid_path(LOCK))
@@ -214,10 +230,11 @@ class LocalCluster:
         if not self.owns_queen_url:
             return
         ids = set(self.worker_ids)
+        ours = {h.hive_id for h in self.plan.hives}
         if self.queen is not None and self.queen.alive():
             async with self.client() as client:
                 with contextlib.suppress(QueenError):
-                    ids |= {w.id for w in await client.workers() if w.hive_id == self.plan.hive_id}
+                    ids |= {w.id for w in await client.workers() if w.hive_id in ours}
                 if ids:
                     self.say(f"stopping {len(ids)} worker(s)…")
                 await asyncio.gather(*(self._stop_worker(client, w) for w in sorted(ids)))

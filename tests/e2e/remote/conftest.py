@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import secrets
 import shlex
 import shutil
 import subprocess
@@ -147,6 +148,12 @@ def box(tmp_path: Path) -> Iterator[Box]:
         )
         user = pwd.getpwuid(os.getuid()).pw_name
         yield Box(lan, "box1", address, f"{user}@{address}", ssh_command, state_dir, home)
+
+
+@pytest.fixture
+def token() -> str:
+    """A cluster token to look for in every process's command line."""
+    return f"e2e-{secrets.token_hex(16)}"
 
 
 def remote_hive_command() -> str:

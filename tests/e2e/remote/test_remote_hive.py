@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import subprocess
 import time
 from collections.abc import Iterator
@@ -33,11 +32,6 @@ def processes_with_in_argv(needle: str) -> list[str]:
         if needle in argv:
             found.append(f"{cmdline.parent.name}: {argv}")
     return found
-
-
-@pytest.fixture
-def token() -> str:
-    return f"e2e-{secrets.token_hex(16)}"
 
 
 @pytest.fixture

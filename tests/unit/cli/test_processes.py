@@ -15,6 +15,7 @@ import pytest
 from rbee.cli import cluster, processes, state
 from rbee.cli.commands.up import until_stopped
 from rbee.cli.context import CliError
+from rbee.cli.plan import UpPlan, from_flags
 from rbee.clients.queen import QueenClient
 
 
@@ -137,8 +138,8 @@ def test_leftover_workers_of_our_queen_are_found_and_no_others(tmp_path: Path) -
                 processes.terminate(proc, 5)
 
 
-def plan(port: int, hive_port: int) -> cluster.UpPlan:
-    return cluster.UpPlan(model="m", workers=1, port=port, hive_port=hive_port, hive_id="h")
+def plan(port: int, hive_port: int) -> UpPlan:
+    return from_flags(model="m", workers=1, port=port, hive_port=hive_port, hive_id="h")
 
 
 def test_a_second_rbee_up_is_refused_clearly(sleeper: processes.Started) -> None:
@@ -214,7 +215,7 @@ async def test_a_cluster_that_never_started_stops_nothing(tmp_path: Path) -> Non
         env=dict(os.environ),
     )
     try:
-        never_started = cluster.LocalCluster(up_plan, lambda url, token: QueenClient(url), print)
+        never_started = cluster.Cluster(up_plan, lambda url, token: QueenClient(url), print)
         await never_started.stop()
         assert other.alive()
     finally:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from rbee.cli.cluster import UpPlan
 from rbee.cli.commands.up import usage_text
+from rbee.cli.plan import UpPlan, from_flags
 from rbee.cli.render import ago, human_bytes
 
 
@@ -34,7 +34,7 @@ def plan(**overrides: object) -> UpPlan:
         "hive_id": "box",
     }
     values.update(overrides)
-    return UpPlan(**values)  # type: ignore[arg-type]
+    return from_flags(**values)  # type: ignore[arg-type]
 
 
 def test_banner_gives_the_openai_url_and_ready_to_paste_examples() -> None:

@@ -1,4 +1,5 @@
-"""`rbee up`: a whole cluster on this machine, in the foreground, until Ctrl-C or SIGTERM."""
+"""`rbee up`: a whole cluster in the foreground, until Ctrl-C or SIGTERM — on this machine, or
+as the cluster file says."""
 
 from __future__ import annotations
 
@@ -12,9 +13,12 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from rbee.cli import plan as plans
 from rbee.cli import state
-from rbee.cli.cluster import LocalCluster, UpPlan, check_free, clean_stale_lock
+from rbee.cli.cluster import Cluster, check_free, clean_stale_lock
+from rbee.cli.clusterfile import ClusterFileError, default_path, load
 from rbee.cli.context import Cli, CliError, advice, cli_of
+from rbee.cli.plan import UpPlan
 from rbee.clients.queen import QueenError
 from rbee.common.bundled import DEFAULT_MODEL, DEFAULT_SYSTEM_PROMPT
 
@@ -32,9 +36,17 @@ def usage_text(plan: UpPlan) -> str:
     body = json.dumps({"model": plan.model, "messages": messages, "temperature": 0})
     auth = '  -H "Authorization: Bearer $RBEE_TOKEN" \\\n' if plan.token else ""
     api_key = 'os.environ["RBEE_TOKEN"]' if plan.token else '"not-needed"'
-    workers = f"{plan.workers} worker{'s' if plan.workers != 1 else ''}"
+    count = len(plan.workers)
+    models = ", ".join(dict.fromkeys(w.model for w in plan.workers)) or "nothing yet"
+    workers = f"{count} worker{'s' if count != 1 else ''}"
+    logs = [str(state.log_path("up-queen"))]
+    for hive in plan.hives:
+        if hive.ssh is None:
+            logs.append(str(state.log_path(f"up-hive-{hive.hive_id}")))
+        else:
+            logs.append(f"`rbee hive logs --ssh {hive.ssh} --port {hive.port}`")
     return f"""
-rbee is up: {workers} serving {plan.model}
+rbee is up: {workers} serving {models}
 
 OpenAI base URL: {base}
 
@@ -57,7 +69,7 @@ Python (pip install openai):
   print(reply.choices[0].message.content)
 
 Or: rbee{" --queen-url " + plan.queen_url if plan.port != 7833 else ""} infer "{EXAMPLE_PROMPT}"
-Logs: {state.log_path("up-queen")}, {state.log_path("up-hive")}
+Logs: {", ".join(logs)}
 Press Ctrl-C to stop everything.
 """
 
@@ -81,7 +93,7 @@ async def run_cluster(cli: Cli, plan: UpPlan) -> int:
     def say(line: str) -> None:
         cli.out.print(line, markup=False, highlight=False, soft_wrap=True)
 
-    cluster = LocalCluster(plan, cli.make_client, say)
+    cluster = Cluster(plan, cli.make_client, say)
     stop = asyncio.Event()
 
     def on_signal() -> None:
@@ -115,12 +127,19 @@ async def run_cluster(cli: Cli, plan: UpPlan) -> int:
 
 def up(
     ctx: typer.Context,
-    model: Annotated[str, typer.Option("-m", "--model", help="Model the workers serve.")] = (
-        DEFAULT_MODEL
-    ),
-    workers: Annotated[int, typer.Option(min=1, max=64, help="How many workers.")] = 1,
-    port: Annotated[int, typer.Option(min=1, max=65535, help="The queen's port.")] = 7833,
-    hive_port: Annotated[int, typer.Option(min=1, max=65535, help="The hive's port.")] = 7835,
+    model: Annotated[
+        str | None,
+        typer.Option("-m", "--model", help=f"Model the workers serve [{DEFAULT_MODEL}]."),
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(min=1, max=64, help="How many workers [1].")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(min=1, max=65535, help="The queen's port [7833].")
+    ] = None,
+    hive_port: Annotated[
+        int | None, typer.Option(min=1, max=65535, help="The hive's port [7835].")
+    ] = None,
     hive_id: Annotated[
         str | None, typer.Option(help="Id of this machine's hive (default: hostname).")
     ] = None,
@@ -128,23 +147,64 @@ def up(
     models_dir: Annotated[
         Path | None, typer.Option(help="Where the hive keeps model files.")
     ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="RBEE_CONFIG",
+            help="Cluster file: queen, hives (here or over SSH), workers "
+            "[~/.config/rbee/cluster.toml, when it exists].",
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print what would be started, start nothing.")
+    ] = False,
     timeout: Annotated[
         float, typer.Option(min=1, help="Seconds to wait for the workers to be ready.")
     ] = 300,
 ) -> None:
-    """Start a queen, a local hive and its workers; serve until Ctrl-C, then stop them all."""
+    """Start a queen, hives and workers — on this machine, or as a cluster file says (hives on
+    other machines over SSH); serve until Ctrl-C, then stop them all."""
     cli = cli_of(ctx)
-    plan = UpPlan(
-        model=model,
-        workers=workers,
-        port=port,
-        hive_port=hive_port,
-        hive_id=hive_id or socket.gethostname() or "local",
-        token=cli.token,
-        device=device,
-        models_dir=models_dir,
-        ready_timeout_s=timeout,
-    )
+    path = config or default_path()
+    if config is not None or path.is_file():
+        flags = {
+            "--model": model,
+            "--workers": workers,
+            "--hive-port": hive_port,
+            "--hive-id": hive_id,
+            "--device": device,
+            "--models-dir": models_dir,
+        }
+        if given := [flag for flag, value in flags.items() if value is not None]:
+            cli.fail(
+                f"{', '.join(given)}: the cluster file {path} says what to start "
+                "(edit it, or point --config at another file)"
+            )
+        try:
+            cluster = load(path, local_hive_id=_local_hive_id())
+        except ClusterFileError as exc:
+            cli.fail(str(exc))
+        plan = plans.from_file(cluster, path, token=cli.token, port=port, ready_timeout_s=timeout)
+    else:
+        plan = plans.from_flags(
+            model=model or DEFAULT_MODEL,
+            workers=workers or 1,
+            port=port or 7833,
+            hive_port=hive_port or 7835,
+            hive_id=hive_id or _local_hive_id(),
+            token=cli.token,
+            device=device,
+            models_dir=models_dir,
+            ready_timeout_s=timeout,
+        )
+    if dry_run:
+        for line in plans.describe(plan):
+            cli.out.print(line, markup=False, highlight=False, soft_wrap=True)
+        if problem := plan.problem():
+            cli.fail(problem)
+        return
+    if problem := plan.problem():
+        cli.fail(problem)
     for leftover in clean_stale_lock():
         cli.err.print(f"stopped {leftover}, left by an earlier `rbee up`", markup=False)
     try:
@@ -152,6 +212,10 @@ def up(
     except CliError as exc:
         cli.fail(str(exc))
     raise typer.Exit(asyncio.run(run_cluster(cli, plan)))
+
+
+def _local_hive_id() -> str:
+    return socket.gethostname() or "local"
 
 
 def register(app: typer.Typer) -> None:

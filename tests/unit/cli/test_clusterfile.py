@@ -1,0 +1,144 @@
+"""The cluster file: what a good one gives, and one clear line for each kind of mistake."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from rbee.cli.clusterfile import ClusterFileError, load, parse
+
+GOOD = """
+[queen]
+port = 7900
+heartbeat_timeout = 30
+
+[[hive]]
+ssh = "me@box2"
+remote_command = "~/venv/bin/rbee-hive"
+
+[[hive]]
+ssh = "box3.lan"
+hive_id = "three"
+advertise_host = "10.0.0.3"
+port = 7836
+worker_ports = "9000-9010"
+
+[[hive]]
+# this machine
+
+[[worker]]
+model = "smollm2-135m-instruct"
+count = 2
+
+[[worker]]
+model = "other"
+hive = "three"
+"""
+
+
+def problem(text: str) -> str:
+    with pytest.raises(ClusterFileError) as caught:
+        parse(textwrap.dedent(text), path="cluster.toml", local_hive_id="here")
+    return str(caught.value)
+
+
+def test_a_good_file_gives_the_queen_the_hives_with_their_ids_and_the_workers() -> None:
+    cluster = parse(GOOD, path="cluster.toml", local_hive_id="here")
+    assert cluster.queen.port == 7900
+    assert cluster.queen.flags() == ["--heartbeat-timeout", "30.0"]
+    assert [(h.ssh, h.hive_id, h.port) for h in cluster.hive] == [
+        ("me@box2", "box2", 7835),
+        ("box3.lan", "three", 7836),
+        (None, "here", 7835),
+    ]
+    assert cluster.hive[1].worker_ports == "9000-9010"
+    assert [(w.model, w.count, w.hive) for w in cluster.worker] == [
+        ("smollm2-135m-instruct", 2, None),
+        ("other", 1, "three"),
+    ]
+
+
+def test_an_unknown_key_names_its_line_and_the_keys_allowed() -> None:
+    message = problem(
+        """
+        [[hive]]
+        ssh = "me@box2"
+        adress = "10.0.0.2"
+        """
+    )
+    assert message.startswith("cluster.toml line 4: hive[1].adress: unknown key (allowed: ssh,")
+    assert "advertise_host" in message
+
+
+def test_an_unknown_table_names_its_line() -> None:
+    message = problem('[[hive]]\nssh = "a@b"\n[workers]\nmodel = "x"\n')
+    assert message.startswith("cluster.toml line 3: workers: unknown key")
+
+
+def test_a_bad_address_names_the_key_and_the_value() -> None:
+    message = problem(
+        """
+        [[hive]]
+        ssh = "me@box2"
+
+        [[hive]]
+        ssh = "me@box3"
+        advertise_host = "box 3!"
+        """
+    )
+    assert message == (
+        "cluster.toml line 7: hive[2].advertise_host: 'box 3!' is not a host name or an IP address"
+    )
+
+
+def test_a_bad_ssh_target_is_refused() -> None:
+    message = problem('[[hive]]\nssh = "-oProxyCommand=evil"\n')
+    assert message.startswith(
+        "cluster.toml line 2: hive[1].ssh: '-oProxyCommand=evil' is not USER@HOST"
+    )
+
+
+def test_duplicate_hive_ids_point_at_the_second() -> None:
+    message = problem(
+        """
+        [[hive]]
+        ssh = "me@box2"
+
+        [[hive]]
+        ssh = "you@box2"
+        """
+    )
+    assert message.startswith("cluster.toml line 5: hive[2].hive_id: duplicate hive id 'box2'")
+    assert "hive 1 has it too" in message
+
+
+def test_a_worker_on_an_unknown_hive_is_refused() -> None:
+    message = problem('[[hive]]\nssh = "a@b"\n\n[[worker]]\nmodel = "m"\nhive = "c"\n')
+    assert message == "cluster.toml line 6: worker[1].hive: no hive 'c' in this file (hives: b)"
+
+
+def test_wrong_types_and_ranges_are_named() -> None:
+    assert problem('[queen]\nport = 99999\n[[hive]]\nssh = "a@b"\n').startswith(
+        "cluster.toml line 2: queen.port: Input should be less than or equal to 65535"
+    )
+    assert problem('[[hive]]\nworker_ports = "9000-8000"\n').startswith(
+        "cluster.toml line 2: hive[1].worker_ports: '9000-8000': expected 1 <= FIRST <= LAST"
+    )
+    assert problem("[[hive]]\n[[worker]]\ncount = 2\n") == (
+        "cluster.toml line 2: worker[1].model: missing"
+    )
+
+
+def test_a_file_without_hives_and_broken_toml_are_explained() -> None:
+    assert problem("[queen]\nport = 1\n") == (
+        "cluster.toml: hive: the file needs at least one [[hive]] table"
+    )
+    assert "not valid TOML" in problem("[[hive]\n")
+    assert "line 1" in problem("[[hive]\n")
+
+
+def test_a_missing_file_says_so(tmp_path: Path) -> None:
+    with pytest.raises(ClusterFileError, match="No such file"):
+        load(tmp_path / "nope.toml", local_hive_id="here")
