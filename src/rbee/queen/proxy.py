@@ -12,8 +12,6 @@ import logging
 from collections.abc import AsyncIterator, Collection
 from typing import Any
 
-import anyio
-import httpx
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
@@ -34,6 +32,7 @@ from rbee.queen.routing.admission import QueueFull, WaitExpired
 from rbee.queen.routing.router import Lease, Router
 from rbee.queen.scheduler.placement import hives_with_model
 from rbee.queen.scheduler.spawner import Spawner
+from rbee.queen.upstream import UpstreamError, UpstreamResponse, WorkerClient
 
 log = logging.getLogger("rbee.queen.proxy")
 WORKER_HEADER = "x-rbee-worker-id"
@@ -66,7 +65,7 @@ class Proxy:
         hives: HiveRegistry,
         router: Router,
         spawner: Spawner,
-        client: httpx.AsyncClient,
+        client: WorkerClient,
         *,
         token: str | None,
         retries: int,
@@ -157,7 +156,7 @@ class Proxy:
                 # slot must not stay counted as busy.
                 self.router.release(lease)
                 raise
-            if isinstance(outcome, httpx.Response):
+            if isinstance(outcome, UpstreamResponse):
                 return self._respond(lease, outcome, track)
             reason = outcome
             log.warning("worker failed before answering, trying another: %s", reason)
@@ -168,27 +167,24 @@ class Proxy:
 
     async def _attempt(
         self, lease: Lease, path: str, raw: bytes, headers: dict[str, str]
-    ) -> httpx.Response | str:
+    ) -> UpstreamResponse | str:
         """The worker's response if it answered below 500, or why it failed."""
         try:
-            request = self.client.build_request(
-                "POST", f"{lease.url}{path}", content=raw, headers=headers
-            )
-            upstream = await self.client.send(request, stream=True)
-        except (httpx.HTTPError, httpx.InvalidURL) as exc:
-            return f"{lease.worker_id}: {type(exc).__name__}: {exc}"
+            upstream = await self.client.post(f"{lease.url}{path}", raw, headers)
+        except UpstreamError as exc:
+            return f"{lease.worker_id}: {exc}"
         if upstream.status_code < 500:
             return upstream
         try:
             detail = (await upstream.aread())[:200].decode(errors="replace")
-        except httpx.HTTPError:
+        except UpstreamError:
             detail = ""
         finally:
-            await upstream.aclose()
+            upstream.close()
         return f"{lease.worker_id}: HTTP {upstream.status_code} {detail}"
 
     def _respond(
-        self, lease: Lease, upstream: httpx.Response, track: RequestTrack
+        self, lease: Lease, upstream: UpstreamResponse, track: RequestTrack
     ) -> StreamingResponse:
         headers = {WORKER_HEADER: lease.worker_id}
         for name in ("retry-after",):
@@ -202,7 +198,7 @@ class Proxy:
         )
 
     async def _relay(
-        self, lease: Lease, upstream: httpx.Response, track: RequestTrack
+        self, lease: Lease, upstream: UpstreamResponse, track: RequestTrack
     ) -> AsyncIterator[bytes]:
         failed = False
         first = True
@@ -212,7 +208,7 @@ class Proxy:
                     first = False
                     track.first_byte()
                 yield chunk
-        except httpx.HTTPError as exc:
+        except UpstreamError as exc:
             failed = True
             log.warning("worker %s failed mid-answer: %s", lease.worker_id, exc)
             if track.streamed:
@@ -225,5 +221,4 @@ class Proxy:
                 self.router.release(lease)
             # A stream cut by its worker counts as a bad gateway, whatever status went out.
             track.end(BadGateway.status_code if failed else upstream.status_code)
-            with anyio.CancelScope(shield=True):
-                await upstream.aclose()
+            upstream.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass
 
 import httpx
@@ -22,10 +21,7 @@ from rbee.queen.routing.policies import POLICIES
 from rbee.queen.routing.router import Router
 from rbee.queen.scheduler.spawner import Spawner
 from rbee.queen.settings import QueenSettings
-
-# Generation can be slow to start on a busy CPU; connecting to a live worker is not.
-WORKER_TIMEOUT = httpx.Timeout(connect=3.0, read=600.0, write=60.0, pool=10.0)
-NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+from rbee.queen.upstream import WorkerClient
 
 
 @dataclass
@@ -40,7 +36,7 @@ class QueenState:
     jobs: Jobs
     operations: Operations
     hive_clients: HiveClients
-    worker_http: httpx.AsyncClient
+    worker_http: WorkerClient
     metrics: QueenMetrics
 
     async def aclose(self) -> None:
@@ -54,7 +50,8 @@ def build_state(
     clock: Clock,
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> QueenState:
-    """Wire the queen's parts. `transport` replaces the network to workers and hives in tests."""
+    """Wire the queen's parts. `transport` replaces the network to hives in tests; requests to
+    workers always go over real sockets (tests run fake workers on loopback ports)."""
     registry = WorkerRegistry(settings.heartbeat_timeout, clock)
     hives = HiveRegistry(settings.heartbeat_timeout, clock)
     bus = EventBus()
@@ -71,11 +68,7 @@ def build_state(
         settings.spawn_timeout,
         on_result=metrics.worker_started,
     )
-    worker_http = httpx.AsyncClient(
-        timeout=WORKER_TIMEOUT,
-        transport=transport or httpx.AsyncHTTPTransport(socket_options=NODELAY),
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
-    )
+    worker_http = WorkerClient()
     proxy = Proxy(
         registry,
         hives,

@@ -1,4 +1,6 @@
-"""The queen's OpenAI API in-process, with workers and hives played by an injected transport."""
+"""The queen's OpenAI API in-process. Hives are played by an injected transport; each worker is
+a small HTTP server on a loopback port (the queen's worker client is aiohttp, over real
+sockets) whose answers come from the test's handler."""
 
 from __future__ import annotations
 
@@ -9,9 +11,12 @@ from typing import Any
 
 import httpx
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import RawTestServer
 
 from rbee.queen.app import create_app
 from rbee.queen.settings import QueenSettings
+from rbee.queen.upstream import UpstreamResponse
 
 Handler = Callable[[httpx.Request], Awaitable[httpx.Response]]
 
@@ -36,11 +41,23 @@ async def sse_chunks(n: int, fail_after: int | None = None) -> AsyncIterator[byt
     yield b"data: [DONE]\n\n"
 
 
+async def body_of(answer: httpx.Response) -> AsyncIterator[bytes]:
+    """A handler's answer body: whole if it was given whole, else as its stream yields it."""
+    try:
+        whole = answer.content
+    except httpx.ResponseNotRead:
+        async for chunk in answer.aiter_raw():
+            yield chunk
+    else:
+        yield whole
+
+
 class Cluster:
-    """Fake workers and hives behind one transport; the queen under test is real."""
+    """Fake workers on loopback ports and a fake hive behind a transport; the queen is real."""
 
     def __init__(self) -> None:
         self.workers: dict[str, Handler] = {}
+        self.servers: dict[str, RawTestServer] = {}
         self.hive_spawns: list[dict[str, Any]] = []
         self.queen: httpx.AsyncClient | None = None
         self.app = create_app(
@@ -57,14 +74,51 @@ class Cluster:
         self.served: list[str] = []
 
     async def handle(self, request: httpx.Request) -> httpx.Response:
-        host = request.url.host
-        if host == "hive.test":
-            return await self.hive(request)
-        self.served.append(host)
-        handler = self.workers.get(host)
+        assert request.url.host == "hive.test", "only hive traffic goes through the transport"
+        return await self.hive(request)
+
+    async def serve(self, name: str, request: web.BaseRequest) -> web.StreamResponse:
+        """One request to fake worker `name`, answered by its handler. A worker without a
+        handler drops the connection, as a worker that died would."""
+        self.served.append(name)
+        handler = self.workers.get(name)
+        body = await request.read()
         if handler is None:
-            raise httpx.ConnectError("connection refused", request=request)
-        return await handler(request)
+            assert request.transport is not None
+            request.transport.abort()
+            return web.Response()
+        answer = await handler(
+            httpx.Request(request.method, f"http://{name}{request.path_qs}", content=body)
+        )
+        headers = {
+            k: v
+            for k, v in answer.headers.items()
+            if k.lower() not in ("content-length", "transfer-encoding")
+        }
+        response = web.StreamResponse(status=answer.status_code, headers=headers)
+        await response.prepare(request)
+        try:
+            async for chunk in body_of(answer):
+                await response.write(chunk)
+        except httpx.TransportError:
+            assert request.transport is not None
+            request.transport.abort()  # cut mid-answer: the end of the chunked body never comes
+            return response
+        await response.write_eof()
+        return response
+
+    async def worker_port(self, name: str) -> int:
+        if name not in self.servers:
+
+            async def handler(request: web.BaseRequest) -> web.StreamResponse:
+                return await self.serve(name, request)
+
+            server = RawTestServer(handler, handler_cancellation=True)
+            await server.start_server()
+            self.servers[name] = server
+        port = self.servers[name].port
+        assert port is not None
+        return port
 
     async def hive(self, request: httpx.Request) -> httpx.Response:
         assert request.url.path == "/v1/workers/spawn"
@@ -97,7 +151,8 @@ class Cluster:
     async def heartbeat(
         self, worker_id: str, model: str = "m", status: str = "ready", **extra: Any
     ) -> None:
-        worker = {"id": worker_id, "model_id": model, "host": worker_id, "port": 8080}
+        port = await self.worker_port(worker_id)
+        worker = {"id": worker_id, "model_id": model, "host": "127.0.0.1", "port": port}
         body = {"worker": {**worker, "status": status, "version": "1", **extra}}
         (await self.client.post("/v1/worker-heartbeat", json=body)).raise_for_status()
 
@@ -128,6 +183,8 @@ async def cluster() -> AsyncIterator[Cluster]:
     yield c
     await c.client.aclose()
     await c.app.state.queen.aclose()
+    for server in c.servers.values():
+        await server.close()
 
 
 async def test_answer_names_its_worker_and_unknown_fields_pass_through(cluster: Cluster) -> None:
@@ -160,7 +217,7 @@ async def test_requests_spread_over_equal_workers(cluster: Cluster) -> None:
 async def test_dead_worker_is_stepped_around_and_benched(cluster: Cluster) -> None:
     cluster.workers["alive"] = cluster.ok_worker("alive")
     await cluster.heartbeat("alive")
-    await cluster.heartbeat("dead")  # registered, but connections are refused
+    await cluster.heartbeat("dead")  # registered, but it drops every connection
     for _ in range(4):
         response = await cluster.chat()
         assert response.status_code == 200
@@ -193,16 +250,22 @@ async def test_worker_4xx_is_passed_to_the_client(cluster: Cluster) -> None:
     assert response.json()["error"]["message"] == "prompt too long"
 
 
-async def test_unexpected_failure_answers_json_and_frees_the_slot(cluster: Cluster) -> None:
-    async def weird(request: httpx.Request) -> httpx.Response:
+class ExplodingClient:
+    """A worker client that fails in a way nobody planned for."""
+
+    async def post(self, url: str, body: bytes, headers: dict[str, str]) -> UpstreamResponse:
         raise RuntimeError("something nobody planned for")
 
-    cluster.workers["w1"] = weird
+
+async def test_unexpected_failure_answers_json_and_frees_the_slot(cluster: Cluster) -> None:
+    cluster.workers["w1"] = cluster.ok_worker("w1")
     await cluster.heartbeat("w1")
+    proxy = cluster.app.state.queen.proxy
+    real, proxy.client = proxy.client, ExplodingClient()
     failed = await cluster.chat()
     assert failed.status_code == 500
     assert failed.json()["error"]["code"] == "internal_error"
-    cluster.workers["w1"] = cluster.ok_worker("w1")
+    proxy.client = real
     served = await asyncio.wait_for(cluster.chat(), 5)  # the one slot was given back
     assert served.status_code == 200
 
