@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -13,8 +13,7 @@ import pytest
 from rbee.queen.app import create_app
 from rbee.queen.settings import QueenSettings
 from rbee.testing.metrics import Samples, has, parse_samples, value
-
-Handler = Callable[[httpx.Request], Awaitable[httpx.Response]]
+from rbee.testing.worker_servers import Handler, WorkerServers
 
 
 async def stream_body() -> AsyncIterator[bytes]:
@@ -42,6 +41,7 @@ class Queen:
             QueenSettings.model_validate({"cooldown": 30, **settings}),
             transport=httpx.MockTransport(handler),
         )
+        self.servers = WorkerServers(lambda name: handler)  # workers on loopback ports
         self.token = settings.get("token")
         headers = {"authorization": f"Bearer {self.token}"} if self.token else {}
         self.client = httpx.AsyncClient(
@@ -51,7 +51,8 @@ class Queen:
         )
 
     async def heartbeat(self, worker_id: str, model: str = "m", **extra: Any) -> None:
-        info = {"id": worker_id, "model_id": model, "host": worker_id, "port": 8080}
+        port = await self.servers.port(worker_id)
+        info = {"id": worker_id, "model_id": model, "host": "127.0.0.1", "port": port}
         body = {"worker": {**info, "status": "ready", "version": "1", **extra}}
         (await self.client.post("/v1/worker-heartbeat", json=body)).raise_for_status()
 
@@ -76,6 +77,7 @@ async def queen() -> AsyncIterator[Queen]:
     yield q
     await q.client.aclose()
     await q.app.state.queen.aclose()
+    await q.servers.aclose()
 
 
 async def test_requests_count_by_model_worker_and_code(queen: Queen) -> None:
@@ -153,6 +155,7 @@ async def test_in_flight_and_waiting_while_a_request_runs() -> None:
     finally:
         await queen.client.aclose()
         await queen.app.state.queen.aclose()
+        await queen.servers.aclose()
 
 
 async def test_discovery_lists_queen_hives_and_workers(queen: Queen) -> None:
@@ -163,7 +166,7 @@ async def test_discovery_lists_queen_hives_and_workers(queen: Queen) -> None:
     groups = response.json()
     assert groups[0] == {"targets": ["127.0.0.1:7999"], "labels": {"job": "rbee-queen"}}
     assert groups[1] == {"targets": ["10.0.0.5:7835"], "labels": {"job": "rbee-hive", "hive": "h1"}}
-    assert groups[2]["targets"] == ["w1:8080"]
+    assert groups[2]["targets"] == [f"127.0.0.1:{await queen.servers.port('w1')}"]
     assert groups[2]["labels"]["job"] == "rbee-worker"
     assert groups[2]["labels"]["hive"] == "h1"
     assert groups[2]["labels"]["model"] == "m"
@@ -184,3 +187,4 @@ async def test_metrics_and_discovery_need_the_token_when_one_is_set() -> None:
     finally:
         await queen.client.aclose()
         await queen.app.state.queen.aclose()
+        await queen.servers.aclose()

@@ -6,19 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import RawTestServer
 
 from rbee.queen.app import create_app
 from rbee.queen.settings import QueenSettings
 from rbee.queen.upstream import UpstreamResponse
-
-Handler = Callable[[httpx.Request], Awaitable[httpx.Response]]
+from rbee.testing.worker_servers import Handler, WorkerServers
 
 
 def completion(worker: str, body: dict[str, Any]) -> httpx.Response:
@@ -41,23 +38,12 @@ async def sse_chunks(n: int, fail_after: int | None = None) -> AsyncIterator[byt
     yield b"data: [DONE]\n\n"
 
 
-async def body_of(answer: httpx.Response) -> AsyncIterator[bytes]:
-    """A handler's answer body: whole if it was given whole, else as its stream yields it."""
-    try:
-        whole = answer.content
-    except httpx.ResponseNotRead:
-        async for chunk in answer.aiter_raw():
-            yield chunk
-    else:
-        yield whole
-
-
 class Cluster:
     """Fake workers on loopback ports and a fake hive behind a transport; the queen is real."""
 
     def __init__(self) -> None:
         self.workers: dict[str, Handler] = {}
-        self.servers: dict[str, RawTestServer] = {}
+        self.servers = WorkerServers(self.workers.get)
         self.hive_spawns: list[dict[str, Any]] = []
         self.queen: httpx.AsyncClient | None = None
         self.app = create_app(
@@ -71,54 +57,11 @@ class Cluster:
             base_url="http://queen",
             timeout=10,
         )
-        self.served: list[str] = []
+        self.served = self.servers.served
 
     async def handle(self, request: httpx.Request) -> httpx.Response:
         assert request.url.host == "hive.test", "only hive traffic goes through the transport"
         return await self.hive(request)
-
-    async def serve(self, name: str, request: web.BaseRequest) -> web.StreamResponse:
-        """One request to fake worker `name`, answered by its handler. A worker without a
-        handler drops the connection, as a worker that died would."""
-        self.served.append(name)
-        handler = self.workers.get(name)
-        body = await request.read()
-        if handler is None:
-            assert request.transport is not None
-            request.transport.abort()
-            return web.Response()
-        answer = await handler(
-            httpx.Request(request.method, f"http://{name}{request.path_qs}", content=body)
-        )
-        headers = {
-            k: v
-            for k, v in answer.headers.items()
-            if k.lower() not in ("content-length", "transfer-encoding")
-        }
-        response = web.StreamResponse(status=answer.status_code, headers=headers)
-        await response.prepare(request)
-        try:
-            async for chunk in body_of(answer):
-                await response.write(chunk)
-        except httpx.TransportError:
-            assert request.transport is not None
-            request.transport.abort()  # cut mid-answer: the end of the chunked body never comes
-            return response
-        await response.write_eof()
-        return response
-
-    async def worker_port(self, name: str) -> int:
-        if name not in self.servers:
-
-            async def handler(request: web.BaseRequest) -> web.StreamResponse:
-                return await self.serve(name, request)
-
-            server = RawTestServer(handler, handler_cancellation=True)
-            await server.start_server()
-            self.servers[name] = server
-        port = self.servers[name].port
-        assert port is not None
-        return port
 
     async def hive(self, request: httpx.Request) -> httpx.Response:
         assert request.url.path == "/v1/workers/spawn"
@@ -151,7 +94,7 @@ class Cluster:
     async def heartbeat(
         self, worker_id: str, model: str = "m", status: str = "ready", **extra: Any
     ) -> None:
-        port = await self.worker_port(worker_id)
+        port = await self.servers.port(worker_id)
         worker = {"id": worker_id, "model_id": model, "host": "127.0.0.1", "port": port}
         body = {"worker": {**worker, "status": status, "version": "1", **extra}}
         (await self.client.post("/v1/worker-heartbeat", json=body)).raise_for_status()
@@ -183,8 +126,7 @@ async def cluster() -> AsyncIterator[Cluster]:
     yield c
     await c.client.aclose()
     await c.app.state.queen.aclose()
-    for server in c.servers.values():
-        await server.close()
+    await c.servers.aclose()
 
 
 async def test_answer_names_its_worker_and_unknown_fields_pass_through(cluster: Cluster) -> None:
