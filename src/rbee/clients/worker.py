@@ -45,6 +45,14 @@ class WorkerClient:
         body: dict[str, Any] = response.json()
         return body
 
+    async def metrics(self, timeout_s: float = 2.0) -> str:
+        """The worker's Prometheus figures, as text."""
+        response = await self._client.get(
+            f"{self.base_url}/metrics", headers=self._headers, timeout=timeout_s
+        )
+        _raise_for(response)
+        return response.text
+
     async def models(self) -> ModelList:
         response = await self._client.get(f"{self.base_url}/v1/models", headers=self._headers)
         _raise_for(response)

@@ -15,11 +15,13 @@ from rbee.common.auth import bearer_guard, openapi_url
 from rbee.common.clock import Clock, monotonic
 from rbee.common.errors import install_error_handlers
 from rbee.common.metrics import metrics_router
+from rbee.queen.api import dashboard as dashboard_api
 from rbee.queen.api import hives as hives_api
 from rbee.queen.api import jobs as jobs_api
 from rbee.queen.api import observe as observe_api
 from rbee.queen.api import openai as openai_api
 from rbee.queen.api import workers as workers_api
+from rbee.queen.live import stats_loop
 from rbee.queen.registry import ChangeKind, RegistryChange
 from rbee.queen.settings import QueenSettings
 from rbee.queen.state import QueenState, build_state
@@ -65,6 +67,7 @@ def create_app(
             asyncio.create_task(
                 offline_watch(state, min(1.0, settings.heartbeat_timeout / 4)), name="offline"
             ),
+            asyncio.create_task(stats_loop(state, settings.stats_interval), name="stats"),
         ]
         try:
             yield
@@ -95,4 +98,6 @@ def create_app(
     # Prometheus sends the cluster token as its bearer token when one is set.
     app.include_router(observe_api.router, dependencies=guarded)
     app.include_router(metrics_router(state.metrics.registry), dependencies=guarded)
+    # The page is public and holds no data; it asks for the token its data calls need.
+    dashboard_api.install(app)
     return app

@@ -24,6 +24,9 @@ class QueenSettings(BaseSettings):
     summary_interval: Seconds = Field(
         5.0, description="how often the heartbeat stream sends a summary event"
     )
+    stats_interval: Seconds = Field(
+        2.0, description="how often the heartbeat stream sends live figures while it is watched"
+    )
     token: str | None = token_field("cluster token required as a bearer token (env RBEE_TOKEN)")
     routing_policy: Literal["least-loaded", "round-robin"] = Field(
         "least-loaded", description="how a worker is chosen among the available ones"

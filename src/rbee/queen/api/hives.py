@@ -17,8 +17,10 @@ State = Annotated[QueenState, Depends(get_state)]
 @router.post("/v1/hive-heartbeat")
 async def hive_heartbeat(heartbeat: HiveHeartbeat, state: State) -> HeartbeatAck:
     state.metrics.hive_heartbeats.inc()
-    if state.hives.update(heartbeat):
-        state.bus.publish("hive", {"change": "registered", "hive_id": heartbeat.hive.id})
+    change = "registered" if state.hives.update(heartbeat) else "updated"
+    hive = state.hives.get(heartbeat.hive.id)
+    view = hive.model_dump(mode="json") if hive else None
+    state.bus.publish("hive", {"change": change, "hive_id": heartbeat.hive.id, "hive": view})
     return HeartbeatAck(status="ok", message=f"hive {heartbeat.hive.id} recorded")
 
 

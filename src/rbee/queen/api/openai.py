@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from rbee.queen.routing.router import SERVING
+from rbee.queen.live import model_entries
 from rbee.queen.state import QueenState, get_state
 
 router = APIRouter()
@@ -17,31 +17,7 @@ State = Annotated[QueenState, Depends(get_state)]
 @router.get("/v1/models")
 async def list_models(state: State) -> dict[str, Any]:
     """Models an online worker serves (`loaded`) and models a live hive could start (`available`)."""
-    now = state.registry.now()
-    workers: dict[str, int] = {}
-    for record in state.registry.records():
-        if record.info.status in SERVING and state.registry.is_fresh(record, now):
-            workers[record.info.model_id] = workers.get(record.info.model_id, 0) + 1
-    hives: dict[str, list[str]] = {}
-    for hive in state.hives.all():
-        if hive.online:
-            for model in hive.models:
-                hives.setdefault(model, []).append(hive.id)
-    data = [
-        {
-            "id": model,
-            "object": "model",
-            "created": 0,
-            "owned_by": "rbee",
-            "rbee": {
-                "state": "loaded" if workers.get(model) else "available",
-                "workers": workers.get(model, 0),
-                "hives": sorted(hives.get(model, [])),
-            },
-        }
-        for model in sorted(set(workers) | set(hives))
-    ]
-    return {"object": "list", "data": data}
+    return {"object": "list", "data": model_entries(state)}
 
 
 @router.post("/v1/chat/completions")

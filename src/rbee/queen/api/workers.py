@@ -14,6 +14,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from rbee.common.errors import NotFound
 from rbee.contracts.workers import HeartbeatAck, WorkerHeartbeat, WorkerView
+from rbee.queen.live import snapshot, worker_json
 from rbee.queen.registry import ChangeKind, RegistryChange, worker_view
 from rbee.queen.state import QueenState, get_state
 
@@ -31,6 +32,7 @@ def publish_change(state: QueenState, change: RegistryChange) -> None:
             "state": "removed"
             if change.kind is ChangeKind.REMOVED
             else ("offline" if change.kind is ChangeKind.OFFLINE else change.worker.status.value),
+            "worker": worker_json(state, change.worker),
         },
     )
 
@@ -97,22 +99,15 @@ async def delete_worker(worker_id: str, state: State) -> dict[str, Any]:
     return {"removed": worker_id}
 
 
-def summary(state: QueenState) -> dict[str, int]:
-    return {
-        "total": state.registry.total_worker_count(),
-        "online": state.registry.online_worker_count(),
-        "available": state.registry.available_worker_count(),
-        "hives_online": len(state.hives.online()),
-    }
-
-
 @router.get("/v1/heartbeats/stream")
 async def heartbeat_stream(request: Request, state: State) -> EventSourceResponse:
-    """SSE: `worker` events on every registry change, a `summary` event every few seconds."""
+    """SSE: `worker` events on every registry change, `hive` events on every hive heartbeat, a
+    `summary` (the whole cluster) at once and every few seconds, `stats` (live figures) every
+    `--stats-interval`."""
 
     async def events() -> AsyncIterator[ServerSentEvent]:
         async with state.bus.subscribe() as queue:
-            yield ServerSentEvent(data=json.dumps(summary(state)), event="summary")
+            yield ServerSentEvent(data=json.dumps(snapshot(state)), event="summary")
             interval = state.settings.summary_interval
             loop = asyncio.get_running_loop()
             next_summary = loop.time() + interval
@@ -123,6 +118,6 @@ async def heartbeat_stream(request: Request, state: State) -> EventSourceRespons
                     yield ServerSentEvent(data=json.dumps(data), event=name)
                 except TimeoutError:
                     next_summary = loop.time() + interval
-                    yield ServerSentEvent(data=json.dumps(summary(state)), event="summary")
+                    yield ServerSentEvent(data=json.dumps(snapshot(state)), event="summary")
 
     return EventSourceResponse(events(), ping=15)

@@ -1,0 +1,173 @@
+"""What the queen's live stream (`GET /v1/heartbeats/stream`) carries besides registry changes:
+a snapshot of the whole cluster, and, while someone watches, live figures.
+
+The figures come from the queen's own counters (requests, first-token times, queues) and, for
+tokens per second, from the workers' own `/metrics`: the queen relays answers byte for byte and
+never counts tokens itself. Workers are only read while a stream is open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.parser import text_string_to_metric_families
+
+from rbee.clients.worker import WorkerClient
+from rbee.contracts.workers import WorkerInfo
+from rbee.queen.registry import worker_view
+from rbee.queen.routing.router import SERVING
+from rbee.queen.state import QueenState
+
+log = logging.getLogger("rbee.queen.live")
+WORKER_SCRAPE_TIMEOUT_S = 1.0
+
+
+def model_entries(state: QueenState) -> list[dict[str, Any]]:
+    """Models an online worker serves (`loaded`) and models a live hive could start (`available`)."""
+    now = state.registry.now()
+    workers: dict[str, int] = {}
+    for record in state.registry.records():
+        if record.info.status in SERVING and state.registry.is_fresh(record, now):
+            workers[record.info.model_id] = workers.get(record.info.model_id, 0) + 1
+    hives: dict[str, list[str]] = {}
+    for hive in state.hives.all():
+        if hive.online:
+            for model in hive.models:
+                hives.setdefault(model, []).append(hive.id)
+    return [
+        {
+            "id": model,
+            "object": "model",
+            "created": 0,
+            "owned_by": "rbee",
+            "rbee": {
+                "state": "loaded" if workers.get(model) else "available",
+                "workers": workers.get(model, 0),
+                "hives": sorted(hives.get(model, [])),
+            },
+        }
+        for model in sorted(set(workers) | set(hives))
+    ]
+
+
+def worker_json(state: QueenState, info: WorkerInfo) -> dict[str, Any]:
+    """A worker as `/v1/workers` shows it; one already removed shows its last known fields."""
+    record = state.registry.get_record(info.id)
+    if record is None:
+        return {**info.model_dump(mode="json"), "online": False, "available": False}
+    return worker_view(state.registry, record, state.registry.now()).model_dump(mode="json")
+
+
+def snapshot(state: QueenState) -> dict[str, Any]:
+    """The `summary` event: counts (as before), plus every worker, hive and model."""
+    registry = state.registry
+    now = registry.now()
+    workers = [worker_view(registry, r, now) for r in registry.records()]
+    hives = state.hives.all()
+    return {
+        "total": len(workers),
+        "online": sum(1 for w in workers if w.online),
+        "available": sum(1 for w in workers if w.available),
+        "hives_online": sum(1 for h in hives if h.online),
+        "workers": [w.model_dump(mode="json") for w in sorted(workers, key=lambda w: w.id)],
+        "hives": [h.model_dump(mode="json") for h in sorted(hives, key=lambda h: h.id)],
+        "models": model_entries(state),
+    }
+
+
+def _sum(metric: MetricWrapperBase, suffix: str) -> float:
+    return sum(
+        s.value for family in metric.collect() for s in family.samples if s.name.endswith(suffix)
+    )
+
+
+def _generated_tokens(text: str) -> float:
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "rbee_worker_generated_tokens_total"
+    )
+
+
+class StatsSampler:
+    """Turns counters into rates between two samples (the `stats` event)."""
+
+    def __init__(self, state: QueenState) -> None:
+        self.state = state
+        self._at = time.monotonic()
+        self._requests = self._ttft_sum = self._ttft_count = 0.0
+        self._tokens: dict[str, float] = {}
+
+    def _read_queen(self) -> tuple[float, float, float]:
+        metrics = self.state.metrics
+        return (
+            _sum(metrics.requests, "_total"),
+            _sum(metrics.ttft, "_sum"),
+            _sum(metrics.ttft, "_count"),
+        )
+
+    async def _worker_tokens(self) -> dict[str, float]:
+        now = self.state.registry.now()
+        online = [
+            r.info for r in self.state.registry.records() if self.state.registry.is_fresh(r, now)
+        ]
+
+        async def read(info: WorkerInfo) -> tuple[str, float | None]:
+            client = WorkerClient(info.url, self.state.worker_http, self.state.settings.token)
+            try:
+                return info.id, _generated_tokens(await client.metrics(WORKER_SCRAPE_TIMEOUT_S))
+            except Exception as exc:  # a worker that cannot answer just has no figure now
+                log.debug("no metrics from worker %s: %s", info.id, exc)
+                return info.id, None
+
+        found = await asyncio.gather(*(read(info) for info in online))
+        return {worker_id: tokens for worker_id, tokens in found if tokens is not None}
+
+    async def sample(self) -> dict[str, Any]:
+        requests, ttft_sum, ttft_count = self._read_queen()
+        tokens = await self._worker_tokens()
+        now = time.monotonic()
+        elapsed = max(now - self._at, 1e-6)
+        per_worker: dict[str, float] = {}
+        for worker_id, total in tokens.items():
+            previous = self._tokens.get(worker_id)
+            if previous is not None:
+                # A restarted worker starts counting from zero again.
+                per_worker[worker_id] = max(0.0, total - previous if total >= previous else total)
+        new_ttft = ttft_count - self._ttft_count
+        stats = {
+            "requests_per_s": round((requests - self._requests) / elapsed, 3),
+            "ttft_s": round((ttft_sum - self._ttft_sum) / new_ttft, 4) if new_ttft else None,
+            "tokens_per_s": round(sum(per_worker.values()) / elapsed, 2),
+            "worker_tokens_per_s": {k: round(v / elapsed, 2) for k, v in per_worker.items()},
+            "queue": sum(self.state.router.admission.waiting_by_model().values()),
+            "in_flight": sum(
+                self.state.router.tracker.in_flight(r.info.id)
+                for r in self.state.registry.records()
+            ),
+            "requests_total": requests,
+        }
+        self._at, self._requests = now, requests
+        self._ttft_sum, self._ttft_count = ttft_sum, ttft_count
+        self._tokens = tokens
+        return stats
+
+
+async def stats_loop(state: QueenState, interval_s: float) -> None:
+    """Publish a `stats` event every interval while anyone listens to the stream."""
+    sampler: StatsSampler | None = None
+    while True:
+        await asyncio.sleep(interval_s)
+        if not state.bus.subscriber_count:
+            sampler = None  # start afresh: a rate over an unwatched gap means nothing
+            continue
+        if sampler is None:
+            sampler = StatsSampler(state)
+            await sampler.sample()  # the first sample only sets the baseline
+            continue
+        state.bus.publish("stats", await sampler.sample())
