@@ -145,6 +145,22 @@ class QueenClient(OwnedHttpClient):
         except ValidationError as exc:
             raise QueenError(f"the queen's model list is not understood: {exc}") from exc
 
+    async def watch(self) -> AsyncGenerator[tuple[str, dict[str, Any]], None]:
+        """The live stream of the cluster: (event name, data) as the queen sends them."""
+        try:
+            async with self._http.stream("GET", "/v1/heartbeats/stream") as response:
+                if response.is_error:
+                    raise error_from_response(response, await response.aread())
+                async for event in EventSource(response).aiter_sse():
+                    try:
+                        data = json.loads(event.data)
+                    except ValueError:
+                        continue
+                    if isinstance(data, dict):
+                        yield event.event, data
+        except httpx.TransportError as exc:
+            raise self._transport_error(exc) from exc
+
     # -- jobs ------------------------------------------------------------------------------
 
     async def create_job(self, request: JobRequest) -> JobCreated:

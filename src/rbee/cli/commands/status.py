@@ -8,6 +8,7 @@ import typer
 
 from rbee.cli.context import cli_of
 from rbee.cli.render import hives_table, models_table, to_json, workers_table
+from rbee.cli.watch import watch
 from rbee.clients.queen import ModelEntry, QueenClient
 from rbee.contracts.hives import HiveView
 from rbee.contracts.workers import WorkerView
@@ -15,9 +16,19 @@ from rbee.contracts.workers import WorkerView
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
 
-def status(ctx: typer.Context, as_json: JsonFlag = False) -> None:
+WatchFlag = Annotated[
+    bool, typer.Option("--watch", "-w", help="Keep the view open and update it live (Ctrl-C ends).")
+]
+
+
+def status(ctx: typer.Context, as_json: JsonFlag = False, live: WatchFlag = False) -> None:
     """Hives and workers of the cluster: model, status, load, address, last seen."""
     cli = cli_of(ctx)
+    if live:
+        if as_json:
+            cli.fail("--watch and --json do not go together", code=2)
+        cli.run(lambda client: watch(cli, client))  # until Ctrl-C
+        return
 
     async def fetch(client: QueenClient) -> tuple[list[HiveView], list[WorkerView]]:
         await client.health()

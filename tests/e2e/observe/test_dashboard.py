@@ -1,0 +1,168 @@
+"""The dashboard in a real headless Chromium, driven by Playwright, against real daemons."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from rbee.testing.processes import ServerProcess, console_script, free_port
+
+from .conftest import ARTIFACTS, Cluster, start_cluster
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+TOKEN = "dashboard-e2e-token"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if CHROMIUM is None:
+        pytest.skip("needs Chromium (Debian: chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (dev extra)")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def empty_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A token-protected queen and hive, and no worker yet."""
+    flags = ["--summary-interval", "2", "--stats-interval", "0.5"]
+    yield from start_cluster(tmp_path_factory.mktemp("dashboard"), *flags, token=TOKEN)
+
+
+def status_of(page: Any, worker_id: str) -> str | None:
+    cell = page.query_selector(f'tr[data-worker-id="{worker_id}"] td.status')
+    return None if cell is None else str(cell.get_attribute("data-status"))
+
+
+def test_live_workers_with_a_token(browser: Any, empty_cluster: Cluster) -> None:
+    cluster = empty_cluster
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.goto(cluster.queen_url)
+    # With a token set, the page asks for it; a wrong one is refused and asked for again.
+    page.wait_for_selector("#login:not([hidden])", timeout=10_000)
+    page.fill("#token", "wrong-token")
+    page.click("#login button")
+    page.wait_for_selector("#login-error:not([hidden])", timeout=10_000)
+    assert "refused" in page.inner_text("#login-error")
+    page.fill("#token", TOKEN)
+    page.click("#login button")
+    page.wait_for_selector(f'tr[data-hive-id="{cluster.hive_id}"]', timeout=10_000)
+    assert page.is_visible("#board")
+    assert "cpu:0" in page.inner_text(f'tr[data-hive-id="{cluster.hive_id}"]')
+    # Kept for this tab's session only: never in the URL, never in a cookie.
+    assert page.evaluate("sessionStorage.getItem('rbee.token')") == TOKEN
+    assert TOKEN not in page.url
+    assert context.cookies() == []
+
+    # A worker spawned after the page loaded shows up, with no reload.
+    spawned = cluster.spawn_worker()
+    worker_id = spawned["worker_id"]
+    page.wait_for_selector(
+        f'tr[data-worker-id="{worker_id}"] td.status[data-status="ready"]', timeout=10_000
+    )
+    row = page.inner_text(f'tr[data-worker-id="{worker_id}"]')
+    assert f"127.0.0.1:{spawned['port']}" in row
+    assert "0 / 1" in row
+    page.wait_for_selector('tr[data-model-id] td.status[data-status="loaded"]', timeout=10_000)
+
+    # Traffic moves the live figures.
+    with cluster.client() as client:
+        for _ in range(3):
+            body = {
+                "model": cluster.workers()[0]["model_id"],
+                "messages": [{"role": "user", "content": "Say hello."}],
+                "max_tokens": 16,
+                "stream": True,
+            }
+            client.post("/v1/chat/completions", json=body).raise_for_status()
+    page.wait_for_function(
+        "cluster.series.requests_per_s.some(v => v > 0)"
+        " && cluster.series.tokens_per_s.some(v => v > 0)",
+        timeout=10_000,
+    )
+    page.wait_for_timeout(600)  # one more stats event, so the charts have a shape
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+
+    # Stopping the worker changes its status on the page within a second of the queen knowing.
+    stopper = threading.Thread(target=cluster.stop_worker, args=(worker_id,))
+    stopper.start()
+    try:
+        with cluster.client(10) as client:
+            deadline = time.monotonic() + 30
+            while True:
+                response = client.get(f"/v1/workers/{worker_id}")
+                if response.status_code == 404 or response.json()["status"] != "ready":
+                    break
+                assert time.monotonic() < deadline, "the worker never left ready"
+                time.sleep(0.02)
+        queen_knew = time.monotonic()
+        page.wait_for_function(
+            f"""() => {{
+                const cell = document.querySelector('tr[data-worker-id="{worker_id}"] td.status');
+                return cell && ['stopping', 'stopped'].includes(cell.dataset.status);
+            }}""",
+            timeout=1_000,
+        )
+        assert time.monotonic() - queen_knew < 1.0
+    finally:
+        stopper.join(60)
+    page.wait_for_selector(
+        f'tr[data-worker-id="{worker_id}"] td.status[data-status="stopped"]', timeout=10_000
+    )
+    page.screenshot(path=str(ARTIFACTS / "dashboard-stopped.png"), full_page=True)
+    context.close()
+
+
+def test_without_a_token_it_opens_at_once_and_shows_a_lost_queen(
+    browser: Any, tmp_path: Path
+) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    args = [console_script("queen-rbee"), "--port", str(port)]
+    page = browser.new_page()
+    with ServerProcess(args, health_url=f"{url}/health") as queen:
+        page.goto(url)
+        page.wait_for_selector("body[data-queen='live']", timeout=10_000)
+        assert page.is_hidden("#login")
+        assert page.is_visible("#board")
+        assert page.is_hidden("#unreachable")
+        queen.stop()
+        page.wait_for_selector("#unreachable:not([hidden])", timeout=5_000)
+        assert "unreachable" in page.inner_text("#unreachable")
+        page.screenshot(path=str(ARTIFACTS / "dashboard-unreachable.png"))
+    with ServerProcess(args, health_url=f"{url}/health"):
+        page.wait_for_selector("body[data-queen='live']", timeout=15_000)
+        assert page.is_hidden("#unreachable")
+    page.close()
+
+
+def test_page_is_public_and_locked_down(empty_cluster: Cluster) -> None:
+    for path in ("/", "/dashboard/app.js", "/dashboard/style.css"):
+        response = httpx.get(f"{empty_cluster.queen_url}{path}", timeout=10)
+        assert response.status_code == 200, path
+        assert "script-src 'self'" in response.headers["content-security-policy"]
+        assert response.headers["x-content-type-options"] == "nosniff"
+    missing = httpx.get(f"{empty_cluster.queen_url}/dashboard/nope.js", timeout=10)
+    assert missing.status_code == 404
