@@ -25,7 +25,7 @@ async def test_workers_devices_and_cpu(hive: Hive) -> None:
     free = value(before, "rbee_hive_device_memory_free_bytes", device="cpu:0")
     assert 0 < free <= value(before, "rbee_hive_device_memory_total_bytes", device="cpu:0")
     assert 0 <= value(before, "rbee_hive_cpu_utilization") <= 1
-    assert value(before, "rbee_hive_info", hive="hive-a") == 1
+    assert value(before, "rbee_hive_info", hive=hive.settings.hive_id) == 1
     spawned = await hive.client.spawn(SpawnRequest(model="acme/tiny-GGUF:tiny.Q4_0.gguf"))
     assert value(await scrape(hive), "rbee_hive_workers") == 1
     await hive.client.stop_worker(spawned.pid)
