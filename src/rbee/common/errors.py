@@ -18,22 +18,38 @@ class RbeeError(Exception):
     code: str | None = None
 
     def __init__(
-        self, message: str, *, code: str | None = None, headers: dict[str, str] | None = None
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
         self.headers = headers or {}
+        # The request field at fault, as OpenAI names it (`n`, `messages[1].content`).
+        self.param = param
 
     def body(self) -> dict[str, Any]:
-        return ErrorBody.of(self.message, self.type, self.code).model_dump()
+        return ErrorBody.of(self.message, self.type, self.code, self.param).model_dump()
 
 
 class BadRequest(RbeeError):
     status_code = 400
     type = "invalid_request_error"
     code = "bad_request"
+
+
+class Unsupported(BadRequest):
+    """A request field this server understands but cannot honour: refused, never dropped."""
+
+    code = "unsupported_parameter"
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message, param=param)
 
 
 class Unauthorized(RbeeError):
@@ -88,11 +104,16 @@ def _field_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
     ]
 
 
+def _param(loc: list[Any]) -> str | None:
+    """`["body", "messages", 0, "role"]` → `messages[0].role`, OpenAI's way of naming a field."""
+    name = ""
+    for part in loc[1:] if loc[:1] == ["body"] else loc:
+        name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
+    return name or None
+
+
 def _summary(errors: list[dict[str, Any]]) -> str:
-    parts = []
-    for err in errors[:5]:
-        loc = ".".join(str(p) for p in err["loc"] if p != "body") or "body"
-        parts.append(f"{loc}: {err['msg']}")
+    parts = [f"{_param(err['loc']) or 'body'}: {err['msg']}" for err in errors[:5]]
     return "; ".join(parts) or "invalid request"
 
 
@@ -106,7 +127,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = _field_errors(exc)
-        body = ErrorBody.of(_summary(errors), "invalid_request_error", "validation_error")
+        param = _param(errors[0]["loc"]) if errors else None
+        body = ErrorBody.of(_summary(errors), "invalid_request_error", "validation_error", param)
         return JSONResponse({**body.model_dump(), "detail": errors}, status_code=422)
 
     @app.exception_handler(Exception)

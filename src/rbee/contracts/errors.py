@@ -18,8 +18,10 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
     @classmethod
-    def of(cls, message: str, type_: str, code: str | None = None) -> ErrorBody:
-        return cls(error=ErrorDetail(message=message, type=type_, code=code))
+    def of(
+        cls, message: str, type_: str, code: str | None = None, param: str | None = None
+    ) -> ErrorBody:
+        return cls(error=ErrorDetail(message=message, type=type_, code=code, param=param))
 
 
 def read_error(status: int, body: bytes) -> tuple[str, str | None]:

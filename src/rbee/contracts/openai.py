@@ -7,7 +7,7 @@ validated strictly (no "10" for an int, no 3.0 for `top_p`).
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
@@ -18,28 +18,97 @@ MaxTokens = Annotated[StrictInt, Field(ge=1)]
 Stop = StrictStr | Annotated[list[StrictStr], Field(max_length=4)]
 
 
-class TextPart(BaseModel):
-    """The only content part a text model can read; image and audio parts are refused."""
+class ContentPart(BaseModel):
+    """A part of a message's content. Only `text` parts can be read by a text model; the others
+    (`image_url`, `input_audio`, `file`) are refused with 400 by the worker, naming the part."""
 
     model_config = ConfigDict(extra="allow")
 
-    type: Literal["text"]
-    text: StrictStr
+    type: StrictStr
+    text: StrictStr | None = None
+
+
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: StrictStr
+    # A JSON text, as OpenAI sends it (not an object).
+    arguments: StrictStr
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: StrictStr
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: StrictStr | list[TextPart] | None = None
+    content: StrictStr | list[ContentPart] | None = None
     name: StrictStr | None = None
+    # An assistant turn that called tools, and the tool results that answer it.
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: StrictStr | None = None
 
     def text(self) -> str:
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part.text or "" for part in self.content)
+
+
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: Annotated[StrictStr, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    description: StrictStr | None = None
+    # A JSON Schema object; a function without one takes no arguments.
+    parameters: dict[str, Any] | None = None
+    strict: StrictBool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    # Only function tools exist for a local model; other types are refused by the worker.
+    type: StrictStr
+    function: FunctionSpec | None = None
+
+
+class NamedFunction(BaseModel):
+    name: StrictStr
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    name: Annotated[StrictStr, Field(min_length=1, max_length=64)]
+    description: StrictStr | None = None
+    # `schema` shadows a BaseModel attribute, hence the alias.
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class StreamOptions(BaseModel):
@@ -63,8 +132,10 @@ class _SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    # One choice per request: a worker serves one generation per slot.
-    n: Literal[1] = 1
+    # Token id (as a string, as JSON keys are) → bias added to its logit.
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    # Choices per request; a worker makes one (n > 1 is refused with 400, naming `n`).
+    n: Annotated[StrictInt, Field(ge=1)] = 1
     user: StrictStr | None = None
 
     def stop_list(self) -> list[str]:
@@ -81,22 +152,31 @@ class ChatCompletionRequest(_SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     # Newer clients send this name for the same limit.
     max_completion_tokens: MaxTokens | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: StrictBool | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_tokens is None else self.max_tokens
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: StrictStr | Annotated[list[StrictStr], Field(min_length=1, max_length=1)]
-    echo: Literal[False] = False
+    # One prompt per request; a longer list is refused with 400, naming `prompt`.
+    prompt: StrictStr | Annotated[list[StrictStr], Field(min_length=1)]
+    echo: StrictBool = False
     # OpenAI's default for legacy completions is 16 tokens.
     max_tokens: MaxTokens | None = 16
+    # The legacy form: how many most likely tokens to list at each position (0-5).
+    logprobs: Annotated[StrictInt, Field(ge=0, le=5)] | None = None
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class Usage(BaseModel):
@@ -105,16 +185,34 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None = None
+    refusal: list[TokenLogprob] | None = None
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    # None when the answer is tool calls only, as OpenAI sends it.
+    content: str | None
+    # Left out of the JSON when there are none, as OpenAI does.
+    tool_calls: list[ToolCall] | None = Field(None, exclude_if=lambda calls: calls is None)
 
 
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: FinishReason
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -127,16 +225,29 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str | None = None
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
 class ChunkDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChunkDelta
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -148,11 +259,20 @@ class ChatCompletionChunk(BaseModel):
     usage: Usage | None = None
 
 
+class TextLogprobs(BaseModel):
+    """The legacy completions' logprobs: parallel lists, one entry per token."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class TextChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: TextLogprobs | None = None
 
 
 class Completion(BaseModel):
@@ -166,11 +286,24 @@ class Completion(BaseModel):
     usage: Usage | None = None
 
 
+class ModelServing(BaseModel):
+    """rbee's own block in a model card: where the model stands in the cluster."""
+
+    state: Literal["loaded", "available"]
+    # True when a worker serving it answers `/v1/embeddings` (started with --embedding or an
+    # embedding model); chat and completions go to the other workers of the model.
+    embedding: bool = False
+    workers: int = 0
+    embedding_workers: int = 0
+    hives: list[str] = Field(default_factory=list)
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "rbee"
+    rbee: ModelServing | None = None
 
 
 class ModelList(BaseModel):

@@ -39,6 +39,8 @@ class WorkerInfo(BaseModel):
     hive_id: NonEmptyStr | None = None
     slots: Annotated[int, Field(ge=1)] = 1
     in_flight: Annotated[int, Field(ge=0)] = 0
+    # Serves `/v1/embeddings` for its model, not chat and completions; the queen routes by it.
+    embedding: bool = False
 
     @field_validator("host")
     @classmethod

@@ -5,10 +5,14 @@ For tests and load experiments only; product code never builds one.
 
 from __future__ import annotations
 
+import hashlib
+import math
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from rbee.worker.engines.base import (
+    Embeddings,
+    Emit,
     Message,
     Outcome,
     Prompt,
@@ -47,6 +51,28 @@ class FakeEngine:
     def context_size(self) -> int:
         return self._context_size
 
+    vocab_size = 0x10000
+    embedding_size = 8
+
+    def check(self, params: SamplingParams) -> None:
+        for token in params.logit_bias:
+            if not 0 <= token < self.vocab_size:
+                raise PromptError(
+                    f"no token {token}", code="invalid_logit_bias", param="logit_bias"
+                )
+
+    def embed(self, texts: Sequence[str]) -> Embeddings:
+        """The same text always gets the same unit vector, made from a hash of its words."""
+        vectors = []
+        for i, text in enumerate(texts):
+            words = text.split()
+            if not words:
+                raise PromptError("the input is empty", code="empty_input", param=f"input[{i}]")
+            raw = [b - 127.5 for b in hashlib.sha256(text.encode()).digest()[: self.embedding_size]]
+            norm = math.sqrt(sum(x * x for x in raw))
+            vectors.append([x / norm for x in raw])
+        return Embeddings(vectors, prompt_tokens=sum(len(t.split()) for t in texts))
+
     def _fit(self, text: str) -> Prompt:
         tokens = [hash(w) & 0xFFFF for w in text.split()]
         if not tokens:
@@ -65,7 +91,7 @@ class FakeEngine:
         self,
         prompt: Prompt,
         params: SamplingParams,
-        emit: Callable[[str], None],
+        emit: Emit,
         cancelled: threading.Event,
     ) -> Outcome:
         with self._lock:
@@ -82,7 +108,7 @@ class FakeEngine:
         self,
         prompt: Prompt,
         params: SamplingParams,
-        emit: Callable[[str], None],
+        emit: Emit,
         cancelled: threading.Event,
     ) -> Outcome:
         if self.fail_with is not None:

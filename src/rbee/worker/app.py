@@ -62,17 +62,25 @@ def identity_from(settings: WorkerSettings) -> Identity:
         port=settings.port,
         hive_id=settings.hive_id,
         slots=settings.slots,
+        embedding=settings.embedding,
     )
 
 
-def llama_engine_factory(settings: WorkerSettings) -> Callable[[], Engine]:
+def llama_engine_factory(settings: WorkerSettings, *, pooled: bool = True) -> Callable[[], Engine]:
+    """`pooled`: the model file names how to pool token vectors into one embedding."""
     path = resolve_model(settings.model)
     threads = settings.threads or default_threads(settings.slots)
 
     def load() -> Engine:
         from rbee.worker.engines.llama_cpp import load_llama_engine
 
-        return load_llama_engine(path, ctx_size=settings.ctx_size, threads=threads)
+        return load_llama_engine(
+            path,
+            ctx_size=settings.ctx_size,
+            threads=threads,
+            embedding=settings.embedding,
+            pooled=pooled,
+        )
 
     return load
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING
 
 from rbee.common.errors import RbeeError, Unavailable
-from rbee.worker.engines.base import Engine, Outcome, Prompt, SamplingParams
+from rbee.worker.engines.base import Engine, Outcome, Prompt, SamplingParams, Scored
 from rbee.worker.slots import SlotPool
 
 if TYPE_CHECKING:
@@ -47,6 +47,10 @@ class Lease:
         if not self._released:
             self._released = True
             self.pool.release(self.engine)
+
+
+# A piece of text and the scores of the tokens it completes (empty unless logprobs were asked).
+Piece = tuple[str, Sequence[Scored]]
 
 
 class Generation:
@@ -80,10 +84,10 @@ class Generation:
         # Runs on the loop after every piece the thread emitted, as both travel the same way.
         self._future.add_done_callback(self._ended)
 
-    def _emit(self, piece: str) -> None:
+    def _emit(self, text: str, scored: Sequence[Scored] = ()) -> None:
         if self._lease.timer is not None:
             self._lease.timer.piece()
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, piece)
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, (text, tuple(scored)))
 
     def _ended(self, future: asyncio.Future[Outcome]) -> None:
         if self._lease.timer is not None:
@@ -106,10 +110,10 @@ class Generation:
     def cancel(self) -> None:
         self._cancelled.set()
 
-    async def pieces(self) -> AsyncIterator[str]:
+    async def pieces(self) -> AsyncIterator[Piece]:
         try:
             while (item := await self._queue.get()) is not _END:
-                assert isinstance(item, str)
+                assert isinstance(item, tuple)
                 yield item
             try:
                 self.outcome = self._future.result()
@@ -120,10 +124,15 @@ class Generation:
             if not self._future.done():
                 self._cancelled.set()
 
-    async def text(self) -> str:
-        text = "".join([piece async for piece in self.pieces()])
+    async def whole(self) -> tuple[str, list[Scored]]:
+        """The whole text, and the scores of all its tokens (when asked for)."""
+        texts: list[str] = []
+        scored: list[Scored] = []
+        async for text, scores in self.pieces():
+            texts.append(text)
+            scored.extend(scores)
         if self.outcome is not None and self.outcome.cancelled:
             raise Unavailable(
                 "the worker shut down before the answer was complete", code="worker_stopping"
             )
-        return text
+        return "".join(texts), scored

@@ -8,7 +8,7 @@ import sys
 
 from rbee.common.serve import fail, parse_settings, serve
 from rbee.common.tokens import refuse_open_bind
-from rbee.worker.app import create_app, resolve_model
+from rbee.worker.app import create_app, llama_engine_factory, resolve_model
 from rbee.worker.engines.base import EngineError
 from rbee.worker.runtime import WorkerRuntime
 from rbee.worker.settings import WorkerSettings
@@ -29,13 +29,18 @@ def main(argv: list[str] | None = None) -> None:
         fail(PROG, reason)
     try:
         # A missing or obviously wrong file is reported before anything starts; deeper damage
-        # shows when llama.cpp loads it, after the server is up (see WorkerRuntime.load).
-        from rbee.worker.engines.llama_cpp import check_gguf
+        # shows when llama.cpp loads the weights, after the server is up (WorkerRuntime.load).
+        from rbee.worker.engines.llama_cpp import read_model_facts
 
-        check_gguf(resolve_model(settings.model))
+        facts = read_model_facts(resolve_model(settings.model))
     except EngineError as exc:
         fail(PROG, str(exc))
-    app = create_app(settings)
+    if facts.embedding_model and not settings.embedding:
+        # The file says it makes embeddings (an encoder, or a pooling of its own).
+        settings = settings.model_copy(update={"embedding": True})
+    app = create_app(
+        settings, engine_factory=llama_engine_factory(settings, pooled=facts.pooling is not None)
+    )
     runtime: WorkerRuntime = app.state.worker
     code = serve(
         app,

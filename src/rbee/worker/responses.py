@@ -18,15 +18,24 @@ from rbee.contracts.openai import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
+    ChoiceLogprobs,
     ChunkDelta,
     Completion,
     CompletionRequest,
+    FinishReason,
+    FunctionCallDelta,
     TextChoice,
+    TextLogprobs,
+    TokenLogprob,
+    ToolCallDelta,
+    TopLogprob,
     Usage,
 )
-from rbee.worker.engines.base import Outcome, SamplingParams
+from rbee.worker.capabilities import check_logit_bias
+from rbee.worker.engines.base import Outcome, SamplingParams, Scored
 from rbee.worker.generation import Generation
 from rbee.worker.runtime import WorkerRuntime
+from rbee.worker.structured import ChatPlan, read_tool_answer
 
 # Unset sampling fields get llama.cpp's usual defaults (as llama-cpp-python's own server does),
 # which suit small local models better than OpenAI's pure temperature 1.0.
@@ -35,10 +44,14 @@ DEFAULT_TOP_P = 0.95
 DONE = "[DONE]"
 
 
-def sampling_params(request: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
-    limit = (
-        request.token_limit() if isinstance(request, ChatCompletionRequest) else request.max_tokens
-    )
+def sampling_params(
+    request: ChatCompletionRequest | CompletionRequest, plan: ChatPlan | None = None
+) -> SamplingParams:
+    if isinstance(request, ChatCompletionRequest):
+        limit = request.token_limit()
+        logprobs = (request.top_logprobs or 0) if request.logprobs else None
+    else:
+        limit, logprobs = request.max_tokens, request.logprobs
     return SamplingParams(
         max_tokens=limit,
         temperature=DEFAULT_TEMPERATURE if request.temperature is None else request.temperature,
@@ -47,6 +60,42 @@ def sampling_params(request: ChatCompletionRequest | CompletionRequest) -> Sampl
         stop=tuple(request.stop_list()),
         presence_penalty=request.presence_penalty or 0.0,
         frequency_penalty=request.frequency_penalty or 0.0,
+        json_schema=plan.json_schema if plan else None,
+        logprobs=logprobs,
+        logit_bias=check_logit_bias(request.logit_bias),
+    )
+
+
+def _text(token: bytes) -> str:
+    return token.decode("utf-8", "replace")
+
+
+def token_logprobs(scored: list[Scored]) -> list[TokenLogprob]:
+    return [
+        TokenLogprob(
+            token=_text(s.token),
+            logprob=s.logprob,
+            bytes=list(s.token),
+            top_logprobs=[
+                TopLogprob(token=_text(c.token), logprob=c.logprob, bytes=list(c.token))
+                for c in s.top
+            ],
+        )
+        for s in scored
+    ]
+
+
+def text_logprobs(scored: list[Scored], offset: int = 0) -> TextLogprobs:
+    """The legacy completions' form: parallel lists, offsets in characters of the answer."""
+    offsets = []
+    for s in scored:
+        offsets.append(offset)
+        offset += len(_text(s.token))
+    return TextLogprobs(
+        tokens=[_text(s.token) for s in scored],
+        token_logprobs=[s.logprob for s in scored],
+        top_logprobs=[{_text(c.token): c.logprob for c in s.top} for s in scored],
+        text_offset=offsets,
     )
 
 
@@ -58,12 +107,20 @@ def usage_of(outcome: Outcome) -> Usage:
     )
 
 
+def _without_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
 def _json(model: ChatCompletionChunk | Completion) -> str:
     body: dict[str, Any] = model.model_dump(mode="json")
     for choice in body.get("choices", []):
         if "delta" in choice:
             # OpenAI leaves unset delta fields out rather than sending nulls.
-            choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
+            choice["delta"] = _without_nulls(choice["delta"])
     if body.get("usage") is None:
         body.pop("usage", None)
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
@@ -103,25 +160,50 @@ class _Answer:
 class ChatAnswer(_Answer):
     prefix = "chatcmpl"
 
+    def __init__(
+        self,
+        model: str,
+        generation: Generation,
+        plan: ChatPlan | None = None,
+        logprobs: bool = False,
+    ) -> None:
+        super().__init__(model, generation)
+        self.tools = plan is not None and plan.tools
+        self.logprobs = logprobs
+
+    def _scores(self, scored: list[Scored]) -> ChoiceLogprobs | None:
+        return ChoiceLogprobs(content=token_logprobs(scored)) if self.logprobs else None
+
     async def whole(self) -> ChatCompletion:
-        text = await self.generation.text()
+        text, scored = await self.generation.whole()
         outcome = self._outcome()
+        finish: FinishReason = outcome.finish_reason
+        message = AssistantMessage(content=text)
+        if self.tools:
+            answer = read_tool_answer(text)
+            message = AssistantMessage(content=answer.content, tool_calls=answer.tool_calls or None)
+            if answer.tool_calls:
+                finish = "tool_calls"
         return ChatCompletion(
             id=self.id,
             created=self.created,
             model=self.model,
             choices=[
-                ChatChoice(
-                    message=AssistantMessage(content=text), finish_reason=outcome.finish_reason
-                )
+                ChatChoice(message=message, finish_reason=finish, logprobs=self._scores(scored))
             ],
             usage=usage_of(outcome),
         )
 
     def _chunk(
-        self, delta: ChunkDelta, finish: Any = None, usage: Usage | None = None
+        self,
+        delta: ChunkDelta,
+        finish: Any = None,
+        usage: Usage | None = None,
+        logprobs: ChoiceLogprobs | None = None,
     ) -> ChatCompletionChunk:
-        choices = [] if usage else [ChatChunkChoice(delta=delta, finish_reason=finish)]
+        choices = (
+            [] if usage else [ChatChunkChoice(delta=delta, finish_reason=finish, logprobs=logprobs)]
+        )
         return ChatCompletionChunk(
             id=self.id, created=self.created, model=self.model, choices=choices, usage=usage
         )
@@ -136,12 +218,55 @@ class ChatAnswer(_Answer):
         head, tail = whole.split(json.dumps(marker, ensure_ascii=False), 1)
         return lambda piece: head + json.dumps(piece, ensure_ascii=False) + tail
 
+    async def _content(self) -> AsyncIterator[str]:
+        content_chunk = self.content_chunk()
+        async for text, scored in self.generation.pieces():
+            if self.logprobs:
+                yield _json(
+                    self._chunk(ChunkDelta(content=text), logprobs=self._scores(list(scored)))
+                )
+            else:
+                yield content_chunk(text)
+
+    async def _tool_calls(self) -> tuple[list[str], bool]:
+        """The envelope is only known once complete, so it is read whole and then sent as
+        OpenAI streams tool calls: per call, its id and name, then its arguments."""
+        texts: list[str] = []
+        scored: list[Scored] = []
+        async for text, scores in self.generation.pieces():
+            texts.append(text)
+            scored.extend(scores)
+        answer = read_tool_answer("".join(texts))
+        logprobs = self._scores(scored)
+        chunks = []
+        if answer.content is not None:
+            chunks.append(_json(self._chunk(ChunkDelta(content=answer.content), logprobs=logprobs)))
+        for index, call in enumerate(answer.tool_calls):
+            opening = ToolCallDelta(
+                index=index,
+                id=call.id,
+                type="function",
+                function=FunctionCallDelta(name=call.function.name, arguments=""),
+            )
+            chunks.append(_json(self._chunk(ChunkDelta(tool_calls=[opening]), logprobs=logprobs)))
+            logprobs = None
+            arguments = ToolCallDelta(
+                index=index, function=FunctionCallDelta(arguments=call.function.arguments)
+            )
+            chunks.append(_json(self._chunk(ChunkDelta(tool_calls=[arguments]))))
+        return chunks, bool(answer.tool_calls)
+
     async def chunks(self, include_usage: bool) -> AsyncIterator[str]:
         yield _json(self._chunk(ChunkDelta(role="assistant", content="")))
-        content_chunk = self.content_chunk()
+        called = False
         try:
-            async for piece in self.generation.pieces():
-                yield content_chunk(piece)
+            if self.tools:
+                chunks, called = await self._tool_calls()
+                for chunk in chunks:
+                    yield chunk
+            else:
+                async for chunk in self._content():
+                    yield chunk
         except RbeeError as exc:
             yield _error_event(exc)
             return
@@ -149,36 +274,47 @@ class ChatAnswer(_Answer):
         if outcome.cancelled:
             yield _error_event(_cut_short())
             return
-        yield _json(self._chunk(ChunkDelta(), finish=outcome.finish_reason))
+        finish = "tool_calls" if called else outcome.finish_reason
+        yield _json(self._chunk(ChunkDelta(), finish=finish))
         if include_usage:
             yield _json(self._chunk(ChunkDelta(), usage=usage_of(outcome)))
         yield DONE
 
 
 class TextAnswer(_Answer):
+    def __init__(self, model: str, generation: Generation, logprobs: bool = False) -> None:
+        super().__init__(model, generation)
+        self.logprobs = logprobs
+
     async def whole(self) -> Completion:
-        text = await self.generation.text()
+        text, scored = await self.generation.whole()
         outcome = self._outcome()
+        logprobs = text_logprobs(scored) if self.logprobs else None
         return Completion(
             id=self.id,
             created=self.created,
             model=self.model,
-            choices=[TextChoice(text=text, finish_reason=outcome.finish_reason)],
+            choices=[TextChoice(text=text, finish_reason=outcome.finish_reason, logprobs=logprobs)],
             usage=usage_of(outcome),
         )
 
-    def _chunk(self, text: str, finish: Any = None) -> Completion:
+    def _chunk(
+        self, text: str, finish: Any = None, logprobs: TextLogprobs | None = None
+    ) -> Completion:
         return Completion(
             id=self.id,
             created=self.created,
             model=self.model,
-            choices=[TextChoice(text=text, finish_reason=finish)],
+            choices=[TextChoice(text=text, finish_reason=finish, logprobs=logprobs)],
         )
 
     async def chunks(self, include_usage: bool) -> AsyncIterator[str]:
+        offset = 0
         try:
-            async for piece in self.generation.pieces():
-                yield _json(self._chunk(piece))
+            async for text, scored in self.generation.pieces():
+                logprobs = text_logprobs(list(scored), offset) if self.logprobs else None
+                offset += len(text)
+                yield _json(self._chunk(text, logprobs=logprobs))
         except RbeeError as exc:
             yield _error_event(exc)
             return

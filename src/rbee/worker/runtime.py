@@ -14,6 +14,7 @@ import signal
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 from fastapi import Request
 
@@ -27,6 +28,7 @@ from rbee.worker.slots import SlotPool
 from rbee.worker.state import WorkerStatusBoard
 
 log = logging.getLogger("rbee.worker")
+T = TypeVar("T")
 
 
 class WorkerRuntime:
@@ -124,6 +126,13 @@ class WorkerRuntime:
             generation.cancel()
             raise
         return generation
+
+    async def run(self, lease: Lease, work: Callable[[Engine], T]) -> T:
+        """One blocking call on the leased engine (an embedding). The slot comes back when the
+        call ends, even if the request is cancelled meanwhile."""
+        future = asyncio.get_running_loop().run_in_executor(lease.executor, work, lease.engine)
+        future.add_done_callback(lambda _: lease.release())
+        return await future
 
     # ---- shutdown -----------------------------------------------------------------------
 

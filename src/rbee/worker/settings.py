@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, CliImplicitFlag, SettingsConfigDict
 
 from rbee.common.settings import HttpUrl, Seconds, token_field
 
@@ -41,6 +41,11 @@ class WorkerSettings(BaseSettings):
     slots: int = Field(1, ge=1, le=64, description="requests generated at the same time")
     queue_size: int = Field(
         8, ge=0, description="requests that may wait for a slot; more are answered 429"
+    )
+    embedding: CliImplicitFlag[bool] = Field(
+        False,
+        description="serve POST /v1/embeddings instead of chat and completions (a model whose "
+        "file says it is an embedding model is served so without this flag)",
     )
     ctx_size: int = Field(2048, ge=16, description="context window per slot, in tokens")
     threads: int | None = Field(

@@ -18,6 +18,8 @@ class Identity:
     port: int
     hive_id: str | None
     slots: int
+    # Serves embeddings, not chat and completions.
+    embedding: bool = False
 
 
 class WorkerStatusBoard:
@@ -72,4 +74,5 @@ class WorkerStatusBoard:
             hive_id=i.hive_id,
             slots=i.slots,
             in_flight=self.in_flight,
+            embedding=i.embedding,
         )

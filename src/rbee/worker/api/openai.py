@@ -1,4 +1,5 @@
-"""The OpenAI-style API of one worker: its model, chat completions and text completions."""
+"""The OpenAI-style API of one worker: its model, chat completions, text completions and
+embeddings (a worker started for embeddings answers only those)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from fastapi import APIRouter, Depends, Request
 from sse_starlette import EventSourceResponse
 
 from rbee.common.errors import BadRequest
+from rbee.contracts.embeddings import EmbeddingList, EmbeddingRequest
 from rbee.contracts.openai import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -17,16 +19,15 @@ from rbee.contracts.openai import (
     CompletionRequest,
     ModelCard,
     ModelList,
+    ModelServing,
 )
-from rbee.worker.engines.base import Engine, Message, Prompt, PromptError
+from rbee.worker.capabilities import check_chat, check_completion
+from rbee.worker.embeddings import embed
+from rbee.worker.engines.base import Engine, Prompt, PromptError, SamplingParams
 from rbee.worker.generation import Generation
-from rbee.worker.responses import (
-    ChatAnswer,
-    TextAnswer,
-    sampling_params,
-    sse_response,
-)
+from rbee.worker.responses import ChatAnswer, TextAnswer, sampling_params, sse_response
 from rbee.worker.runtime import WorkerRuntime, get_runtime
+from rbee.worker.structured import plan_chat
 
 router = APIRouter()
 T = TypeVar("T")
@@ -36,21 +37,36 @@ Runtime = Annotated[WorkerRuntime, Depends(get_runtime)]
 
 @router.get("/v1/models")
 async def list_models(runtime: Runtime) -> ModelList:
-    return ModelList(data=[ModelCard(id=runtime.model_id, created=runtime.started_at)])
+    embedding = runtime.identity.embedding
+    serving = ModelServing(
+        state="loaded", embedding=embedding, workers=1, embedding_workers=int(embedding)
+    )
+    return ModelList(
+        data=[ModelCard(id=runtime.model_id, created=runtime.started_at, rbee=serving)]
+    )
+
+
+def _generating(runtime: WorkerRuntime) -> None:
+    if runtime.identity.embedding:
+        raise BadRequest(
+            f"this worker serves {runtime.model_id!r} for embeddings only (POST /v1/embeddings)",
+            code="model_not_chat",
+            param="model",
+        )
 
 
 async def _start(
-    runtime: WorkerRuntime,
-    prepare: Callable[[Engine], Prompt],
-    request: ChatCompletionRequest | CompletionRequest,
+    runtime: WorkerRuntime, prepare: Callable[[Engine], Prompt], params: SamplingParams
 ) -> Generation:
-    runtime.check_model(request.model)
-    params = sampling_params(request)
+    def checked(engine: Engine) -> Prompt:
+        engine.check(params)
+        return prepare(engine)
+
     lease = await runtime.acquire()
     try:
-        return await runtime.start(lease, prepare, params)
+        return await runtime.start(lease, checked, params)
     except PromptError as exc:
-        raise BadRequest(exc.message, code=exc.code) from None
+        raise BadRequest(exc.message, code=exc.code, param=exc.param) from None
 
 
 async def _unless_client_leaves(http: Request, generation: Generation, whole: Awaitable[T]) -> T:
@@ -68,13 +84,16 @@ async def _unless_client_leaves(http: Request, generation: Generation, whole: Aw
 async def chat_completions(
     request: ChatCompletionRequest, runtime: Runtime, http: Request
 ) -> ChatCompletion | EventSourceResponse:
-    messages = [Message(role=m.role, content=m.text()) for m in request.messages]
+    runtime.check_model(request.model)
+    _generating(runtime)
+    check_chat(request)
+    plan = plan_chat(request)
 
     def prepare(engine: Engine) -> Prompt:
-        return engine.prepare_chat(messages)
+        return engine.prepare_chat(plan.messages)
 
-    generation = await _start(runtime, prepare, request)
-    answer = ChatAnswer(runtime.model_id, generation)
+    generation = await _start(runtime, prepare, sampling_params(request, plan))
+    answer = ChatAnswer(runtime.model_id, generation, plan, logprobs=bool(request.logprobs))
     if request.stream:
         return sse_response(answer.chunks(request.include_usage_in_stream), runtime)
     return await _unless_client_leaves(http, generation, answer.whole())
@@ -84,13 +103,22 @@ async def chat_completions(
 async def completions(
     request: CompletionRequest, runtime: Runtime, http: Request
 ) -> Completion | EventSourceResponse:
+    runtime.check_model(request.model)
+    _generating(runtime)
+    check_completion(request)
     text = request.prompt_text()
 
     def prepare(engine: Engine) -> Prompt:
         return engine.prepare_text(text)
 
-    generation = await _start(runtime, prepare, request)
-    answer = TextAnswer(runtime.model_id, generation)
+    generation = await _start(runtime, prepare, sampling_params(request))
+    answer = TextAnswer(runtime.model_id, generation, logprobs=request.logprobs is not None)
     if request.stream:
         return sse_response(answer.chunks(request.include_usage_in_stream), runtime)
     return await _unless_client_leaves(http, generation, answer.whole())
+
+
+@router.post("/v1/embeddings")
+async def embeddings(request: EmbeddingRequest, runtime: Runtime) -> EmbeddingList:
+    runtime.check_model(request.model)
+    return await embed(runtime, request)

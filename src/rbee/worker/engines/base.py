@@ -7,9 +7,9 @@ its own and never calls one engine from two threads at once (see `rbee.worker.sl
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 FinishReason = Literal["stop", "length"]
 
@@ -21,10 +21,13 @@ class EngineError(Exception):
 class PromptError(Exception):
     """A prompt the model cannot take; answered with 400 and this message."""
 
-    def __init__(self, message: str, *, code: str = "invalid_prompt") -> None:
+    def __init__(
+        self, message: str, *, code: str = "invalid_prompt", param: str | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.code = code
+        self.param = param
 
 
 class PromptTooLong(PromptError):
@@ -53,6 +56,41 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # Generation is constrained (by llama.cpp's grammar) to JSON valid against this schema;
+    # `{}` means any JSON object will do.
+    json_schema: Mapping[str, Any] | None = None
+    # None: no log-probabilities. N: the chosen token's, and the N most likely at each step.
+    logprobs: int | None = None
+    # Token id → bias added to its logit before sampling (-100 bans, +100 forces).
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One token the model could have chosen: its bytes (maybe part of a character) and
+    its log-probability under the model's distribution."""
+
+    token: bytes
+    logprob: float
+
+
+@dataclass(frozen=True)
+class Scored(Candidate):
+    """A generated token with its log-probability and the most likely alternatives."""
+
+    top: tuple[Candidate, ...] = ()
+
+
+class Emit(Protocol):
+    def __call__(self, text: str, scored: Sequence[Scored] = ()) -> None:
+        """A new piece of text, with the scores of the tokens it completes (when asked for)."""
+        ...
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    vectors: list[list[float]]
+    prompt_tokens: int
 
 
 @dataclass(frozen=True)
@@ -76,6 +114,12 @@ class Engine(Protocol):
     @property
     def context_size(self) -> int: ...
 
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def embedding_size(self) -> int: ...
+
     def prepare_chat(self, messages: Sequence[Message]) -> Prompt:
         """Apply the model's chat template and tokenize; PromptTooLong if it cannot fit."""
         ...
@@ -84,14 +128,24 @@ class Engine(Protocol):
         """Tokenize a raw prompt; PromptTooLong if it cannot fit."""
         ...
 
+    def check(self, params: SamplingParams) -> None:
+        """PromptError (with the request field at fault) for parameters this engine cannot
+        honour, such as a token id it does not have or a schema its grammar cannot express."""
+        ...
+
     def generate(
         self,
         prompt: Prompt,
         params: SamplingParams,
-        emit: Callable[[str], None],
+        emit: Emit,
         cancelled: threading.Event,
     ) -> Outcome:
         """Generate, calling `emit` with each new piece of text; checks `cancelled` every token."""
+        ...
+
+    def embed(self, texts: Sequence[str]) -> Embeddings:
+        """Unit-length vectors, one per text, from an engine loaded for embeddings; PromptError
+        for a text that is empty or too long."""
         ...
 
     def close(self) -> None: ...
