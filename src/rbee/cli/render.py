@@ -83,7 +83,8 @@ def hives_table(hives: Sequence[HiveView]) -> Table:
 def models_table(models: Sequence[ModelEntry]) -> Table:
     table = _table("MODEL", "STATE", "WORKERS", "HIVES THAT CAN START IT")
     for m in models:
-        table.add_row(m.id, m.rbee.state, str(m.rbee.workers), ", ".join(m.rbee.hives) or "-")
+        state = f"{m.rbee.state} (embeddings)" if m.rbee.embedding else m.rbee.state
+        table.add_row(m.id, state, str(m.rbee.workers), ", ".join(m.rbee.hives) or "-")
     return table
 
 

@@ -53,6 +53,7 @@ class ModelStatus(BaseModel):
     """rbee's extension of an OpenAI model entry: is it loaded, and where could it start."""
 
     state: str = "available"
+    embedding: bool = False
     workers: int = 0
     hives: list[str] = Field(default_factory=list)
 

@@ -17,6 +17,8 @@ class SpawnRequest(BaseModel):
     device: NonEmptyStr = "cpu:0"
     slots: Annotated[int, Field(ge=1, le=64)] = 1
     worker_id: NonEmptyStr | None = None
+    # Start it for `/v1/embeddings` (llm-worker-rbee --embedding).
+    embedding: bool = False
 
 
 class SpawnResponse(BaseModel):

@@ -25,6 +25,8 @@ class WorkerSpawnJob(BaseModel):
     hive_id: NonEmptyStr | None = None
     device: NonEmptyStr | None = None
     slots: Annotated[int, Field(ge=1, le=64)] = 1
+    # True: serve `/v1/embeddings`. Unset: as the model file says (embedding models embed).
+    embedding: bool | None = None
 
 
 class WorkerStopJob(BaseModel):

@@ -191,6 +191,7 @@ class Supervisor:
             *("--host", s.host, "--advertise-host", s.public_host),
             *("--device", request.device, "--slots", str(request.slots)),
             *("--heartbeat-interval", str(s.heartbeat_interval)),
+            *(["--embedding"] if request.embedding else []),
         ]
 
     def _start(

@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from typing import Any
 
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
 from rbee.clients.worker import WorkerClient
+from rbee.contracts.openai import ModelCard, ModelServing
 from rbee.contracts.workers import WorkerInfo
 from rbee.queen.registry import worker_view
 from rbee.queen.routing.router import SERVING
@@ -27,31 +29,35 @@ WORKER_SCRAPE_TIMEOUT_S = 1.0
 
 
 def model_entries(state: QueenState) -> list[dict[str, Any]]:
-    """Models an online worker serves (`loaded`) and models a live hive could start (`available`)."""
+    """Models an online worker serves (`loaded`) and models a live hive could start
+    (`available`); `embedding` says a worker of the model answers `/v1/embeddings`."""
     now = state.registry.now()
-    workers: dict[str, int] = {}
+    workers: Counter[str] = Counter()
+    embedding: Counter[str] = Counter()
     for record in state.registry.records():
         if record.info.status in SERVING and state.registry.is_fresh(record, now):
-            workers[record.info.model_id] = workers.get(record.info.model_id, 0) + 1
+            workers[record.info.model_id] += 1
+            embedding[record.info.model_id] += record.info.embedding
     hives: dict[str, list[str]] = {}
     for hive in state.hives.all():
         if hive.online:
             for model in hive.models:
                 hives.setdefault(model, []).append(hive.id)
-    return [
-        {
-            "id": model,
-            "object": "model",
-            "created": 0,
-            "owned_by": "rbee",
-            "rbee": {
-                "state": "loaded" if workers.get(model) else "available",
-                "workers": workers.get(model, 0),
-                "hives": sorted(hives.get(model, [])),
-            },
-        }
+    cards = [
+        ModelCard(
+            id=model,
+            created=0,
+            rbee=ModelServing(
+                state="loaded" if workers[model] else "available",
+                embedding=embedding[model] > 0,
+                workers=workers[model],
+                embedding_workers=embedding[model],
+                hives=sorted(hives.get(model, [])),
+            ),
+        )
         for model in sorted(set(workers) | set(hives))
     ]
+    return [card.model_dump(mode="json") for card in cards]
 
 
 def worker_json(state: QueenState, info: WorkerInfo) -> dict[str, Any]:

@@ -58,6 +58,21 @@ def sse_error(message: str) -> bytes:
     return f"data: {json.dumps(body)}\n\n".encode()
 
 
+def _wrong_kind(model: str, embedding: bool) -> BadRequest:
+    if embedding:
+        return BadRequest(
+            f"model {model!r} is served for chat and completions only; embeddings need a "
+            "worker started for them (rbee worker spawn --embedding)",
+            code="model_not_embedding",
+            param="model",
+        )
+    return BadRequest(
+        f"model {model!r} is served for embeddings only (POST /v1/embeddings)",
+        code="model_not_chat",
+        param="model",
+    )
+
+
 class Proxy:
     def __init__(
         self,
@@ -87,19 +102,24 @@ class Proxy:
                 served.update(hive.models)
         return sorted(served)
 
-    async def lease(self, model: str, exclude: Collection[str] = ()) -> Lease:
-        if not self.router.has_live_worker(model, exclude):
-            known_workers = self.registry.find_workers_by_model(model)
+    async def lease(
+        self, model: str, exclude: Collection[str] = (), *, embedding: bool = False
+    ) -> Lease:
+        if not self.router.has_live_worker(model, exclude, embedding=embedding):
+            of_model = self.registry.find_workers_by_model(model)
+            known_workers = [w for w in of_model if w.embedding is embedding]
             if not known_workers and hives_with_model(self.hives.all(), model):
                 # Cold model: start one. Never after failures, so a broken worker cannot make
                 # the queen start worker after worker.
-                await self.spawner.ensure_worker(model)
+                await self.spawner.ensure_worker(model, embedding=embedding)
             elif known_workers:
                 failed = f" ({', '.join(exclude)} failed)" if exclude else ""
                 raise Unavailable(
                     f"no worker for model {model!r} is reachable right now{failed}",
                     code="no_worker",
                 )
+            elif of_model:
+                raise _wrong_kind(model, embedding)
             else:
                 known = ", ".join(self.known_models()) or "none"
                 raise NotFound(
@@ -109,7 +129,7 @@ class Proxy:
                 )
         admission = self.router.admission
         try:
-            return await self.router.acquire(model, exclude)
+            return await self.router.acquire(model, exclude, embedding=embedding)
         except QueueFull:
             raise TooManyRequests(
                 f"all workers for {model!r} are busy and {admission.max_waiting} requests "
@@ -124,13 +144,16 @@ class Proxy:
                 code="queue_timeout",
             ) from None
 
-    async def forward(self, request: Request, path: str) -> StreamingResponse:
+    async def forward(
+        self, request: Request, path: str, *, embedding: bool = False
+    ) -> StreamingResponse:
+        """`embedding`: the request goes to the model's embedding workers (`/v1/embeddings`)."""
         raw = await request.body()
         model, stream = parse_body(raw)
         track = self.metrics.track(model)
         track.streamed = stream
         try:
-            return await self._forward(track, path, raw, request)
+            return await self._forward(track, path, raw, request, embedding)
         except RbeeError as exc:
             track.refused(exc.status_code)
             raise
@@ -139,7 +162,7 @@ class Proxy:
             raise
 
     async def _forward(
-        self, track: RequestTrack, path: str, raw: bytes, request: Request
+        self, track: RequestTrack, path: str, raw: bytes, request: Request, embedding: bool
     ) -> StreamingResponse:
         model = track.model
         headers = {k: v for k, v in request.headers.items() if k.lower() in PASSED_REQUEST_HEADERS}
@@ -147,7 +170,7 @@ class Proxy:
         tried: list[str] = []
         reason = ""
         for _ in range(self.retries + 1):
-            lease = await self.lease(model, tried)
+            lease = await self.lease(model, tried, embedding=embedding)
             track.lease(lease.worker_id)
             try:
                 outcome = await self._attempt(lease, path, raw, headers)

@@ -42,6 +42,17 @@ def test_worker_spawn_waits_until_the_worker_is_ready(rbee: Any, queen: Any) -> 
     assert "worker w-7 ready: smollm2-135m-instruct at http://127.0.0.1:8085" in result.stdout
 
 
+def test_worker_spawn_embedding_asks_for_an_embedding_worker(rbee: Any, queen: Any) -> None:
+    queen.job_events["worker_spawn"] = [READY]
+    queen.add_worker("w-7", port=8085, embedding=True)
+
+    result = rbee("worker", "spawn", "-m", "smollm2-135m-instruct", "--embedding")
+
+    assert result.exit_code == 0, result.output
+    assert queen.jobs[0]["embedding"] is True
+    assert "embeddings" in result.stdout
+
+
 def test_worker_spawn_of_an_unknown_model_lists_the_known_ones(rbee: Any, queen: Any) -> None:
     queen.add_model("smollm2-135m-instruct")
     queen.job_events["worker_spawn"] = [

@@ -159,3 +159,12 @@ async def test_two_workers_get_two_ports_and_a_duplicate_id_is_a_conflict(hive: 
 async def test_worker_output_goes_to_the_log_dir(hive: Hive) -> None:
     spawned = await hive.client.spawn(SpawnRequest(model="acme/tiny-GGUF:tiny.Q4_0.gguf"))
     assert (Path(hive.settings.log_dir) / f"worker-{spawned.worker_id}.log").is_file()
+
+
+async def test_spawn_with_embedding_starts_the_worker_for_embeddings(hive: Hive) -> None:
+    plain = await hive.client.spawn(SpawnRequest(model="acme/tiny-GGUF:tiny.Q4_0.gguf"))
+    embedding = await hive.client.spawn(
+        SpawnRequest(model="acme/tiny-GGUF:tiny.Q4_0.gguf", embedding=True)
+    )
+    assert "--embedding" not in psutil.Process(plain.pid).cmdline()
+    assert "--embedding" in psutil.Process(embedding.pid).cmdline()

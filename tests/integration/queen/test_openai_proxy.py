@@ -72,7 +72,10 @@ class Cluster:
 
         async def come_up() -> None:
             await asyncio.sleep(0.05)
-            await self.heartbeat(worker_id, spec["model"], "ready", hive_id="h1")
+            embedding = spec.get("embedding", False)
+            await self.heartbeat(
+                worker_id, spec["model"], "ready", hive_id="h1", embedding=embedding
+            )
 
         asyncio.get_running_loop().create_task(come_up())
         url = f"http://{worker_id}:8080"
@@ -333,5 +336,72 @@ async def test_models_lists_loaded_and_startable(cluster: Cluster) -> None:
     await cluster.hive_heartbeat(["hot", "cold"])
     data = (await cluster.client.get("/v1/models")).json()["data"]
     by_id = {m["id"]: m["rbee"] for m in data}
-    assert by_id["hot"] == {"state": "loaded", "workers": 1, "hives": ["h1"]}
-    assert by_id["cold"] == {"state": "available", "workers": 0, "hives": ["h1"]}
+    assert by_id["hot"] == {
+        "state": "loaded",
+        "embedding": False,
+        "workers": 1,
+        "embedding_workers": 0,
+        "hives": ["h1"],
+    }
+    assert by_id["cold"] == {
+        "state": "available",
+        "embedding": False,
+        "workers": 0,
+        "embedding_workers": 0,
+        "hives": ["h1"],
+    }
+
+
+async def embed(cluster: Cluster, model: str = "m") -> httpx.Response:
+    return await cluster.client.post("/v1/embeddings", json={"model": model, "input": "hi"})
+
+
+async def test_embeddings_go_to_embedding_workers_and_chat_to_the_others(
+    cluster: Cluster,
+) -> None:
+    for name in ("chat1", "emb1"):
+        cluster.workers[name] = cluster.ok_worker(name)
+    await cluster.heartbeat("chat1")
+    await cluster.heartbeat("emb1", embedding=True)
+    for _ in range(3):
+        embedded = await embed(cluster)
+        assert embedded.status_code == 200
+        assert embedded.headers["x-rbee-worker-id"] == "emb1"
+        chatted = await cluster.chat()
+        assert chatted.headers["x-rbee-worker-id"] == "chat1"
+    data = (await cluster.client.get("/v1/models")).json()["data"]
+    assert data[0]["rbee"]["embedding"] is True
+    assert data[0]["rbee"]["embedding_workers"] == 1
+    assert data[0]["rbee"]["workers"] == 2
+
+
+async def test_embeddings_for_a_chat_only_model_are_400_naming_the_model(
+    cluster: Cluster,
+) -> None:
+    cluster.workers["chat1"] = cluster.ok_worker("chat1")
+    await cluster.heartbeat("chat1")
+    refused = await embed(cluster)
+    assert refused.status_code == 400
+    assert refused.json()["error"]["code"] == "model_not_embedding"
+    assert refused.json()["error"]["param"] == "model"
+    assert "--embedding" in refused.json()["error"]["message"]
+    cluster.workers["emb1"] = cluster.ok_worker("emb1")
+    await cluster.heartbeat("emb-only", model="e", embedding=True)
+    wrong = await cluster.chat(model="e")
+    assert wrong.status_code == 400
+    assert wrong.json()["error"]["code"] == "model_not_chat"
+
+
+async def test_embeddings_for_a_model_a_hive_has_start_an_embedding_worker(
+    cluster: Cluster,
+) -> None:
+    cluster.workers["chat1"] = cluster.ok_worker("chat1")
+    await cluster.heartbeat("chat1", model="cold")
+    await cluster.hive_heartbeat(["cold"])
+    answers = await asyncio.gather(*(embed(cluster, "cold") for _ in range(2)))
+    assert [a.status_code for a in answers] == [200, 200]
+    assert cluster.hive_spawns == [
+        {"model": "cold", "device": "cpu:0", "slots": 1, "embedding": True}
+    ]
+    assert {a.headers["x-rbee-worker-id"] for a in answers} == {"spawned-1"}
+    assert (await cluster.chat(model="cold")).headers["x-rbee-worker-id"] == "chat1"

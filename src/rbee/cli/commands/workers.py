@@ -26,12 +26,20 @@ def spawn(
     ] = None,
     device: Annotated[str | None, typer.Option(help="Device, e.g. cpu:0 or cuda:1.")] = None,
     slots: Annotated[int, typer.Option(min=1, max=64, help="Requests served at once.")] = 1,
+    embedding: Annotated[
+        bool, typer.Option("--embedding", help="Serve POST /v1/embeddings for the model.")
+    ] = False,
 ) -> None:
     """Start a worker for a model on a hive; returns once it is ready (the queen's spawn job
     waits for that, bounded by the queen's --spawn-timeout)."""
     cli = cli_of(ctx)
     request = WorkerSpawnJob(
-        operation="worker_spawn", model=model, hive_id=hive, device=device, slots=slots
+        operation="worker_spawn",
+        model=model,
+        hive_id=hive,
+        device=device,
+        slots=slots,
+        embedding=embedding or None,
     )
 
     async def work(client: QueenClient) -> WorkerView:
@@ -41,7 +49,8 @@ def spawn(
     result = cli.run(work)
     cli.out.print(
         f"worker {result.id} ready: {result.model_id} at {result.url}"
-        f" (hive {result.hive_id or '-'}, {result.device})",
+        f" (hive {result.hive_id or '-'}, {result.device}"
+        f"{', embeddings' if result.embedding else ''})",
         markup=False,
         highlight=False,
     )

@@ -1,4 +1,4 @@
-"""The OpenAI API of the whole cluster: models, chat completions, completions."""
+"""The OpenAI API of the whole cluster: models, chat completions, completions, embeddings."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ State = Annotated[QueenState, Depends(get_state)]
 
 @router.get("/v1/models")
 async def list_models(state: State) -> dict[str, Any]:
-    """Models an online worker serves (`loaded`) and models a live hive could start (`available`)."""
+    """Models an online worker serves (`loaded`) and models a live hive could start
+    (`available`); `rbee.embedding` says which answer `/v1/embeddings`."""
     return {"object": "list", "data": model_entries(state)}
 
 
@@ -28,3 +29,10 @@ async def chat_completions(request: Request, state: State) -> StreamingResponse:
 @router.post("/v1/completions")
 async def completions(request: Request, state: State) -> StreamingResponse:
     return await state.proxy.forward(request, "/v1/completions")
+
+
+@router.post("/v1/embeddings")
+async def embeddings(request: Request, state: State) -> StreamingResponse:
+    """Routed like chat, to the model's workers started for embeddings (one is started on a
+    hive that has the model if there is none)."""
+    return await state.proxy.forward(request, "/v1/embeddings", embedding=True)

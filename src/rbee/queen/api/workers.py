@@ -16,6 +16,7 @@ from rbee.common.errors import NotFound
 from rbee.contracts.workers import HeartbeatAck, WorkerHeartbeat, WorkerView
 from rbee.queen.live import snapshot, worker_json
 from rbee.queen.registry import ChangeKind, RegistryChange, worker_view
+from rbee.queen.routing.router import pool_of
 from rbee.queen.state import QueenState, get_state
 
 router = APIRouter()
@@ -62,7 +63,7 @@ async def worker_heartbeat(request: Request) -> Response:
     if change is not None:
         publish_change(state, change)
     # A heartbeat may mean a free slot or a new worker: let the head of the line try again.
-    state.router.admission.notify(heartbeat.worker.model_id)
+    state.router.admission.notify(pool_of(heartbeat.worker))
     ack = HeartbeatAck(status="ok", message=f"heartbeat from {heartbeat.worker.id} recorded")
     return Response(ack.model_dump_json(), media_type="application/json")
 

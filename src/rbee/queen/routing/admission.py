@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -19,27 +19,31 @@ class WaitExpired(Exception):
 
 
 class AdmissionQueue:
-    """One FIFO per model. Only the head of a queue may take a worker, so order is kept;
+    """One FIFO per pool of workers (a model, for chat or for embeddings). Only the head of a queue may take a worker, so order is kept;
     `notify(model)` wakes the head whenever a slot may have freed (a request ended, a
     heartbeat arrived, a worker joined)."""
 
     def __init__(self, max_waiting: int, max_wait_s: float) -> None:
         self.max_waiting = max_waiting
         self.max_wait_s = max_wait_s
-        self._queues: dict[str, deque[asyncio.Event]] = {}
+        self._queues: dict[Hashable, deque[asyncio.Event]] = {}
 
-    def waiting(self, model: str) -> int:
+    def waiting(self, model: Hashable) -> int:
         return len(self._queues.get(model, ()))
 
+<<<<<<< HEAD
     def waiting_by_model(self) -> dict[str, int]:
         return {model: len(queue) for model, queue in list(self._queues.items())}
 
     def notify(self, model: str) -> None:
+=======
+    def notify(self, model: Hashable) -> None:
+>>>>>>> 42af2c8 (Queen routes /v1/embeddings to embedding workers (cold start too); /v1/models, hive spawn, rbee worker spawn --embedding)
         queue = self._queues.get(model)
         if queue:
             queue[0].set()
 
-    async def acquire(self, model: str, try_take: Callable[[], T | None]) -> T:
+    async def acquire(self, model: Hashable, try_take: Callable[[], T | None]) -> T:
         queue = self._queues.setdefault(model, deque())
         if not queue and (taken := try_take()) is not None:
             return taken

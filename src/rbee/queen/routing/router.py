@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from rbee.contracts.workers import WorkerStatus
+from rbee.contracts.workers import WorkerInfo, WorkerStatus
 from rbee.queen.registry import WorkerRegistry
 from rbee.queen.routing.admission import AdmissionQueue
 from rbee.queen.routing.load import LoadTracker
@@ -15,12 +15,24 @@ from rbee.queen.routing.policies import Candidate, Policy
 # the queen's count is fresher than the worker's last heartbeat about the same requests.
 SERVING = (WorkerStatus.READY, WorkerStatus.BUSY)
 
+# The workers a request may go to: those of its model that serve embeddings, or the others.
+Pool = tuple[str, bool]
+
+
+def pool_of(info: WorkerInfo) -> Pool:
+    return (info.model_id, info.embedding)
+
 
 @dataclass(frozen=True, slots=True)
 class Lease:
     model: str
     worker_id: str
     url: str
+    embedding: bool = False
+
+    @property
+    def pool(self) -> Pool:
+        return (self.model, self.embedding)
 
 
 class Router:
@@ -35,15 +47,18 @@ class Router:
         self.tracker = tracker
         self.policy = policy
         self.admission = admission
-        self._turns: dict[str, int] = {}
+        self._turns: dict[Pool, int] = {}
 
-    def candidates(self, model: str, exclude: Collection[str] = ()) -> list[Candidate]:
+    def candidates(
+        self, model: str, exclude: Collection[str] = (), *, embedding: bool = False
+    ) -> list[Candidate]:
         now = self.registry.now()
         found = []
         for record in self.registry.records_for_model(model):
             info = record.info
             if (
-                info.id in exclude
+                info.embedding is not embedding
+                or info.id in exclude
                 or info.status not in SERVING
                 or not self.registry.is_fresh(record, now)
                 or self.tracker.is_benched(info.id, record.seen_at)
@@ -54,34 +69,44 @@ class Router:
                 found.append(Candidate(info.id, info.url, info.slots, in_flight))
         return found
 
-    def has_live_worker(self, model: str, exclude: Collection[str] = ()) -> bool:
+    def has_live_worker(
+        self, model: str, exclude: Collection[str] = (), *, embedding: bool = False
+    ) -> bool:
         """A worker that is up or on its way up (starting) and not benched after a failure,
         so waiting for it makes sense."""
         now = self.registry.now()
         return any(
-            r.info.id not in exclude
+            r.info.embedding is embedding
+            and r.info.id not in exclude
             and r.info.status in (*SERVING, WorkerStatus.STARTING)
             and self.registry.is_fresh(r, now)
             and not self.tracker.is_benched(r.info.id, r.seen_at)
             for r in self.registry.records_for_model(model)
         )
 
-    def try_take(self, model: str, exclude: Collection[str] = ()) -> Lease | None:
-        found = self.candidates(model, exclude)
+    def try_take(
+        self, model: str, exclude: Collection[str] = (), *, embedding: bool = False
+    ) -> Lease | None:
+        found = self.candidates(model, exclude, embedding=embedding)
         if not found:
             return None
-        turn = self._turns.get(model, 0)
-        self._turns[model] = turn + 1
+        pool = (model, embedding)
+        turn = self._turns.get(pool, 0)
+        self._turns[pool] = turn + 1
         choice = self.policy(found, turn)
         self.tracker.begin(choice.worker_id)
-        return Lease(model, choice.worker_id, choice.url)
+        return Lease(model, choice.worker_id, choice.url, embedding)
 
-    async def acquire(self, model: str, exclude: Collection[str] = ()) -> Lease:
-        return await self.admission.acquire(model, lambda: self.try_take(model, exclude))
+    async def acquire(
+        self, model: str, exclude: Collection[str] = (), *, embedding: bool = False
+    ) -> Lease:
+        return await self.admission.acquire(
+            (model, embedding), lambda: self.try_take(model, exclude, embedding=embedding)
+        )
 
     def release(self, lease: Lease) -> None:
         self.tracker.end(lease.worker_id)
-        self.admission.notify(lease.model)
+        self.admission.notify(lease.pool)
 
     def fail(self, lease: Lease) -> None:
         """The worker failed before answering: bench it, free the lease."""

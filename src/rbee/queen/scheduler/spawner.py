@@ -37,7 +37,7 @@ class Spawner:
         self.spawn = spawn
         self.timeout_s = timeout_s
         self.on_result = on_result
-        self._starting: dict[str, asyncio.Task[WorkerInfo]] = {}
+        self._starting: dict[tuple[str, bool], asyncio.Task[WorkerInfo]] = {}
 
     def pick_hive(self, model: str, hive_id: str | None, device: str | None) -> HiveView:
         if hive_id is not None:
@@ -53,10 +53,18 @@ class Spawner:
         return hive
 
     async def start(
-        self, model: str, hive: HiveView, device: str | None = None, slots: int = 1
+        self,
+        model: str,
+        hive: HiveView,
+        device: str | None = None,
+        slots: int = 1,
+        *,
+        embedding: bool = False,
     ) -> tuple[SpawnResponse, WorkerInfo]:
         """Ask the hive to start a worker, then wait until it heartbeats `ready`."""
-        request = SpawnRequest(model=model, device=device or "cpu:0", slots=slots)
+        request = SpawnRequest(
+            model=model, device=device or "cpu:0", slots=slots, embedding=embedding
+        )
         try:
             spawned = await self.spawn(hive, request)
             ready = await self.wait_ready(spawned.worker_id)
@@ -69,18 +77,22 @@ class Spawner:
         self.on_result(model, "ready")
         return spawned, ready
 
-    async def ensure_worker(self, model: str) -> WorkerInfo:
-        """Start one worker for a cold model; concurrent callers share the same start."""
-        task = self._starting.get(model)
+    async def ensure_worker(self, model: str, *, embedding: bool = False) -> WorkerInfo:
+        """Start one worker for a cold model (for embeddings, or for chat and completions);
+        concurrent callers share the same start."""
+        key = (model, embedding)
+        task = self._starting.get(key)
         if task is None:
             hive = self.pick_hive(model, None, None)
-            task = asyncio.create_task(self._start_one(model, hive), name=f"spawn-{model}")
-            self._starting[model] = task
-            task.add_done_callback(lambda _: self._starting.pop(model, None))
+            task = asyncio.create_task(
+                self._start_one(model, hive, embedding), name=f"spawn-{model}"
+            )
+            self._starting[key] = task
+            task.add_done_callback(lambda _: self._starting.pop(key, None))
         return await asyncio.shield(task)
 
-    async def _start_one(self, model: str, hive: HiveView) -> WorkerInfo:
-        _, info = await self.start(model, hive)
+    async def _start_one(self, model: str, hive: HiveView, embedding: bool) -> WorkerInfo:
+        _, info = await self.start(model, hive, embedding=embedding)
         return info
 
     async def wait_ready(self, worker_id: str) -> WorkerInfo:
