@@ -31,14 +31,15 @@ class AdmissionQueue:
     def waiting(self, model: Hashable) -> int:
         return len(self._queues.get(model, ()))
 
-<<<<<<< HEAD
     def waiting_by_model(self) -> dict[str, int]:
-        return {model: len(queue) for model, queue in list(self._queues.items())}
+        """Requests waiting per model name, whatever pool of its workers they wait for."""
+        counts: dict[str, int] = {}
+        for key, queue in list(self._queues.items()):
+            model = str(key[0] if isinstance(key, tuple) else key)
+            counts[model] = counts.get(model, 0) + len(queue)
+        return counts
 
-    def notify(self, model: str) -> None:
-=======
     def notify(self, model: Hashable) -> None:
->>>>>>> 42af2c8 (Queen routes /v1/embeddings to embedding workers (cold start too); /v1/models, hive spawn, rbee worker spawn --embedding)
         queue = self._queues.get(model)
         if queue:
             queue[0].set()
