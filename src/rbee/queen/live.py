@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from typing import Any
 
+import httpx
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -103,8 +104,9 @@ def _generated_tokens(text: str) -> float:
 class StatsSampler:
     """Turns counters into rates between two samples (the `stats` event)."""
 
-    def __init__(self, state: QueenState) -> None:
+    def __init__(self, state: QueenState, http: httpx.AsyncClient) -> None:
         self.state = state
+        self.http = http
         self._at = time.monotonic()
         self._requests = self._ttft_sum = self._ttft_count = 0.0
         self._tokens: dict[str, float] = {}
@@ -124,7 +126,7 @@ class StatsSampler:
         ]
 
         async def read(info: WorkerInfo) -> tuple[str, float | None]:
-            client = WorkerClient(info.url, self.state.worker_http, self.state.settings.token)
+            client = WorkerClient(info.url, self.http, self.state.settings.token)
             try:
                 return info.id, _generated_tokens(await client.metrics(WORKER_SCRAPE_TIMEOUT_S))
             except Exception as exc:  # a worker that cannot answer just has no figure now
@@ -167,13 +169,15 @@ class StatsSampler:
 async def stats_loop(state: QueenState, interval_s: float) -> None:
     """Publish a `stats` event every interval while anyone listens to the stream."""
     sampler: StatsSampler | None = None
-    while True:
-        await asyncio.sleep(interval_s)
-        if not state.bus.subscriber_count:
-            sampler = None  # start afresh: a rate over an unwatched gap means nothing
-            continue
-        if sampler is None:
-            sampler = StatsSampler(state)
-            await sampler.sample()  # the first sample only sets the baseline
-            continue
-        state.bus.publish("stats", await sampler.sample())
+    # Its own small client: the proxy's is tuned for relaying answers, not for scrapes.
+    async with httpx.AsyncClient(timeout=WORKER_SCRAPE_TIMEOUT_S) as http:
+        while True:
+            await asyncio.sleep(interval_s)
+            if not state.bus.subscriber_count:
+                sampler = None  # start afresh: a rate over an unwatched gap means nothing
+                continue
+            if sampler is None:
+                sampler = StatsSampler(state, http)
+                await sampler.sample()  # the first sample only sets the baseline
+                continue
+            state.bus.publish("stats", await sampler.sample())

@@ -49,9 +49,13 @@ def empty_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]
     yield from start_cluster(tmp_path_factory.mktemp("dashboard"), *flags, token=TOKEN)
 
 
-def status_of(page: Any, worker_id: str) -> str | None:
-    cell = page.query_selector(f'tr[data-worker-id="{worker_id}"] td.status')
-    return None if cell is None else str(cell.get_attribute("data-status"))
+def wait_until(page: Any, expression: str, timeout_s: float, every_s: float = 0.02) -> None:
+    """Poll a JavaScript expression. Playwright's wait_for_function compiles its predicate with
+    eval, which the page's Content-Security-Policy rightly forbids; evaluate() is not eval."""
+    deadline = time.monotonic() + timeout_s
+    while not page.evaluate(expression):
+        assert time.monotonic() < deadline, f"never true within {timeout_s}s: {expression}"
+        time.sleep(every_s)
 
 
 def test_live_workers_with_a_token(browser: Any, empty_cluster: Cluster) -> None:
@@ -96,10 +100,11 @@ def test_live_workers_with_a_token(browser: Any, empty_cluster: Cluster) -> None
                 "stream": True,
             }
             client.post("/v1/chat/completions", json=body).raise_for_status()
-    page.wait_for_function(
+    wait_until(
+        page,
         "cluster.series.requests_per_s.some(v => v > 0)"
         " && cluster.series.tokens_per_s.some(v => v > 0)",
-        timeout=10_000,
+        timeout_s=10,
     )
     page.wait_for_timeout(600)  # one more stats event, so the charts have a shape
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -118,13 +123,8 @@ def test_live_workers_with_a_token(browser: Any, empty_cluster: Cluster) -> None
                 assert time.monotonic() < deadline, "the worker never left ready"
                 time.sleep(0.02)
         queen_knew = time.monotonic()
-        page.wait_for_function(
-            f"""() => {{
-                const cell = document.querySelector('tr[data-worker-id="{worker_id}"] td.status');
-                return cell && ['stopping', 'stopped'].includes(cell.dataset.status);
-            }}""",
-            timeout=1_000,
-        )
+        cell = f"document.querySelector('tr[data-worker-id=\"{worker_id}\"] td.status')"
+        wait_until(page, f"['stopping', 'stopped'].includes({cell}?.dataset.status)", 1.0)
         assert time.monotonic() - queen_knew < 1.0
     finally:
         stopper.join(60)
