@@ -90,10 +90,12 @@ def create_app(
     async def health() -> dict[str, str]:
         return {"status": "ok", "version": __version__}
 
-    guarded = [Depends(bearer_guard(settings.token))]
+    guard = bearer_guard(settings.token)
+    guarded = [Depends(guard)]
     app.include_router(workers_api.router, dependencies=guarded)
     app.include_router(hives_api.router, dependencies=guarded)
     app.include_router(openai_api.router, dependencies=guarded)
+    app.router.routes.extend(openai_api.proxy_routes(guard))
     app.include_router(jobs_api.router, dependencies=guarded)
     # Prometheus sends the cluster token as its bearer token when one is set.
     app.include_router(observe_api.router, dependencies=guarded)

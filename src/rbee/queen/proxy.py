@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Collection
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from rbee.common.errors import (
     BadGateway,
@@ -32,7 +32,7 @@ from rbee.queen.routing.admission import QueueFull, WaitExpired
 from rbee.queen.routing.router import Lease, Router
 from rbee.queen.scheduler.placement import hives_with_model
 from rbee.queen.scheduler.spawner import Spawner
-from rbee.queen.upstream import UpstreamError, UpstreamResponse, WorkerClient
+from rbee.queen.upstream import UpstreamClient, UpstreamError, UpstreamResponse
 
 log = logging.getLogger("rbee.queen.proxy")
 WORKER_HEADER = "x-rbee-worker-id"
@@ -80,7 +80,7 @@ class Proxy:
         hives: HiveRegistry,
         router: Router,
         spawner: Spawner,
-        client: WorkerClient,
+        client: UpstreamClient,
         *,
         token: str | None,
         retries: int,
@@ -144,9 +144,7 @@ class Proxy:
                 code="queue_timeout",
             ) from None
 
-    async def forward(
-        self, request: Request, path: str, *, embedding: bool = False
-    ) -> StreamingResponse:
+    async def forward(self, request: Request, path: str, *, embedding: bool = False) -> Response:
         """`embedding`: the request goes to the model's embedding workers (`/v1/embeddings`)."""
         raw = await request.body()
         model, stream = parse_body(raw)
@@ -163,7 +161,7 @@ class Proxy:
 
     async def _forward(
         self, track: RequestTrack, path: str, raw: bytes, request: Request, embedding: bool
-    ) -> StreamingResponse:
+    ) -> Response:
         model = track.model
         headers = {k: v for k, v in request.headers.items() if k.lower() in PASSED_REQUEST_HEADERS}
         headers.update(auth_headers(self.token))
@@ -173,7 +171,7 @@ class Proxy:
             lease = await self.lease(model, tried, embedding=embedding)
             track.lease(lease.worker_id)
             try:
-                outcome = await self._attempt(lease, path, raw, headers)
+                outcome = await self._attempt(lease, path, raw, headers, not track.streamed)
             except BaseException:
                 # The client left while we waited for the worker, or something unforeseen: the
                 # slot must not stay counted as busy.
@@ -189,35 +187,45 @@ class Proxy:
         raise BadGateway(f"{len(tried)} worker(s) failed for {model!r}; last: {reason}")
 
     async def _attempt(
-        self, lease: Lease, path: str, raw: bytes, headers: dict[str, str]
+        self, lease: Lease, path: str, raw: bytes, headers: dict[str, str], whole: bool
     ) -> UpstreamResponse | str:
-        """The worker's response if it answered below 500, or why it failed."""
+        """The worker's response if it answered below 500 (read to the end if `whole`), or why
+        it failed."""
         try:
             upstream = await self.client.post(f"{lease.url}{path}", raw, headers)
         except UpstreamError as exc:
             return f"{lease.worker_id}: {exc}"
-        if upstream.status_code < 500:
+        if upstream.status_code < 500 and not whole:
             return upstream
         try:
-            detail = (await upstream.aread())[:200].decode(errors="replace")
-        except UpstreamError:
-            detail = ""
-        finally:
+            body = await upstream.aread()
+        except UpstreamError as exc:
+            # Nothing has reached the client yet, so another worker can still answer.
             upstream.close()
+            return f"{lease.worker_id}: {exc} (before its answer was complete)"
+        upstream.close()
+        if upstream.status_code < 500:
+            return upstream
+        detail = body[:200].decode(errors="replace")
         return f"{lease.worker_id}: HTTP {upstream.status_code} {detail}"
 
-    def _respond(
-        self, lease: Lease, upstream: UpstreamResponse, track: RequestTrack
-    ) -> StreamingResponse:
+    def _respond(self, lease: Lease, upstream: UpstreamResponse, track: RequestTrack) -> Response:
         headers = {WORKER_HEADER: lease.worker_id}
         for name in ("retry-after",):
             if name in upstream.headers:
                 headers[name] = upstream.headers[name]
+        media_type = upstream.headers.get("content-type")
+        if upstream.content is not None:
+            # A whole answer goes out in one piece: cheaper than streaming it, and the worker's
+            # slot is already free.
+            self.router.release(lease)
+            track.end(upstream.status_code)
+            return Response(upstream.content, upstream.status_code, headers, media_type)
         return StreamingResponse(
             self._relay(lease, upstream, track),
             status_code=upstream.status_code,
             headers=headers,
-            media_type=upstream.headers.get("content-type"),
+            media_type=media_type,
         )
 
     async def _relay(

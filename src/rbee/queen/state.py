@@ -21,7 +21,7 @@ from rbee.queen.routing.policies import POLICIES
 from rbee.queen.routing.router import Router
 from rbee.queen.scheduler.spawner import Spawner
 from rbee.queen.settings import QueenSettings
-from rbee.queen.upstream import WorkerClient
+from rbee.queen.upstream import UpstreamClient
 
 
 @dataclass
@@ -36,13 +36,15 @@ class QueenState:
     jobs: Jobs
     operations: Operations
     hive_clients: HiveClients
-    worker_http: WorkerClient
+    worker_http: httpx.AsyncClient
+    upstream: UpstreamClient
     metrics: QueenMetrics
 
     async def aclose(self) -> None:
         await self.jobs.close()
         await self.hive_clients.aclose()
         await self.worker_http.aclose()
+        await self.upstream.aclose()
 
 
 def build_state(
@@ -50,8 +52,9 @@ def build_state(
     clock: Clock,
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> QueenState:
-    """Wire the queen's parts. `transport` replaces the network to hives in tests; requests to
-    workers always go over real sockets (tests run fake workers on loopback ports)."""
+    """Wire the queen's parts. `transport` replaces the network to hives and the workers' control
+    endpoints in tests; proxied inference always goes over real sockets (`UpstreamClient`; tests
+    run fake workers on loopback ports, see `rbee.testing.worker_servers`)."""
     registry = WorkerRegistry(settings.heartbeat_timeout, clock)
     hives = HiveRegistry(settings.heartbeat_timeout, clock)
     bus = EventBus()
@@ -68,13 +71,15 @@ def build_state(
         settings.spawn_timeout,
         on_result=metrics.worker_started,
     )
-    worker_http = WorkerClient()
+    # Calls to workers off the hot path (metrics scrapes); proxied inference uses `upstream`.
+    worker_http = httpx.AsyncClient(transport=transport, timeout=10.0)
+    upstream = UpstreamClient()
     proxy = Proxy(
         registry,
         hives,
         router,
         spawner,
-        worker_http,
+        upstream,
         token=settings.token,
         retries=settings.retries,
         metrics=metrics,
@@ -91,6 +96,7 @@ def build_state(
         operations=Operations(registry, hives, spawner, clients),
         hive_clients=clients,
         worker_http=worker_http,
+        upstream=upstream,
         metrics=metrics,
     )
 

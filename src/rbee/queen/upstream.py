@@ -47,6 +47,7 @@ class UpstreamResponse:
     def __init__(self, raw: aiohttp.ClientResponse) -> None:
         self._raw = raw
         self._complete = False
+        self.content: bytes | None = None  # the whole body, once `aread` has read it
         self.status_code = raw.status
         self.headers: CIMultiDictProxy[str] = raw.headers
 
@@ -56,6 +57,7 @@ class UpstreamResponse:
         except _NETWORK_ERRORS as exc:
             raise UpstreamError(_describe(exc)) from exc
         self._complete = True
+        self.content = body
         return body
 
     async def aiter_bytes(self) -> AsyncIterator[bytes]:
@@ -76,7 +78,7 @@ class UpstreamResponse:
             self._raw.close()
 
 
-class WorkerClient:
+class UpstreamClient:
     """One pool of kept-alive connections to all workers; the session is made on first use,
     inside the running event loop, as aiohttp requires."""
 

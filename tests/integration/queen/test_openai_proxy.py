@@ -184,6 +184,22 @@ async def test_worker_5xx_before_first_byte_is_retried(cluster: Cluster) -> None
         assert response.headers["x-rbee-worker-id"] == "good"
 
 
+async def test_whole_answer_cut_midway_is_retried_elsewhere(cluster: Cluster) -> None:
+    async def dying(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=sse_chunks(5, fail_after=2))
+
+    cluster.workers["dying"] = dying
+    cluster.workers["good"] = cluster.ok_worker("good")
+    await cluster.heartbeat("dying")
+    await cluster.heartbeat("good")
+    for _ in range(2):
+        response = await cluster.chat()
+        assert response.status_code == 200
+        assert response.headers["x-rbee-worker-id"] == "good"
+        assert response.json()["choices"][0]["message"]["content"] == "from good"
+    assert cluster.served.count("dying") == 1
+
+
 async def test_worker_4xx_is_passed_to_the_client(cluster: Cluster) -> None:
     async def strict(request: httpx.Request) -> httpx.Response:
         return httpx.Response(400, json={"error": {"message": "prompt too long", "code": "ctx"}})

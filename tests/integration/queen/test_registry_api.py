@@ -109,11 +109,21 @@ async def test_stale_worker_shows_offline(queen: httpx.AsyncClient, clock: FakeC
 
 async def test_token_guards_everything_but_health(make_client: ClientFactory) -> None:
     client = make_client(token="s3cret")
-    for method, path in [("GET", "/v1/workers"), ("GET", "/v1/hives"), ("DELETE", "/v1/workers/x")]:
-        response = await client.request(method, path)
+    for method, path in [
+        ("GET", "/v1/workers"),
+        ("GET", "/v1/hives"),
+        ("DELETE", "/v1/workers/x"),
+        ("GET", "/v1/models"),
+        ("POST", "/v1/chat/completions"),
+        ("POST", "/v1/completions"),
+    ]:
+        response = await client.request(method, path, json={"model": "m"})
         assert response.status_code == 401, path
         assert response.json()["error"]["type"] == "authentication_error"
     wrong = await client.get("/v1/workers", headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401
+    chat = {"model": "m", "messages": []}
+    wrong = await client.post("/v1/chat/completions", json=chat, headers={"Authorization": "x"})
     assert wrong.status_code == 401
     denied = await client.post("/v1/worker-heartbeat", json=hb("w1"))
     assert denied.status_code == 401
