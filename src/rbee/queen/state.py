@@ -36,14 +36,12 @@ class QueenState:
     jobs: Jobs
     operations: Operations
     hive_clients: HiveClients
-    worker_http: httpx.AsyncClient
     upstream: UpstreamClient
     metrics: QueenMetrics
 
     async def aclose(self) -> None:
         await self.jobs.close()
         await self.hive_clients.aclose()
-        await self.worker_http.aclose()
         await self.upstream.aclose()
 
 
@@ -52,9 +50,9 @@ def build_state(
     clock: Clock,
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> QueenState:
-    """Wire the queen's parts. `transport` replaces the network to hives and the workers' control
-    endpoints in tests; proxied inference always goes over real sockets (`UpstreamClient`; tests
-    run fake workers on loopback ports, see `rbee.testing.worker_servers`)."""
+    """Wire the queen's parts. `transport` replaces the network to hives in tests; proxied
+    inference always goes over real sockets (`UpstreamClient`; tests run fake workers on
+    loopback ports, see `rbee.testing.worker_servers`)."""
     registry = WorkerRegistry(settings.heartbeat_timeout, clock)
     hives = HiveRegistry(settings.heartbeat_timeout, clock)
     bus = EventBus()
@@ -71,8 +69,6 @@ def build_state(
         settings.spawn_timeout,
         on_result=metrics.worker_started,
     )
-    # Calls to workers off the hot path (metrics scrapes); proxied inference uses `upstream`.
-    worker_http = httpx.AsyncClient(transport=transport, timeout=10.0)
     upstream = UpstreamClient()
     proxy = Proxy(
         registry,
@@ -95,7 +91,6 @@ def build_state(
         jobs=Jobs(clock=clock),
         operations=Operations(registry, hives, spawner, clients),
         hive_clients=clients,
-        worker_http=worker_http,
         upstream=upstream,
         metrics=metrics,
     )
