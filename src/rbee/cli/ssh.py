@@ -170,9 +170,7 @@ class Ssh(Shell):
         """ssh's own one-line complaint when the connection itself failed."""
         if result.code != SSH_FAILED:
             return None
-        return (
-            f"SSH to {self.target} failed: {result.last_lines(1, stderr=True) or 'ssh exited 255'}"
-        )
+        return f"SSH to {self.target} failed: {result.last_lines(1, stderr=True) or result.last_lines(1) or 'ssh exited 255'}"
 
 
 def quote(value: str | int | float | None) -> str:

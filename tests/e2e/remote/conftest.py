@@ -103,6 +103,8 @@ def box(tmp_path: Path) -> Iterator[Box]:
             f"RBEE_STATE_DIR={state_dir}",
             f"RBEE_HIVE_LOG_DIR={home / 'logs'}",
             f"RBEE_HIVE_MODELS_DIR={home / 'models'}",
+            # The box has no route to a package index: pip uses only the wheels given to it.
+            "PIP_NO_INDEX=1",
         ]
     )
     config = keys / "sshd_config"

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import typer
 
 from rbee.cli import processes, state
-from rbee.cli.commands import remote
+from rbee.cli.commands import remote, setup
 from rbee.cli.context import Cli, CliError, cli_of
 from rbee.cli.remote_hive import RemoteHive
 from rbee.cli.urls import check_queen_url
@@ -192,8 +192,10 @@ def hive_start(
         typer.Option(min=1, help="Seconds to wait for it (to answer; with --ssh, to join)."),
     ] = 60,
 ) -> None:
-    """Start a hive in the background, reporting to the queen: on this machine, or with --ssh
-    on another one (detached, so it outlives the SSH session)."""
+    """Start a hive in the background, here or on another machine (--ssh), reporting to the queen.
+
+    Over SSH the hive is detached, so it outlives the SSH session, and the command waits until
+    it has joined the queen."""
     cli = cli_of(ctx)
     if ssh is not None:
         if queen_url is not None:
@@ -277,3 +279,6 @@ def hive_logs(
     except OSError:
         cli.fail(f"no hive log at {path} (was the hive started with `rbee hive start`?)")
     print("\n".join(text.splitlines()[-lines:]))
+
+
+setup.register(queen_app, hive_app)

@@ -162,8 +162,11 @@ def up(
         float, typer.Option(min=1, help="Seconds to wait for the workers to be ready.")
     ] = 300,
 ) -> None:
-    """Start a queen, hives and workers — on this machine, or as a cluster file says (hives on
-    other machines over SSH); serve until Ctrl-C, then stop them all."""
+    """Start a queen, hives and workers; serve until Ctrl-C, then stop them all.
+
+    Without a cluster file, everything runs on this machine. With one (--config, RBEE_CONFIG,
+    or ~/.config/rbee/cluster.toml), the queen runs here and the hives where it says: here or
+    on other machines over SSH."""
     cli = cli_of(ctx)
     path = config or default_path()
     if config is not None or path.is_file():
