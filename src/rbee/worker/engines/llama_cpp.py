@@ -253,6 +253,11 @@ class LlamaCppEngine:
         room = self._n_ctx - len(prompt.tokens)
         limit = room if params.max_tokens is None else min(params.max_tokens, room)
         llm.set_seed(params.seed if params.seed is not None else random.getrandbits(32))
+        if params.seed is not None:
+            # Reusing a cached prompt prefix decodes the rest in another batch shape, which
+            # moves the logits by rounding: enough to change a sampled token. A seeded request
+            # decodes its whole prompt afresh, so the same seed gives the same text.
+            llm.reset()  # type: ignore[no-untyped-call]
         stops = StopMatcher((*params.stop, *prompt.stop))
         utf8 = Utf8Stream()
         produced, finish, was_cancelled = 0, "length", False
@@ -321,10 +326,18 @@ class LlamaCppEngine:
                     code="context_length_exceeded",
                     param=f"input[{i}]",
                 )
-        vectors, count = self._llm.embed(
-            list(texts), normalize=True, truncate=False, return_count=True
-        )
-        return Embeddings(vectors=[list(map(float, v)) for v in vectors], prompt_tokens=int(count))
+        vectors: list[list[float]] = []
+        tokens = 0
+        for text in texts:
+            # One text per decode: batched with others, the same text comes out different in
+            # the last digits (another batch shape, another rounding), and a client comparing
+            # vectors expects the same text to give the same vector.
+            [vector], count = self._llm.embed(
+                [text], normalize=True, truncate=False, return_count=True
+            )
+            vectors.append([float(x) for x in vector])
+            tokens += int(count)
+        return Embeddings(vectors=vectors, prompt_tokens=tokens)
 
     def close(self) -> None:
         self._llm.close()
