@@ -100,3 +100,21 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         c.spawn_worker()
         c.spawn_worker()
         yield c
+
+
+@pytest.fixture(scope="session")
+def apps_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """What applications talk to (issue 16): one chat worker and one embedding worker of the
+    bundled model, started by jobs; shared by the openai-client and LangChain tests."""
+    for c in start_cluster(tmp_path_factory.mktemp("apps")):
+        c.spawn_worker()
+        event = c.run_job(
+            {
+                "operation": "worker_spawn",
+                "model": DEFAULT_MODEL,
+                "hive_id": c.hive_id,
+                "embedding": True,
+            }
+        )
+        assert event["type"] == "done", event
+        yield c

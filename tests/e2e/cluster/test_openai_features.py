@@ -20,7 +20,7 @@ from pydantic import BaseModel
 
 from rbee.common.bundled import DEFAULT_MODEL, DEFAULT_SYSTEM_PROMPT
 
-from .conftest import Cluster, start_cluster
+from .conftest import Cluster
 
 pytestmark = pytest.mark.e2e
 SYSTEM = {"role": "system", "content": DEFAULT_SYSTEM_PROMPT}
@@ -42,28 +42,17 @@ class GetWeather(BaseModel):
 WEATHER_TOOL = openai.pydantic_function_tool(GetWeather, name="get_weather")
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """One chat worker and one embedding worker of the bundled model, started by jobs."""
-    for c in start_cluster(tmp_path_factory.mktemp("features")):
-        c.spawn_worker()
-        event = c.run_job(
-            {
-                "operation": "worker_spawn",
-                "model": DEFAULT_MODEL,
-                "hive_id": c.hive_id,
-                "embedding": True,
-            }
-        )
-        assert event["type"] == "done", event
-        yield c
+@pytest.fixture
+def cluster(apps_cluster: Cluster) -> Cluster:
+    return apps_cluster
 
 
 @pytest.fixture
-def client(cluster: Cluster) -> openai.OpenAI:
-    return openai.OpenAI(
+def client(cluster: Cluster) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(
         base_url=f"{cluster.queen_url}/v1", api_key="unused", max_retries=0, timeout=120
-    )
+    ) as sdk:
+        yield sdk
 
 
 def ask(text: str) -> list[Any]:
