@@ -9,6 +9,9 @@ and through the queen, whole and streamed (time to first byte), by 1 client and 
 clients. Each round measures every column once, in a rotating order, so noise on a shared
 machine hits all columns alike.
 
+Below each requests/s figure: the CPU time per request of the process that handled it (for
+direct, the worker; for nginx, its worker process; for the queen, the queen alone).
+
 Targets (issue 13), queen over direct: at most +1.0 ms at p50 and +2.0 ms at p99 with one
 client; at `--clients` clients at least 0.8x the requests/s and at most 2x the p99.
 
@@ -34,6 +37,7 @@ from pathlib import Path
 
 import httptools
 import httpx
+import psutil
 import uvloop
 
 from rbee.testing.processes import ServerProcess, console_script, free_port
@@ -46,6 +50,15 @@ SLOTS = 32
 class Target:
     name: str
     port: int
+    # The processes that handle its requests, whose CPU time is counted (direct: the worker).
+    processes: tuple[psutil.Process, ...]
+
+    def cpu_s(self) -> float:
+        return sum(sum(p.cpu_times()[:2]) for p in self.processes)
+
+
+class Failed(Exception):
+    """A response other than 200; the connection stays usable."""
 
 
 class Connection(asyncio.Protocol):
@@ -57,6 +70,7 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.done: asyncio.Future[float] | None = None
         self.first_byte = 0.0
+        self.body = bytearray()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
@@ -67,12 +81,13 @@ class Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         if not self.first_byte:
             self.first_byte = time.perf_counter()
+        self.body += body
 
     def on_message_complete(self) -> None:
         assert self.done is not None
         status = self.parser.get_status_code()
         if status != 200:
-            self.done.set_exception(RuntimeError(f"HTTP {status}"))
+            self.done.set_exception(Failed(f"HTTP {status} {bytes(self.body[:160]).decode()}"))
         else:
             self.done.set_result(time.perf_counter())
 
@@ -85,6 +100,7 @@ class Connection(asyncio.Protocol):
         assert self.transport is not None
         self.done = asyncio.get_running_loop().create_future()
         self.first_byte = 0.0
+        self.body.clear()
         start = time.perf_counter()
         self.transport.write(raw)
         end = await self.done
@@ -121,6 +137,12 @@ class Samples:
 
     latencies: list[float] = field(default_factory=list)
     rates: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    answered: int = 0  # requests done in the timed slices (N clients)
+    cpu_s: float = 0.0  # CPU time its processes spent in those slices
+
+    def timed(self, stream: bool, times: tuple[float, float]) -> None:
+        self.latencies.append(times[0] if stream else times[1])
 
     def pct(self, q: float) -> float:
         ordered = sorted(self.latencies)
@@ -130,12 +152,25 @@ class Samples:
         return sum(self.rates) / len(self.rates)
 
 
+async def attempt(
+    port: int, conn: Connection, raw: bytes, stream: bool, into: Samples
+) -> Connection:
+    """One request; a failure is counted (not timed), and a lost connection replaced."""
+    try:
+        into.timed(stream, await conn.request(raw))
+    except Failed as exc:
+        into.errors.append(str(exc))
+    except ConnectionError as exc:
+        into.errors.append(str(exc))
+        return await connect(port)
+    return conn
+
+
 async def one_client(port: int, raw: bytes, requests: int, stream: bool, into: Samples) -> None:
     conn = await connect(port)
     try:
         for _ in range(requests):
-            first, total = await conn.request(raw)
-            into.latencies.append(first if stream else total)
+            conn = await attempt(port, conn, raw, stream, into)
     finally:
         assert conn.transport is not None
         conn.transport.close()
@@ -147,21 +182,21 @@ async def many_clients(
     conns = [await connect(port) for _ in range(clients)]
     done = 0
 
-    async def loop(conn: Connection, until: float) -> None:
+    async def loop(i: int, until: float) -> None:
         nonlocal done
         while time.perf_counter() < until:
-            first, total = await conn.request(raw)
-            into.latencies.append(first if stream else total)
+            conns[i] = await attempt(port, conns[i], raw, stream, into)
             done += 1
 
     start = time.perf_counter()
     try:
-        await asyncio.gather(*(loop(c, start + seconds) for c in conns))
+        await asyncio.gather(*(loop(i, start + seconds) for i in range(clients)))
     finally:
         for conn in conns:
             assert conn.transport is not None
             conn.transport.close()
     into.rates.append(done / (time.perf_counter() - start))
+    into.answered += done
 
 
 NGINX_CONF = """
@@ -181,6 +216,8 @@ http {{
     upstream worker {{
         server 127.0.0.1:{worker_port};
         keepalive 64;
+        # Under uvicorn's 5 s: reusing a connection the worker is closing would fail a request.
+        keepalive_timeout 4s;
     }}
     server {{
         listen 127.0.0.1:{port};
@@ -203,14 +240,14 @@ def cluster(token: str) -> Iterator[list[Target]]:
     queen_url = f"http://127.0.0.1:{queen_port}"
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="rbee-proxy-bench-"))
-        stack.enter_context(
+        queen = stack.enter_context(
             ServerProcess(
                 [console_script("queen-rbee"), "--port", str(queen_port)],
                 health_url=f"{queen_url}/health",
                 env=env,
             )
         )
-        stack.enter_context(
+        worker = stack.enter_context(
             ServerProcess(
                 [
                     console_script("python"),
@@ -234,7 +271,7 @@ def cluster(token: str) -> Iterator[list[Target]]:
             )
         )
         wait_registered(queen_url, token)
-        targets = [Target("direct", worker_port)]
+        targets = [Target("direct", worker_port, (psutil.Process(worker.pid),))]
         nginx = shutil.which("nginx") or (
             "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
         )
@@ -251,14 +288,15 @@ def cluster(token: str) -> Iterator[list[Target]]:
                     port=nginx_port,
                 )
             )
-            stack.enter_context(
+            master = stack.enter_context(
                 ServerProcess(
                     [nginx, "-e", f"{tmp}/error.log", "-p", tmp, "-c", str(conf)],
                     health_url=f"http://127.0.0.1:{nginx_port}/health",
                 )
             )
-            targets.append(Target("nginx", nginx_port))
-        targets.append(Target("queen", queen_port))
+            nginx_workers = tuple(psutil.Process(master.pid).children())
+            targets.append(Target("nginx", nginx_port, nginx_workers))
+        targets.append(Target("queen", queen_port, (psutil.Process(queen.pid),)))
         yield targets
 
 
@@ -296,7 +334,9 @@ async def measure(
                 into = results[label, t.name]
                 raw = raws[t.name, stream]
                 if many:
+                    cpu = t.cpu_s()
                     await many_clients(t.port, raw, args.clients, args.seconds, stream, into)
+                    into.cpu_s += t.cpu_s() - cpu
                 else:
                     await one_client(t.port, raw, args.requests, stream, into)
         print(f"round {r + 1}/{args.rounds} done", flush=True)
@@ -326,6 +366,14 @@ def report(targets: list[Target], results: dict[tuple[str, str], Samples], clien
                 extra = "" if n == "direct" else f" ({value / base:.2f}x)"
                 cells.append(f"{value:.0f}{extra}")
             print(f"{shown + ' req/s':34}" + "".join(f"{c:>20}" for c in cells))
+            cpu = [
+                results[label, n].cpu_s * 1000 / max(1, results[label, n].answered) for n in names
+            ]
+            print(f"{shown + ' CPU ms/req':34}" + "".join(f"{c:>20.2f}" for c in cpu))
+    for n in names:
+        errors = [e for label, _, _ in SCENARIOS for e in results[label, n].errors]
+        if errors:
+            print(f"{n}: {len(errors)} failed requests, e.g. {errors[0]}")
     print()
     checks = []
     for label, many, _ in SCENARIOS:

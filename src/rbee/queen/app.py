@@ -95,7 +95,8 @@ def create_app(
     app.include_router(workers_api.router, dependencies=guarded)
     app.include_router(hives_api.router, dependencies=guarded)
     app.include_router(openai_api.router, dependencies=guarded)
-    app.router.routes.extend(openai_api.proxy_routes(guard))
+    # First in line: the router tries routes in order, and these carry nearly all the traffic.
+    app.router.routes[:0] = openai_api.proxy_routes(guard)
     app.include_router(jobs_api.router, dependencies=guarded)
     # Prometheus sends the cluster token as its bearer token when one is set.
     app.include_router(observe_api.router, dependencies=guarded)

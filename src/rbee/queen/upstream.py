@@ -28,6 +28,10 @@ SocketOption = tuple[int, int, int]
 # covers waiting for a pooled connection too; there is no overall deadline on an answer.
 WORKER_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=10.0, sock_connect=3.0, sock_read=600.0)
 NODELAY: list[SocketOption] = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+# An idle pooled connection is closed before the worker's server closes it (uvicorn: after 5 s):
+# a request written into a connection the worker is just closing would fail, and the worker
+# would be benched for it.
+KEEPALIVE_S = 4.0
 
 # What a broken or vanished worker raises, from resolving its name to reading its answer.
 _NETWORK_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
@@ -94,7 +98,9 @@ class UpstreamClient:
         return sock
 
     def _open(self) -> aiohttp.ClientSession:
-        connector = aiohttp.TCPConnector(limit=0, socket_factory=self._socket)
+        connector = aiohttp.TCPConnector(
+            limit=0, keepalive_timeout=KEEPALIVE_S, socket_factory=self._socket
+        )
         return aiohttp.ClientSession(
             connector=connector,
             timeout=WORKER_TIMEOUT,
