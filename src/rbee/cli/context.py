@@ -42,7 +42,9 @@ def advice(exc: BaseException, queen_url: str) -> str:
     if isinstance(exc, QueenUnreachable):
         return f"queen is not running at {exc.url} — start it with `rbee queen start` or `rbee up`"
     if isinstance(exc, QueenHTTPError) and exc.status == 401:
-        return f"the queen at {queen_url} refused the token — set RBEE_TOKEN or pass --token"
+        return f"the queen at {queen_url} refused the token — set RBEE_TOKEN or pass --token-file"
+    if isinstance(exc, QueenHTTPError) and exc.status == 403:
+        return f"the queen said: {exc} (HTTP 403: this needs the cluster token, not an API key)"
     if isinstance(exc, QueenHTTPError) and exc.status >= 400:
         return f"the queen said: {exc} (HTTP {exc.status})"
     if isinstance(exc, QueenHTTPError):  # an error event inside an answer already streaming

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
 from rbee import __version__
-from rbee.cli.commands import daemons, infer, models, status, up, workers
+from rbee.cli.commands import daemons, infer, keys, models, status, up, workers
 from rbee.cli.context import Cli, ClientFactory, default_client
 from rbee.cli.urls import check_queen_url
 from rbee.clients.queen import DEFAULT_QUEEN_URL
@@ -27,6 +28,17 @@ def print_version(value: bool) -> None:
     if value:
         print(f"rbee {__version__}")
         raise typer.Exit()
+
+
+def read_token(token_file: Path | None) -> str | None:
+    if token_file is None:
+        return os.environ.get("RBEE_TOKEN") or None
+    try:
+        return token_file.read_text().strip() or None
+    except OSError as exc:
+        raise typer.BadParameter(
+            f"{token_file}: {exc.strerror}", param_hint="--token-file"
+        ) from None
 
 
 def build_app(make_client: ClientFactory = default_client) -> typer.Typer:
@@ -48,9 +60,13 @@ def build_app(make_client: ClientFactory = default_client) -> typer.Typer:
                 envvar="RBEE_QUEEN_URL", help="Where the queen answers.", callback=check_queen_url
             ),
         ] = DEFAULT_QUEEN_URL,
-        token: Annotated[
-            str | None,
-            typer.Option(envvar="RBEE_TOKEN", help="Cluster token (sent as a bearer token)."),
+        token_file: Annotated[
+            Path | None,
+            typer.Option(
+                help="Read the cluster token or an API key from this file (default: env "
+                "RBEE_TOKEN; never on the command line, where `ps` shows it).",
+                dir_okay=False,
+            ),
         ] = None,
         version: Annotated[
             bool,
@@ -61,7 +77,7 @@ def build_app(make_client: ClientFactory = default_client) -> typer.Typer:
     ) -> None:
         ctx.obj = Cli(
             queen_url=queen_url.rstrip("/"),
-            token=token or None,
+            token=read_token(token_file),
             make_client=make_client,
             out=console(stderr=False),
             err=console(stderr=True),
@@ -72,6 +88,7 @@ def build_app(make_client: ClientFactory = default_client) -> typer.Typer:
     infer.register(app)
     app.add_typer(models.app, name="model")
     app.add_typer(workers.app, name="worker")
+    app.add_typer(keys.app, name="key")
     app.add_typer(daemons.queen_app, name="queen")
     app.add_typer(daemons.hive_app, name="hive")
     return app

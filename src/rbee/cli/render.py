@@ -11,6 +11,7 @@ from rich.table import Table
 
 from rbee.clients.queen import ModelEntry
 from rbee.contracts.hives import HiveView
+from rbee.contracts.keys import ApiKeyInfo
 from rbee.contracts.workers import WorkerView
 
 
@@ -40,7 +41,7 @@ def worker_state(worker: WorkerView) -> str:
 
 
 def worker_address(worker: WorkerView) -> str:
-    return worker.url.removeprefix("http://")
+    return worker.url.partition("://")[2]
 
 
 def _table(*columns: str) -> Table:
@@ -98,6 +99,20 @@ def catalog_table(models: Iterable[dict[str, Any]]) -> Table:
             str(m.get("format", "-")),
             str(m.get("source", "-")),
             str(m.get("name", "")),
+        )
+    return table
+
+
+def keys_table(keys: Sequence[ApiKeyInfo]) -> Table:
+    table = _table("NAME", "CREATED", "EXPIRES", "LAST USED", "REQUESTS", "TOKENS")
+    for k in keys:
+        table.add_row(
+            k.name,
+            f"{k.created:%Y-%m-%d %H:%M}",
+            f"{k.expires:%Y-%m-%d %H:%M}" if k.expires else "never",
+            f"{k.last_used:%Y-%m-%d %H:%M}" if k.last_used else "never",
+            str(k.requests),
+            str(k.tokens),
         )
     return table
 

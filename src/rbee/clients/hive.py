@@ -72,6 +72,8 @@ class HiveClient(OwnedHttpClient):
         wait_s: float | None = None,
     ) -> httpx.Response:
         json_body = body.model_dump(mode="json", exclude_none=True) if body else None
+        if json_body is None and method == "POST":
+            json_body = {}  # every rbee daemon takes POSTs as application/json only
         timeout = httpx.USE_CLIENT_DEFAULT if wait_s is None else httpx.Timeout(wait_s)
         try:
             response = await self._http.request(method, path, json=json_body, timeout=timeout)

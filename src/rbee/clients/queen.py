@@ -19,6 +19,7 @@ from rbee.clients.base import OwnedHttpClient
 from rbee.contracts.errors import read_error
 from rbee.contracts.hives import HiveView
 from rbee.contracts.jobs import JobCreated, JobEvent, JobRequest
+from rbee.contracts.keys import ApiKeyInfo, KeyCreate, KeyCreated, KeyList
 from rbee.contracts.workers import WorkerView
 
 DEFAULT_QUEEN_URL = "http://127.0.0.1:7833"
@@ -194,6 +195,18 @@ class QueenClient(OwnedHttpClient):
                 if event.type == "done":
                     return event.result or {}
         raise JobFailed(job.job_id, "unreachable")  # pragma: no cover - job_events raises first
+
+    # -- API keys --------------------------------------------------------------------------
+
+    async def create_key(self, name: str, expires_days: int | None = None) -> KeyCreated:
+        body = KeyCreate(name=name, expires_days=expires_days).model_dump(exclude_none=True)
+        return KeyCreated.model_validate(await self._request("POST", "/v1/keys", json=body))
+
+    async def keys(self) -> list[ApiKeyInfo]:
+        return KeyList.model_validate(await self._request("GET", "/v1/keys")).keys
+
+    async def revoke_key(self, name: str) -> None:
+        await self._request("DELETE", f"/v1/keys/{name}")
 
     # -- inference -------------------------------------------------------------------------
 

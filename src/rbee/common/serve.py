@@ -11,6 +11,7 @@ import logging
 import socket
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 from typing import NoReturn, TypeVar
 
@@ -29,12 +30,21 @@ def fail(prog: str, message: str, code: int = 1) -> NoReturn:
 
 def parse_settings(cls: type[S], prog: str, argv: list[str] | None = None) -> S:
     """Flags and environment parsed by the settings class itself: each option is written once."""
+    args = sys.argv[1:] if argv is None else argv
+    if any(arg == "--token" or arg.startswith("--token=") for arg in args):
+        # Anything on a command line is readable by every user of the machine (`ps`).
+        fail(
+            prog,
+            "a token is never taken from the command line: set RBEE_TOKEN or use --token-file PATH",
+            code=2,
+        )
     try:
-        return CliApp.run(cls, cli_args=argv)
+        return CliApp.run(cls, cli_args=args)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = "-".join(str(p) for p in first["loc"]) or "settings"
-        fail(prog, f"--{where.replace('_', '-')}: {first['msg']}", code=2)
+        where = "-".join(str(p) for p in first["loc"])
+        message = str(first["msg"]).removeprefix("Value error, ")
+        fail(prog, f"--{where.replace('_', '-')}: {message}" if where else message, code=2)
 
 
 class _Server(uvicorn.Server):
@@ -78,6 +88,7 @@ def serve(
     graceful_s: int = 5,
     on_signal: Callable[[], None] | None = None,
     log_level: str = "warning",
+    tls: tuple[Path, Path] | None = None,
 ) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit code (0 after a clean shutdown)."""
     logging.basicConfig(level=logging.INFO, format=f"{prog}: %(message)s")
@@ -93,6 +104,9 @@ def serve(
         # socket write, which the queen makes twice per proxied request.
         loop="uvloop",
         http="httptools",
+        # HTTPS when given a certificate and its key; clients trust its CA via SSL_CERT_FILE.
+        ssl_certfile=str(tls[0]) if tls else None,
+        ssl_keyfile=str(tls[1]) if tls else None,
     )
     server = _Server(config, on_signal)
     try:

@@ -25,5 +25,5 @@ def refuse_open_bind(host: str, token: str | None) -> str | None:
         return None
     return (
         f"refusing to listen on {host} without a token: anyone who can reach it could "
-        "register workers or read prompts. Set RBEE_TOKEN (or --token), or bind to 127.0.0.1."
+        "register workers or read prompts. Set RBEE_TOKEN (or --token-file), or bind to 127.0.0.1."
     )

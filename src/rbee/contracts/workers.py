@@ -36,6 +36,7 @@ class WorkerInfo(BaseModel):
     implementation: NonEmptyStr = "llm-worker-rbee"
     version: NonEmptyStr
     host: NonEmptyStr = "127.0.0.1"
+    scheme: Literal["http", "https"] = "http"  # https when the worker serves TLS
     hive_id: NonEmptyStr | None = None
     slots: Annotated[int, Field(ge=1)] = 1
     in_flight: Annotated[int, Field(ge=0)] = 0
@@ -58,7 +59,7 @@ class WorkerInfo(BaseModel):
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{self.scheme}://{host}:{self.port}"
 
     @property
     def load(self) -> float:

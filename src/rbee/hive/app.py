@@ -10,15 +10,17 @@ from typing import Any
 
 import httpx
 import pynvml
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 
 from rbee import __version__
-from rbee.common.auth import bearer_guard, openapi_url
+from rbee.common.auth import openapi_url
 from rbee.common.clock import Clock, monotonic
 from rbee.common.errors import install_error_handlers
+from rbee.common.gate import install_gate
 from rbee.common.jobs import Jobs
 from rbee.common.metrics import metrics_router
 from rbee.common.tokens import auth_headers
+from rbee.hive.access import HIVE_ACCESS
 from rbee.hive.api import jobs as jobs_api
 from rbee.hive.api import models as models_api
 from rbee.hive.api import system as system_api
@@ -86,6 +88,7 @@ def create_app(
         version=__version__,
         lifespan=lifespan,
         openapi_url=openapi_url(settings.token),
+        max_body_size=settings.max_body_bytes,
     )
     app.state.hive = state
     install_error_handlers(app)
@@ -94,10 +97,10 @@ def create_app(
     async def health() -> dict[str, str]:
         return {"status": "ok", "version": __version__, "hive_id": settings.hive_id}
 
-    guarded = [Depends(bearer_guard(settings.token))]
     for module in (system_api, workers_api, models_api, jobs_api):
-        app.include_router(module.router, dependencies=guarded)
+        app.include_router(module.router)
     # Listing processes takes a while: collected in a thread, off the event loop.
     metrics = HiveMetrics(state)
-    app.include_router(metrics_router(metrics.registry, in_thread=True), dependencies=guarded)
+    app.include_router(metrics_router(metrics.registry, in_thread=True))
+    install_gate(app, HIVE_ACCESS, token=settings.token, allowed_hosts=settings.allowed_host)
     return app

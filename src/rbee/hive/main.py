@@ -22,4 +22,12 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as exc:
         fail(PROG, f"--models-dir {settings.models_dir}: {exc.strerror or exc}")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per heartbeat
-    sys.exit(serve(create_app(settings), prog=PROG, host=settings.host, port=settings.port))
+    sys.exit(
+        serve(
+            create_app(settings),
+            prog=PROG,
+            host=settings.host,
+            port=settings.port,
+            tls=settings.tls,
+        )
+    )

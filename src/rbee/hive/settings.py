@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
-from rbee.common.settings import HttpUrl, Seconds, token_field
+from rbee.common.settings import DaemonSettings, HttpUrl, MiB, Seconds
 from rbee.common.tokens import is_loopback
 
 HIVE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -30,7 +30,7 @@ def _default_hive_id() -> str:
     return name[:128]
 
 
-class HiveSettings(BaseSettings):
+class HiveSettings(DaemonSettings):
     model_config = SettingsConfigDict(
         env_prefix="RBEE_HIVE_", cli_kebab_case=True, cli_prog_name="rbee-hive"
     )
@@ -58,7 +58,7 @@ class HiveSettings(BaseSettings):
         default_factory=_default_worker_command,
         description="the worker executable",
     )
-    token: str | None = token_field("cluster token required as a bearer token (env RBEE_TOKEN)")
+    max_body_bytes: int = Field(MiB, ge=1024, description="largest request body accepted")
 
     @field_validator("hive_id")
     @classmethod
@@ -99,7 +99,7 @@ class HiveSettings(BaseSettings):
     @property
     def url(self) -> str:
         host = self.public_host
-        return f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
+        return f"{self.scheme}://{f'[{host}]' if ':' in host else host}:{self.port}"
 
     @property
     def local_host(self) -> str:

@@ -20,7 +20,7 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -44,6 +44,26 @@ WORKER_EXECUTABLE = "llm-worker-rbee"
 SPAWN_MARKER = "RBEE_SPAWNED_BY_HIVE"
 WORKER_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 OUTPUT_TAIL_BYTES = 4000
+# What a worker inherits from the hive's environment: what a process needs to run, find its
+# libraries and certificates, and pick its device and threads; never the hive's secrets
+# (HF_TOKEN, cloud credentials…). The cluster token is added explicitly.
+WORKER_ENV_NAMES = frozenset(
+    {"PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "PYTHONPATH"}
+    | {"VIRTUAL_ENV", "LD_LIBRARY_PATH", "SSL_CERT_FILE", "SSL_CERT_DIR"}
+)
+WORKER_ENV_PREFIXES = ("LC_", "OMP_", "GGML_", "LLAMA_", "CUDA_", "HIP_", "ROCR_", "RBEE_WORKER_")
+
+
+def worker_env(parent: Mapping[str, str], hive_id: str, token: str | None) -> dict[str, str]:
+    env = {
+        name: value
+        for name, value in parent.items()
+        if name in WORKER_ENV_NAMES or name.startswith(WORKER_ENV_PREFIXES)
+    }
+    env[SPAWN_MARKER] = hive_id
+    if token:  # in the environment, so it never shows in `ps`
+        env["RBEE_TOKEN"] = token
+    return env
 
 
 class WorkerStartFailed(RbeeError):
@@ -173,7 +193,7 @@ class Supervisor:
         finally:
             self._reserved.discard(port)
         host = self.settings.public_host
-        url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        url = f"{self.settings.scheme}://{f'[{host}]' if ':' in host else host}:{port}"
         return SpawnResponse(worker_id=worker_id, pid=popen.pid, port=port, url=url)
 
     def command(
@@ -192,15 +212,14 @@ class Supervisor:
             *("--device", request.device, "--slots", str(request.slots)),
             *("--heartbeat-interval", str(s.heartbeat_interval)),
             *(["--embedding"] if request.embedding else []),
+            # The hive's certificate serves its workers too: they are on the same machine.
+            *(("--tls-cert", str(s.tls[0]), "--tls-key", str(s.tls[1])) if s.tls else ()),
         ]
 
     def _start(
         self, worker_id: str, model: CatalogModel, port: int, request: SpawnRequest
     ) -> tuple[subprocess.Popen[bytes], Path]:
-        env = {**os.environ, SPAWN_MARKER: self.settings.hive_id}
-        env.pop("RBEE_TOKEN", None)
-        if self.settings.token:  # in the environment, so it never shows in `ps`
-            env["RBEE_TOKEN"] = self.settings.token
+        env = worker_env(os.environ, self.settings.hive_id, self.settings.token)
         self.settings.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.settings.log_dir / f"worker-{worker_id}.log"
         try:
@@ -221,7 +240,7 @@ class Supervisor:
         return popen, log_path
 
     async def _wait_ready(self, popen: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
-        health = f"http://{self.settings.local_host}:{port}/health"
+        health = f"{self.settings.scheme}://{self.settings.local_host}:{port}/health"
         deadline = self._clock() + self.settings.spawn_timeout
         while True:
             code = popen.poll()

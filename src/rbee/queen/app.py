@@ -8,16 +8,19 @@ import logging
 from collections.abc import AsyncIterator
 
 import httpx
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 
 from rbee import __version__
-from rbee.common.auth import bearer_guard, openapi_url
+from rbee.common.auth import openapi_url
 from rbee.common.clock import Clock, monotonic
 from rbee.common.errors import install_error_handlers
+from rbee.common.gate import install_gate
 from rbee.common.metrics import metrics_router
+from rbee.queen.access import QUEEN_ACCESS
 from rbee.queen.api import dashboard as dashboard_api
 from rbee.queen.api import hives as hives_api
 from rbee.queen.api import jobs as jobs_api
+from rbee.queen.api import keys as keys_api
 from rbee.queen.api import observe as observe_api
 from rbee.queen.api import openai as openai_api
 from rbee.queen.api import workers as workers_api
@@ -27,6 +30,7 @@ from rbee.queen.settings import QueenSettings
 from rbee.queen.state import QueenState, build_state
 
 log = logging.getLogger("rbee.queen")
+USAGE_FLUSH_S = 5.0  # API key usage counts reach the database this often (and at shutdown)
 
 
 async def cleanup_loop(state: QueenState) -> None:
@@ -52,6 +56,16 @@ async def offline_watch(state: QueenState, interval_s: float) -> None:
         await asyncio.sleep(interval_s)
 
 
+async def flush_usage_loop(state: QueenState) -> None:
+    """API key counts are gathered in memory per request and written here, in batches."""
+    while True:
+        await asyncio.sleep(USAGE_FLUSH_S)
+        try:
+            await asyncio.to_thread(state.keys.write, state.keys.take_pending())
+        except Exception:  # a full disk must not stop the queen or this loop
+            log.exception("could not write API key usage counts (retrying)")
+
+
 def create_app(
     settings: QueenSettings,
     *,
@@ -68,6 +82,7 @@ def create_app(
                 offline_watch(state, min(1.0, settings.heartbeat_timeout / 4)), name="offline"
             ),
             asyncio.create_task(stats_loop(state, settings.stats_interval), name="stats"),
+            asyncio.create_task(flush_usage_loop(state), name="key-usage"),
         ]
         try:
             yield
@@ -76,12 +91,14 @@ def create_app(
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await state.aclose()
+            await asyncio.to_thread(state.keys.close)
 
     app = FastAPI(
         title="queen-rbee",
         version=__version__,
         lifespan=lifespan,
         openapi_url=openapi_url(settings.token),
+        max_body_size=settings.max_body_bytes,
     )
     app.state.queen = state
     install_error_handlers(app)
@@ -90,17 +107,20 @@ def create_app(
     async def health() -> dict[str, str]:
         return {"status": "ok", "version": __version__}
 
-    guard = bearer_guard(settings.token)
-    guarded = [Depends(guard)]
-    app.include_router(workers_api.router, dependencies=guarded)
-    app.include_router(hives_api.router, dependencies=guarded)
-    app.include_router(openai_api.router, dependencies=guarded)
+    for module in (workers_api, hives_api, openai_api, jobs_api, keys_api):
+        app.include_router(module.router)
     # First in line: the router tries routes in order, and these carry nearly all the traffic.
-    app.router.routes[:0] = openai_api.proxy_routes(guard)
-    app.include_router(jobs_api.router, dependencies=guarded)
+    app.router.routes[:0] = openai_api.proxy_routes()
     # Prometheus sends the cluster token as its bearer token when one is set.
-    app.include_router(observe_api.router, dependencies=guarded)
-    app.include_router(metrics_router(state.metrics.registry), dependencies=guarded)
+    app.include_router(observe_api.router)
+    app.include_router(metrics_router(state.metrics.registry))
     # The page is public and holds no data; it asks for the token its data calls need.
     dashboard_api.install(app)
+    install_gate(
+        app,
+        QUEEN_ACCESS,
+        token=settings.token,
+        allowed_hosts=settings.allowed_host,
+        keys=state.keys,
+    )
     return app

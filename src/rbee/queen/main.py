@@ -16,4 +16,12 @@ def main(argv: list[str] | None = None) -> None:
     settings = parse_settings(QueenSettings, PROG, argv)
     if reason := refuse_open_bind(settings.host, settings.token):
         fail(PROG, reason)
-    sys.exit(serve(create_app(settings), prog=PROG, host=settings.host, port=settings.port))
+    sys.exit(
+        serve(
+            create_app(settings),
+            prog=PROG,
+            host=settings.host,
+            port=settings.port,
+            tls=settings.tls,
+        )
+    )

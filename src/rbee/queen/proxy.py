@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Callable, Collection
 from typing import Any
 
 from fastapi import Request
@@ -23,6 +23,7 @@ from rbee.common.errors import (
     TooManyRequests,
     Unavailable,
 )
+from rbee.common.gate import API_KEY_SCOPE
 from rbee.common.tokens import auth_headers
 from rbee.contracts.errors import ErrorBody
 from rbee.queen.hives import HiveRegistry
@@ -33,6 +34,7 @@ from rbee.queen.routing.router import Lease, Router
 from rbee.queen.scheduler.placement import hives_with_model
 from rbee.queen.scheduler.spawner import Spawner
 from rbee.queen.upstream import UpstreamClient, UpstreamError, UpstreamResponse
+from rbee.queen.usage import metered_stream, request_usage, total_tokens
 
 log = logging.getLogger("rbee.queen.proxy")
 WORKER_HEADER = "x-rbee-worker-id"
@@ -85,6 +87,7 @@ class Proxy:
         token: str | None,
         retries: int,
         metrics: QueenMetrics,
+        usage: Callable[[str, int], None] = lambda key, tokens: None,
     ) -> None:
         self.registry = registry
         self.hives = hives
@@ -94,6 +97,7 @@ class Proxy:
         self.token = token
         self.retries = retries
         self.metrics = metrics
+        self.usage = usage  # tokens served to an API key
 
     def known_models(self) -> list[str]:
         served = set(self.registry.models())
@@ -163,6 +167,10 @@ class Proxy:
         self, track: RequestTrack, path: str, raw: bytes, request: Request, embedding: bool
     ) -> Response:
         model = track.model
+        key: str | None = request.scope.get(API_KEY_SCOPE)
+        keep_usage = True
+        if key is not None and track.streamed:
+            raw, keep_usage = request_usage(raw)
         headers = {k: v for k, v in request.headers.items() if k.lower() in PASSED_REQUEST_HEADERS}
         headers.update(auth_headers(self.token))
         tried: list[str] = []
@@ -178,7 +186,17 @@ class Proxy:
                 self.router.release(lease)
                 raise
             if isinstance(outcome, UpstreamResponse):
-                return self._respond(lease, outcome, track)
+                response = self._respond(lease, outcome, track)
+                if key is not None:  # tokens served to an API key are counted
+                    if isinstance(response, StreamingResponse):
+                        response.body_iterator = metered_stream(
+                            response.body_iterator,  # type: ignore[arg-type]  # _relay: bytes
+                            keep_usage_chunk=keep_usage,
+                            record=lambda tokens: self.usage(key, tokens),
+                        )
+                    elif (tokens := total_tokens(outcome.content or b"")) is not None:
+                        self.usage(key, tokens)
+                return response
             reason = outcome
             log.warning("worker failed before answering, trying another: %s", reason)
             self.router.fail(lease)

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import SettingsConfigDict
 
-from rbee.common.settings import Seconds, token_field
+from rbee.common.settings import DaemonSettings, Seconds
+
+DATA_DIR = Path("~/.local/share/rbee/queen")
 
 
-class QueenSettings(BaseSettings):
+class QueenSettings(DaemonSettings):
     model_config = SettingsConfigDict(
         env_prefix="RBEE_QUEEN_", cli_kebab_case=True, cli_prog_name="queen-rbee"
     )
@@ -27,7 +30,7 @@ class QueenSettings(BaseSettings):
     stats_interval: Seconds = Field(
         2.0, description="how often the heartbeat stream sends live figures while it is watched"
     )
-    token: str | None = token_field("cluster token required as a bearer token (env RBEE_TOKEN)")
+    data_dir: Path = Field(DATA_DIR, description="where the queen keeps its database (API keys)")
     routing_policy: Literal["least-loaded", "round-robin"] = Field(
         "least-loaded", description="how a worker is chosen among the available ones"
     )
@@ -40,3 +43,8 @@ class QueenSettings(BaseSettings):
     )
     retries: int = Field(2, ge=0, description="other workers tried after a worker fails")
     cooldown: Seconds = Field(10.0, description="how long a failed worker sits out")
+
+    @field_validator("data_dir")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()

@@ -11,6 +11,7 @@ from rbee.common.clock import Clock
 from rbee.common.jobs import Jobs
 from rbee.queen.events import EventBus
 from rbee.queen.hives import HiveRegistry
+from rbee.queen.keys import KeyStore
 from rbee.queen.metrics import QueenMetrics
 from rbee.queen.operations import HiveClients, Operations
 from rbee.queen.proxy import Proxy
@@ -38,6 +39,7 @@ class QueenState:
     hive_clients: HiveClients
     upstream: UpstreamClient
     metrics: QueenMetrics
+    keys: KeyStore
 
     async def aclose(self) -> None:
         await self.jobs.close()
@@ -70,6 +72,7 @@ def build_state(
         on_result=metrics.worker_started,
     )
     upstream = UpstreamClient()
+    keys = KeyStore(settings.data_dir)
     proxy = Proxy(
         registry,
         hives,
@@ -79,6 +82,7 @@ def build_state(
         token=settings.token,
         retries=settings.retries,
         metrics=metrics,
+        usage=keys.count_tokens,
     )
     return QueenState(
         settings=settings,
@@ -93,6 +97,7 @@ def build_state(
         hive_clients=clients,
         upstream=upstream,
         metrics=metrics,
+        keys=keys,
     )
 
 

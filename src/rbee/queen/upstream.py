@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 import aiohttp
 from multidict import CIMultiDictProxy
 
+from rbee.common.tls import client_context
+
 if TYPE_CHECKING:
     from aiohappyeyeballs import AddrInfoType
 
@@ -99,7 +101,10 @@ class UpstreamClient:
 
     def _open(self) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(
-            limit=0, keepalive_timeout=KEEPALIVE_S, socket_factory=self._socket
+            limit=0,
+            keepalive_timeout=KEEPALIVE_S,
+            socket_factory=self._socket,
+            ssl=client_context(),
         )
         return aiohttp.ClientSession(
             connector=connector,

@@ -12,15 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from rbee import __version__
-from rbee.common.auth import bearer_guard, openapi_url
+from rbee.common.auth import openapi_url
 from rbee.common.bundled import BUNDLED_MODELS, bundled_model_path
 from rbee.common.errors import install_error_handlers
+from rbee.common.gate import install_gate
 from rbee.common.metrics import metrics_router
 from rbee.contracts.workers import WorkerStatus
+from rbee.worker.access import WORKER_ACCESS
 from rbee.worker.api import openai as openai_api
 from rbee.worker.engines.base import Engine, EngineError
 from rbee.worker.heartbeat import Heartbeater
@@ -60,6 +62,7 @@ def identity_from(settings: WorkerSettings) -> Identity:
         device=settings.device,
         host=settings.advertise_host or settings.host,
         port=settings.port,
+        scheme=settings.scheme,
         hive_id=settings.hive_id,
         slots=settings.slots,
         embedding=settings.embedding,
@@ -128,6 +131,7 @@ def create_app(
         version=__version__,
         lifespan=lifespan,
         openapi_url=openapi_url(settings.token),
+        max_body_size=settings.max_body_bytes,
     )
     app.state.worker = runtime
     install_error_handlers(app)
@@ -151,9 +155,9 @@ def create_app(
         }
         return JSONResponse(body)
 
-    guarded = [Depends(bearer_guard(settings.token))]
-    app.include_router(openai_api.router, dependencies=guarded)
-    app.include_router(metrics_router(runtime.metrics.registry), dependencies=guarded)
+    app.include_router(openai_api.router)
+    app.include_router(metrics_router(runtime.metrics.registry))
+    install_gate(app, WORKER_ACCESS, token=settings.token, allowed_hosts=settings.allowed_host)
     return app
 
 

@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         # uvicorn's own deadline sits past ours, so ours decides and cleanup still runs.
         graceful_s=math.ceil(settings.shutdown_grace) + 2,
         on_signal=runtime.begin_shutdown,
+        tls=settings.tls,
     )
     if runtime.load_error is not None:
         fail(PROG, runtime.load_error)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, CliImplicitFlag, SettingsConfigDict
+from pydantic_settings import CliImplicitFlag, SettingsConfigDict
 
-from rbee.common.settings import HttpUrl, Seconds, token_field
+from rbee.common.settings import DaemonSettings, HttpUrl, Seconds
 
 
-class WorkerSettings(BaseSettings):
+class WorkerSettings(DaemonSettings):
     model_config = SettingsConfigDict(
         env_prefix="RBEE_WORKER_", cli_kebab_case=True, cli_prog_name="llm-worker-rbee"
     )
@@ -56,7 +56,4 @@ class WorkerSettings(BaseSettings):
     heartbeat_interval: Seconds = Field(30.0, description="seconds between heartbeats to the queen")
     shutdown_grace: Seconds = Field(
         5.0, description="how long running requests may finish after SIGTERM"
-    )
-    token: str | None = token_field(
-        "cluster token: required from clients, sent to the queen (env RBEE_TOKEN)"
     )

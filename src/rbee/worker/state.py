@@ -20,6 +20,7 @@ class Identity:
     slots: int
     # Serves embeddings, not chat and completions.
     embedding: bool = False
+    scheme: str = "http"
 
 
 class WorkerStatusBoard:
@@ -71,6 +72,7 @@ class WorkerStatusBoard:
             implementation="llm-worker-rbee",
             version=__version__,
             host=i.host,
+            scheme="https" if i.scheme == "https" else "http",
             hive_id=i.hive_id,
             slots=i.slots,
             in_flight=self.in_flight,

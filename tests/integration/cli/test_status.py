@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -102,20 +103,26 @@ def test_the_queen_url_comes_from_the_flag_or_the_environment(rbee_no_queen: Any
     assert "queen is not running at http://10.0.0.6:9001 —" in by_env.stderr
 
 
-def test_the_token_is_sent_and_a_wrong_one_is_explained(rbee: Any, queen: Any) -> None:
+def test_the_token_is_sent_and_a_wrong_one_is_explained(
+    rbee: Any, queen: Any, tmp_path: Path
+) -> None:
     queen.token = "s3cret"
     queen.add_worker("w-1")
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret\n")
 
     refused = rbee("status")
-    by_flag = rbee("--token", "s3cret", "status", "--json")
+    by_file = rbee("--token-file", str(token_file), "status", "--json")
     by_env = rbee("status", "--json", env={"RBEE_TOKEN": "s3cret"})
+    on_argv = rbee("--token", "s3cret", "status")
 
     assert refused.exit_code == 1
     assert refused.stderr.strip() == (
         "rbee: the queen at http://127.0.0.1:7833 refused the token — "
-        "set RBEE_TOKEN or pass --token"
+        "set RBEE_TOKEN or pass --token-file"
     )
-    assert json.loads(by_flag.stdout)["workers"][0]["id"] == "w-1"
+    assert json.loads(by_file.stdout)["workers"][0]["id"] == "w-1"
+    assert on_argv.exit_code == 2  # a secret on the command line is not an option
     assert json.loads(by_env.stdout)["workers"][0]["id"] == "w-1"
 
 

@@ -127,7 +127,7 @@ def make_hive(tmp_path: Path, worker_command: str, models_dir: Path, hub: str) -
     async def make(**overrides: Any) -> AsyncIterator[Hive]:
         first = free_port()
         values: dict[str, Any] = {
-            "queen_url": "http://queen",
+            "queen_url": "http://127.0.0.1:9",
             "hive_id": "hive-a",
             "models_dir": models_dir,
             "log_dir": tmp_path / "logs",
@@ -146,9 +146,11 @@ def make_hive(tmp_path: Path, worker_command: str, models_dir: Path, hub: str) -
         headers = auth_headers(settings.token)
         async with (
             app.router.lifespan_context(app),
-            HiveClient("http://hive", token=settings.token, transport=transport) as client,
-            httpx.AsyncClient(transport=transport, base_url="http://hive", headers=headers) as raw,
-            httpx.AsyncClient(transport=queen_transport, base_url="http://queen") as queen,
+            HiveClient("http://127.0.0.1:9", token=settings.token, transport=transport) as client,
+            httpx.AsyncClient(
+                transport=transport, base_url="http://127.0.0.1:9", headers=headers
+            ) as raw,
+            httpx.AsyncClient(transport=queen_transport, base_url="http://127.0.0.1:9") as queen,
         ):
             state: HiveState = app.state.hive
             try:

@@ -189,7 +189,9 @@ async def test_capabilities_report_the_cpu(hive: Hive) -> None:
 async def test_with_a_token_everything_but_health_needs_it(make_hive: HiveFactory) -> None:
     async with make_hive(token="s3cret") as hive:
         transport = hive.http._transport
-        async with httpx.AsyncClient(transport=transport, base_url="http://hive") as anonymous:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://127.0.0.1:9"
+        ) as anonymous:
             assert (await anonymous.get("/health")).status_code == 200
             for method, path in [
                 ("GET", "/v1/capabilities"),

@@ -46,7 +46,7 @@ async def test_worker_gets_its_identity_as_arguments_and_the_token_only_in_its_e
 
     assert spawned.url == f"http://node7.lan:{spawned.port}"
     for flag, value in [
-        ("--queen-url", "http://queen"),
+        ("--queen-url", "http://127.0.0.1:9"),
         ("--hive-id", "hive-a"),
         ("--worker-id", "w-1"),
         ("--advertise-host", "node7.lan"),
@@ -88,15 +88,15 @@ async def test_a_worker_that_ignores_sigterm_is_killed_after_the_grace_period(
 async def test_a_pid_that_is_not_a_worker_of_this_hive_is_refused_and_left_alone(
     hive: Hive, make_hive: HiveFactory
 ) -> None:
-    response = await hive.http.post(f"/v1/workers/{os.getpid()}/stop")
+    response = await hive.http.post(f"/v1/workers/{os.getpid()}/stop", json={})
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "not_a_worker"
-    assert (await hive.http.post("/v1/workers/999999999/stop")).status_code == 404
+    assert (await hive.http.post("/v1/workers/999999999/stop", json={})).status_code == 404
 
     # A worker of another hive on the same machine is not this hive's to stop.
     async with make_hive(hive_id="hive-b") as other:
         theirs = await other.client.spawn(SpawnRequest(model="acme/tiny-GGUF:tiny.Q4_0.gguf"))
-        assert (await hive.http.post(f"/v1/workers/{theirs.pid}/stop")).status_code == 404
+        assert (await hive.http.post(f"/v1/workers/{theirs.pid}/stop", json={})).status_code == 404
         assert await hive.client.workers() == []
         assert [w.pid for w in await other.client.workers()] == [theirs.pid]
 

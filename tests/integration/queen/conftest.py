@@ -24,7 +24,9 @@ async def make_client(clock: FakeClock) -> AsyncIterator[ClientFactory]:
     def make(**overrides: object) -> httpx.AsyncClient:
         settings = QueenSettings.model_validate({"heartbeat_timeout": 90, **overrides})
         app = create_app(settings, clock=clock)
-        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://queen")
+        client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1:9"
+        )
         clients.append(client)
         return client
 

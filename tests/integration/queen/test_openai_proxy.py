@@ -54,7 +54,7 @@ class Cluster:
         )
         self.client = httpx.AsyncClient(
             transport=httpx.ASGITransport(app=self.app, raise_app_exceptions=False),
-            base_url="http://queen",
+            base_url="http://127.0.0.1:9",
             timeout=10,
         )
         self.served = self.servers.served

@@ -138,7 +138,7 @@ async def test_token_guards_everything_but_health(make_client: ClientFactory) ->
 
 async def test_hive_heartbeat_and_listing(queen: httpx.AsyncClient, clock: FakeClock) -> None:
     body = {
-        "hive": {"id": "h1", "url": "http://127.0.0.1:7835", "version": "0.1.0"},
+        "hive": {"id": "h1", "url": "http://127.0.0.1:9", "version": "0.1.0"},
         "devices": [
             {
                 "id": "cpu:0",

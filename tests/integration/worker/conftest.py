@@ -111,7 +111,7 @@ async def make_worker() -> AsyncIterator[Callable[..., Any]]:
                 stop_process=lambda: stops.append(1),
             )
             client = httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app), base_url="http://worker", timeout=10
+                transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1:9", timeout=10
             )
             harness = Harness(app, client, engines, beats, auth, stops)
             harnesses.append(harness)

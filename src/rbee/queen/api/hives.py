@@ -11,10 +11,12 @@ from rbee.contracts.workers import HeartbeatAck
 from rbee.queen.state import QueenState, get_state
 
 router = APIRouter()
+# A hive heartbeat lists its devices and model ids: a few KiB even for a big catalog.
+HIVE_HEARTBEAT_MAX_BYTES = 256 * 1024
 State = Annotated[QueenState, Depends(get_state)]
 
 
-@router.post("/v1/hive-heartbeat")
+@router.post("/v1/hive-heartbeat", max_body_size=HIVE_HEARTBEAT_MAX_BYTES)
 async def hive_heartbeat(heartbeat: HiveHeartbeat, state: State) -> HeartbeatAck:
     state.metrics.hive_heartbeats.inc()
     change = "registered" if state.hives.update(heartbeat) else "updated"

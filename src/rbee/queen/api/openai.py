@@ -27,19 +27,18 @@ async def list_models(state: State) -> dict[str, Any]:
 PROXIED_PATHS = {"/v1/chat/completions": False, "/v1/completions": False, "/v1/embeddings": True}
 
 
-def proxy_routes(guard: Callable[[Request], Awaitable[None]]) -> list[Route]:
+def proxy_routes() -> list[Route]:
     """The proxied endpoints, as plain Starlette routes rather than FastAPI ones: FastAPI solves
     each route's dependencies per request (the state getter even in a thread), which was an
     eighth of the queen's CPU per proxied request, and these routes need none of it. The body
-    passes through unvalidated anyway. So the guard that dependencies apply to the other
-    routes is called here; errors still reach the app's handlers.
+    passes through unvalidated anyway. Credentials are checked by the gate (rbee.common.gate)
+    before any route; errors still reach the app's handlers.
 
     `/v1/embeddings` is routed like chat, to the model's workers started for embeddings (one
     is started on a hive that has the model if there is none)."""
 
     def endpoint(path: str, embedding: bool) -> Callable[[Request], Awaitable[Response]]:
         async def forward(request: Request) -> Response:
-            await guard(request)
             state: QueenState = request.app.state.queen
             return await state.proxy.forward(request, path, embedding=embedding)
 

@@ -20,6 +20,7 @@ from rbee.queen.routing.router import pool_of
 from rbee.queen.state import QueenState, get_state
 
 router = APIRouter()
+HEARTBEAT_MAX_BYTES = 64 * 1024  # a worker heartbeat is a few hundred bytes
 State = Annotated[QueenState, Depends(get_state)]
 
 
@@ -41,6 +42,7 @@ def publish_change(state: QueenState, change: RegistryChange) -> None:
 @router.post(
     "/v1/worker-heartbeat",
     response_model=HeartbeatAck,
+    max_body_size=HEARTBEAT_MAX_BYTES,
     openapi_extra={
         "requestBody": {
             "required": True,

@@ -1,0 +1,62 @@
+"""Who may call what. Every route of every daemon has a decided audience, written in that
+daemon's access table ("METHOD /path" → Audience); the decision itself is one pure function.
+
+A route missing from its table is treated as CLUSTER (the safest choice) and makes the
+route-walk test in tests/integration/test_access_routes.py fail, naming the line to add.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from enum import StrEnum
+
+from fastapi import FastAPI
+from starlette.routing import BaseRoute, Route
+
+
+class Audience(StrEnum):
+    PUBLIC = "public"  # anyone, with or without a credential (health checks)
+    INFERENCE = "inference"  # API keys and the cluster token
+    CLUSTER = "cluster"  # the cluster token only: hives, workers and the operator
+
+
+class Caller(StrEnum):
+    NOBODY = "nobody"  # no credential, or one that matches nothing
+    API_KEY = "api_key"
+    CLUSTER = "cluster"  # holds the cluster token
+
+
+# FastAPI's own pages: served only while no cluster token is set (see auth.openapi_url).
+DOCS_ACCESS: Mapping[str, Audience] = {
+    "GET /openapi.json": Audience.PUBLIC,
+    "GET /docs": Audience.PUBLIC,
+    "GET /docs/oauth2-redirect": Audience.PUBLIC,
+    "GET /redoc": Audience.PUBLIC,
+}
+
+UNDECIDED = Audience.CLUSTER
+
+
+def decide(audience: Audience, caller: Caller, *, token_set: bool) -> int | None:
+    """None when the caller may go on, else the status to answer (401 or 403).
+
+    Without a cluster token a daemon has no credentials to check: it trusts whoever reaches
+    it, which the loopback bind, the Host check and the Origin check keep to local programs.
+    """
+    if not token_set or audience is Audience.PUBLIC or caller is Caller.CLUSTER:
+        return None
+    if caller is Caller.NOBODY:
+        return 401
+    return None if audience is Audience.INFERENCE else 403
+
+
+def route_keys(route: BaseRoute) -> Iterator[str]:
+    """ "METHOD /path" for each method a route answers (HEAD goes with GET)."""
+    if isinstance(route, Route):
+        for method in sorted(route.methods or ()):
+            if method != "HEAD":
+                yield f"{method} {route.path}"
+
+
+def undecided_routes(app: FastAPI, table: Mapping[str, Audience]) -> list[str]:
+    return [key for route in app.routes for key in route_keys(route) if key not in table]

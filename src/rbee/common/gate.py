@@ -1,0 +1,249 @@
+"""The gate every request of every daemon passes first: a plain ASGI middleware (no
+BaseHTTPMiddleware: it would copy each streamed chunk through an extra task and queue).
+
+In order, it refuses:
+- a `Host` that is not a loopback name or address, nor allowed by `--allowed-host`, when no
+  cluster token is set (421): a DNS-rebinding page reaches 127.0.0.1 under its own name;
+- a foreign `Origin` on anything but GET/HEAD, CORS preflights included (403): browsers send
+  `Origin` on cross-site requests, and no CORS header is ever sent back;
+- a caller without the credential the route's audience needs (401, or 403 for an API key
+  outside inference);
+- a POST/PUT/PATCH whose body is not `application/json` (415): a cross-site `text/plain`
+  POST needs no preflight, so accepting it would let any web page drive the daemon.
+Body size limits are FastAPI's own (`max_body_size`), set by each app factory.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Iterable, Mapping
+from typing import Protocol
+from urllib.parse import urlsplit
+
+from fastapi import FastAPI
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from rbee.common.access import UNDECIDED, Audience, Caller, decide, route_keys
+from rbee.common.tokens import is_loopback
+from rbee.contracts.errors import ErrorBody
+
+SAFE_METHODS = frozenset({"GET", "HEAD"})
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+DEFAULT_PORTS = {"http": 80, "https": 443}
+API_KEY_SCOPE = "rbee.api_key"  # the scope entry naming the API key a request came with
+_HOST_CACHE_MAX = 256
+
+
+class KeyLookup(Protocol):
+    """What the gate needs from an API key store (the queen's)."""
+
+    def identify(self, secret: bytes) -> str | None:
+        """The name of the live key with this secret, or None."""
+        ...
+
+    def count_request(self, name: str) -> None: ...
+
+
+def _split_host(value: str, default_port: int) -> tuple[str, int] | None:
+    """`host[:port]` (IPv6 in brackets) → (lower-case host, port); None if malformed."""
+    try:
+        parts = urlsplit(f"//{value}")
+        return (parts.hostname or "").lower(), parts.port or default_port
+    except ValueError:
+        return None
+
+
+def _refusal(status: int, message: str, type_: str, code: str) -> tuple[int, bytes]:
+    return status, json.dumps(ErrorBody.of(message, type_, code).model_dump()).encode()
+
+
+class Gate:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        routes_of: FastAPI,
+        table: Mapping[str, Audience],
+        token: str | None,
+        allowed_hosts: Iterable[str] = (),
+        keys: KeyLookup | None = None,
+    ) -> None:
+        self.app = app
+        self._routes_of = routes_of
+        self._table = table
+        self._token = token.encode() if token else None
+        self._allowed = frozenset(h.lower().strip("[]") for h in allowed_hosts)
+        self._keys = keys
+        self._hosts_ok: dict[bytes, bool] = {}
+        self._static: dict[str, Audience] | None = None  # "METHOD /path" of routes without params
+        self._dynamic: list[tuple[Route, dict[str, Audience]]] = []
+
+    # -- the route's audience ------------------------------------------------------------
+
+    def _index(self) -> dict[str, Audience]:
+        # Built at the first request, so routes added after the middleware count too.
+        static: dict[str, Audience] = {}
+        for route in self._routes_of.routes:
+            if not isinstance(route, Route):
+                continue
+            decided = {
+                key.partition(" ")[0]: self._table.get(key, UNDECIDED) for key in route_keys(route)
+            }
+            if route.param_convertors:
+                self._dynamic.append((route, decided))
+            else:
+                static.update({f"{m} {route.path}": a for m, a in decided.items()})
+        self._static = static
+        return static
+
+    def audience(self, method: str, path: str) -> Audience:
+        static = self._static if self._static is not None else self._index()
+        method = "GET" if method == "HEAD" else method
+        found = static.get(f"{method} {path}")
+        if found is not None:
+            return found
+        for route, decided in self._dynamic:
+            if route.path_regex.match(path):
+                return decided.get(method, UNDECIDED)
+        return UNDECIDED
+
+    # -- the checks ----------------------------------------------------------------------
+
+    def _host_ok(self, host: bytes | None) -> bool:
+        if host is None:
+            return False
+        known = self._hosts_ok.get(host)
+        if known is None:
+            split = _split_host(host.decode("latin-1"), 0)
+            known = split is not None and (is_loopback(split[0]) or split[0] in self._allowed)
+            if len(self._hosts_ok) >= _HOST_CACHE_MAX:
+                self._hosts_ok.clear()  # many distinct Host values: someone is probing
+            self._hosts_ok[host] = known
+        return known
+
+    @staticmethod
+    def _same_origin(origin: bytes, host: bytes | None, scheme: str) -> bool:
+        if host is None:
+            return False
+        try:
+            parts = urlsplit(origin.decode("latin-1"))
+            origin_host = (parts.hostname or "").lower()
+            origin_port = parts.port or DEFAULT_PORTS.get(parts.scheme, 0)
+        except ValueError:
+            return False  # "null" and garbage are foreign
+        served = _split_host(host.decode("latin-1"), DEFAULT_PORTS.get(scheme, 0))
+        return parts.scheme == scheme and served == (origin_host, origin_port)
+
+    def _identify(self, authorization: bytes | None) -> tuple[Caller, str | None]:
+        if self._token is None or authorization is None:
+            return Caller.NOBODY, None
+        scheme, _, given = authorization.partition(b" ")
+        if scheme.lower() != b"bearer":
+            return Caller.NOBODY, None
+        given = given.strip()
+        if secrets.compare_digest(given, self._token):
+            return Caller.CLUSTER, None
+        if self._keys is not None and (name := self._keys.identify(given)) is not None:
+            return Caller.API_KEY, name
+        return Caller.NOBODY, None
+
+    def check(self, scope: Scope) -> tuple[int, bytes] | None:
+        """The refusal for this request (status, JSON body), or None to let it through."""
+        host = origin = content_type = authorization = None
+        for name, value in scope["headers"]:
+            if name == b"host":
+                host = value
+            elif name == b"origin":
+                origin = value
+            elif name == b"content-type":
+                content_type = value
+            elif name == b"authorization":
+                authorization = value
+        method: str = scope["method"]
+        if self._token is None and not self._host_ok(host):
+            shown = host.decode("latin-1") if host else "(none)"
+            return _refusal(
+                421,
+                f"Host {shown!r} is not served here: without a cluster token this daemon "
+                "answers only to loopback names (add others with --allowed-host)",
+                "invalid_request_error",
+                "host_not_allowed",
+            )
+        if (
+            origin is not None
+            and method not in SAFE_METHODS
+            and not self._same_origin(origin, host, scope.get("scheme", "http"))
+        ):
+            return _refusal(
+                403,
+                f"requests from the web origin {origin.decode('latin-1')!r} are refused",
+                "permission_error",
+                "foreign_origin",
+            )
+        caller, key = self._identify(authorization)
+        audience = self.audience(method, scope["path"])
+        status = decide(audience, caller, token_set=self._token is not None)
+        if status == 401:
+            return _refusal(
+                401,
+                "missing or wrong bearer token or API key (set RBEE_TOKEN, or use a key "
+                "from `rbee key create`)",
+                "authentication_error",
+                "invalid_token",
+            )
+        if status == 403:
+            return _refusal(
+                403,
+                "an API key may only call POST /v1/chat/completions, POST /v1/completions "
+                "and GET /v1/models; this needs the cluster token",
+                "permission_error",
+                "forbidden_for_api_key",
+            )
+        if method in BODY_METHODS:
+            media = (content_type or b"").partition(b";")[0].strip().lower()
+            if media != b"application/json":
+                return _refusal(
+                    415,
+                    f"{method} needs Content-Type: application/json",
+                    "invalid_request_error",
+                    "unsupported_media_type",
+                )
+        if key is not None and self._keys is not None:
+            self._keys.count_request(key)
+            scope[API_KEY_SCOPE] = key
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        refusal = self.check(scope)
+        if refusal is None:
+            await self.app(scope, receive, send)
+            return
+        status, body = refusal
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        if status == 401:
+            headers.append((b"www-authenticate", b"Bearer"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+def install_gate(
+    app: FastAPI,
+    table: Mapping[str, Audience],
+    *,
+    token: str | None,
+    allowed_hosts: Iterable[str] = (),
+    keys: KeyLookup | None = None,
+) -> None:
+    app.add_middleware(
+        Gate,
+        routes_of=app,
+        table=table,
+        token=token,
+        allowed_hosts=tuple(allowed_hosts),
+        keys=keys,
+    )

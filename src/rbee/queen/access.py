@@ -1,0 +1,37 @@
+"""Who may call each queen route. A new route needs a line here (the route-walk test says so).
+
+PUBLIC: anyone. INFERENCE: API keys and the cluster token. CLUSTER: the cluster token only
+(hives, workers, the operator).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from rbee.common.access import DOCS_ACCESS, Audience
+
+PUBLIC, INFERENCE, CLUSTER = Audience.PUBLIC, Audience.INFERENCE, Audience.CLUSTER
+
+QUEEN_ACCESS: Mapping[str, Audience] = {
+    **DOCS_ACCESS,
+    "GET /health": PUBLIC,
+    # The OpenAI API: what API keys are for.
+    "GET /v1/models": INFERENCE,
+    "POST /v1/chat/completions": INFERENCE,
+    "POST /v1/completions": INFERENCE,
+    # The cluster's own traffic and the operator's controls.
+    "POST /v1/worker-heartbeat": CLUSTER,
+    "POST /v1/hive-heartbeat": CLUSTER,
+    "GET /v1/workers": CLUSTER,
+    "GET /v1/workers/{worker_id}": CLUSTER,
+    "DELETE /v1/workers/{worker_id}": CLUSTER,
+    "GET /v1/hives": CLUSTER,
+    "GET /v1/heartbeats/stream": CLUSTER,
+    "POST /v1/jobs": CLUSTER,
+    "GET /v1/jobs/{job_id}": CLUSTER,
+    "GET /v1/jobs/{job_id}/stream": CLUSTER,
+    "DELETE /v1/jobs/{job_id}": CLUSTER,
+    "POST /v1/keys": CLUSTER,
+    "GET /v1/keys": CLUSTER,
+    "DELETE /v1/keys/{name}": CLUSTER,
+}
