@@ -7,11 +7,13 @@ route-walk test in tests/integration/test_access_routes.py fail, naming the line
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
 from enum import StrEnum
 
 from fastapi import FastAPI
-from starlette.routing import BaseRoute, Route
+from fastapi.routing import iter_route_contexts
 
 
 class Audience(StrEnum):
@@ -50,13 +52,28 @@ def decide(audience: Audience, caller: Caller, *, token_set: bool) -> int | None
     return None if audience is Audience.INFERENCE else 403
 
 
-def route_keys(route: BaseRoute) -> Iterator[str]:
-    """ "METHOD /path" for each method a route answers (HEAD goes with GET)."""
-    if isinstance(route, Route):
-        for method in sorted(route.methods or ()):
-            if method != "HEAD":
-                yield f"{method} {route.path}"
+@dataclass(frozen=True)
+class Endpoint:
+    method: str
+    path: str  # the route's template, e.g. /v1/workers/{worker_id}
+    regex: re.Pattern[str] | None  # None for a path without parameters
+
+    @property
+    def key(self) -> str:
+        return f"{self.method} {self.path}"
+
+
+def endpoints(app: FastAPI) -> list[Endpoint]:
+    """Every method and path the app answers, included routers flattened (HEAD goes with GET)."""
+    found = []
+    for route in iter_route_contexts(app.routes):
+        path, methods = route.path, route.methods
+        if path is None or not methods:
+            continue
+        regex = route.path_regex if route.param_convertors else None
+        found += [Endpoint(m, path, regex) for m in sorted(methods) if m != "HEAD"]
+    return found
 
 
 def undecided_routes(app: FastAPI, table: Mapping[str, Audience]) -> list[str]:
-    return [key for route in app.routes for key in route_keys(route) if key not in table]
+    return [e.key for e in endpoints(app) if e.key not in table]

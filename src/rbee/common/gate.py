@@ -21,11 +21,12 @@ from collections.abc import Iterable, Mapping
 from typing import Protocol
 from urllib.parse import urlsplit
 
+import re
+
 from fastapi import FastAPI
-from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from rbee.common.access import UNDECIDED, Audience, Caller, decide, route_keys
+from rbee.common.access import UNDECIDED, Audience, Caller, decide, endpoints
 from rbee.common.tokens import is_loopback
 from rbee.contracts.errors import ErrorBody
 
@@ -78,23 +79,19 @@ class Gate:
         self._keys = keys
         self._hosts_ok: dict[bytes, bool] = {}
         self._static: dict[str, Audience] | None = None  # "METHOD /path" of routes without params
-        self._dynamic: list[tuple[Route, dict[str, Audience]]] = []
+        self._dynamic: list[tuple[re.Pattern[str], str, Audience]] = []
 
     # -- the route's audience ------------------------------------------------------------
 
     def _index(self) -> dict[str, Audience]:
         # Built at the first request, so routes added after the middleware count too.
         static: dict[str, Audience] = {}
-        for route in self._routes_of.routes:
-            if not isinstance(route, Route):
-                continue
-            decided = {
-                key.partition(" ")[0]: self._table.get(key, UNDECIDED) for key in route_keys(route)
-            }
-            if route.param_convertors:
-                self._dynamic.append((route, decided))
+        for endpoint in endpoints(self._routes_of):
+            audience = self._table.get(endpoint.key, UNDECIDED)
+            if endpoint.regex is None:
+                static.setdefault(endpoint.key, audience)
             else:
-                static.update({f"{m} {route.path}": a for m, a in decided.items()})
+                self._dynamic.append((endpoint.regex, endpoint.method, audience))
         self._static = static
         return static
 
@@ -104,9 +101,9 @@ class Gate:
         found = static.get(f"{method} {path}")
         if found is not None:
             return found
-        for route, decided in self._dynamic:
-            if route.path_regex.match(path):
-                return decided.get(method, UNDECIDED)
+        for regex, route_method, audience in self._dynamic:
+            if route_method == method and regex.match(path):
+                return audience
         return UNDECIDED
 
     # -- the checks ----------------------------------------------------------------------
