@@ -24,4 +24,6 @@ HIVE_ACCESS: Mapping[str, Audience] = {
     "GET /v1/jobs/{job_id}": CLUSTER,
     "GET /v1/jobs/{job_id}/stream": CLUSTER,
     "DELETE /v1/jobs/{job_id}": CLUSTER,
+    # Prometheus scrapes with the cluster token as its bearer token.
+    "GET /metrics": CLUSTER,
 }

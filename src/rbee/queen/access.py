@@ -34,4 +34,7 @@ QUEEN_ACCESS: Mapping[str, Audience] = {
     "POST /v1/keys": CLUSTER,
     "GET /v1/keys": CLUSTER,
     "DELETE /v1/keys/{name}": CLUSTER,
+    # Prometheus scrapes with the cluster token as its bearer token.
+    "GET /metrics": CLUSTER,
+    "GET /v1/metrics/targets": CLUSTER,
 }

@@ -66,13 +66,13 @@ def test_spawned_worker_registers_with_the_queen_and_leaves_when_stopped(
     assert seen["model_id"] == DEFAULT_MODEL
     listed = httpx.get(f"{hive.url}/v1/workers").json()["workers"]
     assert [(w["pid"], w["worker_id"], w["model"]) for w in listed] == [
-        (spawned["pid"], spawned["worker_id"], DEFAULT_MODEL)
+        (spawned['pid'], spawned["worker_id"], DEFAULT_MODEL)
     ]
     assert serves(spawned["url"]) == [DEFAULT_MODEL]
     hives = httpx.get(f"{queen.url}/v1/hives").json()["hives"]
     assert DEFAULT_MODEL in next(h for h in hives if h["id"] == hive.hive_id)["models"]
 
-    stopped = httpx.post(f"{hive.url}/v1/workers/{spawned['pid']}/stop", timeout=30)
+    stopped = httpx.post(f"{hive.url}/v1/workers/{spawned['pid']}/stop", json={}, timeout=30)
     assert stopped.json()["signal"] == "SIGTERM"
     wait_for(
         "the worker to leave the queen", lambda: queen_worker(queen, spawned["worker_id"]) is None
@@ -96,8 +96,8 @@ def test_killing_the_hive_leaves_workers_serving_and_a_new_hive_finds_them(
 
     again = start_hive(hive_id=hive.hive_id, port=hive.port)
     listed = httpx.get(f"{again.url}/v1/workers").json()["workers"]
-    assert [w["pid"] for w in listed] == [spawned["pid"]]
-    httpx.post(f"{again.url}/v1/workers/{spawned['pid']}/stop", timeout=30).raise_for_status()
+    assert [w["pid"] for w in listed] == [spawned['pid']]
+    httpx.post(f"{again.url}/v1/workers/{spawned['pid']}/stop", json={}, timeout=30).raise_for_status()
     assert httpx.get(f"{again.url}/v1/workers").json()["workers"] == []
 
 
@@ -112,9 +112,9 @@ def test_bad_reference_unknown_model_and_foreign_pid_are_refused(
         assert client.post("/v1/workers/spawn", json={"model": "llama-9000"}).status_code == 404
         download = {"operation": "model_download", "model": "not a repo:x.gguf"}
         assert client.post("/v1/jobs", json=download).status_code == 400
-        foreign = client.post(f"/v1/workers/{queen.proc.pid}/stop")
+        foreign = client.post(f"/v1/workers/{queen.proc.pid}/stop", json={})
         assert foreign.status_code == 404
-        assert client.post("/v1/workers/1/stop").status_code == 404
+        assert client.post("/v1/workers/1/stop", json={}).status_code == 404
     assert queen.proc.proc is not None
     assert queen.proc.proc.poll() is None  # the queen was left alone
     os.kill(queen.proc.pid, 0)

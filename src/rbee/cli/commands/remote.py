@@ -44,7 +44,7 @@ def start(cli: Cli, hive: RemoteHive, timeout_s: float) -> None:
     if not cli.token and not is_loopback(hive.host):
         cli.fail(
             f"a hive on {hive.target} listens on {hive.host}, which needs the cluster token: "
-            "set RBEE_TOKEN (or --token)"
+            "set RBEE_TOKEN (or --token-file)"
         )
     ssh = Ssh(hive.target)
 
