@@ -16,12 +16,11 @@ Body size limits are FastAPI's own (`max_body_size`), set by each app factory.
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from collections.abc import Iterable, Mapping
 from typing import Protocol
 from urllib.parse import urlsplit
-
-import re
 
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send

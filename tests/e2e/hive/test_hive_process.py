@@ -66,7 +66,7 @@ def test_spawned_worker_registers_with_the_queen_and_leaves_when_stopped(
     assert seen["model_id"] == DEFAULT_MODEL
     listed = httpx.get(f"{hive.url}/v1/workers").json()["workers"]
     assert [(w["pid"], w["worker_id"], w["model"]) for w in listed] == [
-        (spawned['pid'], spawned["worker_id"], DEFAULT_MODEL)
+        (spawned["pid"], spawned["worker_id"], DEFAULT_MODEL)
     ]
     assert serves(spawned["url"]) == [DEFAULT_MODEL]
     hives = httpx.get(f"{queen.url}/v1/hives").json()["hives"]
@@ -96,8 +96,10 @@ def test_killing_the_hive_leaves_workers_serving_and_a_new_hive_finds_them(
 
     again = start_hive(hive_id=hive.hive_id, port=hive.port)
     listed = httpx.get(f"{again.url}/v1/workers").json()["workers"]
-    assert [w["pid"] for w in listed] == [spawned['pid']]
-    httpx.post(f"{again.url}/v1/workers/{spawned['pid']}/stop", json={}, timeout=30).raise_for_status()
+    assert [w["pid"] for w in listed] == [spawned["pid"]]
+    httpx.post(
+        f"{again.url}/v1/workers/{spawned['pid']}/stop", json={}, timeout=30
+    ).raise_for_status()
     assert httpx.get(f"{again.url}/v1/workers").json()["workers"] == []
 
 
