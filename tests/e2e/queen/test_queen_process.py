@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -18,10 +19,9 @@ from rbee.testing.processes import ServerProcess, console_script, free_port
 pytestmark = pytest.mark.e2e
 
 
-def hb(worker_id: str, status: str = "ready") -> dict[str, Any]:
-    return {
-        "worker": {"id": worker_id, "model_id": "m", "port": 8080, "status": status, "version": "1"}
-    }
+def hb(worker_id: str, status: str = "ready", **extra: Any) -> dict[str, Any]:
+    worker = {"id": worker_id, "model_id": "m", "port": 8080, "status": status, "version": "1"}
+    return {"worker": {**worker, **extra}}
 
 
 @pytest.fixture
@@ -108,3 +108,42 @@ def test_taken_port_is_a_one_line_error(queen: tuple[ServerProcess, str]) -> Non
     assert result.returncode != 0
     assert "already in use" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_an_oversized_body_is_413_before_it_is_sent(queen: tuple[ServerProcess, str]) -> None:
+    """A client announcing a 1 GiB body gets 413 at once, without sending it; the queen
+    stays up. (Raw socket: an HTTP client would insist on sending the body it announced.)"""
+    proc, url = queen
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 1073741824\r\n\r\n{".encode()
+        )
+        answer = sock.recv(4096).decode(errors="replace")
+    assert answer.startswith("HTTP/1.1 413"), answer
+    assert httpx.get(f"{url}/health").status_code == 200
+    assert proc.proc is not None
+    assert proc.proc.poll() is None
+
+
+def test_a_web_page_cannot_register_a_worker(queen: tuple[ServerProcess, str]) -> None:
+    """The attack of issue 10 against a real queen: a cross-site `text/plain` POST, and the
+    same through a rebound DNS name."""
+    _, url = queen
+    evil = json.dumps(hb("evil", host="attacker.example", slots=64))
+    plain = httpx.post(
+        f"{url}/v1/worker-heartbeat",
+        content=evil,
+        headers={"content-type": "text/plain", "origin": "https://attacker.example"},
+    )
+    assert plain.status_code in (403, 415)
+    rebound = httpx.post(
+        f"{url}/v1/worker-heartbeat", content=evil, headers={"content-type": "text/plain"}
+    )
+    assert rebound.status_code == 415
+    renamed = httpx.post(
+        f"{url}/v1/worker-heartbeat", json=json.loads(evil), headers={"host": "attacker.example"}
+    )
+    assert renamed.status_code == 421
+    assert httpx.get(f"{url}/v1/workers/evil").status_code == 404
