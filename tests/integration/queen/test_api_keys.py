@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from rbee.queen.app import create_app
 from rbee.queen.settings import QueenSettings
 from rbee.queen.state import QueenState
+from rbee.testing.worker_servers import WorkerServers
 
 TOKEN = "cluster-s3cret"
 OPERATOR = {"authorization": f"Bearer {TOKEN}"}
@@ -47,9 +48,8 @@ class Worker:
         return httpx.Response(200, text=sse, headers={"content-type": "text/event-stream"})
 
 
-def queen_app(data_dir: Path, worker: Worker) -> FastAPI:
-    settings = QueenSettings(token=TOKEN, data_dir=data_dir)
-    return create_app(settings, transport=httpx.MockTransport(worker.handle))
+def queen_app(data_dir: Path) -> FastAPI:
+    return create_app(QueenSettings(token=TOKEN, data_dir=data_dir))
 
 
 @pytest.fixture
@@ -59,17 +59,21 @@ def worker() -> Worker:
 
 @pytest.fixture
 async def queen(tmp_path: Path, worker: Worker) -> AsyncIterator[httpx.AsyncClient]:
-    app = queen_app(tmp_path / "queen", worker)
+    servers = WorkerServers(lambda name: worker.handle)
+    port = await servers.port("w1")
+    app = queen_app(tmp_path / "queen")
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1:9"
     ) as client:
         beat = {
-            "worker": {"id": "w1", "model_id": "m", "port": 8080, "status": "ready", "version": "1"}
+            "worker": {"id": "w1", "model_id": "m", "port": port, "status": "ready", "version": "1"}
         }
         assert (
             await client.post("/v1/worker-heartbeat", json=beat, headers=OPERATOR)
         ).status_code == 200
         yield client
+        await app.state.queen.aclose()
+    await servers.aclose()
 
 
 def state_of(client: httpx.AsyncClient) -> QueenState:
@@ -157,7 +161,7 @@ async def test_listing_shows_usage_and_never_the_secret(
 
 
 async def test_keys_are_stored_hashed_and_survive_a_restart(tmp_path: Path, worker: Worker) -> None:
-    first = queen_app(tmp_path / "queen", worker)
+    first = queen_app(tmp_path / "queen")
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=first), base_url="http://127.0.0.1:9"
     ) as client:
@@ -173,7 +177,7 @@ async def test_keys_are_stored_hashed_and_survive_a_restart(tmp_path: Path, work
     assert stored == (hashlib.sha256(key.encode()).hexdigest(), 1)
     assert database.stat().st_mode & 0o077 == 0  # readable by the queen's user only
 
-    second = queen_app(tmp_path / "queen", worker)
+    second = queen_app(tmp_path / "queen")
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=second), base_url="http://127.0.0.1:9"
     ) as client:
