@@ -177,5 +177,6 @@ def test_an_api_key_reaches_only_inference_on_the_queen() -> None:
     assert inference == {
         "POST /v1/chat/completions",
         "POST /v1/completions",
+        "POST /v1/embeddings",
         "GET /v1/models",
     }

@@ -14,6 +14,7 @@ from enum import StrEnum
 
 from fastapi import FastAPI
 from fastapi.routing import iter_route_contexts
+from starlette.routing import Mount
 
 
 class Audience(StrEnum):
@@ -68,6 +69,9 @@ def endpoints(app: FastAPI) -> list[Endpoint]:
     found = []
     for route in iter_route_contexts(app.routes):
         path, methods = route.path, route.methods
+        if isinstance(route.original_route, Mount):  # a sub-app (static files): all of it
+            found.append(Endpoint("GET", f"{path}/{{path:path}}", route.path_regex))
+            continue
         if path is None or not methods:
             continue
         regex = route.path_regex if route.param_convertors else None

@@ -192,8 +192,8 @@ class Gate:
         if status == 403:
             return _refusal(
                 403,
-                "an API key may only call POST /v1/chat/completions, POST /v1/completions "
-                "and GET /v1/models; this needs the cluster token",
+                "an API key may only run inference (chat, completions, embeddings, models); "
+                "this needs the cluster token",
                 "permission_error",
                 "forbidden_for_api_key",
             )

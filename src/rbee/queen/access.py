@@ -15,10 +15,14 @@ PUBLIC, INFERENCE, CLUSTER = Audience.PUBLIC, Audience.INFERENCE, Audience.CLUST
 QUEEN_ACCESS: Mapping[str, Audience] = {
     **DOCS_ACCESS,
     "GET /health": PUBLIC,
+    # The dashboard's page and files hold no data; the page asks for the token its calls need.
+    "GET /": PUBLIC,
+    "GET /dashboard/{path:path}": PUBLIC,
     # The OpenAI API: what API keys are for.
     "GET /v1/models": INFERENCE,
     "POST /v1/chat/completions": INFERENCE,
     "POST /v1/completions": INFERENCE,
+    "POST /v1/embeddings": INFERENCE,  # inference too, though issue 10 predates it
     # The cluster's own traffic and the operator's controls.
     "POST /v1/worker-heartbeat": CLUSTER,
     "POST /v1/hive-heartbeat": CLUSTER,

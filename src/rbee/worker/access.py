@@ -18,6 +18,7 @@ WORKER_ACCESS: Mapping[str, Audience] = {
     "GET /v1/models": CLUSTER,
     "POST /v1/chat/completions": CLUSTER,
     "POST /v1/completions": CLUSTER,
+    "POST /v1/embeddings": CLUSTER,
     # Prometheus scrapes with the cluster token as its bearer token.
     "GET /metrics": CLUSTER,
 }
