@@ -8,6 +8,7 @@ it recognises the real one. It serves `/health`, and its model file's name picks
 from __future__ import annotations
 
 import contextlib
+import os
 import stat
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -28,6 +29,9 @@ from rbee.queen.app import create_app as create_queen
 from rbee.queen.settings import QueenSettings
 from rbee.testing.processes import ServerProcess, free_port
 
+# Unique per test run: a hive finds (and the fixture stops) its workers by this id across the
+# whole machine, so two runs sharing one id would stop each other's workers.
+HIVE_ID = f"hive-a-{os.getpid()}"
 STANDIN_HUB = Path(__file__).parents[2] / "e2e" / "hive" / "standin_hub.py"
 
 FAKE_WORKER = """\
@@ -128,7 +132,7 @@ def make_hive(tmp_path: Path, worker_command: str, models_dir: Path, hub: str) -
         first = free_port()
         values: dict[str, Any] = {
             "queen_url": "http://127.0.0.1:9",
-            "hive_id": "hive-a",
+            "hive_id": HIVE_ID,
             "models_dir": models_dir,
             "log_dir": tmp_path / "logs",
             "worker_ports": f"{first}-{min(first + 20, 65535)}",

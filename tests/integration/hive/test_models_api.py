@@ -13,7 +13,7 @@ import pytest
 from rbee.clients.hive import HiveError
 from rbee.contracts.jobs import JobEvent
 
-from .conftest import Hive, HiveFactory, publish
+from .conftest import HIVE_ID, Hive, HiveFactory, publish
 
 MODEL = "acme/Small-GGUF:small.Q8_0.gguf"
 
@@ -72,7 +72,7 @@ async def test_the_queen_learns_of_a_new_model_without_waiting_an_interval(
 
     async def queen_models() -> list[str]:
         hives = (await hive.queen.get("/v1/hives")).json()["hives"]
-        return [m for h in hives if h["id"] == "hive-a" for m in h["models"]]
+        return [m for h in hives if h["id"] == HIVE_ID for m in h["models"]]
 
     async with asyncio.timeout(10):  # the heartbeat interval here is 60 s
         while True:
@@ -179,7 +179,7 @@ async def test_delete_removes_a_downloaded_model_but_not_a_bundled_one(
 
 async def test_capabilities_report_the_cpu(hive: Hive) -> None:
     caps = await hive.client.capabilities()
-    assert caps.hive_id == "hive-a"
+    assert caps.hive_id == HIVE_ID
     cpu = caps.devices[0]
     assert (cpu.id, cpu.kind) == ("cpu:0", "cpu")
     assert (cpu.cores or 0) >= 1

@@ -12,7 +12,7 @@ import psutil
 from rbee.contracts.hive_api import SpawnRequest
 from rbee.hive.supervisor import SPAWN_MARKER
 
-from .conftest import Hive, HiveFactory
+from .conftest import HIVE_ID, Hive, HiveFactory
 
 
 async def test_spawned_worker_answers_and_is_listed_from_the_os(hive: Hive) -> None:
@@ -47,7 +47,7 @@ async def test_worker_gets_its_identity_as_arguments_and_the_token_only_in_its_e
     assert spawned.url == f"http://node7.lan:{spawned.port}"
     for flag, value in [
         ("--queen-url", "http://127.0.0.1:9"),
-        ("--hive-id", "hive-a"),
+        ("--hive-id", HIVE_ID),
         ("--worker-id", "w-1"),
         ("--advertise-host", "node7.lan"),
         ("--port", str(spawned.port)),
@@ -60,7 +60,7 @@ async def test_worker_gets_its_identity_as_arguments_and_the_token_only_in_its_e
 async def test_workers_run_in_their_own_session(hive: Hive) -> None:
     spawned = await hive.client.spawn(SpawnRequest(model="acme/tiny-GGUF:tiny.Q4_0.gguf"))
     assert os.getsid(spawned.pid) == spawned.pid != os.getsid(0)
-    assert psutil.Process(spawned.pid).environ()[SPAWN_MARKER] == "hive-a"
+    assert psutil.Process(spawned.pid).environ()[SPAWN_MARKER] == HIVE_ID
 
 
 async def test_stop_ends_the_worker_and_it_leaves_the_list(hive: Hive) -> None:
