@@ -23,7 +23,9 @@ def write_tiny_gguf(
     n_layers: int = 1,
     chat_template: str | None = None,
     seed: int = 0,
+    pooling: int | None = None,
 ) -> Path:
+    """`pooling` (llama.cpp's pooling type, 1 = mean) marks the file as an embedding model."""
     import gguf
 
     rng = np.random.default_rng(seed)
@@ -51,6 +53,8 @@ def write_tiny_gguf(
     writer.add_eos_token_id(2)
     if chat_template is not None:
         writer.add_chat_template(chat_template)
+    if pooling is not None:
+        writer.add_pooling_type(gguf.PoolingType(pooling))
 
     def weights(*shape: int) -> np.ndarray:
         return (rng.standard_normal(shape) * 0.2).astype(np.float32)

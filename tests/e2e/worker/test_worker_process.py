@@ -130,3 +130,29 @@ def test_health_stays_fast_during_a_long_generation(smollm_worker: Any) -> None:
     # The generation was still producing tokens after the last health check.
     assert any(t > measured_until for t in chunks), "generation ended too soon to measure"
     assert statistics.median(timings) < 0.1, timings
+
+
+def test_logit_bias_steers_the_real_model_and_completions_report_logprobs(
+    smollm_worker: Any,
+) -> None:
+    def complete(**fields: Any) -> dict[str, Any]:
+        body = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 4}
+        response = httpx.post(
+            f"{smollm_worker.url}/v1/completions", json={**body, **fields}, timeout=60
+        )
+        assert response.status_code == 200, response.text
+        choice: dict[str, Any] = response.json()["choices"][0]
+        return choice
+
+    plain = complete(temperature=0, logprobs=2)
+    logprobs = plain["logprobs"]
+    assert "".join(logprobs["tokens"]) == plain["text"]
+    assert all(lp <= 0 for lp in logprobs["token_logprobs"])
+    assert all(len(top) == 2 for top in logprobs["top_logprobs"])
+    assert logprobs["text_offset"][0] == 0
+    # A +100 bias makes one token the only choice at every step.
+    forced = complete(temperature=0, logprobs=0, logit_bias={"1000": 100})
+    tokens = forced["logprobs"]["tokens"]
+    assert len(tokens) == 4
+    assert len(set(tokens)) == 1
+    assert forced["text"] != plain["text"]
