@@ -32,16 +32,32 @@ NO_ARGUMENTS: dict[str, Any] = {"type": "object", "properties": {}}
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
 
+# Keywords whose value is a schema, a list of schemas, or a map of names to schemas. Only these
+# are walked: the values of `const`, `enum` or `default` are data, never to be changed.
+_SUBSCHEMA = frozenset(
+    {"items", "additionalItems", "contains", "not", "if", "then", "else", "additionalProperties"}
+)
+_SUBSCHEMA_LISTS = frozenset({"anyOf", "oneOf", "allOf", "prefixItems"})
+_SUBSCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions"})
+
+
 def closed(schema: Any) -> Any:
     """The schema with every object that does not say otherwise closed to extra properties.
 
     Whatever matches the result matches the original too; it only stops a small model from
     inventing keys until it runs out of tokens."""
-    if isinstance(schema, list):
-        return [closed(item) for item in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {key: closed(value) for key, value in schema.items()}
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in _SUBSCHEMA:
+            out[key] = closed(value)
+        elif key in _SUBSCHEMA_LISTS and isinstance(value, list):
+            out[key] = [closed(item) for item in value]
+        elif key in _SUBSCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: closed(sub) for name, sub in value.items()}
+        else:
+            out[key] = value
     if "properties" in schema and "additionalProperties" not in schema:
         out["additionalProperties"] = False
     return out

@@ -37,6 +37,22 @@ def test_closing_objects_keeps_what_the_schema_already_said() -> None:
     }
 
 
+def test_closing_walks_schemas_only_never_data_or_property_names() -> None:
+    schema = {
+        "properties": {"properties": {"type": "string"}},
+        "default": {"properties": {}},
+        "$defs": {"Item": {"properties": {"a": {}}}},
+        "anyOf": [{"properties": {}}],
+    }
+    assert closed(schema) == {
+        "properties": {"properties": {"type": "string"}},
+        "default": {"properties": {}},
+        "$defs": {"Item": {"properties": {"a": {}}, "additionalProperties": False}},
+        "anyOf": [{"properties": {}, "additionalProperties": False}],
+        "additionalProperties": False,
+    }
+
+
 def test_auto_offers_calls_or_words_and_teaches_the_envelope() -> None:
     plan = plan_chat(request(tools=[TOOL]))
     assert plan.tools
