@@ -70,6 +70,15 @@ def test_parse_returns_a_pydantic_object(client: openai.OpenAI) -> None:
     parsed = completion.choices[0].message.parsed
     assert isinstance(parsed, City)
     assert parsed.name
+    with client.chat.completions.stream(
+        model=DEFAULT_MODEL,
+        messages=ask("Describe Rome as JSON: its name, country and population."),
+        response_format=City,
+        temperature=0,
+        max_tokens=120,
+    ) as stream:
+        streamed = stream.get_final_completion().choices[0].message.parsed
+    assert isinstance(streamed, City)
 
 
 def test_json_object_answers_parse_streamed_too(client: openai.OpenAI) -> None:
@@ -165,6 +174,21 @@ def test_logprobs_are_real_log_probabilities(client: openai.OpenAI) -> None:
         # Greedy decoding picks the most likely token.
         assert token.logprob == pytest.approx(tops[0])
     assert "".join(t.token for t in content) == completion.choices[0].message.content
+    stream = client.chat.completions.create(
+        model=DEFAULT_MODEL,
+        messages=ask("What is the capital of France?"),
+        temperature=0,
+        max_tokens=8,
+        logprobs=True,
+        stream=True,
+    )
+    streamed = [
+        token
+        for chunk in stream
+        if chunk.choices and chunk.choices[0].logprobs
+        for token in chunk.choices[0].logprobs.content or []
+    ]
+    assert [t.logprob for t in streamed] == pytest.approx([t.logprob for t in content])
 
 
 def test_same_seed_same_text(client: openai.OpenAI) -> None:
