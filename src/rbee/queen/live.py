@@ -15,7 +15,6 @@ from collections import Counter
 from typing import Any
 
 import httpx
-from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
 from rbee.clients.worker import WorkerClient
@@ -86,12 +85,6 @@ def snapshot(state: QueenState) -> dict[str, Any]:
     }
 
 
-def _sum(metric: MetricWrapperBase, suffix: str) -> float:
-    return sum(
-        s.value for family in metric.collect() for s in family.samples if s.name.endswith(suffix)
-    )
-
-
 def _generated_tokens(text: str) -> float:
     return sum(
         s.value
@@ -113,11 +106,7 @@ class StatsSampler:
 
     def _read_queen(self) -> tuple[float, float, float]:
         metrics = self.state.metrics
-        return (
-            _sum(metrics.requests, "_total"),
-            _sum(metrics.ttft, "_sum"),
-            _sum(metrics.ttft, "_count"),
-        )
+        return (metrics.requests_total(), *metrics.ttft_totals())
 
     async def _worker_tokens(self) -> dict[str, float]:
         now = self.state.registry.now()

@@ -1,19 +1,22 @@
 """The queen's Prometheus figures: requests through it, and the cluster as its registry sees it.
 
-The request path makes a handful of cheap calls on a `RequestTrack` (lease, first byte, end);
-everything that mirrors state the queen keeps anyway (workers by status, requests in flight and
-waiting, hives online) is read from that state when Prometheus scrapes, so it costs a request
-nothing.
+The request path pays almost nothing: a `RequestTrack` adds to plain Python counters and bucket
+tallies (all on the event loop's thread, so no locks), a few times per request (lease, first
+byte, end); they become Prometheus counters and histograms only when Prometheus scrapes. What
+mirrors state the queen keeps anyway (workers by status, requests in flight and waiting, hives
+online) is read from that state at scrape time.
 """
 
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
+from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from prometheus_client import Counter, Histogram
-from prometheus_client.metrics_core import Metric
+from prometheus_client import Counter
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
 
 from rbee.common.metrics import LATENCY_BUCKETS, ScrapeCollector, gauge, new_registry
 from rbee.contracts.workers import WorkerStatus
@@ -28,6 +31,44 @@ WORKER_STATES = (*(s.value for s in WorkerStatus if s is not WorkerStatus.STOPPE
 NO_WORKER = ""
 # The client went away before an answer started (nginx's convention).
 CLIENT_CLOSED = "499"
+_BOUNDS = tuple(float(b) for b in LATENCY_BUCKETS)
+
+
+class Tally:
+    """One histogram's series: a count per bucket (the last is +Inf) and the sum."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(_BOUNDS) + 1)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(_BOUNDS, seconds)] += 1  # `le` buckets: bound included
+        self.total += seconds
+
+    def buckets(self) -> list[tuple[str, float]]:
+        cumulative, running = [], 0
+        for bound, count in zip((*map(str, _BOUNDS), "+Inf"), self.counts, strict=True):
+            running += count
+            cumulative.append((bound, float(running)))
+        return cumulative
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+
+class ModelFigures:
+    """Everything recorded per model, looked up once per request."""
+
+    __slots__ = ("duration", "failovers", "queue_wait", "ttft")
+
+    def __init__(self) -> None:
+        self.duration = Tally()
+        self.ttft = Tally()
+        self.queue_wait = Tally()
+        self.failovers = 0
 
 
 class QueenMetrics:
@@ -42,61 +83,81 @@ class QueenMetrics:
         self._hives = hives
         self._tracker = tracker
         self._admission = admission
+        self.models: defaultdict[str, ModelFigures] = defaultdict(ModelFigures)
+        self.requests: defaultdict[tuple[str, str, str], int] = defaultdict(int)
+        self.heartbeats = {"worker": 0, "hive": 0}
         self.registry = r = new_registry()
-        self.requests = Counter(
-            "rbee_requests",
-            "OpenAI requests through the queen, by model, the worker that answered and HTTP status",
-            ["model", "worker", "code"],
-            registry=r,
-        )
-        self.duration = Histogram(
-            "rbee_request_duration_seconds",
-            "Time from a request's arrival at the queen to the end of its answer",
-            ["model"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.ttft = Histogram(
-            "rbee_time_to_first_token_seconds",
-            "Time from a streamed request's arrival to the first byte of its answer",
-            ["model"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.queue_wait = Histogram(
-            "rbee_queue_wait_seconds",
-            "Time a request waited for a worker (admission queue or a cold start)",
-            ["model"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.heartbeats = Counter(
-            "rbee_heartbeats",
-            "Heartbeats received, by sender (worker or hive)",
-            ["kind"],
-            registry=r,
-        )
-        self.worker_heartbeats = self.heartbeats.labels("worker")
-        self.hive_heartbeats = self.heartbeats.labels("hive")
-        self.failovers = Counter(
-            "rbee_failovers",
-            "Requests sent on to another worker after one failed before answering",
-            ["model"],
-            registry=r,
-        )
+        # Rare enough for prometheus_client's own counter.
         self.worker_starts = Counter(
             "rbee_worker_starts",
             "Workers the queen asked a hive to start, by result (ready, failed, timeout)",
             ["model", "result"],
             registry=r,
         )
+        r.register(ScrapeCollector(self.recorded))
         r.register(ScrapeCollector(self.live))
 
     def track(self, model: str) -> RequestTrack:
-        return RequestTrack(self, model, time.perf_counter())
+        return RequestTrack(self, model, self.models[model], time.perf_counter())
 
     def worker_started(self, model: str, result: str) -> None:
         self.worker_starts.labels(model, result).inc()
+
+    def recorded(self) -> Iterable[Metric]:
+        """The request path's tallies, as Prometheus counters and histograms."""
+        requests = CounterMetricFamily(
+            "rbee_requests",
+            "OpenAI requests through the queen, by model, the worker that answered and HTTP status",
+            labels=["model", "worker", "code"],
+        )
+        for key, count in list(self.requests.items()):
+            requests.add_metric(list(key), count)
+        yield requests
+        heartbeats = CounterMetricFamily(
+            "rbee_heartbeats", "Heartbeats received, by sender (worker or hive)", labels=["kind"]
+        )
+        for kind, count in self.heartbeats.items():
+            heartbeats.add_metric([kind], count)
+        yield heartbeats
+        models = list(self.models.items())
+        failovers = CounterMetricFamily(
+            "rbee_failovers",
+            "Requests sent on to another worker after one failed before answering",
+            labels=["model"],
+        )
+        for model, figures in models:
+            failovers.add_metric([model], figures.failovers)
+        yield failovers
+        for name, attr, documentation in (
+            (
+                "rbee_request_duration_seconds",
+                "duration",
+                "Time from a request's arrival at the queen to the end of its answer",
+            ),
+            (
+                "rbee_time_to_first_token_seconds",
+                "ttft",
+                "Time from a streamed request's arrival to the first byte of its answer",
+            ),
+            (
+                "rbee_queue_wait_seconds",
+                "queue_wait",
+                "Time a request waited for a worker (admission queue or a cold start)",
+            ),
+        ):
+            family = HistogramMetricFamily(name, documentation, labels=["model"])
+            for model, figures in models:
+                tally: Tally = getattr(figures, attr)
+                family.add_metric([model], tally.buckets(), sum_value=tally.total)
+            yield family
+
+    def requests_total(self) -> int:
+        return sum(self.requests.values())
+
+    def ttft_totals(self) -> tuple[float, int]:
+        """Summed first-token seconds and how many, over every model."""
+        figures = list(self.models.values())
+        return sum(f.ttft.total for f in figures), sum(f.ttft.count for f in figures)
 
     def live(self) -> Iterable[Metric]:
         """Gauges read from the queen's state at scrape time."""
@@ -154,6 +215,7 @@ class RequestTrack:
 
     metrics: QueenMetrics
     model: str
+    figures: ModelFigures
     started: float
     worker: str = NO_WORKER
     leased: bool = False
@@ -162,20 +224,19 @@ class RequestTrack:
     def lease(self, worker_id: str) -> None:
         if not self.leased:
             self.leased = True
-            self.metrics.queue_wait.labels(self.model).observe(time.perf_counter() - self.started)
+            self.figures.queue_wait.observe(time.perf_counter() - self.started)
         self.worker = worker_id
 
     def failover(self) -> None:
-        self.metrics.failovers.labels(self.model).inc()
+        self.figures.failovers += 1
 
     def first_byte(self) -> None:
         if self.streamed:
-            self.metrics.ttft.labels(self.model).observe(time.perf_counter() - self.started)
+            self.figures.ttft.observe(time.perf_counter() - self.started)
 
     def end(self, code: int | str) -> None:
-        metrics = self.metrics
-        metrics.duration.labels(self.model).observe(time.perf_counter() - self.started)
-        metrics.requests.labels(self.model, self.worker, str(code)).inc()
+        self.figures.duration.observe(time.perf_counter() - self.started)
+        self.metrics.requests[self.model, self.worker, str(code)] += 1
 
     def refused(self, code: int | str) -> None:
         """Ended without an answer from any worker (no worker, queue full, all failed...)."""

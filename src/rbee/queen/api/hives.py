@@ -18,7 +18,7 @@ State = Annotated[QueenState, Depends(get_state)]
 
 @router.post("/v1/hive-heartbeat", max_body_size=HIVE_HEARTBEAT_MAX_BYTES)
 async def hive_heartbeat(heartbeat: HiveHeartbeat, state: State) -> HeartbeatAck:
-    state.metrics.hive_heartbeats.inc()
+    state.metrics.heartbeats["hive"] += 1
     change = "registered" if state.hives.update(heartbeat) else "updated"
     hive = state.hives.get(heartbeat.hive.id)
     view = hive.model_dump(mode="json") if hive else None

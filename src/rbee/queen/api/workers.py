@@ -60,7 +60,7 @@ async def worker_heartbeat(request: Request) -> Response:
             [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
         ) from None
     state = get_state(request)
-    state.metrics.worker_heartbeats.inc()
+    state.metrics.heartbeats["worker"] += 1
     change = state.registry.update_worker(heartbeat)
     if change is not None:
         publish_change(state, change)
