@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import secrets
 import sys
+import threading
 import time
 import timeit
 from collections.abc import Iterator
@@ -73,9 +74,21 @@ def second_queen(token: str, worker_heartbeat: dict[str, object]) -> Iterator[in
     args = [console_script("python"), "-c", UNRECORDED_QUEEN, "--port", str(port)]
     with ServerProcess(args, health_url=f"{url}/health", env={"RBEE_TOKEN": token}):
         headers = {"Authorization": f"Bearer {token}"}
-        httpx.post(f"{url}/v1/worker-heartbeat", json=worker_heartbeat, headers=headers)
-        proxy_bench.wait_registered(url, token)
-        yield port
+        stop = threading.Event()
+
+        def beat() -> None:  # the worker beats to the first queen; this one hears it from here
+            while not stop.is_set():
+                httpx.post(f"{url}/v1/worker-heartbeat", json=worker_heartbeat, headers=headers)
+                stop.wait(5.0)
+
+        beating = threading.Thread(target=beat, daemon=True)
+        beating.start()
+        try:
+            proxy_bench.wait_registered(url, token)
+            yield port
+        finally:
+            stop.set()
+            beating.join()
 
 
 def main() -> None:

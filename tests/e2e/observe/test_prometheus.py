@@ -18,23 +18,8 @@ pytestmark = pytest.mark.e2e
 
 PROMETHEUS = shutil.which("prometheus")
 
-CONFIG = """\
-global:
-  scrape_interval: 1s
-  scrape_timeout: 1s
-scrape_configs:
-  - job_name: rbee
-    authorization:
-      type: Bearer
-      credentials_file: {token_file}
-    http_sd_configs:
-      - url: {queen_url}/v1/metrics/targets
-        refresh_interval: 1s
-        # Spelled out: Prometheus 2.42's discovery client sends no type unless told.
-        authorization:
-          type: Bearer
-          credentials_file: {token_file}
-"""
+# The configuration the repository ships and the README shows, pointed at this cluster.
+SHIPPED_CONFIG = Path(__file__).resolve().parents[3] / "deploy" / "prometheus" / "prometheus.yml"
 
 
 def up_by_job(prometheus_url: str) -> dict[str, list[dict[str, Any]]]:
@@ -58,7 +43,12 @@ def test_prometheus_finds_and_scrapes_queen_hive_and_worker(
     token_file.write_text(cluster.token)
     token_file.chmod(0o600)
     config = tmp_path / "prometheus.yml"
-    config.write_text(CONFIG.format(token_file=token_file, queen_url=cluster.queen_url))
+    config.write_text(
+        SHIPPED_CONFIG.read_text()
+        .replace("QUEEN", cluster.queen_url.removeprefix("http://"))
+        .replace("/etc/prometheus/rbee-token", str(token_file))
+        .replace("15s", "1s")
+    )
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     args = [

@@ -205,7 +205,8 @@ const handlers = {
     }
     cluster.workerTps = data.worker_tokens_per_s || {};
     $("stat-requests_per_s").textContent = data.requests_per_s.toFixed(2);
-    $("stat-ttft_s").textContent = data.ttft_s === null ? "–" : formatSeconds(data.ttft_s);
+    // No streamed request in this interval: keep showing the last time measured.
+    if (data.ttft_s !== null) $("stat-ttft_s").textContent = formatSeconds(data.ttft_s);
     $("stat-tokens_per_s").textContent = data.tokens_per_s.toFixed(1);
     $("stat-queue").textContent = `${data.queue} (${data.in_flight})`;
     for (const name of STATS) drawChart($(`chart-${name}`), cluster.series[name]);
