@@ -25,6 +25,8 @@ State = Annotated[QueenState, Depends(get_state)]
 
 
 def publish_change(state: QueenState, change: RegistryChange) -> None:
+    if not state.bus.subscriber_count:
+        return  # nobody listens: a busy worker's status flips cost no event building
     state.bus.publish(
         "worker",
         {
