@@ -18,7 +18,13 @@ async def scrape(hive: Hive) -> Samples:
     return parse_samples(response.text)
 
 
-async def test_workers_devices_and_cpu(hive: Hive) -> None:
+async def test_workers_devices_and_cpu(make_hive: HiveFactory) -> None:
+    # A hive id of its own: the count must not see another test run's workers on this machine.
+    async with make_hive(hive_id=f"hive-metrics-{os.getpid()}") as hive:
+        await _workers_devices_and_cpu(hive)
+
+
+async def _workers_devices_and_cpu(hive: Hive) -> None:
     before = await scrape(hive)
     assert value(before, "rbee_hive_workers") == 0
     assert value(before, "rbee_hive_device_memory_total_bytes", device="cpu:0") > 0
