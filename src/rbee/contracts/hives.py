@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_serializer
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_serializer, field_validator
 
-from rbee.contracts.workers import NonEmptyStr, utc_now
+from rbee.contracts.workers import NonEmptyStr, is_plain_host, utc_now
 
 
 class Device(BaseModel):
@@ -29,6 +30,28 @@ class HiveInfo(BaseModel):
     id: NonEmptyStr
     url: NonEmptyStr
     version: NonEmptyStr
+
+    @field_validator("url")
+    @classmethod
+    def _base_url(cls, url: str) -> str:
+        """`http(s)://host:port` and nothing more: the queen sends spawn requests there."""
+        problem = "must be an http:// or https:// URL of a host and port, e.g. http://box:7835"
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018  # parsed here: a bad port raises
+        except ValueError:
+            raise ValueError(problem) from None
+        host = (parts.hostname or "").strip("[]")
+        if (
+            parts.scheme not in ("http", "https")
+            or not is_plain_host(host)
+            or parts.path not in ("", "/")
+            or parts.query
+            or parts.fragment
+            or parts.username is not None
+        ):
+            raise ValueError(problem)
+        return url.rstrip("/")
 
 
 class HiveHeartbeat(BaseModel):

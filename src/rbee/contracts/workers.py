@@ -15,6 +15,14 @@ NonEmptyStr = Annotated[str, Field(min_length=1, max_length=256)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 
 
+def is_plain_host(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return _HOSTNAME.fullmatch(host) is not None
+
+
 class WorkerStatus(StrEnum):
     STARTING = "starting"
     READY = "ready"
@@ -47,12 +55,7 @@ class WorkerInfo(BaseModel):
     @classmethod
     def _plain_host(cls, host: str) -> str:
         """A host name or an IP address, nothing more: the queen builds URLs from it."""
-        try:
-            ipaddress.ip_address(host)
-            return host
-        except ValueError:
-            pass
-        if not _HOSTNAME.fullmatch(host):
+        if not is_plain_host(host):
             raise ValueError("must be a host name or an IP address (no port, scheme or path)")
         return host
 

@@ -89,3 +89,15 @@ def test_error_bodies_are_read_whatever_their_shape(
     body: bytes, expected: tuple[str, str | None]
 ) -> None:
     assert read_error(502, body) == expected
+
+
+@pytest.mark.parametrize(
+    "url", ["0", "http://a b:1", "http://x:99999", "ftp://x:1", "http://x:1/path", "http://u@x:1"]
+)
+def test_a_hive_url_is_a_plain_base_url(url: str) -> None:
+    """Found by fuzzing: the queen builds requests and Prometheus targets from it."""
+    from rbee.contracts.hives import HiveInfo
+
+    with pytest.raises(ValidationError, match="url"):
+        HiveInfo(id="h", url=url, version="1")
+    assert HiveInfo(id="h", url="https://[::1]:7835/", version="1").url == "https://[::1]:7835"
