@@ -17,7 +17,7 @@ import psutil
 from rbee.cli import jobs, processes, remote_hive, state
 from rbee.cli.context import ClientFactory, CliError
 from rbee.cli.plan import HivePlan, UpPlan
-from rbee.cli.ssh import Ssh
+from rbee.cli.ssh import Ssh, SshTarget
 from rbee.clients.hive import HiveError
 from rbee.clients.queen import QueenClient, QueenError
 from rbee.contracts.jobs import WorkerSpawnJob, WorkerStopJob
@@ -104,7 +104,14 @@ class Cluster:
             for c in (self.queen, *self.local_hives.values())
             if c is not None
         ]
-        state.save(state.pid_path(LOCK), lock, children=children)
+        # Hives over SSH, so that a `rbee up` killed without a chance to clean can be cleaned
+        # up after by the next one.
+        remote = [
+            {"ssh": h.ssh.spec, "port": h.port, "hive_id": h.hive_id, "url": h.url}
+            for h in self.remote_hives.values()
+            if h.ssh is not None
+        ]
+        state.save(state.pid_path(LOCK), lock, children=children, remote=remote)
 
     async def start(self) -> list[WorkerView]:
         """Queen, hives, workers, in that order. Call `check_free` first."""
@@ -156,6 +163,7 @@ class Cluster:
         ssh = Ssh(hive.ssh, isolated=True)
         self.say(f"starting hive {hive.hive_id} on {hive.ssh} over SSH…")
         self.remote_hives[hive.hive_id] = hive
+        self._record()
         started = await remote_hive.start(ssh, remote, self.plan.queen_url, self.plan.token)
         await remote_hive.wait_joined(ssh, remote, client, started, self.plan.start_timeout_s)
         self.say(
@@ -253,8 +261,9 @@ class Cluster:
             self.say(f"could not stop worker {worker_id} through the queen ({exc or 'timeout'})")
 
 
-def clean_stale_lock() -> list[str]:
-    """Stop what a previous `rbee up` left behind when it was killed without a chance to clean."""
+def clean_stale_lock(token: str | None = None) -> list[str]:
+    """Stop what a previous `rbee up` left behind when it was killed without a chance to clean:
+    its daemons and workers here, and its hives over SSH with their workers."""
     path = state.pid_path(LOCK)
     found = state.load(path)
     if found is None or found[0].alive():
@@ -275,5 +284,18 @@ def clean_stale_lock() -> list[str]:
     for proc in worker_processes(found[0].url):
         processes.terminate(proc, 10)
         stopped.append(f"worker (pid {proc.pid})")
+    remote = found[1].get("remote")
+    for hive in remote if isinstance(remote, list) else []:
+        with contextlib.suppress(KeyError, TypeError, ValueError, CliError, TimeoutError):
+            if asyncio.run(_stop_stale_remote(hive, token)):
+                stopped.append(f"hive {hive['hive_id']} on {hive['ssh']}")
     path.unlink(missing_ok=True)
     return stopped
+
+
+async def _stop_stale_remote(hive: dict[str, object], token: str | None) -> bool:
+    target = SshTarget.parse(str(hive["ssh"]))
+    with contextlib.suppress(HiveError):
+        await remote_hive.stop_workers(str(hive["url"]), token)
+    outcome = await remote_hive.stop(Ssh(target, isolated=True), int(str(hive["port"])))
+    return outcome != "not-running"

@@ -156,3 +156,30 @@ def test_start_over_ssh_says_why_it_failed(
     assert "cannot reach the queen at http://192.0.2.1:9" in unreachable.stderr
     assert run(env, "hive", "stop", "--ssh", box.target, *port).returncode == 0
     assert box.rbee_processes() == []
+
+
+def test_hive_service_over_ssh_writes_the_unit_and_the_private_token_file(
+    box: Box, token: str, tmp_path: Path
+) -> None:
+    """This machine has no systemd user session, so `systemctl --user` fails there: the unit
+    and the token file must be written all the same, and the failure said in one line."""
+    env = rbee_env(box, "http://127.0.0.1:7900", token, tmp_path)
+    result = run(
+        env, "hive", "service", "--ssh", box.target, "--remote-command", remote_hive_command()
+    )
+
+    unit = (box.home / ".config" / "systemd" / "user" / "rbee-hive.service").read_text()
+    exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+    assert exec_start == (
+        f"ExecStart={remote_hive_command()} --queen-url http://{box.lan.gateway}:7900 "
+        f"--host 0.0.0.0 --port 7835 --hive-id {box.address} --advertise-host {box.address}"
+    )
+    assert token not in unit
+    env_file = box.home / ".config" / "rbee" / "hive.env"
+    assert env_file.read_text() == f"RBEE_TOKEN={token}\n"
+    assert env_file.stat().st_mode & 0o777 == 0o600
+    if result.returncode != 0:
+        assert result.stderr.startswith(
+            f"rbee: wrote the unit rbee-hive.service on {box.target}, but systemctl --user "
+            "failed there:"
+        ), result.stderr

@@ -112,3 +112,49 @@ model = "{DEFAULT_MODEL}"
     assert local_processes_with(f"--port {port}") == []
     assert local_processes_with(queen) == []
     assert not processes.port_in_use("127.0.0.1", port)
+
+
+def test_a_killed_rbee_up_has_its_remote_hive_stopped_by_the_next_one(
+    box: Box, token: str, tmp_path: Path
+) -> None:
+    port, hive_port = free_port(), free_port()
+    config = tmp_path / "cluster.toml"
+    config.write_text(
+        f'[queen]\nport = {port}\n\n[[hive]]\nssh = "{box.target}"\nhive_id = "box1"\n'
+        f'port = {hive_port}\nremote_command = "{remote_hive_command()}"\n'
+    )
+    env = {
+        **rbee_env(box, f"http://127.0.0.1:{port}", token, tmp_path),
+        "RBEE_CONFIG": str(config),
+    }
+    first_log, second_log = tmp_path / "first.out", tmp_path / "second.out"
+    with first_log.open("w") as out:
+        first = subprocess.Popen(
+            [RBEE, "up"], env=env, stdout=out, stderr=subprocess.STDOUT, text=True
+        )
+    second: subprocess.Popen[str] | None = None
+    try:
+        wait_for_output(first, first_log, READY_LINE, timeout_s=120)
+        first.kill()  # no chance to clean: the queen here and the hive there stay
+        first.wait()
+        assert len(box.rbee_processes()) == 1
+
+        with second_log.open("w") as out:
+            second = subprocess.Popen(
+                [RBEE, "up"], env=env, stdout=out, stderr=subprocess.STDOUT, text=True
+            )
+        output = wait_for_output(second, second_log, READY_LINE, timeout_s=120)
+        assert f"stopped hive box1 on {box.target}, left by an earlier `rbee up`" in output
+        assert "stopped queen-rbee (pid" in output
+        second.send_signal(signal.SIGINT)
+        assert second.wait(60) == 0, second_log.read_text()
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        leftovers = box.rbee_processes()
+        for leftover in leftovers:
+            leftover.kill()
+    assert leftovers == []
+    assert local_processes_with(f"--port {port}") == []

@@ -208,7 +208,7 @@ def up(
         return
     if problem := plan.problem():
         cli.fail(problem)
-    for leftover in clean_stale_lock():
+    for leftover in clean_stale_lock(cli.token):
         cli.err.print(f"stopped {leftover}, left by an earlier `rbee up`", markup=False)
     try:
         check_free(plan)
