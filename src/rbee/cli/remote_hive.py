@@ -19,7 +19,7 @@ import httpx
 
 from rbee.cli.context import CliError
 from rbee.cli.ssh import Result, Ssh, SshTarget, quote
-from rbee.clients.hive import HiveClient, HiveError
+from rbee.clients.hive import HiveClient
 from rbee.clients.queen import QueenClient, QueenError
 from rbee.common.tokens import is_loopback
 
@@ -315,6 +315,3 @@ async def queen_sees(queen: QueenClient, hive_id: str) -> bool | None:
         return any(h.id == hive_id and h.online for h in await queen.hives())
     except QueenError:
         return None
-
-
-__all__ = ["HiveError", "RemoteHive", "Started", "start", "status", "stop", "stop_workers"]
