@@ -8,9 +8,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -130,10 +131,8 @@ class Cluster:
         self.owns_queen_url = True
         self.say(f"queen is up at {plan.queen_url} (pid {self.queen.pid})")
         async with self.client() as client:
-            await asyncio.gather(*(self._start_hive(client, hive) for hive in plan.hives))
-            await asyncio.gather(
-                *(self._start_workers(client, hive.hive_id) for hive in plan.hives)
-            )
+            await all_or_none(*(self._start_hive(client, hive) for hive in plan.hives))
+            await all_or_none(*(self._start_workers(client, hive.hive_id) for hive in plan.hives))
             ready = await jobs.wait_until_ready(client, self.worker_ids, plan.ready_timeout_s)
         for view in ready:
             self.say(f"worker {view.id} is ready at {view.url} (hive {view.hive_id})")
@@ -259,6 +258,19 @@ class Cluster:
             await asyncio.wait_for(client.run_job(request), self.grace_s * 2)
         except (QueenError, TimeoutError) as exc:
             self.say(f"could not stop worker {worker_id} through the queen ({exc or 'timeout'})")
+
+
+async def all_or_none(*work: Coroutine[Any, Any, None]) -> None:
+    """Run side by side; the first failure cancels the rest (and is raised), so nothing is still
+    starting while `stop` runs."""
+    tasks = [asyncio.ensure_future(w) for w in work]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def clean_stale_lock(token: str | None = None) -> list[str]:

@@ -3,12 +3,15 @@ command line, and where the token travels (never in an argument)."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 
 from rbee.cli import plan
+from rbee.cli.cluster import all_or_none
 from rbee.cli.clusterfile import parse
+from rbee.cli.context import CliError
 from rbee.cli.remote_hive import RemoteHive, parse_record
 from rbee.cli.ssh import Ssh, SshTarget
 
@@ -131,3 +134,25 @@ def test_the_remote_record_is_read_back() -> None:
         "url": "http://box2:7835",
         "queen_url": "http://q",
     }
+
+
+async def test_when_one_hive_fails_to_start_the_others_stop_starting() -> None:
+    other_started = asyncio.Event()
+    other_cancelled = False
+
+    async def fails() -> None:
+        await other_started.wait()
+        raise CliError("SSH to me@box2 failed: Connection refused")
+
+    async def slow() -> None:
+        nonlocal other_cancelled
+        other_started.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            other_cancelled = True
+            raise
+
+    with pytest.raises(CliError, match="Connection refused"):
+        await all_or_none(fails(), slow())
+    assert other_cancelled
