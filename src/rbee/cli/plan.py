@@ -114,7 +114,7 @@ class UpPlan:
         if self.remote and not self.token:
             return (
                 "hives on other machines need a cluster token (the queen and they listen on "
-                "the network): set RBEE_TOKEN (or --token)"
+                "the network): set RBEE_TOKEN (or --token-file)"
             )
         if not self.token and not is_loopback(self.queen_host):
             return f"a queen listening on {self.queen_host} needs a cluster token: set RBEE_TOKEN"

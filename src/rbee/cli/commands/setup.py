@@ -159,7 +159,7 @@ def _need_token(cli: Cli, host: str, where: str) -> None:
     if not cli.token and not is_loopback(host):
         cli.fail(
             f"a daemon on {where} listening on {host} needs the cluster token: set RBEE_TOKEN "
-            "(or --token)"
+            "(or --token-file)"
         )
 
 
