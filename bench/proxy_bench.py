@@ -9,7 +9,7 @@ and through the queen, whole and streamed (time to first byte), by 1 client and 
 clients. Each round measures every column once, in a rotating order, so noise on a shared
 machine hits all columns alike.
 
-Below each requests/s figure: the CPU time per request of the process that handled it (for
+Below each scenario: the CPU time per request of the process that handled it (for
 direct, the worker; for nginx, its worker process; for the queen, the queen alone).
 
 Targets (issue 13), queen over direct: at most +1.0 ms at p50 and +2.0 ms at p99 with one
@@ -138,7 +138,7 @@ class Samples:
     latencies: list[float] = field(default_factory=list)
     rates: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
-    answered: int = 0  # requests done in the timed slices (N clients)
+    answered: int = 0  # requests sent, failed ones included
     cpu_s: float = 0.0  # CPU time its processes spent in those slices
 
     def timed(self, stream: bool, times: tuple[float, float]) -> None:
@@ -333,12 +333,13 @@ async def measure(
             for t in order:
                 into = results[label, t.name]
                 raw = raws[t.name, stream]
+                cpu = t.cpu_s()
                 if many:
-                    cpu = t.cpu_s()
                     await many_clients(t.port, raw, args.clients, args.seconds, stream, into)
-                    into.cpu_s += t.cpu_s() - cpu
                 else:
                     await one_client(t.port, raw, args.requests, stream, into)
+                    into.answered += args.requests
+                into.cpu_s += t.cpu_s() - cpu
         print(f"round {r + 1}/{args.rounds} done", flush=True)
     return results
 
@@ -366,10 +367,8 @@ def report(targets: list[Target], results: dict[tuple[str, str], Samples], clien
                 extra = "" if n == "direct" else f" ({value / base:.2f}x)"
                 cells.append(f"{value:.0f}{extra}")
             print(f"{shown + ' req/s':34}" + "".join(f"{c:>20}" for c in cells))
-            cpu = [
-                results[label, n].cpu_s * 1000 / max(1, results[label, n].answered) for n in names
-            ]
-            print(f"{shown + ' CPU ms/req':34}" + "".join(f"{c:>20.2f}" for c in cpu))
+        cpu = [results[label, n].cpu_s * 1000 / max(1, results[label, n].answered) for n in names]
+        print(f"{shown + ' CPU ms/req':34}" + "".join(f"{c:>20.2f}" for c in cpu))
     for n in names:
         errors = [e for label, _, _ in SCENARIOS for e in results[label, n].errors]
         if errors:
