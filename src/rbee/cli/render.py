@@ -89,6 +89,16 @@ def models_table(models: Sequence[ModelEntry]) -> Table:
     return table
 
 
+def backoff_lines(models: Sequence[ModelEntry]) -> list[str]:
+    """One line per hive where starting a model is on hold, with the reason."""
+    return [
+        f"{m.id}: starts on {b.hive_id} on hold for {b.retry_in_s:.0f}s after {b.failures} "
+        f"failure(s) in a row; last: {b.reason}"
+        for m in models
+        for b in m.rbee.backoff
+    ]
+
+
 def catalog_table(models: Iterable[dict[str, Any]]) -> Table:
     table = _table("MODEL", "HIVE", "SIZE", "FORMAT", "SOURCE", "NAME")
     for m in models:

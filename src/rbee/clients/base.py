@@ -7,7 +7,14 @@ from typing import Self
 
 import httpx
 
+from rbee.common.net import dead_peer_options
 from rbee.common.tokens import auth_headers
+
+
+def dead_peer_transport() -> httpx.AsyncHTTPTransport:
+    """An httpx transport whose connections notice a vanished peer within seconds
+    (see `rbee.common.net`); every client of a remote rbee daemon should use one."""
+    return httpx.AsyncHTTPTransport(socket_options=dead_peer_options())
 
 
 class OwnedHttpClient:
@@ -23,7 +30,7 @@ class OwnedHttpClient:
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             headers=auth_headers(token),
-            transport=transport,
+            transport=transport or dead_peer_transport(),
             timeout=timeout,
         )
 

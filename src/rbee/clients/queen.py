@@ -20,6 +20,7 @@ from rbee.contracts.errors import read_error
 from rbee.contracts.hives import HiveView
 from rbee.contracts.jobs import JobCreated, JobEvent, JobRequest
 from rbee.contracts.keys import ApiKeyInfo, KeyCreate, KeyCreated, KeyList
+from rbee.contracts.openai import ModelBackoff
 from rbee.contracts.workers import WorkerView
 
 DEFAULT_QUEEN_URL = "http://127.0.0.1:7833"
@@ -57,6 +58,7 @@ class ModelStatus(BaseModel):
     embedding: bool = False
     workers: int = 0
     hives: list[str] = Field(default_factory=list)
+    backoff: list[ModelBackoff] = Field(default_factory=list)
 
 
 class ModelEntry(BaseModel):

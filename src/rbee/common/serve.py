@@ -20,6 +20,8 @@ from fastapi import FastAPI
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings, CliApp
 
+from rbee.common import net
+
 S = TypeVar("S", bound=BaseSettings)
 
 
@@ -69,6 +71,9 @@ def bind_socket(prog: str, host: str, port: int) -> socket.socket:
     # and without it every small response waits ~40 ms for a delayed ACK.
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Accepted connections inherit these: a client whose machine vanished is dropped within
+    # seconds, so a worker stops generating for it instead of holding its slot for minutes.
+    net.apply(sock)
     try:
         sock.bind((host, port))
     except OSError as exc:

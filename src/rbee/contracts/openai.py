@@ -286,6 +286,16 @@ class Completion(BaseModel):
     usage: Usage | None = None
 
 
+class ModelBackoff(BaseModel):
+    """Starting a worker for the model on `hive_id` is on hold: its last starts failed, or
+    their workers died soon after becoming ready."""
+
+    hive_id: str
+    failures: int  # in a row
+    reason: str
+    retry_in_s: float
+
+
 class ModelServing(BaseModel):
     """rbee's own block in a model card: where the model stands in the cluster."""
 
@@ -296,6 +306,8 @@ class ModelServing(BaseModel):
     workers: int = 0
     embedding_workers: int = 0
     hives: list[str] = Field(default_factory=list)
+    # Hives where starting a worker for the model is on hold, and why; empty when none is.
+    backoff: list[ModelBackoff] = Field(default_factory=list)
 
 
 class ModelCard(BaseModel):

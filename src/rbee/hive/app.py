@@ -13,6 +13,7 @@ import pynvml
 from fastapi import FastAPI
 
 from rbee import __version__
+from rbee.clients.base import dead_peer_transport
 from rbee.common.auth import openapi_url
 from rbee.common.clock import Clock, monotonic
 from rbee.common.errors import install_error_handlers
@@ -50,7 +51,7 @@ def create_app(
     queen = httpx.AsyncClient(
         base_url=settings.queen_url,
         headers=auth_headers(settings.token),
-        transport=queen_transport,
+        transport=queen_transport or dead_peer_transport(),
         timeout=10.0,
     )
     local = httpx.AsyncClient(timeout=5.0)  # the hive's own look at the workers it starts

@@ -34,24 +34,36 @@ USAGE_FLUSH_S = 5.0  # API key usage counts reach the database this often (and a
 
 
 async def cleanup_loop(state: QueenState) -> None:
-    """Remove workers not heard from within the timeout, every cleanup interval."""
+    """Every cleanup interval: remove workers not heard from within the timeout, and forget
+    hives silent for longer than their grace period."""
     while True:
         await asyncio.sleep(state.settings.cleanup_interval)
         for info in state.registry.remove_stale_workers():
             log.info("removed stale worker %s", info.id)
-            workers_api.publish_change(state, RegistryChange(ChangeKind.REMOVED, info))
+            workers_api.registry_changed(state, RegistryChange(ChangeKind.REMOVED, info))
+        for hive_id in state.hives.remove_forgotten():
+            log.info("forgot hive %s (silent for %.0fs)", hive_id, state.hives.forget_after_s)
+            state.bus.publish("hive", {"change": "removed", "hive_id": hive_id, "hive": None})
 
 
 async def offline_watch(state: QueenState, interval_s: float) -> None:
-    """Announce workers that went quiet, as soon as they pass the timeout (before cleanup)."""
+    """Announce workers and hives that went quiet, as soon as they pass the timeout."""
     online: set[str] = set()
+    hives_online: set[str] = set()
     while True:
+        hives_now = {h.id for h in state.hives.online()}
+        for hive_id in hives_online - hives_now:
+            log.warning("hive %s went offline", hive_id)
+            hive = state.hives.get(hive_id)
+            view = hive.model_dump(mode="json") if hive else None
+            state.bus.publish("hive", {"change": "offline", "hive_id": hive_id, "hive": view})
+        hives_online = hives_now
         now = state.registry.now()
         records = state.registry.records()
         current = {r.info.id for r in records if state.registry.is_fresh(r, now)}
         for record in records:
             if record.info.id in online and record.info.id not in current:
-                workers_api.publish_change(state, RegistryChange(ChangeKind.OFFLINE, record.info))
+                workers_api.registry_changed(state, RegistryChange(ChangeKind.OFFLINE, record.info))
         online = current
         await asyncio.sleep(interval_s)
 

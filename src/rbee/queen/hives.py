@@ -1,4 +1,9 @@
-"""The queen's inventory of hives, fed by hive heartbeats, judged by the same staleness rule."""
+"""The queen's inventory of hives, fed by hive heartbeats, judged by the same staleness rule.
+
+A hive not heard from within the timeout is offline (never chosen to start a worker); one
+silent for the longer `forget_after_s` is dropped, so machines that left for good do not
+linger in the inventory. A hive that comes back is simply registered again.
+"""
 
 from __future__ import annotations
 
@@ -16,8 +21,11 @@ class HiveRecord:
 
 
 class HiveRegistry:
-    def __init__(self, timeout_s: float, clock: Clock = monotonic) -> None:
+    def __init__(
+        self, timeout_s: float, clock: Clock = monotonic, forget_after_s: float | None = None
+    ) -> None:
         self.timeout_s = timeout_s
+        self.forget_after_s = max(timeout_s, forget_after_s or 0.0)
         self._clock = clock
         self._lock = threading.Lock()
         self._hives: dict[str, HiveRecord] = {}
@@ -32,6 +40,15 @@ class HiveRegistry:
     def remove(self, hive_id: str) -> bool:
         with self._lock:
             return self._hives.pop(hive_id, None) is not None
+
+    def remove_forgotten(self) -> list[str]:
+        """Drop hives silent for longer than `forget_after_s`; returns their ids."""
+        cutoff = self._clock() - self.forget_after_s
+        with self._lock:
+            gone = [i for i, r in self._hives.items() if r.seen_at < cutoff]
+            for hive_id in gone:
+                del self._hives[hive_id]
+        return gone
 
     def view(self, record: HiveRecord, now: float) -> HiveView:
         hb = record.heartbeat

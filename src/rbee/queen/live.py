@@ -18,7 +18,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from rbee.clients.worker import WorkerClient
-from rbee.contracts.openai import ModelCard, ModelServing
+from rbee.contracts.openai import ModelBackoff, ModelCard, ModelServing
 from rbee.contracts.workers import WorkerInfo
 from rbee.queen.registry import worker_view
 from rbee.queen.routing.router import SERVING
@@ -53,11 +53,26 @@ def model_entries(state: QueenState) -> list[dict[str, Any]]:
                 workers=workers[model],
                 embedding_workers=embedding[model],
                 hives=sorted(hives.get(model, [])),
+                backoff=backoff_of(state, model),
             ),
         )
         for model in sorted(set(workers) | set(hives))
     ]
     return [card.model_dump(mode="json") for card in cards]
+
+
+def backoff_of(state: QueenState, model: str) -> list[ModelBackoff]:
+    """Why starting a worker for the model is on hold, hive by hive (empty if it is not)."""
+    backoff = state.spawner.backoff
+    return [
+        ModelBackoff(
+            hive_id=h.hive_id,
+            failures=h.failures,
+            reason=h.reason,
+            retry_in_s=round(backoff.remaining_s(h), 1),
+        )
+        for h in backoff.holds(model)
+    ]
 
 
 def worker_json(state: QueenState, info: WorkerInfo) -> dict[str, Any]:

@@ -1,20 +1,29 @@
 """The OpenAI front door: find a worker for the request's model and stream its answer back.
 
-Bytes pass through as they arrive. A worker that fails before the first byte is benched and the
-request goes to another; after the first byte the client gets an error event and the stream
-ends. A client that goes away cancels the upstream request, which frees the worker's slot.
+The proxy is a relay; what to do after each try is decided by `routing.retry`, which worker
+by the router, whether to start one by the spawner. Nothing reaches the client until a
+worker's first bytes are in (all of them, for a whole answer), so until then a request can
+still go elsewhere: a worker that fails, vanishes (found dead by TCP, or declared offline by
+the registry) or answers 5xx is benched and the request retried; a worker whose own queue is
+full (429) hands the request to one with room. After the first byte the client gets an error
+event and the stream ends. A client that leaves frees its place in line and its worker slot.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import errno
 import json
 import logging
 from collections.abc import AsyncIterator, Callable, Collection
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
+from rbee.common.disconnect import CLIENT_CLOSED_REQUEST, ClientGone, unless_client_leaves
 from rbee.common.errors import (
     BadGateway,
     BadRequest,
@@ -30,6 +39,7 @@ from rbee.queen.hives import HiveRegistry
 from rbee.queen.metrics import CLIENT_CLOSED, QueenMetrics, RequestTrack
 from rbee.queen.registry import WorkerRegistry
 from rbee.queen.routing.admission import QueueFull, WaitExpired
+from rbee.queen.routing.retry import Outcome, Step, classify, next_step
 from rbee.queen.routing.router import Lease, Router
 from rbee.queen.scheduler.placement import hives_with_model
 from rbee.queen.scheduler.spawner import Spawner
@@ -58,6 +68,32 @@ def parse_body(raw: bytes) -> tuple[str, bool]:
 def sse_error(message: str) -> bytes:
     body = ErrorBody.of(message, "server_error", "worker_failed").model_dump()
     return f"data: {json.dumps(body)}\n\n".encode()
+
+
+@dataclass
+class Attempt:
+    """One try at a worker. `answered`: the worker's response, read whole (`content`) or with
+    its first bytes in `first` and the rest to come from `rest`; `full`: its whole 429;
+    otherwise why it failed."""
+
+    outcome: Outcome
+    reason: str = ""
+    upstream: UpstreamResponse | None = None
+    first: bytes = b""
+    rest: AsyncIterator[bytes] | None = None
+    refused: bool = False  # nothing listens there any more: the worker process is gone
+
+
+def connection_refused(exc: BaseException) -> bool:
+    """The worker's machine answered but nothing listens on the port: the process is gone."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ConnectionRefusedError) or (
+            isinstance(cause, OSError) and cause.errno == errno.ECONNREFUSED
+        ):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _wrong_kind(model: str, embedding: bool) -> BadRequest:
@@ -107,23 +143,34 @@ class Proxy:
         return sorted(served)
 
     async def lease(
-        self, model: str, exclude: Collection[str] = (), *, embedding: bool = False
+        self, model: str, failed: Collection[str] = (), *, embedding: bool = False
     ) -> Lease:
-        if not self.router.has_live_worker(model, exclude, embedding=embedding):
+        """A worker slot for the model: now, after waiting in line, or after starting a worker.
+
+        Workers that failed this request are left out by their bench, not by their id: a hive
+        may give a new worker the id (hive and port) of one that died, and a request waiting
+        in line for a worker it can never take would hold up everyone behind it."""
+        if not self.router.has_live_worker(model, embedding=embedding):
             of_model = self.registry.find_workers_by_model(model)
             known_workers = [w for w in of_model if w.embedding is embedding]
-            if not known_workers and hives_with_model(self.hives.all(), model):
-                # Cold model: start one. Never after failures, so a broken worker cannot make
-                # the queen start worker after worker.
+            if hives_with_model(self.hives.all(), model):
+                # No worker that can serve (none yet, or all dead or benched): start one, as
+                # for a cold model. The spawner holds back where starts keep failing.
                 await self.spawner.ensure_worker(model, embedding=embedding)
             elif known_workers:
-                failed = f" ({', '.join(exclude)} failed)" if exclude else ""
+                which = f" ({', '.join(failed)} failed)" if failed else ""
                 raise Unavailable(
-                    f"no worker for model {model!r} is reachable right now{failed}",
+                    f"no worker for model {model!r} is reachable right now{which}",
                     code="no_worker",
                 )
             elif of_model:
                 raise _wrong_kind(model, embedding)
+            elif offline := [h.id for h in self.hives.all() if model in h.models]:
+                raise Unavailable(
+                    f"no worker for model {model!r}, and the hives that have it are offline "
+                    f"({', '.join(sorted(offline))})",
+                    code="no_worker",
+                )
             else:
                 known = ", ".join(self.known_models()) or "none"
                 raise NotFound(
@@ -133,7 +180,7 @@ class Proxy:
                 )
         admission = self.router.admission
         try:
-            return await self.router.acquire(model, exclude, embedding=embedding)
+            return await self.router.acquire(model, embedding=embedding)
         except QueueFull:
             raise TooManyRequests(
                 f"all workers for {model!r} are busy and {admission.max_waiting} requests "
@@ -155,7 +202,12 @@ class Proxy:
         track = self.metrics.track(model)
         track.streamed = stream
         try:
-            return await self._forward(track, path, raw, request, embedding)
+            return await unless_client_leaves(
+                request.receive, self._forward(track, path, raw, request, embedding)
+            )
+        except ClientGone:
+            track.refused(CLIENT_CLOSED)
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         except RbeeError as exc:
             track.refused(exc.status_code)
             raise
@@ -174,64 +226,130 @@ class Proxy:
         headers = {k: v for k, v in request.headers.items() if k.lower() in PASSED_REQUEST_HEADERS}
         headers.update(auth_headers(self.token))
         tried: list[str] = []
-        reason = ""
-        for _ in range(self.retries + 1):
-            lease = await self.lease(model, tried, embedding=embedding)
+        failures = 0
+        whole = not track.streamed
+        lease = await self.lease(model, tried, embedding=embedding)
+        while True:
             track.lease(lease.worker_id)
             try:
-                outcome = await self._attempt(lease, path, raw, headers, not track.streamed)
+                attempt = await self._attempt(lease, path, raw, headers, whole)
             except BaseException:
                 # The client left while we waited for the worker, or something unforeseen: the
                 # slot must not stay counted as busy.
                 self.router.release(lease)
                 raise
-            if isinstance(outcome, UpstreamResponse):
-                response = self._respond(lease, outcome, track)
-                if key is not None:  # tokens served to an API key are counted
-                    if isinstance(response, StreamingResponse):
-                        response.body_iterator = metered_stream(
-                            response.body_iterator,  # type: ignore[arg-type]  # _relay: bytes
-                            keep_usage_chunk=keep_usage,
-                            record=lambda tokens: self.usage(key, tokens),
-                        )
-                    elif (tokens := total_tokens(outcome.content or b"")) is not None:
-                        self.usage(key, tokens)
-                return response
-            reason = outcome
-            log.warning("worker failed before answering, trying another: %s", reason)
-            self.router.fail(lease)
+            if attempt.outcome in (Outcome.FAILED, Outcome.GONE):
+                failures += 1
+            step = next_step(attempt.outcome, failures, self.retries)
             tried.append(lease.worker_id)
+            if step is Step.RELAY:
+                return self._answer(lease, attempt, track, key, keep_usage)
+            if step is Step.OVERFLOW:
+                self.router.release(lease)  # busy is not broken: no bench
+                other = self.router.try_take(model, tried, embedding=embedding)
+                if other is None:
+                    track.end(429)
+                    return self._full(lease, attempt)
+                lease = other
+                continue
+            log.warning("worker failed before answering: %s", attempt.reason)
+            self.router.fail(lease)
             track.failover()
-        raise BadGateway(f"{len(tried)} worker(s) failed for {model!r}; last: {reason}")
+            if attempt.refused:
+                self.spawner.worker_lost(lease.worker_id, "connection refused")
+            if step is Step.GIVE_UP:
+                raise BadGateway(
+                    f"{failures} worker(s) failed for {model!r}; last: {attempt.reason}"
+                )
+            lease = await self.lease(model, tried, embedding=embedding)
+
+    def _answer(
+        self,
+        lease: Lease,
+        attempt: Attempt,
+        track: RequestTrack,
+        key: str | None,
+        keep_usage: bool,
+    ) -> Response:
+        response = self._respond(lease, attempt, track)
+        if key is not None:  # tokens served to an API key are counted
+            assert attempt.upstream is not None
+            if isinstance(response, StreamingResponse):
+                response.body_iterator = metered_stream(
+                    response.body_iterator,  # type: ignore[arg-type]  # _relay: bytes
+                    keep_usage_chunk=keep_usage,
+                    record=lambda tokens: self.usage(key, tokens),
+                )
+            elif (tokens := total_tokens(attempt.upstream.content or b"")) is not None:
+                self.usage(key, tokens)
+        return response
 
     async def _attempt(
         self, lease: Lease, path: str, raw: bytes, headers: dict[str, str], whole: bool
-    ) -> UpstreamResponse | str:
-        """The worker's response if it answered below 500 (read to the end if `whole`), or why
-        it failed."""
+    ) -> Attempt:
+        """Send the request and wait for the answer (its first bytes, or all of it if `whole`),
+        unless the registry declares the worker gone first."""
+        gone = asyncio.ensure_future(self.router.departure(lease.worker_id).wait())
+        exchange = asyncio.ensure_future(self._exchange(lease, path, raw, headers, whole))
+        try:
+            await asyncio.wait({exchange, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not exchange.done():
+                exchange.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(exchange, gone, return_exceptions=True)
+        if exchange.cancelled():
+            return Attempt(Outcome.GONE, f"{lease.worker_id}: went offline before answering")
+        return exchange.result()
+
+    async def _exchange(
+        self, lease: Lease, path: str, raw: bytes, headers: dict[str, str], whole: bool
+    ) -> Attempt:
+        who = lease.worker_id
         try:
             upstream = await self.client.post(f"{lease.url}{path}", raw, headers)
         except UpstreamError as exc:
-            return f"{lease.worker_id}: {exc}"
-        if upstream.status_code < 500 and not whole:
-            return upstream
+            return Attempt(Outcome.FAILED, f"{who}: {exc}", refused=connection_refused(exc))
+        outcome = classify(upstream.status_code)
         try:
-            body = await upstream.aread()
+            if outcome is not Outcome.ANSWERED or whole:
+                body = await upstream.aread()
+                upstream.close()
+                if outcome is Outcome.FAILED:
+                    detail = body[:200].decode(errors="replace")
+                    return Attempt(outcome, f"{who}: HTTP {upstream.status_code} {detail}")
+                return Attempt(outcome, f"{who}: HTTP {upstream.status_code}", upstream)
+            rest = upstream.aiter_bytes()
+            first = await anext(rest, b"")
         except UpstreamError as exc:
             # Nothing has reached the client yet, so another worker can still answer.
             upstream.close()
-            return f"{lease.worker_id}: {exc} (before its answer was complete)"
-        upstream.close()
-        if upstream.status_code < 500:
-            return upstream
-        detail = body[:200].decode(errors="replace")
-        return f"{lease.worker_id}: HTTP {upstream.status_code} {detail}"
+            return Attempt(Outcome.FAILED, f"{who}: {exc} (before its answer was in)")
+        except BaseException:
+            upstream.close()
+            raise
+        return Attempt(outcome, upstream=upstream, first=first, rest=rest)
 
-    def _respond(self, lease: Lease, upstream: UpstreamResponse, track: RequestTrack) -> Response:
+    def _full(self, lease: Lease, attempt: Attempt) -> Response:
+        """Every worker with room was tried: the last worker's own 429 goes to the client."""
+        assert attempt.upstream is not None
+        upstream = attempt.upstream
+        media_type = upstream.headers.get("content-type")
+        return Response(upstream.content, 429, self._headers(lease, upstream), media_type)
+
+    @staticmethod
+    def _headers(lease: Lease, upstream: UpstreamResponse) -> dict[str, str]:
         headers = {WORKER_HEADER: lease.worker_id}
         for name in ("retry-after",):
             if name in upstream.headers:
                 headers[name] = upstream.headers[name]
+        return headers
+
+    def _respond(self, lease: Lease, attempt: Attempt, track: RequestTrack) -> Response:
+        upstream = attempt.upstream
+        assert upstream is not None
+        headers = self._headers(lease, upstream)
         media_type = upstream.headers.get("content-type")
         if upstream.content is not None:
             # A whole answer goes out in one piece: cheaper than streaming it, and the worker's
@@ -240,22 +358,24 @@ class Proxy:
             track.end(upstream.status_code)
             return Response(upstream.content, upstream.status_code, headers, media_type)
         return StreamingResponse(
-            self._relay(lease, upstream, track),
+            self._relay(lease, attempt, track),
             status_code=upstream.status_code,
             headers=headers,
             media_type=media_type,
         )
 
     async def _relay(
-        self, lease: Lease, upstream: UpstreamResponse, track: RequestTrack
+        self, lease: Lease, attempt: Attempt, track: RequestTrack
     ) -> AsyncIterator[bytes]:
+        upstream = attempt.upstream
+        assert upstream is not None
+        assert attempt.rest is not None
         failed = False
-        first = True
         try:
-            async for chunk in upstream.aiter_bytes():
-                if first:
-                    first = False
-                    track.first_byte()
+            track.first_byte()
+            if attempt.first:
+                yield attempt.first
+            async for chunk in attempt.rest:
                 yield chunk
         except UpstreamError as exc:
             failed = True

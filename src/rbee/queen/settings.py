@@ -24,6 +24,9 @@ class QueenSettings(DaemonSettings):
         90.0, description="a worker or hive not heard from for this long is offline"
     )
     cleanup_interval: Seconds = Field(30.0, description="how often offline workers are removed")
+    hive_forget_after: Seconds = Field(
+        600.0, description="a hive not heard from for this long is forgotten (not just offline)"
+    )
     summary_interval: Seconds = Field(
         5.0, description="how often the heartbeat stream sends a summary event"
     )

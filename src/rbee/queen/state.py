@@ -9,6 +9,7 @@ from fastapi import Request
 
 from rbee.common.clock import Clock
 from rbee.common.jobs import Jobs
+from rbee.common.net import dead_peer_options
 from rbee.queen.events import EventBus
 from rbee.queen.hives import HiveRegistry
 from rbee.queen.keys import KeyStore
@@ -56,7 +57,7 @@ def build_state(
     inference always goes over real sockets (`UpstreamClient`; tests run fake workers on
     loopback ports, see `rbee.testing.worker_servers`)."""
     registry = WorkerRegistry(settings.heartbeat_timeout, clock)
-    hives = HiveRegistry(settings.heartbeat_timeout, clock)
+    hives = HiveRegistry(settings.heartbeat_timeout, clock, settings.hive_forget_after)
     bus = EventBus()
     tracker = LoadTracker(settings.cooldown, clock)
     admission = AdmissionQueue(settings.queue_size, settings.queue_timeout)
@@ -70,8 +71,9 @@ def build_state(
         clients.spawn,
         settings.spawn_timeout,
         on_result=metrics.worker_started,
+        clock=clock,
     )
-    upstream = UpstreamClient()
+    upstream = UpstreamClient(dead_peer_options())
     keys = KeyStore(settings.data_dir)
     proxy = Proxy(
         registry,

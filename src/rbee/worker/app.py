@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from rbee import __version__
+from rbee.clients.base import dead_peer_transport
 from rbee.common.auth import openapi_url
 from rbee.common.bundled import BUNDLED_MODELS, bundled_model_path
 from rbee.common.errors import install_error_handlers
@@ -109,7 +110,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime.bind_loop()
-        async with httpx.AsyncClient(transport=queen_transport) as client:
+        async with httpx.AsyncClient(transport=queen_transport or dead_peer_transport()) as client:
             heartbeat = Heartbeater(
                 client,
                 settings.queen_url,

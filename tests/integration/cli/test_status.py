@@ -191,3 +191,25 @@ def test_a_bad_queen_url_is_a_usage_error_not_a_traceback(rbee: Any, url: str) -
     assert result.exit_code == 2
     assert "--queen-url" in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_models_says_why_starting_a_model_is_on_hold(rbee: Any, queen: Any) -> None:
+    queen.add_model("crashy", "available", workers=0)
+    queen.models[-1]["rbee"]["backoff"] = [
+        {
+            "hive_id": "hive-a",
+            "failures": 3,
+            "reason": "worker crashy-8080 died 2s after ready (connection refused)",
+            "retry_in_s": 17.4,
+        }
+    ]
+
+    result = rbee("models")
+
+    assert result.exit_code == 0
+    (line,) = [line for line in result.stdout.splitlines() if "on hold" in line]
+    assert "crashy" in line
+    assert "hive-a" in line
+    assert "17s" in line
+    assert "3 failure(s)" in line
+    assert "died 2s after ready" in line

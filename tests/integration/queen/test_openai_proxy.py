@@ -358,6 +358,7 @@ async def test_models_lists_loaded_and_startable(cluster: Cluster) -> None:
         "workers": 1,
         "embedding_workers": 0,
         "hives": ["h1"],
+        "backoff": [],
     }
     assert by_id["cold"] == {
         "state": "available",
@@ -365,6 +366,7 @@ async def test_models_lists_loaded_and_startable(cluster: Cluster) -> None:
         "workers": 0,
         "embedding_workers": 0,
         "hives": ["h1"],
+        "backoff": [],
     }
 
 

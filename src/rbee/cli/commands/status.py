@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from rbee.cli.context import cli_of
-from rbee.cli.render import hives_table, models_table, to_json, workers_table
+from rbee.cli.render import backoff_lines, hives_table, models_table, to_json, workers_table
 from rbee.cli.watch import watch
 from rbee.clients.queen import ModelEntry, QueenClient
 from rbee.contracts.hives import HiveView
@@ -66,6 +66,8 @@ def models(ctx: typer.Context, as_json: JsonFlag = False) -> None:
         print(to_json({"models": entries}))
     elif entries:
         cli.out.print(models_table(entries))
+        for line in backoff_lines(entries):
+            cli.out.print(line, markup=False, highlight=False)
     else:
         cli.out.print(
             "the cluster has no models: no worker serves one and no hive has one — "

@@ -41,6 +41,19 @@ def publish_change(state: QueenState, change: RegistryChange) -> None:
     )
 
 
+def registry_changed(state: QueenState, change: RegistryChange) -> None:
+    """Tell the listeners, and act on a worker that went away: requests still waiting for its
+    first byte go elsewhere, and an early death counts against on-demand starts."""
+    publish_change(state, change)
+    worker_id = change.worker.id
+    if change.kind is ChangeKind.OFFLINE:
+        state.router.depart(worker_id)
+        state.spawner.worker_lost(worker_id, "stopped heartbeating")
+    elif change.kind is ChangeKind.REMOVED:
+        state.router.depart(worker_id)
+        state.spawner.worker_stopped(worker_id)
+
+
 @router.post(
     "/v1/worker-heartbeat",
     response_model=HeartbeatAck,
@@ -65,7 +78,7 @@ async def worker_heartbeat(request: Request) -> Response:
     state.metrics.heartbeats["worker"] += 1
     change = state.registry.update_worker(heartbeat)
     if change is not None:
-        publish_change(state, change)
+        registry_changed(state, change)
     # A heartbeat may mean a free slot or a new worker: let the head of the line try again.
     state.router.admission.notify(pool_of(heartbeat.worker))
     ack = HeartbeatAck(status="ok", message=f"heartbeat from {heartbeat.worker.id} recorded")
@@ -100,7 +113,7 @@ async def delete_worker(worker_id: str, state: State) -> dict[str, Any]:
     info = state.registry.get_worker(worker_id)
     if info is None or not state.registry.remove_worker(worker_id):
         raise NotFound(f"no worker {worker_id!r} in the registry", code="worker_not_found")
-    publish_change(state, RegistryChange(ChangeKind.REMOVED, info))
+    registry_changed(state, RegistryChange(ChangeKind.REMOVED, info))
     return {"removed": worker_id}
 
 

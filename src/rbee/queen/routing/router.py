@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Collection
 from dataclasses import dataclass
 
@@ -48,6 +49,7 @@ class Router:
         self.policy = policy
         self.admission = admission
         self._turns: dict[Pool, int] = {}
+        self._departures: dict[str, asyncio.Event] = {}
 
     def candidates(
         self, model: str, exclude: Collection[str] = (), *, embedding: bool = False
@@ -107,6 +109,16 @@ class Router:
     def release(self, lease: Lease) -> None:
         self.tracker.end(lease.worker_id)
         self.admission.notify(lease.pool)
+
+    def departure(self, worker_id: str) -> asyncio.Event:
+        """Set when the worker goes offline or leaves the registry: requests still waiting for
+        its first byte stop waiting and go elsewhere."""
+        return self._departures.setdefault(worker_id, asyncio.Event())
+
+    def depart(self, worker_id: str) -> None:
+        event = self._departures.pop(worker_id, None)
+        if event is not None:
+            event.set()
 
     def fail(self, lease: Lease) -> None:
         """The worker failed before answering: bench it, free the lease."""

@@ -1,24 +1,52 @@
-"""Starting workers through hives, on demand or by job, and waiting until they are ready."""
+"""Starting workers through hives, on demand or by job, and waiting until they are ready.
+
+On-demand starts (for a model that has no live worker) go through the back-off: a hive where
+starts of a model failed, or whose worker for it died soon after becoming ready, sits out for a
+while, so a model that crashes on load cannot make the queen start workers in a loop. A start
+asked for explicitly (a `worker_spawn` job) is the operator's call and is never held back.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
-from rbee.common.errors import NotFound, Unavailable
+from rbee.common.clock import Clock, monotonic
+from rbee.common.errors import NotFound, RbeeError, Unavailable
 from rbee.contracts.hive_api import SpawnRequest, SpawnResponse
 from rbee.contracts.hives import HiveView
 from rbee.contracts.workers import WorkerInfo, WorkerStatus
 from rbee.queen.events import EventBus
 from rbee.queen.hives import HiveRegistry
 from rbee.queen.registry import WorkerRegistry
+from rbee.queen.scheduler.backoff import Hold, StartBackoff
 from rbee.queen.scheduler.placement import choose_hive
+
+log = logging.getLogger("rbee.queen.spawner")
 
 # Asks one hive to start a worker; the queen's wiring passes a call through the hive client.
 SpawnFn = Callable[[HiveView, SpawnRequest], Awaitable[SpawnResponse]]
 # Told how each start ended: (model, "ready" | "timeout" | "failed").
 ResultFn = Callable[[str, str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """A worker the queen started on demand, watched for an early death."""
+
+    model: str
+    hive_id: str
+    ready_at: float
+
+
+def hold_message(model: str, holds: list[Hold], remaining_s: float) -> str:
+    where = ", ".join(f"{h.hive_id} ({h.failures} failed: {h.reason})" for h in holds)
+    return (
+        f"no worker for model {model!r} can serve now, and starting one is on hold for "
+        f"{remaining_s:.0f}s after failures on {where}"
+    )
 
 
 class Spawner:
@@ -30,6 +58,9 @@ class Spawner:
         spawn: SpawnFn,
         timeout_s: float,
         on_result: ResultFn = lambda model, result: None,
+        *,
+        backoff: StartBackoff | None = None,
+        clock: Clock = monotonic,
     ) -> None:
         self.registry = registry
         self.hives = hives
@@ -37,15 +68,24 @@ class Spawner:
         self.spawn = spawn
         self.timeout_s = timeout_s
         self.on_result = on_result
+        self._clock = clock
+        self.backoff = backoff or StartBackoff(clock=clock)
         self._starting: dict[tuple[str, bool], asyncio.Task[WorkerInfo]] = {}
+        self._started: dict[str, Started] = {}
 
-    def pick_hive(self, model: str, hive_id: str | None, device: str | None) -> HiveView:
+    def pick_hive(
+        self,
+        model: str,
+        hive_id: str | None,
+        device: str | None,
+        exclude: frozenset[str] = frozenset(),
+    ) -> HiveView:
         if hive_id is not None:
             hive = self.hives.get(hive_id)
             if hive is None or not hive.online:
                 raise Unavailable(f"hive {hive_id!r} is not online", code="hive_unavailable")
             return hive
-        hive = choose_hive(self.hives.all(), model, device)
+        hive = choose_hive([h for h in self.hives.all() if h.id not in exclude], model, device)
         if hive is None:
             raise NotFound(
                 f"no online hive has model {model!r} in its catalog", code="model_not_found"
@@ -78,36 +118,126 @@ class Spawner:
         return spawned, ready
 
     async def ensure_worker(self, model: str, *, embedding: bool = False) -> WorkerInfo:
-        """Start one worker for a cold model (for embeddings, or for chat and completions);
-        concurrent callers share the same start."""
+        """Start one worker for a model without a live one (for embeddings, or for chat and
+        completions); concurrent callers share the start.
+
+        Raises `Unavailable` (with the reason) while every hive that has the model is on hold."""
         key = (model, embedding)
         task = self._starting.get(key)
         if task is None:
-            hive = self.pick_hive(model, None, None)
+            self._forget_stable()
+            self._raise_if_all_held(model)
             task = asyncio.create_task(
-                self._start_one(model, hive, embedding), name=f"spawn-{model}"
+                self._start_somewhere(model, embedding), name=f"spawn-{model}"
             )
             self._starting[key] = task
             task.add_done_callback(lambda _: self._starting.pop(key, None))
         return await asyncio.shield(task)
 
-    async def _start_one(self, model: str, hive: HiveView, embedding: bool) -> WorkerInfo:
-        _, info = await self.start(model, hive, embedding=embedding)
-        return info
+    def _raise_if_all_held(self, model: str) -> None:
+        held = self.backoff.held_hives(model)
+        if not held:
+            return
+        free = [h for h in self.hives.all() if h.online and model in h.models and h.id not in held]
+        if free:
+            return
+        holds = self.backoff.holds(model)
+        remaining = self.backoff.remaining_s(holds[0])
+        raise Unavailable(
+            hold_message(model, holds, remaining),
+            code="no_worker",
+            headers={"Retry-After": str(max(1, round(remaining)))},
+        )
+
+    async def _start_somewhere(self, model: str, embedding: bool) -> WorkerInfo:
+        """Try the best hive not on hold; if the start fails there, the next one."""
+        tried: set[str] = set()
+        last: RbeeError | None = None
+        while True:
+            exclude = frozenset(tried | self.backoff.held_hives(model))
+            try:
+                hive = self.pick_hive(model, None, None, exclude)
+            except NotFound:
+                if last is not None:
+                    raise last from None
+                self._raise_if_all_held(model)
+                raise
+            tried.add(hive.id)
+            log.info("no live worker for %s: starting one on %s", model, hive.id)
+            try:
+                _, info = await self.start(model, hive, embedding=embedding)
+            except RbeeError as exc:
+                last = exc
+                hold = self.backoff.failed(model, hive.id, f"start failed: {exc.message}")
+                log.warning(
+                    "starting %s on %s failed (%d in a row): %s",
+                    *(model, hive.id, hold.failures, exc.message),
+                )
+                continue
+            self._started[info.id] = Started(model, hive.id, self._clock())
+            return info
+
+    def worker_lost(self, worker_id: str, reason: str) -> None:
+        """A worker went offline or refused connections. If the queen started it on demand and
+        it dies soon after becoming ready, that start counts as failed."""
+        started = self._started.pop(worker_id, None)
+        if started is None:
+            return
+        hold = self.backoff.worker_ended(
+            started.model,
+            started.hive_id,
+            started.ready_at,
+            f"worker {worker_id} died {self._clock() - started.ready_at:.0f}s after ready "
+            f"({reason})",
+        )
+        if hold is not None:
+            log.warning("%s", hold.reason)
+
+    def worker_stopped(self, worker_id: str) -> None:
+        """A worker said it stopped (asked to, or shut down): not a failure."""
+        self._started.pop(worker_id, None)
+
+    def _forget_stable(self) -> None:
+        now = self._clock()
+        for worker_id, started in list(self._started.items()):
+            if now - started.ready_at >= self.backoff.stable_after_s:
+                self.backoff.stable(started.model, started.hive_id)
+                del self._started[worker_id]
 
     async def wait_ready(self, worker_id: str) -> WorkerInfo:
+        """Wait for the worker's `ready` heartbeat. The hive answers only once the worker is
+        up, so a worker that goes offline or stays silent for a heartbeat timeout after that
+        has died: waiting out the whole spawn timeout for it would hold every request up."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_s
+        silent_until = loop.time() + self.registry.timeout_s
         async with self.bus.subscribe() as changes:
             while True:
-                info = self.registry.get_worker(worker_id)
-                if info is not None and info.status is WorkerStatus.READY:
-                    return info
+                record = self.registry.get_record(worker_id)
+                if record is not None and record.info.status is WorkerStatus.READY:
+                    return record.info
+                heard = record is not None and self.registry.is_fresh(record)
+                if not heard and loop.time() >= silent_until:
+                    raise Unavailable(
+                        f"worker {worker_id} went away before it reported ready",
+                        code="worker_start_failed",
+                    )
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     raise Unavailable(
                         f"worker {worker_id} did not report ready within {self.timeout_s:.0f}s",
                         code="worker_start_timeout",
                     )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changes.get(), min(remaining, 1.0))
+                try:
+                    event, data = await asyncio.wait_for(changes.get(), min(remaining, 1.0))
+                except TimeoutError:
+                    continue
+                if (
+                    event == "worker"
+                    and data.get("worker_id") == worker_id
+                    and data.get("state") in ("offline", "removed")
+                ):
+                    raise Unavailable(
+                        f"worker {worker_id} went {data['state']} before it reported ready",
+                        code="worker_start_failed",
+                    )

@@ -1,0 +1,33 @@
+"""A queen and two hives on three machines of a test LAN (network namespaces on a bridge)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from rbee.testing import netns
+from rbee.testing.lan_cluster import LanCluster
+
+# Short heartbeat interval and timeout, so the faults play out in seconds, not minutes.
+QUEEN_FLAGS = (
+    "--heartbeat-timeout", "5",
+    "--cleanup-interval", "1",
+    "--cooldown", "5",
+    "--queue-size", "32",
+    "--queue-timeout", "120",
+    "--hive-forget-after", "15",
+)  # fmt: skip
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[LanCluster]:
+    """Queen on `queen`, hives on `box1` and `box2`; no workers yet. Everything it made is gone
+    when the test ends, pass or fail."""
+    with netns.Lan(["queen", "box1", "box2"]) as lan:
+        cluster = LanCluster(lan, tmp_path)
+        cluster.start_queen(*QUEEN_FLAGS)
+        cluster.start_hive("box1")
+        cluster.start_hive("box2")
+        yield cluster

@@ -1,0 +1,163 @@
+"""Several machines for real: the faults a home or office network has, with real processes.
+
+A queen and two hives on three network namespaces; SmolLM2 workers on the hives. Pull a
+machine's cable under load and plug it back in; SIGKILL the only worker of a model; leave
+while an answer is being generated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import pytest
+
+from rbee.common.bundled import DEFAULT_MODEL
+from rbee.testing import netns
+from rbee.testing.lan_cluster import LanCluster
+
+pytestmark = pytest.mark.e2e
+
+if (reason := netns.unavailable_reason()) is not None:
+    pytest.skip(reason, allow_module_level=True)
+
+SHORT = {
+    "model": DEFAULT_MODEL,
+    "messages": [{"role": "user", "content": "Name a colour."}],
+    "max_tokens": 12,
+    "temperature": 0,
+}
+# A completion that keeps going: counting rarely ends before the token limit.
+COUNTING = {"model": DEFAULT_MODEL, "prompt": "1, 2, 3, 4, 5,", "max_tokens": 1500}
+
+
+def ask(cluster: LanCluster, timeout_s: float = 180) -> tuple[int, str, float]:
+    """(status, serving worker, seconds) of one short chat through the queen."""
+    started = time.monotonic()
+    with cluster.client(timeout_s) as client:
+        response = client.post("/v1/chat/completions", json=SHORT)
+    return (
+        response.status_code,
+        response.headers.get("x-rbee-worker-id", ""),
+        time.monotonic() - started,
+    )
+
+
+def stream_events(cluster: LanCluster, close_unless_on: str | None = None) -> dict[str, Any]:
+    """Stream a long completion; returns its worker and its last event. Closes early (and
+    reports so) when it lands on another worker than `close_unless_on`."""
+    with (
+        cluster.client(300) as client,
+        client.stream("POST", "/v1/completions", json={**COUNTING, "stream": True}) as response,
+    ):
+        worker = response.headers.get("x-rbee-worker-id", "")
+        last = ""
+        for line in response.iter_lines():
+            if close_unless_on is not None and worker != close_unless_on:
+                return {"worker": worker, "last": "closed early"}
+            if line.startswith("data:"):
+                last = line.removeprefix("data:").strip()
+        return {"worker": worker, "last": last, "status": response.status_code}
+
+
+def online(items: list[dict[str, Any]], key: str) -> dict[str, bool]:
+    return {item[key]: item["online"] for item in items}
+
+
+def test_hives_on_two_machines_serve_from_their_own_addresses(cluster: LanCluster) -> None:
+    first = cluster.spawn_worker("box1")
+    second = cluster.spawn_worker("box2")
+    workers = {w["id"]: w for w in cluster.workers()}
+    assert workers[first]["host"] == cluster.lan.address("box1")
+    assert workers[second]["host"] == cluster.lan.address("box2")
+    hives = {h["id"]: h["url"] for h in cluster.hives()}
+    assert hives[cluster.hive_id("box1")] == cluster.hive_url("box1")
+    served = [ask(cluster) for _ in range(4)]
+    assert [s[0] for s in served] == [200] * 4
+    assert {s[1] for s in served} == {first, second}, "requests spread over both machines"
+
+
+def test_a_cut_cable_loses_no_request_and_the_machine_rejoins_by_itself(
+    cluster: LanCluster,
+) -> None:
+    box1_worker = cluster.spawn_worker("box1", slots=2)
+    box2_worker = cluster.spawn_worker("box2", slots=2)
+    box1_hive = cluster.hive_id("box1")
+    with ThreadPoolExecutor(16) as pool:
+        # A stream under way on box1 (one per machine is started; box2's leaves at once).
+        streams = [pool.submit(stream_events, cluster, box1_worker) for _ in range(2)]
+        time.sleep(1.0)
+        requests: list[Future[tuple[int, str, float]]] = [
+            pool.submit(ask, cluster) for _ in range(6)
+        ]
+        time.sleep(0.5)
+        cut_at = time.monotonic()
+        cluster.lan.cut("box1")
+        requests += [pool.submit(ask, cluster) for _ in range(6)]  # sent while it is gone
+        results = [r.result() for r in requests]
+        on_box1 = next(s.result() for s in streams if s.result()["worker"] == box1_worker)
+
+    assert [r[0] for r in results] == [200] * len(results), (
+        f"every request that had not started answering is answered: {results}\n"
+        + cluster.output("queen")
+    )
+    assert json.loads(on_box1["last"])["error"]["code"] == "worker_failed", on_box1
+    assert time.monotonic() - cut_at < 120, "nothing waited for the 600 s read timeout"
+
+    # The queen sees the machine go: hive and worker offline, no placement there.
+    cluster.wait_for(lambda: not online(cluster.hives(), "id").get(box1_hive, False), 30)
+    cluster.wait_for(lambda: not online(cluster.workers(), "id").get(box1_worker, False), 30)
+    placed = cluster.run_job({"operation": "worker_spawn", "model": DEFAULT_MODEL})
+    assert placed["type"] == "done", placed
+    assert placed["result"]["hive_id"] == cluster.hive_id("box2")
+    # ... and, silent for longer than the grace period, forgets the hive.
+    cluster.wait_for(lambda: box1_hive not in online(cluster.hives(), "id"), 60)
+
+    cluster.lan.restore("box1")
+    restored_at = time.monotonic()
+    cluster.wait_for(lambda: online(cluster.hives(), "id").get(box1_hive, False), 30)
+    cluster.wait_for(lambda: online(cluster.workers(), "id").get(box1_worker, False), 30)
+    rejoined_s = time.monotonic() - restored_at
+    served_by: set[str] = set()
+    for _ in range(12):
+        status, worker, _ = ask(cluster)
+        assert status == 200
+        served_by.add(worker)
+        if box1_worker in served_by:
+            break
+    assert box1_worker in served_by, f"box1's worker got no request after rejoining: {served_by}"
+    assert box2_worker in {w["id"] for w in cluster.workers()}
+    print(f"box1 listed online again {rejoined_s:.1f}s after its cable was plugged back in")
+
+
+def test_the_killed_only_worker_of_a_model_is_replaced(cluster: LanCluster) -> None:
+    victim = cluster.spawn_worker("box1")
+    assert ask(cluster)[1] == victim
+    os.kill(cluster.worker_pid("box1", victim), signal.SIGKILL)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: ask(cluster), range(4)))
+    assert [r[0] for r in results] == [200] * 4, results
+    served_by = {r[1] for r in results}
+    assert victim not in served_by
+    assert len(served_by) == 1, f"one new worker serves them all: {served_by}"
+    ids = {w["id"] for w in cluster.workers()}
+    assert ids - {victim} == served_by, f"exactly one worker was started: {ids}"
+
+
+def test_a_client_that_leaves_a_long_answer_frees_the_worker(cluster: LanCluster) -> None:
+    worker = cluster.spawn_worker("box2")  # one slot
+    with cluster.client(2) as client, pytest.raises(httpx.ReadTimeout):
+        client.post("/v1/completions", json=COUNTING)  # ~1500 tokens: much longer than 2 s
+
+    def idle() -> bool:
+        (view,) = [w for w in cluster.workers() if w["id"] == worker]
+        return bool(view["status"] == "ready" and view["in_flight"] == 0)
+
+    # Generating 1500 tokens takes far longer than this: the generation was stopped.
+    cluster.wait_for(idle, 8)
+    assert ask(cluster, timeout_s=60)[0] == 200

@@ -1,0 +1,290 @@
+"""Failover in the queen's request path, in-process. Each worker is a small HTTP server on a
+loopback port (`rbee.testing.worker_servers`); a dead worker is a port nothing listens on; the
+hive is played by an injected transport."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from rbee.common.net import dead_peer_options
+from rbee.queen.app import create_app
+from rbee.queen.proxy import connection_refused
+from rbee.queen.settings import QueenSettings
+from rbee.queen.upstream import UpstreamClient, UpstreamError
+from rbee.testing.processes import free_port
+from rbee.testing.worker_servers import Handler, WorkerServers
+
+# A worker factory: a name gives a handler, or None for a worker that dies at once.
+NewWorker = Callable[[str], Handler | None]
+
+
+def answer(worker: str) -> httpx.Response:
+    message = {"role": "assistant", "content": f"from {worker}"}
+    return httpx.Response(
+        200, json={"object": "chat.completion", "choices": [{"message": message}]}
+    )
+
+
+def full() -> httpx.Response:
+    error = {"message": "all slots busy", "type": "rate_limit_error", "code": "queue_full"}
+    return httpx.Response(429, json={"error": error}, headers={"retry-after": "3"})
+
+
+def ok(name: str) -> Handler:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return answer(name)
+
+    return handler
+
+
+class Cluster:
+    """The queen under test is real; each worker is a handler, the hive starts new ones."""
+
+    def __init__(
+        self,
+        *,
+        new_workers: NewWorker = ok,
+        new_id: Callable[[int], str] = lambda n: f"new-{n}",
+    ) -> None:
+        self.workers: dict[str, Handler] = {}
+        self.servers = WorkerServers(self.workers.get)
+        self.spawns = 0
+        self.new_workers = new_workers
+        self.new_id = new_id
+        self.app = create_app(
+            QueenSettings.model_validate({"queue_size": 4, "queue_timeout": 2, "cooldown": 30}),
+            transport=httpx.MockTransport(self.handle),
+        )
+        self.client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=self.app), base_url="http://127.0.0.1:9", timeout=10
+        )
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+        await self.app.state.queen.aclose()
+        await self.servers.aclose()
+
+    async def handle(self, request: httpx.Request) -> httpx.Response:
+        assert request.url.host == "hive.test", "only hive traffic goes through the transport"
+        return await self.spawn(json.loads(request.content)["model"])
+
+    async def spawn(self, model: str) -> httpx.Response:
+        self.spawns += 1
+        worker_id = self.new_id(self.spawns)
+        handler = self.new_workers(worker_id)
+        if handler is None:
+            port = await self.heartbeat_dead(worker_id, model)
+        else:
+            self.workers[worker_id] = handler
+            port = await self.heartbeat(worker_id, model)
+        url = f"http://127.0.0.1:{port}"
+        body = {"worker_id": worker_id, "pid": 1, "port": port, "url": url}
+        return httpx.Response(201, json=body)
+
+    async def heartbeat(self, worker_id: str, model: str = "m", status: str = "ready") -> int:
+        return await self._beat(worker_id, await self.servers.port(worker_id), model, status)
+
+    async def heartbeat_dead(self, worker_id: str, model: str = "m") -> int:
+        """A worker still fresh in the registry whose process is gone: its port is closed."""
+        return await self._beat(worker_id, free_port(), model, "ready")
+
+    async def _beat(self, worker_id: str, port: int, model: str, status: str) -> int:
+        worker = {"id": worker_id, "model_id": model, "host": "127.0.0.1", "port": port}
+        body = {"worker": {**worker, "status": status, "version": "1", "hive_id": "h1"}}
+        (await self.client.post("/v1/worker-heartbeat", json=body)).raise_for_status()
+        return port
+
+    async def hive_has(self, *models: str) -> None:
+        cpu = {"id": "cpu:0", "kind": "cpu", "name": "cpu", "memory_total_bytes": 10,
+               "memory_free_bytes": 5}  # fmt: skip
+        body = {
+            "hive": {"id": "h1", "url": "http://hive.test:7835", "version": "1"},
+            "devices": [cpu],
+            "models": list(models),
+        }
+        (await self.client.post("/v1/hive-heartbeat", json=body)).raise_for_status()
+
+    async def chat(self, model: str = "m", **extra: Any) -> httpx.Response:
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
+        return await self.client.post("/v1/chat/completions", json=body)
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[Cluster]:
+    c = Cluster()
+    yield c
+    await c.aclose()
+
+
+async def test_a_full_worker_hands_the_request_to_one_with_room(cluster: Cluster) -> None:
+    cluster.workers["a-full"] = lambda request: asyncio.sleep(0, full())
+    cluster.workers["b-free"] = ok("b-free")
+    await cluster.heartbeat("a-full")
+    await cluster.heartbeat("b-free")
+    served = [(await cluster.chat()).headers["x-rbee-worker-id"] for _ in range(4)]
+    assert served == ["b-free"] * 4, "a 429 is never what the client sees while one has room"
+
+
+async def test_when_every_worker_is_full_their_429_reaches_the_client(cluster: Cluster) -> None:
+    for name in ("a", "b"):
+        cluster.workers[name] = lambda request: asyncio.sleep(0, full())
+        await cluster.heartbeat(name)
+    response = await cluster.chat()
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == "3"
+    assert response.json()["error"]["code"] == "queue_full"
+    cluster.workers["a"] = ok("a")
+    assert (await cluster.chat()).status_code == 200, "full is not broken: nobody was benched"
+
+
+async def test_a_stream_that_fails_before_its_first_byte_is_retried(cluster: Cluster) -> None:
+    async def dies_at_once() -> AsyncIterator[bytes]:
+        raise httpx.ReadError("connection reset by peer")
+        yield b""  # pragma: no cover - makes this a generator
+
+    async def broken(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(
+            200, content=dies_at_once(), headers={"content-type": "text/event-stream"}
+        )
+
+    async def streams(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(
+            200, content=b"data: [DONE]\n\n", headers={"content-type": "text/event-stream"}
+        )
+
+    cluster.workers["a-broken"] = broken
+    cluster.workers["b-good"] = streams
+    await cluster.heartbeat("a-broken")
+    await cluster.heartbeat("b-good")
+    response = await cluster.chat(stream=True)
+    assert response.status_code == 200
+    assert response.headers["x-rbee-worker-id"] == "b-good"
+    assert response.text == "data: [DONE]\n\n"
+
+
+async def test_a_worker_leaving_the_registry_sends_its_waiting_requests_elsewhere(
+    cluster: Cluster,
+) -> None:
+    reached = asyncio.Event()
+
+    async def hangs(request: httpx.Request) -> httpx.Response:
+        reached.set()
+        await asyncio.sleep(3600)  # a machine that vanished: no answer, ever
+        raise AssertionError("unreachable")
+
+    cluster.workers["a-vanished"] = hangs
+    cluster.workers["b-alive"] = ok("b-alive")
+    await cluster.heartbeat("a-vanished")
+    pending = asyncio.create_task(cluster.chat())
+    await asyncio.wait_for(reached.wait(), 5)
+    await cluster.heartbeat("b-alive")
+    assert (await cluster.client.delete("/v1/workers/a-vanished")).status_code == 200
+    response = await asyncio.wait_for(pending, 5)
+    assert response.status_code == 200
+    assert response.headers["x-rbee-worker-id"] == "b-alive"
+
+
+async def test_the_dead_only_worker_of_a_model_is_replaced(cluster: Cluster) -> None:
+    await cluster.hive_has("m")
+    await cluster.heartbeat_dead("killed")
+    responses = await asyncio.gather(*(cluster.chat() for _ in range(3)))
+    assert [r.status_code for r in responses] == [200, 200, 200]
+    assert {r.headers["x-rbee-worker-id"] for r in responses} == {"new-1"}
+    assert cluster.spawns == 1, "one start serves every waiting request"
+
+
+async def test_a_replacement_that_reuses_the_dead_workers_id_serves_everyone() -> None:
+    """A hive names workers by hive and port, so a new worker may take a dead one's id."""
+    cluster = Cluster(new_id=lambda n: "w-8080")
+    try:
+        await cluster.hive_has("m")
+        await cluster.heartbeat_dead("w-8080")
+        responses = await asyncio.wait_for(asyncio.gather(*(cluster.chat() for _ in range(4))), 10)
+        assert [r.status_code for r in responses] == [200] * 4
+        assert cluster.spawns == 1
+    finally:
+        await cluster.aclose()
+
+
+async def test_a_model_that_keeps_dying_is_held_back_with_its_reason() -> None:
+    cluster = Cluster(new_workers=lambda name: None)  # every new worker dies at once
+    try:
+        await cluster.hive_has("m")
+        for _ in range(2):
+            failed = await cluster.chat()
+            assert failed.status_code in (502, 503)
+        assert cluster.spawns == 2
+        held = await cluster.chat()
+        assert held.status_code == 503
+        assert held.json()["error"]["code"] == "no_worker"
+        assert "on hold" in held.json()["error"]["message"]
+        assert int(held.headers["retry-after"]) >= 1
+        assert cluster.spawns == 2, "no start while the model is on hold"
+        models = (await cluster.client.get("/v1/models")).json()["data"]
+        (backoff,) = models[0]["rbee"]["backoff"]
+        assert backoff["hive_id"] == "h1"
+        assert backoff["failures"] == 2
+        assert "died" in backoff["reason"]
+        assert 0 < backoff["retry_in_s"] <= 5
+    finally:
+        await cluster.aclose()
+
+
+async def test_a_client_that_leaves_frees_its_slot_under_a_real_asgi_server(
+    cluster: Cluster,
+) -> None:
+    """uvicorn never cancels a handler; the queen must notice `http.disconnect` itself."""
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        started.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        raise AssertionError("unreachable")
+
+    cluster.workers["w"] = slow
+    await cluster.heartbeat("w")
+    body = json.dumps({"model": "m", "messages": []}).encode()
+    messages: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    messages.put_nowait({"type": "http.request", "body": body, "more_body": False})
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+        "method": "POST", "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"",
+        "query_string": b"", "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"host", b"127.0.0.1:9")],
+        "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2), "state": {},
+    }  # fmt: skip
+    handler = asyncio.create_task(cluster.app(scope, messages.get, send))
+    await asyncio.wait_for(started.wait(), 5)
+    messages.put_nowait({"type": "http.disconnect"})
+    await asyncio.wait_for(handler, 5)
+    assert cancelled.is_set(), "the worker's request was cancelled"
+    cluster.workers["w"] = ok("w")
+    assert (await asyncio.wait_for(cluster.chat(), 5)).status_code == 200, "the slot is free"
+
+
+async def test_a_closed_port_reads_as_a_dead_process_and_a_timeout_does_not() -> None:
+    """What counts against a model's starts: a refused connection, not a slow network."""
+    client = UpstreamClient(dead_peer_options())
+    try:
+        with pytest.raises(UpstreamError) as refused:
+            await client.post(f"http://127.0.0.1:{free_port()}/", b"{}", {})
+    finally:
+        await client.aclose()
+    assert connection_refused(refused.value)
+    assert not connection_refused(UpstreamError("timed out"))
+    assert not connection_refused(ConnectionResetError("connection reset by peer"))
