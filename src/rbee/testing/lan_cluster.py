@@ -136,11 +136,16 @@ class LanCluster:
         worker_id: str = event["result"]["worker_id"]
         return worker_id
 
-    def worker_pid(self, box: str, worker_id: str) -> int:
-        """The pid of a worker on `box`, as its hive reports it."""
+    def worker_processes(self, box: str) -> list[dict[str, Any]]:
+        """The worker processes running on `box`, as its hive finds them."""
         response = httpx.get(f"{self.hive_url(box)}/v1/workers", headers=self.headers, timeout=10)
         response.raise_for_status()
-        for process in response.json()["workers"]:
+        found: list[dict[str, Any]] = response.json()["workers"]
+        return found
+
+    def worker_pid(self, box: str, worker_id: str) -> int:
+        """The pid of a worker on `box`, as its hive reports it."""
+        for process in self.worker_processes(box):
             if process["worker_id"] == worker_id:
                 pid: int = process["pid"]
                 return pid
