@@ -145,6 +145,16 @@ def test_start_over_ssh_says_why_it_failed(
     assert no_sshd.returncode == 1
     assert f"SSH to {box.target} failed" in no_sshd.stderr
 
+    # A hive that exits at start: its own message, from the end of its log.
+    exited = run(
+        env,
+        "hive", "start", "--ssh", box.target, *port,
+        "--remote-command", remote_hive_command(), "--worker-ports", "9000-8000",
+    )  # fmt: skip
+    assert exited.returncode == 1
+    assert f"rbee-hive on {box.target} exited" in exited.stderr
+    assert "--worker-ports" in exited.stderr
+
     # A queen URL the box cannot reach: the hive runs but never joins, and the log says why.
     unreachable = run(
         env,
