@@ -7,6 +7,7 @@ one-line message and a non-zero exit, never a traceback.
 
 from __future__ import annotations
 
+import gc
 import logging
 import socket
 import sys
@@ -114,6 +115,11 @@ def serve(
         ssl_keyfile=str(tls[1]) if tls else None,
     )
     server = _Server(config, on_signal)
+    # Everything built so far (modules, the app and its routes and models) lives as long as the
+    # process. Frozen, the cyclic garbage collector stops walking it again and again: measured
+    # on the queen's proxy path, those walks were about a fifth of its CPU.
+    gc.collect()
+    gc.freeze()
     try:
         # run() (not asyncio.run(serve())) so the loop comes from config.loop.
         server.run(sockets=[sock])
