@@ -1,12 +1,13 @@
 """`rbee hive install --ssh USER@HOST`: put this rbee on another machine.
 
-Builds this source checkout as a wheel (`pip wheel --no-deps`), copies it and
-`requirements.lock` over the SSH channel, and there installs both into a virtual environment
-under `~/.local/share/rbee/venv`: the dependencies at the lock's versions (pip compiles
-llama-cpp-python there unless a wheel for it lies in `~/.local/share/rbee/wheels`, and keeps
-the compiled wheel in its cache), the bundled default model, and links in `~/.local/bin`. The
-machine then keeps a stamp of what it installed, so running it again with the same wheel and
-lock changes nothing.
+Builds this source checkout as a wheel (`pip wheel --no-deps`), copies it, `requirements.lock`
+and this machine's `llama-server` (the workers' engine, built by ./dev for a portable instruction
+set and linked statically but for the C and C++ runtimes, so the other machine needs the same OS
+and architecture) over the SSH channel, and there installs them into a virtual environment
+under `~/.local/share/rbee/venv`: the dependencies at the lock's versions (from
+`~/.local/share/rbee/wheels` first, if it holds any), the bundled default model, and links in
+`~/.local/bin`. The machine then keeps a stamp of what it installed, so running it again with
+the same wheel, lock and engine changes nothing.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable
@@ -51,11 +53,14 @@ if [ ! -x "$base/venv/bin/python" ]; then
   "$py" -m venv "$base/venv"
 fi
 pip() {{ "$base/venv/bin/python" -m pip --disable-pip-version-check "$@"; }}
-echo "rbee: step installing the pinned dependencies (the first time, llama.cpp compiles: minutes)"
+echo "rbee: step installing the pinned dependencies"
 pip install --progress-bar off --find-links "$base/wheels" -c "$base/dist/requirements.lock" \\
   "$base/dist/{wheel}"
 pip install --progress-bar off --no-deps --force-reinstall "$base/dist/{wheel}"
 {no_deps}
+echo "rbee: step installing llama.cpp's server"
+cp "$base/dist/{engine}" "$base/venv/bin/{engine}.new" && chmod 0755 "$base/venv/bin/{engine}.new"
+mv "$base/venv/bin/{engine}.new" "$base/venv/bin/{engine}"
 mkdir -p "$HOME/.local/bin"
 for program in {programs}; do
   link="$HOME/.local/bin/$program"
@@ -69,15 +74,20 @@ echo "rbee: installed $("$base/venv/bin/rbee" --version) in $base/venv"
 
 @dataclass(frozen=True)
 class Bundle:
-    """What gets copied: the wheel and the lock, and a stamp naming both."""
+    """What gets copied: the wheel, the lock and the engine, and a stamp naming all three."""
 
     wheel: Path
     lock: Path
+    engine: Path
+
+    @property
+    def files(self) -> tuple[Path, Path, Path]:
+        return (self.wheel, self.lock, self.engine)
 
     @property
     def stamp(self) -> str:
         digest = hashlib.sha256()
-        for path in (self.wheel, self.lock):
+        for path in self.files:
             digest.update(path.read_bytes())
         return digest.hexdigest()
 
@@ -102,6 +112,7 @@ class Bundle:
             stamp=quote(self.stamp),
             no_python=NO_PYTHON,
             wheel=self.wheel.name,
+            engine=self.engine.name,
             no_deps=no_deps,
             programs=" ".join(PROGRAMS),
         )
@@ -116,6 +127,15 @@ def source_root() -> Path:
             f"({Path(rbee.__file__).parent}) was not installed from one"
         )
     return root
+
+
+def local_engine() -> Path:
+    """The llama-server this rbee's workers run here (./dev install puts it in .venv/bin)."""
+    beside = Path(sys.executable).parent / "llama-server"
+    found = str(beside) if beside.exists() else shutil.which("llama-server")
+    if found is None:
+        raise CliError("there is no llama-server here to copy (./dev install builds it)")
+    return Path(found)
 
 
 async def build_wheel(root: Path, into: Path) -> Path:
@@ -153,9 +173,10 @@ async def install(shell: Shell, say: Callable[[str], None], on_line: Callable[[s
     root = source_root()
     with tempfile.TemporaryDirectory(prefix="rbee-wheel-") as tmp:
         say(f"building the rbee wheel from {root}…")
-        bundle = Bundle(await build_wheel(root, Path(tmp)), root / "requirements.lock")
-        say(f"copying {bundle.wheel.name} and requirements.lock to {shell.where}…")
-        for path in (bundle.wheel, bundle.lock):
+        engine = local_engine()
+        bundle = Bundle(await build_wheel(root, Path(tmp)), root / "requirements.lock", engine)
+        say(f"copying {bundle.wheel.name}, requirements.lock and {engine.name} to {shell.where}…")
+        for path in bundle.files:
             await copy(shell, path)
         say(f"installing on {shell.where}…")
         result = await shell.stream(bundle.script(), on_line)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -19,13 +18,15 @@ from rbee import __version__
 from rbee.clients.base import dead_peer_transport
 from rbee.common.auth import openapi_url
 from rbee.common.bundled import BUNDLED_MODELS, bundled_model_path
+from rbee.common.cpus import usable_cpus
 from rbee.common.errors import install_error_handlers
 from rbee.common.gate import install_gate
 from rbee.common.metrics import metrics_router
 from rbee.contracts.workers import WorkerStatus
 from rbee.worker.access import WORKER_ACCESS
 from rbee.worker.api import openai as openai_api
-from rbee.worker.engines.base import Engine, EngineError
+from rbee.worker.engines.base import Engine, EngineError, EngineHost
+from rbee.worker.engines.llama_server import LlamaServer, LlamaServerEngine, ServerConfig
 from rbee.worker.heartbeat import Heartbeater
 from rbee.worker.runtime import WorkerRuntime
 from rbee.worker.settings import WorkerSettings
@@ -51,9 +52,10 @@ def default_model_id(ref: str) -> str:
     return ref if ref in BUNDLED_MODELS else Path(ref).stem
 
 
-def default_threads(slots: int) -> int:
-    # The cores are shared between the slots, which all generate at once.
-    return max(1, (os.cpu_count() or 1) // slots)
+def default_threads() -> int:
+    # One per core this process may run on: the hive gives each worker a set of its own, and
+    # llama.cpp decodes all slots together, so the slots need no share each.
+    return len(usable_cpus())
 
 
 def identity_from(settings: WorkerSettings) -> Identity:
@@ -70,41 +72,46 @@ def identity_from(settings: WorkerSettings) -> Identity:
     )
 
 
-def llama_engine_factory(settings: WorkerSettings, *, pooled: bool = True) -> Callable[[], Engine]:
+def llama_server(settings: WorkerSettings, *, pooled: bool = True) -> LlamaServer:
     """`pooled`: the model file names how to pool token vectors into one embedding."""
-    path = resolve_model(settings.model)
-    threads = settings.threads or default_threads(settings.slots)
-
-    def load() -> Engine:
-        from rbee.worker.engines.llama_cpp import load_llama_engine
-
-        return load_llama_engine(
-            path,
-            ctx_size=settings.ctx_size,
-            threads=threads,
-            embedding=settings.embedding,
-            pooled=pooled,
-        )
-
-    return load
+    config = ServerConfig(
+        model=resolve_model(settings.model),
+        ctx_size=settings.ctx_size,
+        slots=settings.slots,
+        threads=settings.threads or default_threads(),
+        passive_wait=settings.wait_policy == "passive",
+        embedding=settings.embedding,
+        pooled=pooled,
+        binary=settings.llama_server,
+    )
+    return LlamaServer(config, load_timeout_s=settings.load_timeout)
 
 
 def create_app(
     settings: WorkerSettings,
     *,
     engine_factory: Callable[[], Engine] | None = None,
+    engine_host: EngineHost | None = None,
     queen_transport: httpx.AsyncBaseTransport | None = None,
     stop_process: Callable[[], None] | None = None,
 ) -> FastAPI:
-    """`engine_factory` loads one engine (called once per slot); tests pass a fake one, and
+    """`engine_factory` makes one engine per slot, handles onto `engine_host` if there is one;
+    by default llama.cpp's server and its handles. Tests pass a fake engine, and
     `queen_transport` to catch heartbeats in-process."""
+    if engine_factory is None:
+        server = engine_host = llama_server(settings)
+
+        def engine_factory() -> Engine:
+            return LlamaServerEngine(server)
+
     board = WorkerStatusBoard(identity_from(settings))
     runtime = WorkerRuntime(
         board,
-        engine_factory or llama_engine_factory(settings),
+        engine_factory,
         queue_size=settings.queue_size,
         shutdown_grace_s=settings.shutdown_grace,
         stop_process=stop_process,
+        engine_host=engine_host,
     )
 
     @contextlib.asynccontextmanager

@@ -15,8 +15,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING
 
-from rbee.common.errors import RbeeError, Unavailable
-from rbee.worker.engines.base import Engine, Outcome, Prompt, SamplingParams, Scored
+from rbee.common.errors import BadRequest, RbeeError, Unavailable
+from rbee.worker.engines.base import Engine, Outcome, Prompt, PromptError, SamplingParams, Scored
 from rbee.worker.slots import SlotPool
 
 if TYPE_CHECKING:
@@ -117,6 +117,10 @@ class Generation:
                 yield item
             try:
                 self.outcome = self._future.result()
+            except PromptError as exc:
+                # Refused by the engine once generating began (a JSON schema its grammar
+                # cannot express): the request's fault, not the worker's.
+                raise BadRequest(exc.message, code=exc.code, param=exc.param) from None
             except Exception as exc:
                 log.exception("generation failed")
                 raise RbeeError(f"generation failed: {exc}", code="generation_failed") from None

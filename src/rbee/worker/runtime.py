@@ -20,7 +20,7 @@ from fastapi import Request
 
 from rbee.common.errors import NotFound, Unavailable
 from rbee.contracts.workers import WorkerStatus
-from rbee.worker.engines.base import Engine, EngineError, Prompt, SamplingParams
+from rbee.worker.engines.base import Engine, EngineError, EngineHost, Prompt, SamplingParams
 from rbee.worker.generation import Generation, Lease
 from rbee.worker.heartbeat import Heartbeater
 from rbee.worker.metrics import WorkerMetrics
@@ -40,7 +40,9 @@ class WorkerRuntime:
         queue_size: int,
         shutdown_grace_s: float,
         stop_process: Callable[[], None] | None = None,
+        engine_host: EngineHost | None = None,
     ) -> None:
+        """`engine_host` runs the model the engines (one per slot) are handles onto."""
         self.board = board
         self.started_at = int(time.time())
         self.identity = board.identity
@@ -59,6 +61,8 @@ class WorkerRuntime:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_process = stop_process or (lambda: signal.raise_signal(signal.SIGTERM))
         self.metrics = WorkerMetrics(board, lambda: self.pool)
+        self._host = engine_host
+        self._watch: asyncio.Task[None] | None = None
 
     @property
     def model_id(self) -> str:
@@ -68,9 +72,12 @@ class WorkerRuntime:
         self._loop = asyncio.get_running_loop()
 
     async def load(self) -> None:
-        """Load one engine per slot. A failure is kept for main() to report, and stops the process."""
+        """Start the host, then one engine per slot. A failure is kept for main() to report,
+        and stops the process."""
         loop = asyncio.get_running_loop()
         try:
+            if self._host is not None:
+                await self._host.start()
             for _ in range(self.identity.slots):
                 self.engines.append(await loop.run_in_executor(self.executor, self._engine_factory))
         except Exception as exc:
@@ -82,6 +89,8 @@ class WorkerRuntime:
             self._close_engines()
             self._stop_process()
             return
+        if self._host is not None:
+            self._watch = asyncio.create_task(self._watch_host(self._host), name="engine-watch")
         self.pool = SlotPool(list(self.engines), self._queue_size, on_change=self._slots_changed)
         self.board.set_lifecycle(WorkerStatus.READY)
         log.info(
@@ -90,6 +99,13 @@ class WorkerRuntime:
             self.identity.slots,
             self.identity.port,
         )
+
+    async def _watch_host(self, host: EngineHost) -> None:
+        """A host that dies on its own ends the worker: it cannot serve any more."""
+        reason = await host.failure()
+        log.error("%s; stopping this worker", reason)
+        self.load_error = reason
+        self._stop_process()
 
     def _slots_changed(self) -> None:
         if self.pool is not None:
@@ -159,9 +175,20 @@ class WorkerRuntime:
             # A cancelled generation stops within a token.
             if not await self.pool.wait_idle(5.0):
                 log.error("a generation did not stop; leaving its engine open")
+                await self._close_host()
                 return
         self._close_engines()
+        await self._close_host()
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _close_host(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+        if self._host is not None:
+            try:
+                await self._host.close()
+            except Exception:
+                log.exception("stopping the engine's host failed")
 
     def _close_engines(self) -> None:
         for engine in self.engines:

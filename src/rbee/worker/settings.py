@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Literal
+
+from pydantic import Field, field_validator
 from pydantic_settings import CliImplicitFlag, SettingsConfigDict
 
+from rbee.common.cpus import format_cpu_set, parse_cpu_set
 from rbee.common.settings import DaemonSettings, HttpUrl, Seconds
+from rbee.worker.engines.llama_server import default_binary
 
 
 class WorkerSettings(DaemonSettings):
@@ -51,9 +55,27 @@ class WorkerSettings(DaemonSettings):
     threads: int | None = Field(
         None,
         ge=1,
-        description="CPU threads per slot (default: the cores shared out among the slots)",
+        description="CPU threads (default: one per core this worker may run on)",
     )
+    cpu_set: str | None = Field(
+        None,
+        description="cores this worker and its engine run on, e.g. 0-3 or 0,2 (default: any)",
+    )
+    wait_policy: Literal["active", "passive"] = Field(
+        "active",
+        description="how idle engine threads wait: active (fastest; for cores of its own) "
+        "or passive (sleep; for cores shared with other busy work)",
+    )
+    llama_server: str = Field(
+        default_factory=default_binary, description="llama.cpp's llama-server executable"
+    )
+    load_timeout: Seconds = Field(300.0, description="longest the model may take to load")
     heartbeat_interval: Seconds = Field(30.0, description="seconds between heartbeats to the queen")
     shutdown_grace: Seconds = Field(
         5.0, description="how long running requests may finish after SIGTERM"
     )
+
+    @field_validator("cpu_set")
+    @classmethod
+    def _cpu_set(cls, value: str | None) -> str | None:
+        return None if value is None else format_cpu_set(parse_cpu_set(value))

@@ -3,7 +3,6 @@ dependencies, and a second run that changes nothing."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,29 +13,21 @@ from .conftest import Box
 from .test_remote_hive import rbee_env, run
 
 pytestmark = pytest.mark.e2e
-WHEEL_CACHE = Path.home() / ".cache" / "rbee" / "wheels"
+ENGINE = Path(sys.executable).parent / "llama-server"
 LOCK = Path(__file__).parents[3] / "requirements.lock"
 
 
 def test_install_puts_a_working_rbee_hive_on_the_box_once(
     box: Box, token: str, tmp_path: Path
 ) -> None:
-    # llama.cpp takes minutes to compile on two shared cores: give the box the wheel ./dev
-    # built here, where `rbee hive install` looks for one before compiling.
-    built = sorted(WHEEL_CACHE.glob("llama-cpp-python-*/llama_cpp_python-*.whl"))
-    if not built:
-        pytest.skip("no llama-cpp-python wheel in ~/.cache/rbee/wheels (run ./dev install)")
+    if not ENGINE.exists():
+        pytest.skip(f"no llama-server at {ENGINE} to copy (run ./dev install)")
     wheels = box.home / ".local" / "share" / "rbee" / "wheels"
     wheels.mkdir(parents=True)
-    shutil.copy(built[-1], wheels)
-    # The box has no route to a package index either: fetch the other pinned wheels here.
+    # The box has no route to a package index: fetch the pinned wheels here.
     pins = tmp_path / "pins.txt"
     pins.write_text(
-        "\n".join(
-            line
-            for line in LOCK.read_text().splitlines()
-            if line and not line.startswith("#") and not line.startswith("llama_cpp_python")
-        )
+        "\n".join(line for line in LOCK.read_text().splitlines() if line and line[0] != "#")
     )
     download = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps"]
     download += ["--only-binary=:all:", "-r", str(pins), "-d", str(wheels)]
@@ -48,7 +39,7 @@ def test_install_puts_a_working_rbee_hive_on_the_box_once(
     first = run(env, "hive", "install", "--ssh", box.target, timeout_s=900)
     assert first.returncode == 0, first.stderr
     assert f"rbee is installed on {box.target}" in first.stdout
-    assert "llama-cpp-python" in first.stderr or "llama_cpp_python" in first.stderr
+    assert "llama.cpp's server" in first.stderr
 
     venv = box.home / ".local" / "share" / "rbee" / "venv"
     hive = box.lan.run(
@@ -56,8 +47,10 @@ def test_install_puts_a_working_rbee_hive_on_the_box_once(
     )
     assert hive.returncode == 0, hive.stderr
     assert "--queen-url" in hive.stdout
+    engine = box.lan.run(box.name, [str(venv / "bin" / "llama-server"), "--version"], check=False)
+    assert engine.returncode == 0, engine.stderr
     probe = subprocess.run(
-        [str(venv / "bin" / "python"), "-c", "import llama_cpp, rbee; print(rbee.__file__)"],
+        [str(venv / "bin" / "python"), "-c", "import rbee; print(rbee.__file__)"],
         capture_output=True,
         text=True,
         check=False,

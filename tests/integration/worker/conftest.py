@@ -92,6 +92,7 @@ async def make_worker() -> AsyncIterator[Callable[..., Any]]:
             engine: Callable[[], FakeEngine] | None = None,
             *,
             wait_ready: bool = True,
+            engine_host: Any = None,
             **overrides: Any,
         ) -> Harness:
             engines: list[FakeEngine] = []
@@ -107,6 +108,7 @@ async def make_worker() -> AsyncIterator[Callable[..., Any]]:
             app = create_app(
                 settings_for(**overrides),
                 engine_factory=factory,
+                engine_host=engine_host,
                 queen_transport=queen_catcher(beats, auth),
                 stop_process=lambda: stops.append(1),
             )

@@ -214,3 +214,38 @@ async def test_a_model_that_fails_to_load_stops_the_process_with_its_reason(
     assert (await worker.client.get("/health")).status_code == 503
     await worker.stop()
     assert worker.statuses[-1] is WorkerStatus.STOPPED
+
+
+class DyingHost:
+    """An engine host whose process dies once `die` is called."""
+
+    def __init__(self) -> None:
+        self.closed = False
+        self._died: asyncio.Future[str] | None = None
+
+    async def start(self) -> None:
+        self._died = asyncio.get_running_loop().create_future()
+
+    def die(self, reason: str) -> None:
+        assert self._died is not None
+        self._died.set_result(reason)
+
+    async def failure(self) -> str:
+        assert self._died is not None
+        return await self._died
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+async def test_an_engine_host_that_dies_stops_the_worker_with_its_reason(
+    make_worker: Any,
+) -> None:
+    host = DyingHost()
+    worker = await make_worker(engine_host=host)
+    host.die("llama.cpp's server exited with code -9: killed")
+    await eventually(lambda: worker.stops == [1])
+    assert worker.runtime.load_error == "llama.cpp's server exited with code -9: killed"
+    await worker.stop()
+    assert host.closed
+    assert worker.statuses[-1] is WorkerStatus.STOPPED

@@ -1,7 +1,10 @@
-"""What the worker needs from a model runtime: one loaded model that generates one answer at a time.
+"""What the worker needs from a model runtime: per slot, an engine that generates one answer at
+a time; behind them, optionally, a host that runs the model for all of them.
 
 An engine is blocking and single-threaded by contract; the worker runs each call in a thread of
-its own and never calls one engine from two threads at once (see `rbee.worker.slots`).
+its own and never calls one engine from two threads at once (see `rbee.worker.slots`). With a
+host (llama.cpp's server), the engines are handles onto one model that decodes the slots'
+requests together; without one (the fake test engine), each engine stands alone.
 """
 
 from __future__ import annotations
@@ -152,3 +155,18 @@ class Engine(Protocol):
 
 
 EngineFactory = Callable[[], Engine]
+
+
+class EngineHost(Protocol):
+    """The process that runs the model for the worker's engines (started before them)."""
+
+    async def start(self) -> None:
+        """Load the model; EngineError says why it cannot be."""
+        ...
+
+    async def failure(self) -> str:
+        """Returns only if the host stops on its own (say, its process died), with the reason;
+        the worker then stops, since it can no longer serve."""
+        ...
+
+    async def close(self) -> None: ...

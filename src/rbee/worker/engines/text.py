@@ -1,8 +1,7 @@
-"""Turning a stream of tokens into text: whole UTF-8 characters only, and stop strings cut off."""
+"""Stop strings cut off a stream of text, for engines that do not do it themselves."""
 
 from __future__ import annotations
 
-import codecs
 from collections.abc import Sequence
 
 
@@ -47,16 +46,3 @@ class StopMatcher:
             if any(s.startswith(tail) for s in self._stops):
                 return n
         return 0
-
-
-class Utf8Stream:
-    """Decodes token bytes as they come; a character split across tokens waits for its end."""
-
-    def __init__(self) -> None:
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def push(self, data: bytes) -> str:
-        return self._decoder.decode(data)
-
-    def flush(self) -> str:
-        return self._decoder.decode(b"", final=True)

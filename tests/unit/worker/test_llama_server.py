@@ -1,0 +1,110 @@
+"""What the worker asks of llama-server, and how its answers and refusals reach the client."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rbee.worker.engines.base import EngineError, Prompt, PromptError, PromptTooLong, SamplingParams
+from rbee.worker.engines.llama_server import (
+    ServerConfig,
+    completion_body,
+    refusal,
+    schema_refusal,
+    scored_tokens,
+)
+
+
+def test_a_request_carries_its_tokens_and_every_sampling_setting() -> None:
+    params = SamplingParams(
+        max_tokens=5,
+        temperature=0,
+        top_p=0.5,
+        seed=7,
+        stop=("\n",),
+        json_schema={"type": "object"},
+        logprobs=0,
+        logit_bias={42: -100.0},
+    )
+    body = completion_body(Prompt(tokens=[1, 2, 3], stop=("<|im_end|>",)), params, 5)
+    assert (body["prompt"], body["n_predict"], body["stream"]) == ([1, 2, 3], 5, True)
+    assert (body["temperature"], body["top_p"], body["seed"]) == (0, 0.5, 7)
+    assert body["stop"] == ["\n", "<|im_end|>"]
+    assert body["json_schema"] == {"type": "object"}
+    assert body["logit_bias"] == [[42, -100.0]]
+    assert body["n_probs"] == 20  # always the same, cut to what was asked afterwards
+    # A seeded or scored request decodes its prompt afresh: the same text, the same scores.
+    assert body["cache_prompt"] is False
+    scored = completion_body(Prompt(tokens=[1]), SamplingParams(logprobs=2), 5)
+    assert scored["cache_prompt"] is False
+
+
+def test_unset_options_are_left_out() -> None:
+    body = completion_body(Prompt(tokens=[1]), SamplingParams(), 100)
+    assert not {"seed", "json_schema", "logit_bias", "n_probs", "cache_prompt"} & set(body)
+
+
+def test_token_scores_keep_bytes_and_only_the_asked_alternatives() -> None:
+    probs = [
+        {
+            "id": 9,
+            "token": "Par",
+            "bytes": [80, 97, 114],
+            "logprob": -0.1,
+            "top_logprobs": [
+                {"id": 9, "token": "Par", "bytes": [80, 97, 114], "logprob": -0.1},
+                {"id": 3, "token": "Lyon", "bytes": [76, 121, 111, 110], "logprob": -2.5},
+            ],
+        }
+    ]
+    [scored] = scored_tokens(probs, 1)
+    assert (scored.token, scored.logprob) == (b"Par", -0.1)
+    assert [(c.token, c.logprob) for c in scored.top] == [(b"Par", -0.1)]
+    assert scored_tokens(probs, 0)[0].top == ()
+
+
+def test_a_prompt_too_long_for_the_context_becomes_context_length_exceeded() -> None:
+    content = json.dumps(
+        {
+            "error": {
+                "code": 400,
+                "message": "request (300 tokens) exceeds the available context size (128 tokens)",
+                "type": "exceed_context_size_error",
+                "n_prompt_tokens": 300,
+                "n_ctx": 128,
+            }
+        }
+    ).encode()
+    error = refusal(400, content)
+    assert isinstance(error, PromptTooLong)
+    assert (error.prompt_tokens, error.context_size) == (300, 128)
+    assert error.code == "context_length_exceeded"
+
+
+def test_other_refusals_keep_their_message_and_server_faults_are_engine_errors() -> None:
+    bad = refusal(400, b'{"error": {"message": "bad grammar", "type": "invalid_request_error"}}')
+    assert isinstance(bad, PromptError)
+    assert bad.message == "bad grammar"
+    as_schema = schema_refusal(SamplingParams(json_schema={"type": "nonsense"}), bad)
+    assert isinstance(as_schema, PromptError)
+    assert (as_schema.code, as_schema.param) == ("invalid_schema", "response_format")
+    broken = refusal(500, b"not json")
+    assert isinstance(broken, EngineError)
+    assert "HTTP 500" in str(broken)
+
+
+def test_each_slot_gets_its_context_and_shared_cores_wait_passively() -> None:
+    config = ServerConfig(Path("/m/x.gguf"), ctx_size=1024, slots=4, threads=2, passive_wait=True)
+    args = config.args(Path("/run/s.sock"))
+    flags = {arg: args[i + 1] for i, arg in enumerate(args[:-1]) if arg.startswith("--")}
+    assert (flags["--parallel"], flags["--kv-unified-per-slot"]) == ("4", "1024")
+    assert flags["--threads"] == "2"
+    assert flags["--poll"] == "0"
+    env = config.env("k3y")
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert env["LLAMA_API_KEY"] == "k3y"
+    assert "k3y" not in args  # secrets never in argv
+    spinning = ServerConfig(Path("/m/x.gguf"), ctx_size=1024, slots=1, threads=2)
+    assert "--poll" not in spinning.args(Path("/run/s.sock"))
+    embedding = ServerConfig(Path("/m/e.gguf"), 512, 1, 2, embedding=True, pooled=False)
+    assert {"--embedding", "--pooling"} <= set(embedding.args(Path("/run/s.sock")))
