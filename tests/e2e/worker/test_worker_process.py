@@ -156,3 +156,23 @@ def test_logit_bias_steers_the_real_model_and_completions_report_logprobs(
     assert len(tokens) == 4
     assert len(set(tokens)) == 1
     assert forced["text"] != plain["text"]
+
+
+@pytest.mark.parametrize("field", ["response_format", "tools"])
+def test_a_schema_llama_cpp_cannot_express_is_400_naming_its_field(
+    smollm_worker: Any, field: str
+) -> None:
+    schema = {"type": "object", "properties": {"x": {"$ref": "#/definitions/missing"}}}
+    body: dict[str, Any] = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    if field == "tools":
+        body["tools"] = [{"type": "function", "function": {"name": "f", "parameters": schema}}]
+        body["tool_choice"] = "required"
+    else:
+        body["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "x", "schema": schema},
+        }
+    refused = httpx.post(f"{smollm_worker.url}/v1/chat/completions", json=body, timeout=60)
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"]["param"] == field
+    assert refused.json()["error"]["code"] == "invalid_schema"

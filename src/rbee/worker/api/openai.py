@@ -56,8 +56,13 @@ def _generating(runtime: WorkerRuntime) -> None:
 
 
 async def _start(
-    runtime: WorkerRuntime, prepare: Callable[[Engine], Prompt], params: SamplingParams
+    runtime: WorkerRuntime,
+    prepare: Callable[[Engine], Prompt],
+    params: SamplingParams,
+    schema_from: str = "response_format",
 ) -> Generation:
+    """`schema_from`: the request field the JSON schema was made from, named if it is refused."""
+
     def checked(engine: Engine) -> Prompt:
         engine.check(params)
         return prepare(engine)
@@ -66,7 +71,8 @@ async def _start(
     try:
         return await runtime.start(lease, checked, params)
     except PromptError as exc:
-        raise BadRequest(exc.message, code=exc.code, param=exc.param) from None
+        param = schema_from if exc.code == "invalid_schema" else exc.param
+        raise BadRequest(exc.message, code=exc.code, param=param) from None
 
 
 async def _unless_client_leaves(http: Request, generation: Generation, whole: Awaitable[T]) -> T:
@@ -92,7 +98,8 @@ async def chat_completions(
     def prepare(engine: Engine) -> Prompt:
         return engine.prepare_chat(plan.messages)
 
-    generation = await _start(runtime, prepare, sampling_params(request, plan))
+    schema_from = "tools" if plan.tools else "response_format"
+    generation = await _start(runtime, prepare, sampling_params(request, plan), schema_from)
     answer = ChatAnswer(runtime.model_id, generation, plan, logprobs=bool(request.logprobs))
     if request.stream:
         return sse_response(answer.chunks(request.include_usage_in_stream), runtime)
