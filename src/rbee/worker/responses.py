@@ -174,8 +174,17 @@ class ChatAnswer(_Answer):
     def _scores(self, scored: list[Scored]) -> ChoiceLogprobs | None:
         return ChoiceLogprobs(content=token_logprobs(scored)) if self.logprobs else None
 
+    def _named(self, exc: RbeeError) -> RbeeError:
+        """A refused JSON schema made from the tools is the tools' fault, not response_format's."""
+        if self.tools and exc.code == "invalid_schema":
+            exc.param = "tools"
+        return exc
+
     async def whole(self) -> ChatCompletion:
-        text, scored = await self.generation.whole()
+        try:
+            text, scored = await self.generation.whole()
+        except RbeeError as exc:
+            raise self._named(exc) from None
         outcome = self._outcome()
         finish: FinishReason = outcome.finish_reason
         message = AssistantMessage(content=text)
@@ -268,7 +277,7 @@ class ChatAnswer(_Answer):
                 async for chunk in self._content():
                     yield chunk
         except RbeeError as exc:
-            yield _error_event(exc)
+            yield _error_event(self._named(exc))
             return
         outcome = self._outcome()
         if outcome.cancelled:
