@@ -289,16 +289,16 @@ class Proxy:
     ) -> Attempt:
         """Send the request and wait for the answer (its first bytes, or all of it if `whole`),
         unless the registry declares the worker gone first."""
-        gone = asyncio.ensure_future(self.router.departure(lease.worker_id).wait())
+        gone = self.router.departure(lease.worker_id)  # shared: never cancelled here
         exchange = asyncio.ensure_future(self._exchange(lease, path, raw, headers, whole))
+        either: set[asyncio.Future[Any]] = {exchange, gone}
         try:
-            await asyncio.wait({exchange, gone}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            gone.cancel()
             if not exchange.done():
                 exchange.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.gather(exchange, gone, return_exceptions=True)
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.gather(exchange, return_exceptions=True)
         if exchange.cancelled():
             return Attempt(Outcome.GONE, f"{lease.worker_id}: went offline before answering")
         return exchange.result()

@@ -49,7 +49,7 @@ class Router:
         self.policy = policy
         self.admission = admission
         self._turns: dict[Pool, int] = {}
-        self._departures: dict[str, asyncio.Event] = {}
+        self._departures: dict[str, asyncio.Future[None]] = {}
 
     def candidates(
         self, model: str, exclude: Collection[str] = (), *, embedding: bool = False
@@ -110,15 +110,20 @@ class Router:
         self.tracker.end(lease.worker_id)
         self.admission.notify(lease.pool)
 
-    def departure(self, worker_id: str) -> asyncio.Event:
-        """Set when the worker goes offline or leaves the registry: requests still waiting for
-        its first byte stop waiting and go elsewhere."""
-        return self._departures.setdefault(worker_id, asyncio.Event())
+    def departure(self, worker_id: str) -> asyncio.Future[None]:
+        """Done when the worker goes offline or leaves the registry: requests still waiting for
+        its first byte stop waiting and go elsewhere. A future rather than an event, so that
+        every proxied request can wait on it without a task of its own; never cancel it, as
+        all requests to the worker share it."""
+        gone = self._departures.get(worker_id)
+        if gone is None:
+            gone = self._departures[worker_id] = asyncio.get_running_loop().create_future()
+        return gone
 
     def depart(self, worker_id: str) -> None:
-        event = self._departures.pop(worker_id, None)
-        if event is not None:
-            event.set()
+        gone = self._departures.pop(worker_id, None)
+        if gone is not None and not gone.done():
+            gone.set_result(None)
 
     def fail(self, lease: Lease) -> None:
         """The worker failed before answering: bench it, free the lease."""
