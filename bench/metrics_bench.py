@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import uvloop
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -68,11 +69,11 @@ def recording_cost_us(n: int = 200_000) -> float:
 
 
 @contextlib.contextmanager
-def second_queen(token: str, worker_heartbeat: dict[str, object]) -> Iterator[int]:
+def second_queen(token: str, worker_heartbeat: dict[str, object]) -> Iterator[tuple[int, int]]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     args = [console_script("python"), "-c", UNRECORDED_QUEEN, "--port", str(port)]
-    with ServerProcess(args, health_url=f"{url}/health", env={"RBEE_TOKEN": token}):
+    with ServerProcess(args, health_url=f"{url}/health", env={"RBEE_TOKEN": token}) as queen:
         headers = {"Authorization": f"Bearer {token}"}
         stop = threading.Event()
 
@@ -85,7 +86,7 @@ def second_queen(token: str, worker_heartbeat: dict[str, object]) -> Iterator[in
         beating.start()
         try:
             proxy_bench.wait_registered(url, token)
-            yield port
+            yield port, queen.pid
         finally:
             stop.set()
             beating.join()
@@ -110,17 +111,20 @@ def main() -> None:
         ).json()["workers"][0]
         info = {k: listed[k] for k in ("id", "model_id", "port", "host", "slots", "version")}
         heartbeat = {"worker": {**info, "status": "ready"}}
-        with second_queen(token, heartbeat) as port:
-            targets = [*targets, proxy_bench.Target("no-metrics", port)]
+        with second_queen(token, heartbeat) as (port, pid):
+            targets = [*targets, proxy_bench.Target("no-metrics", port, (psutil.Process(pid),))]
             started = time.monotonic()
             results = uvloop.run(proxy_bench.measure(targets, token, args))
             print(f"measured in {time.monotonic() - started:.0f} s")
     print()
     for label, many, _ in proxy_bench.SCENARIOS:
         if many:
-            with_m = results[label, "queen"].rate()
-            without = results[label, "no-metrics"].rate()
-            print(f"{label:26} req/s  queen {with_m:8.0f}  no-metrics {without:8.0f}")
+            queen, bare = results[label, "queen"], results[label, "no-metrics"]
+            cpu = [1000 * s.cpu_s / max(1, s.answered) for s in (queen, bare)]
+            print(
+                f"{label:26} req/s  queen {queen.rate():8.0f}  no-metrics {bare.rate():8.0f}   "
+                f"CPU ms/request  queen {cpu[0]:.3f}  no-metrics {cpu[1]:.3f}"
+            )
             continue
         with_m = results[label, "queen"].pct(0.5)
         without = results[label, "no-metrics"].pct(0.5)
