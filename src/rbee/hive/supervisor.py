@@ -214,6 +214,8 @@ class Supervisor:
             *(["--embedding"] if request.embedding else []),
             # The hive's certificate serves its workers too: they are on the same machine.
             *(("--tls-cert", str(s.tls[0]), "--tls-key", str(s.tls[1])) if s.tls else ()),
+            # And they answer to the same host names as the hive.
+            *(arg for host in s.allowed_host for arg in ("--allowed-host", host)),
         ]
 
     def _start(

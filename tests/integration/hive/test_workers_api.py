@@ -37,7 +37,9 @@ async def test_spawned_worker_answers_and_is_listed_from_the_os(hive: Hive) -> N
 async def test_worker_gets_its_identity_as_arguments_and_the_token_only_in_its_environment(
     make_hive: HiveFactory,
 ) -> None:
-    async with make_hive(token="s3cret", advertise_host="node7.lan") as hive:
+    async with make_hive(
+        token="s3cret", advertise_host="node7.lan", allowed_host=["node7.lan"]
+    ) as hive:
         spawned = await hive.client.spawn(
             SpawnRequest(model="acme/tiny-GGUF:tiny.Q4_0.gguf", worker_id="w-1")
         )
@@ -52,6 +54,7 @@ async def test_worker_gets_its_identity_as_arguments_and_the_token_only_in_its_e
         ("--advertise-host", "node7.lan"),
         ("--port", str(spawned.port)),
         ("--model-id", "acme/tiny-GGUF:tiny.Q4_0.gguf"),
+        ("--allowed-host", "node7.lan"),
     ]:
         assert cmdline[cmdline.index(flag) + 1] == value
     assert not any("s3cret" in arg for arg in cmdline)
