@@ -1,29 +1,43 @@
-"""Throughput and time to first token: the worker's HTTP API against llama-cpp-python in-process.
+"""llama.cpp at its best beside llm-worker-rbee: one request, four at once, two workers per machine.
 
-Same model file, same threads, same prompt, greedy decoding so both produce the same tokens.
-The two are run alternately (never at once, which would split the cores) and medians are
-reported. Targets: throughput ratio >= 0.95 and first-token overhead <= 5 ms.
+Same model, greedy decoding, the same chat prompt and token budget everywhere. "At its best" is
+llama.cpp's own programs with all cores and default (spinning) OpenMP waiting: `llama-server`
+for one request, `llama-batched-bench` for four sequences decoded together. Each round runs the
+baseline and the worker one after the other (never at once, which would split the cores);
+several rounds give the spread. Targets (issue 14):
 
-    .venv/bin/python bench/worker_bench.py [--model smollm2-135m-instruct] [--threads 2]
+  one request        worker tokens/s >= 0.95x llama-server's; first-token overhead <= 5 ms
+  four at once       4-slot worker aggregate >= 0.9x llama-batched-bench (4 sequences);
+                     its resident memory <= 1.5x a 1-slot worker's
+  two workers        started through a hive with a core each: aggregate >= 1.15x one worker
+                     alone, neither below 0.5x of it
+
+    .venv/bin/python bench/worker_bench.py [--rounds 3] [--max-tokens 128]
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
-import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
+import psutil
 
+from rbee.common.cpus import usable_cpus
 from rbee.testing.processes import ServerProcess, console_script, free_port
-from rbee.worker.app import default_model_id, resolve_model
+from rbee.worker.app import resolve_model
 
+MODEL = "smollm2-135m-instruct"
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
 
@@ -31,44 +45,17 @@ PROMPT = "Write a short story about a lighthouse keeper who finds a message in a
 class Run:
     ttft_s: float  # request sent → first generated text
     tokens: int
-    decode_s: float  # first text → last text
+    first_s: float  # perf_counter of the first and last text
+    last_s: float
 
     @property
     def tokens_per_s(self) -> float:
         # The first token's time is the TTFT; the rate is over the ones after it.
-        return (self.tokens - 1) / self.decode_s if self.decode_s > 0 else 0.0
+        span = self.last_s - self.first_s
+        return (self.tokens - 1) / span if span > 0 else 0.0
 
 
-def direct_run(llm: Any, max_tokens: int) -> Run:
-    """The engine at its barest: template, tokenize, then llama-cpp-python's token generator.
-
-    (`create_chat_completion(stream=True)` re-detokenizes the whole answer at every token, so
-    it would slow the baseline down and flatter the worker.)"""
-    from llama_cpp import llama_cpp
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-    eos, bos = llm.token_eos(), llm.token_bos()
-    formatter = Jinja2ChatFormatter(
-        template=llm.metadata["tokenizer.chat_template"],
-        eos_token=llm._model.token_get_text(eos),
-        bos_token=llm._model.token_get_text(bos) if bos != -1 else "",
-    )
-    started = time.perf_counter()
-    formatted = formatter(messages=[{"role": "user", "content": PROMPT}])
-    tokens = llm.tokenize(formatted.prompt.encode(), add_bos=False, special=True)
-    first = last = 0.0
-    produced = 0
-    for token in llm.generate(tokens, temp=0.0):
-        if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token) or produced == max_tokens:
-            break
-        llm.detokenize([token])
-        produced += 1
-        last = time.perf_counter()
-        first = first or last
-    return Run(first - started, produced, last - first)
-
-
-def worker_run(client: httpx.Client, model: str, max_tokens: int) -> Run:
+def stream_chat(url: str, max_tokens: int, model: str = MODEL) -> Run:
     body = {
         "model": model,
         "messages": [{"role": "user", "content": PROMPT}],
@@ -79,7 +66,7 @@ def worker_run(client: httpx.Client, model: str, max_tokens: int) -> Run:
     started = time.perf_counter()
     first = last = 0.0
     pieces = 0
-    with client.stream("POST", "/v1/chat/completions", json=body) as response:
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=300) as response:
         response.raise_for_status()
         for line in response.iter_lines():
             if not line.startswith("data: {"):
@@ -89,83 +76,205 @@ def worker_run(client: httpx.Client, model: str, max_tokens: int) -> Run:
                 last = time.perf_counter()
                 first = first or last
                 pieces += 1
-    return Run(first - started, pieces, last - first)
+    return Run(first - started, pieces, first, last)
 
 
-def summary(name: str, runs: list[Run]) -> tuple[float, float]:
-    ttft = statistics.median(r.ttft_s for r in runs)
-    rate = statistics.median(r.tokens_per_s for r in runs)
-    tokens = statistics.median(r.tokens for r in runs)
-    print(f"  {name:<22} {rate:8.1f} tok/s   TTFT {ttft * 1000:7.1f} ms   ({tokens:.0f} tokens)")
-    return rate, ttft
+def concurrent_chats(url: str, n: int, max_tokens: int) -> list[Run]:
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        return list(pool.map(lambda _: stream_chat(url, max_tokens), range(n)))
+
+
+def aggregate_rate(runs: list[Run]) -> float:
+    """Tokens decoded per second by all the runs together, from the first first token on."""
+    span = max(r.last_s for r in runs) - min(r.first_s for r in runs)
+    return sum(r.tokens - 1 for r in runs) / span if span > 0 else 0.0
+
+
+def resident_bytes(pid: int) -> int:
+    """A process's resident memory with its children's (the worker's engine is one)."""
+    proc = psutil.Process(pid)
+    return proc.memory_info().rss + sum(c.memory_info().rss for c in proc.children(True))
+
+
+def binary(name: str) -> str:
+    return console_script(name)
+
+
+# ---- llama.cpp on its own ---------------------------------------------------------------
+
+
+@contextmanager
+def llama_server(model: Path, threads: int, slots: int, ctx: int) -> Iterator[ServerProcess]:
+    port = free_port()
+    args = [binary("llama-server"), "--model", str(model), "--port", str(port)]
+    args += ["--parallel", str(slots), "--kv-unified", "--kv-unified-per-slot", str(ctx)]
+    args += ["--threads", str(threads), "--threads-batch", str(threads), "--no-webui"]
+    with ServerProcess(args, health_url=f"http://127.0.0.1:{port}/health") as proc:
+        yield proc
+
+
+def batched_bench(model: Path, threads: int, sequences: int, max_tokens: int) -> float:
+    """llama.cpp's own batched decoding: aggregate generation tokens/s (S_TG) for N sequences."""
+    args = [binary("llama-batched-bench"), "-m", str(model), "-t", str(threads)]
+    args += ["-c", str(sequences * 512), "-npp", "64", "-ntg", str(max_tokens)]
+    args += ["-npl", str(sequences), "--output-format", "jsonl"]
+    out = subprocess.run(args, capture_output=True, text=True, check=True, timeout=600).stdout
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return float(rows[-1]["speed_tg"])
+
+
+# ---- the worker -------------------------------------------------------------------------
+
+
+@contextmanager
+def worker(slots: int, threads: int) -> Iterator[ServerProcess]:
+    port = free_port()
+    args = [console_script("llm-worker-rbee"), "--model", MODEL, "--port", str(port)]
+    # Nobody listens there: the worker's heartbeats fail quietly and cost nothing here.
+    args += ["--queen-url", f"http://127.0.0.1:{free_port()}"]
+    args += ["--slots", str(slots), "--threads", str(threads), "--queue-size", "16"]
+    with ServerProcess(args, health_url=f"http://127.0.0.1:{port}/health") as proc:
+        yield proc
+
+
+@contextmanager
+def hive(tmp: Path) -> Iterator[str]:
+    port, first = free_port(), free_port()
+    args = [console_script("rbee-hive"), "--queen-url", f"http://127.0.0.1:{free_port()}"]
+    args += ["--port", str(port), "--hive-id", "bench", "--models-dir", str(tmp / "models")]
+    args += ["--log-dir", str(tmp / "logs"), "--worker-ports", f"{first}-{first + 50}"]
+    url = f"http://127.0.0.1:{port}"
+    with ServerProcess(args, health_url=f"{url}/health"):
+        yield url
+
+
+def spawn(hive_url: str, cores: int) -> dict[str, object]:
+    body = {"model": MODEL, "cores": cores}
+    response = httpx.post(f"{hive_url}/v1/workers/spawn", json=body, timeout=300)
+    response.raise_for_status()
+    spawned: dict[str, object] = response.json()
+    return spawned
+
+
+def stop(hive_url: str, pid: object) -> None:
+    httpx.post(f"{hive_url}/v1/workers/{pid}/stop", timeout=60)
+
+
+# ---- the rounds -------------------------------------------------------------------------
+
+
+def url_of(proc: ServerProcess) -> str:
+    assert proc.health_url is not None
+    return proc.health_url.removesuffix("/health")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--ctx-size", type=int, default=2048)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="requests per figure per round")
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--ctx-size", type=int, default=2048)
     args = parser.parse_args()
+    cores = len(usable_cpus())
+    model = resolve_model(MODEL)
+    n, budget = args.repeats, args.max_tokens
+    figures: dict[str, list[float]] = {}
 
-    # OpenMP threads that spin-wait after their work would steal the cores from the other side
-    # of the comparison (they run alternately in two processes); both sides get the same policy.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from llama_cpp import Llama
+    def add(name: str, value: float) -> None:
+        figures.setdefault(name, []).append(value)
 
-    path: Path = resolve_model(args.model)
-    model_id = default_model_id(args.model)
-    llm = Llama(
-        model_path=str(path),
-        n_ctx=args.ctx_size,
-        n_threads=args.threads,
-        n_threads_batch=args.threads,
-        verbose=False,
-    )
-    port = free_port()
-    worker = ServerProcess(
-        [
-            console_script("llm-worker-rbee"),
-            "--model",
-            args.model,
-            "--port",
-            str(port),
-            # Nobody listens there: the worker's heartbeats fail quietly and cost nothing here.
-            "--queen-url",
-            f"http://127.0.0.1:{free_port()}",
-            "--threads",
-            str(args.threads),
-            "--ctx-size",
-            str(args.ctx_size),
-        ],
-        health_url=f"http://127.0.0.1:{port}/health",
-    )
-    direct: list[Run] = []
-    served: list[Run] = []
-    with worker, httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
-        # One warm-up each: page in the weights, fill both prompt caches the same way.
-        direct_run(llm, 8)
-        worker_run(client, model_id, 8)
-        for _ in range(args.runs):
-            direct.append(direct_run(llm, args.max_tokens))
-            served.append(worker_run(client, model_id, args.max_tokens))
-    llm.close()
+    for round_no in range(1, args.rounds + 1):
+        print(f"round {round_no}/{args.rounds} ...", file=sys.stderr, flush=True)
+        # One request at a time: llama-server alone, then the worker.
+        with llama_server(model, cores, 1, args.ctx_size) as server:
+            url = url_of(server)
+            stream_chat(url, 8)  # warm-up: page the weights in
+            runs = [stream_chat(url, budget) for _ in range(n)]
+            add("server_rate", statistics.median(r.tokens_per_s for r in runs))
+            add("server_ttft", statistics.median(r.ttft_s for r in runs))
+        with worker(1, cores) as one:
+            url = url_of(one)
+            stream_chat(url, 8)
+            runs = [stream_chat(url, budget) for _ in range(n)]
+            add("worker_rate", statistics.median(r.tokens_per_s for r in runs))
+            add("worker_ttft", statistics.median(r.ttft_s for r in runs))
+            add("worker1_rss", resident_bytes(one.pid) / 2**20)
+        # Four sequences at once: llama.cpp's batched decoding, then a 4-slot worker.
+        add("batched4", batched_bench(model, cores, 4, budget))
+        with worker(4, cores) as four:
+            url = url_of(four)
+            concurrent_chats(url, 4, 8)
+            rates, ttfts = [], []
+            for _ in range(n):
+                runs = concurrent_chats(url, 4, budget)
+                rates.append(aggregate_rate(runs))
+                ttfts.append(statistics.median(r.ttft_s for r in runs))
+            add("worker4_rate", statistics.median(rates))
+            add("worker4_ttft", statistics.median(ttfts))
+            add("worker4_rss", resident_bytes(four.pid) / 2**20)
+        # Two workers started through a hive, a core of their own each.
+        with tempfile.TemporaryDirectory() as tmp, hive(Path(tmp)) as hive_url:
+            spawned = [spawn(hive_url, max(1, cores // 2)) for _ in range(2)]
+            urls = [str(s["url"]) for s in spawned]
+            try:
+                for url in urls:
+                    stream_chat(url, 8)
+                pairs = []
+                for _ in range(n):
+                    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                        pairs.append(list(pool.map(lambda u: stream_chat(u, budget), urls)))
+                add("pair_a", statistics.median(p[0].tokens_per_s for p in pairs))
+                add("pair_b", statistics.median(p[1].tokens_per_s for p in pairs))
+                placed = ", ".join(f"{s['cpu_set']}{' shared' if s['shared_cores'] else ''}"
+                                   for s in spawned)  # fmt: skip
+            finally:
+                for s in spawned:
+                    stop(hive_url, s["pid"])
 
-    print(f"model {path.name}, {args.threads} threads, {args.max_tokens} max tokens, "
-          f"{args.runs} runs each, medians:")  # fmt: skip
-    direct_rate, direct_ttft = summary("llama-cpp-python", direct)
-    worker_rate, worker_ttft = summary("llm-worker-rbee HTTP", served)
-    ratio = worker_rate / direct_rate
-    overhead_ms = (worker_ttft - direct_ttft) * 1000
-    ok_rate, ok_ttft = ratio >= 0.95, overhead_ms <= 5.0
+    def spread(name: str, scale: float = 1.0, unit: str = "") -> str:
+        values = [v * scale for v in figures[name]]
+        mid = statistics.median(values)
+        return f"{mid:8.1f}{unit} ({min(values):.1f}–{max(values):.1f})"
+
+    def ratio(top: str, bottom: str) -> list[float]:
+        return [a / b for a, b in zip(figures[top], figures[bottom], strict=True)]
+
+    def ratio_text(values: list[float]) -> str:
+        return f"{statistics.median(values):.2f} ({min(values):.2f}–{max(values):.2f})"
+
+    print(f"model {model.name}, {cores} cores, {budget} tokens, greedy; median (min–max) of "
+          f"{args.rounds} rounds, each the median of {n} requests")  # fmt: skip
+    print("one request")
+    print(f"  llama-server (all cores)     {spread('server_rate')} tok/s   "
+          f"TTFT {spread('server_ttft', 1000, ' ms')}")  # fmt: skip
+    print(f"  llm-worker-rbee --slots 1    {spread('worker_rate')} tok/s   "
+          f"TTFT {spread('worker_ttft', 1000, ' ms')}   RSS {spread('worker1_rss')} MB")  # fmt: skip
+    rate_ratio = ratio("worker_rate", "server_rate")
+    overhead = [
+        (w - s) * 1000 for w, s in zip(figures["worker_ttft"], figures["server_ttft"], strict=True)
+    ]
+    print(f"  worker / llama-server        {ratio_text(rate_ratio)}   (target >= 0.95)")
+    print(f"  first-token overhead         {statistics.median(overhead):+.1f} ms "
+          f"({min(overhead):+.1f}–{max(overhead):+.1f})   (target <= 5 ms)")  # fmt: skip
+    print("four requests at once")
+    print(f"  llama-batched-bench (4 seq)  {spread('batched4')} tok/s aggregate")
+    print(f"  llm-worker-rbee --slots 4    {spread('worker4_rate')} tok/s aggregate   "
+          f"TTFT {spread('worker4_ttft', 1000, ' ms')}   RSS {spread('worker4_rss')} MB")  # fmt: skip
     print(
-        f"  throughput ratio       {ratio:.3f}   (target >= 0.95: {'ok' if ok_rate else 'MISSED'})"
+        f"  worker / batched-bench       {ratio_text(ratio('worker4_rate', 'batched4'))}   (target >= 0.9)"
     )
     print(
-        f"  first-token overhead   {overhead_ms:+.1f} ms (target <= 5 ms: {'ok' if ok_ttft else 'MISSED'})"
+        f"  memory 4 slots / 1 slot      {ratio_text(ratio('worker4_rss', 'worker1_rss'))}   (target <= 1.5)"
     )
-    return 0 if ok_rate and ok_ttft else 1
+    print(f"two workers through a hive (cores {placed}), one request each at once")
+    both = [a + b for a, b in zip(figures["pair_a"], figures["pair_b"], strict=True)]
+    lower = [min(a, b) for a, b in zip(figures["pair_a"], figures["pair_b"], strict=True)]
+    print(f"  each                         {spread('pair_a')} / {spread('pair_b')} tok/s")
+    print(f"  aggregate / one alone        "
+          f"{ratio_text([t / w for t, w in zip(both, figures['worker_rate'], strict=True)])}   (target >= 1.15)")  # fmt: skip
+    print(f"  slower / one alone           "
+          f"{ratio_text([s / w for s, w in zip(lower, figures['worker_rate'], strict=True)])}   (target >= 0.5)")  # fmt: skip
+    return 0
 
 
 if __name__ == "__main__":

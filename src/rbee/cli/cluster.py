@@ -21,6 +21,7 @@ from rbee.cli.plan import HivePlan, UpPlan
 from rbee.cli.ssh import Ssh, SshTarget
 from rbee.clients.hive import HiveError
 from rbee.clients.queen import QueenClient, QueenError
+from rbee.common.cpus import usable_cpus
 from rbee.contracts.jobs import WorkerSpawnJob, WorkerStopJob
 from rbee.contracts.workers import WorkerView
 
@@ -171,9 +172,17 @@ class Cluster:
         )
 
     async def _start_workers(self, client: QueenClient, hive_id: str) -> None:
-        for worker in (w for w in self.plan.workers if w.hive_id == hive_id):
+        workers = [w for w in self.plan.workers if w.hive_id == hive_id]
+        local = any(h.hive_id == hive_id and h.ssh is None for h in self.plan.hives)
+        for worker in workers:
             request = WorkerSpawnJob(
-                operation="worker_spawn", model=worker.model, hive_id=hive_id, device=worker.device
+                operation="worker_spawn",
+                model=worker.model,
+                hive_id=hive_id,
+                device=worker.device,
+                # A hive on this machine: its cores shared out evenly among the workers planned
+                # for it (a remote hive takes its own even share of its free cores).
+                cores=max(1, len(usable_cpus()) // len(workers)) if local else None,
             )
             # The job's own log lines would repeat what `say` reports.
             worker_id = await jobs.spawn_worker(client, request, None)

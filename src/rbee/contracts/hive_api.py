@@ -19,6 +19,9 @@ class SpawnRequest(BaseModel):
     worker_id: NonEmptyStr | None = None
     # Start it for `/v1/embeddings` (llm-worker-rbee --embedding).
     embedding: bool = False
+    cores: Annotated[int, Field(ge=1, le=4096)] | None = Field(
+        None, description="CPU cores of its own (default: an even share of the free ones)"
+    )
 
 
 class SpawnResponse(BaseModel):
@@ -26,6 +29,8 @@ class SpawnResponse(BaseModel):
     pid: int
     port: Port
     url: str
+    cpu_set: str | None = Field(None, description="the cores it runs on, e.g. 0-3")
+    shared_cores: bool = Field(False, description="its cores are other workers' too")
 
 
 class WorkerProcess(BaseModel):
@@ -36,7 +41,8 @@ class WorkerProcess(BaseModel):
     model: str
     port: int
     uptime_s: float
-    memory_bytes: int
+    memory_bytes: int = Field(description="resident memory, its engine process included")
+    cpu_set: str | None = None
 
 
 class WorkerProcessList(BaseModel):

@@ -27,6 +27,9 @@ class WorkerSpawnJob(BaseModel):
     slots: Annotated[int, Field(ge=1, le=64)] = 1
     # True: serve `/v1/embeddings`. Unset: as the model file says (embedding models embed).
     embedding: bool | None = None
+    cores: Annotated[int, Field(ge=1, le=4096)] | None = Field(
+        None, description="CPU cores of its own (default: the hive's even share of its free ones)"
+    )
 
 
 class WorkerStopJob(BaseModel):

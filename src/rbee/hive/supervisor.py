@@ -28,6 +28,7 @@ import httpx
 import psutil
 
 from rbee.common.clock import Clock, monotonic
+from rbee.common.cpus import format_cpu_set, parse_cpu_set, usable_cpus
 from rbee.common.errors import BadRequest, Conflict, NotFound, RbeeError, Unavailable
 from rbee.contracts.hive_api import (
     CatalogModel,
@@ -37,6 +38,7 @@ from rbee.contracts.hive_api import (
     WorkerStopped,
 )
 from rbee.hive.catalog import Catalog
+from rbee.hive.cores import CorePlacement, place_cores
 from rbee.hive.ports import pick_port
 from rbee.hive.settings import HiveSettings
 
@@ -98,6 +100,15 @@ def worker_flags(cmdline: Sequence[str], hive_id: str) -> dict[str, str] | None:
     return flags
 
 
+def _children_rss(proc: psutil.Process) -> int:
+    """The worker's engine runs in a child process; its memory is the worker's too."""
+    total = 0
+    for child in proc.children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            total += child.memory_info().rss
+    return total
+
+
 def output_tail(path: Path, limit: int = OUTPUT_TAIL_BYTES) -> str:
     try:
         with path.open("rb") as log:
@@ -122,6 +133,8 @@ class Supervisor:
         self._clock = clock
         self._lock = asyncio.Lock()
         self._reserved: set[int] = set()  # ports of spawns still starting up
+        self._reserved_cores: dict[int, tuple[int, ...]] = {}  # their cores, by port
+        self._machine = usable_cpus()
         self._children: dict[int, subprocess.Popen[bytes]] = {}  # for reaping only
 
     # -- finding -------------------------------------------------------------------------
@@ -142,7 +155,7 @@ class Supervisor:
                 return None
             if proc.status() == psutil.STATUS_ZOMBIE:
                 return None
-            rss = proc.memory_info().rss
+            rss = proc.memory_info().rss + _children_rss(proc)
             started = proc.create_time()
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             return None
@@ -153,6 +166,7 @@ class Supervisor:
             port=int(flags["--port"]),
             uptime_s=round(max(0.0, time.time() - started), 3),
             memory_bytes=rss,
+            cpu_set=flags.get("--cpu-set"),
         )
 
     def _model_name(self, ref: str) -> str:
@@ -178,6 +192,7 @@ class Supervisor:
             if request.worker_id in {w.worker_id for w in running}:
                 raise Conflict(f"worker {request.worker_id!r} is already running on this hive")
             taken = {w.port for w in running} | self._reserved
+            cores = self._place(running, request.cores)
             port = pick_port(self.settings.host, self.settings.port_range, taken)
             if port is None:
                 raise Unavailable(
@@ -186,18 +201,44 @@ class Supervisor:
                     code="no_free_port",
                 )
             self._reserved.add(port)
+            self._reserved_cores[port] = cores.cpus
         worker_id = request.worker_id or f"{self.settings.hive_id}-{port}"
         try:
-            popen, log_path = self._start(worker_id, model, port, request)
+            popen, log_path = self._start(worker_id, model, port, request, cores)
             await self._wait_ready(popen, port, log_path)
         finally:
             self._reserved.discard(port)
+            self._reserved_cores.pop(port, None)
         host = self.settings.public_host
         url = f"{self.settings.scheme}://{f'[{host}]' if ':' in host else host}:{port}"
-        return SpawnResponse(worker_id=worker_id, pid=popen.pid, port=port, url=url)
+        return SpawnResponse(
+            worker_id=worker_id,
+            pid=popen.pid,
+            port=port,
+            url=url,
+            cpu_set=format_cpu_set(cores.cpus),
+            shared_cores=cores.shared,
+        )
+
+    def _place(self, running: Sequence[WorkerProcess], wanted: int | None) -> CorePlacement:
+        """Cores for a new worker, given those its running (and starting) workers hold."""
+        held = [self._cores_of(w) for w in running] + list(self._reserved_cores.values())
+        return place_cores(self._machine, held, wanted)
+
+    def _cores_of(self, worker: WorkerProcess) -> tuple[int, ...]:
+        # A worker started without a CPU set may run anywhere: it counts as holding every core.
+        try:
+            return parse_cpu_set(worker.cpu_set) if worker.cpu_set else self._machine
+        except ValueError:
+            return self._machine
 
     def command(
-        self, worker_id: str, model: CatalogModel, port: int, request: SpawnRequest
+        self,
+        worker_id: str,
+        model: CatalogModel,
+        port: int,
+        request: SpawnRequest,
+        cores: CorePlacement,
     ) -> list[str]:
         s = self.settings
         # A bundled model goes by name (the worker finds its file); others by path. Either
@@ -212,6 +253,9 @@ class Supervisor:
             *("--device", request.device, "--slots", str(request.slots)),
             *("--heartbeat-interval", str(s.heartbeat_interval)),
             *(["--embedding"] if request.embedding else []),
+            # Its own cores, one thread each; spinning threads on shared cores starve each other.
+            *("--cpu-set", format_cpu_set(cores.cpus)),
+            *(("--wait-policy", "passive") if cores.shared else ()),
             # The hive's certificate serves its workers too: they are on the same machine.
             *(("--tls-cert", str(s.tls[0]), "--tls-key", str(s.tls[1])) if s.tls else ()),
             # And they answer to the same host names as the hive.
@@ -219,7 +263,12 @@ class Supervisor:
         ]
 
     def _start(
-        self, worker_id: str, model: CatalogModel, port: int, request: SpawnRequest
+        self,
+        worker_id: str,
+        model: CatalogModel,
+        port: int,
+        request: SpawnRequest,
+        cores: CorePlacement,
     ) -> tuple[subprocess.Popen[bytes], Path]:
         env = worker_env(os.environ, self.settings.hive_id, self.settings.token)
         self.settings.log_dir.mkdir(parents=True, exist_ok=True)
@@ -227,7 +276,7 @@ class Supervisor:
         try:
             with log_path.open("wb") as log:
                 popen = subprocess.Popen(
-                    self.command(worker_id, model, port, request),
+                    self.command(worker_id, model, port, request, cores),
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,

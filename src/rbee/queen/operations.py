@@ -111,7 +111,12 @@ class Operations:
         hive = self.spawner.pick_hive(request.model, request.hive_id, request.device)
         job.emit(JobEvent(type="log", message=f"starting a {request.model} worker on {hive.id}"))
         spawned, _ = await self.spawner.start(
-            request.model, hive, request.device, request.slots, embedding=bool(request.embedding)
+            request.model,
+            hive,
+            request.device,
+            request.slots,
+            embedding=bool(request.embedding),
+            cores=request.cores,
         )
         job.emit(JobEvent(type="log", message=f"worker {spawned.worker_id} is ready"))
         return {**spawned.model_dump(), "hive_id": hive.id}

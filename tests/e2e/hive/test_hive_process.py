@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 from rbee.clients.hive import HiveClient, HiveError
 from rbee.common.bundled import DEFAULT_MODEL
+from rbee.common.cpus import parse_cpu_set, usable_cpus
 
 from .conftest import Daemon, HiveStarter
 
@@ -42,9 +44,9 @@ def serves(url: str) -> list[str]:
     return [m["id"] for m in response.json()["data"]]
 
 
-def spawn(hive_url: str) -> dict[str, Any]:
+def spawn(hive_url: str, **fields: Any) -> dict[str, Any]:
     response = httpx.post(
-        f"{hive_url}/v1/workers/spawn", json={"model": DEFAULT_MODEL}, timeout=120
+        f"{hive_url}/v1/workers/spawn", json={"model": DEFAULT_MODEL, **fields}, timeout=120
     )
     assert response.status_code == 201, response.text
     data: dict[str, Any] = response.json()
@@ -78,6 +80,42 @@ def test_spawned_worker_registers_with_the_queen_and_leaves_when_stopped(
         "the worker to leave the queen", lambda: queen_worker(queen, spawned["worker_id"]) is None
     )
     assert httpx.get(f"{hive.url}/v1/workers").json()["workers"] == []
+
+
+def affinity(pid: int) -> set[int]:
+    return set(psutil.Process(pid).cpu_affinity() or [])
+
+
+def test_each_worker_runs_on_cores_of_its_own_and_shares_only_when_none_are_free(
+    queen: Daemon, start_hive: HiveStarter
+) -> None:
+    cores = usable_cpus()
+    if len(cores) < 2:
+        pytest.skip("needs a machine with two cores or more")
+    hive = start_hive()
+    first = spawn(hive.url, cores=1)
+    second = spawn(hive.url, cores=1)
+    assert not first["shared_cores"]
+    assert not second["shared_cores"]
+    sets = [set(parse_cpu_set(s["cpu_set"])) for s in (first, second)]
+    assert len(sets[0]) == len(sets[1]) == 1
+    assert not sets[0] & sets[1]
+    for spawned, cpus in zip((first, second), sets, strict=True):
+        # The worker and its engine (llama-server, its child) run on those cores only.
+        assert affinity(spawned["pid"]) == cpus
+        engines = psutil.Process(spawned["pid"]).children()
+        assert engines
+        assert all(affinity(e.pid) == cpus for e in engines)
+    listed = httpx.get(f"{hive.url}/v1/workers").json()["workers"]
+    assert sorted(w["cpu_set"] for w in listed) == sorted(s["cpu_set"] for s in (first, second))
+    # Engine included: a worker's memory is more than its Python process's.
+    assert all(w["memory_bytes"] > psutil.Process(w["pid"]).memory_info().rss for w in listed)
+    if len(cores) == 2:
+        # Every core is taken: a third worker shares, and says so.
+        third = spawn(hive.url, cores=1)
+        assert third["shared_cores"]
+    for w in httpx.get(f"{hive.url}/v1/workers").json()["workers"]:
+        httpx.post(f"{hive.url}/v1/workers/{w['pid']}/stop", json={}, timeout=30)
 
 
 def test_killing_the_hive_leaves_workers_serving_and_a_new_hive_finds_them(

@@ -9,6 +9,7 @@ import pytest
 
 from rbee.contracts.hive_api import CatalogModel, SpawnRequest
 from rbee.hive.catalog import Catalog
+from rbee.hive.cores import CorePlacement
 from rbee.hive.settings import HiveSettings
 from rbee.hive.supervisor import Supervisor, output_tail, parse_flags, worker_flags
 
@@ -67,7 +68,8 @@ def test_the_worker_command_carries_identity_but_not_the_token(tmp_path: Path) -
         format="gguf",
         source="huggingface",
     )
-    args = supervisor.command("w1", model, 8081, SpawnRequest(model="o/r:f.gguf", slots=2))
+    request = SpawnRequest(model="o/r:f.gguf", slots=2)
+    args = supervisor.command("w1", model, 8081, request, CorePlacement((2, 3), shared=False))
     assert args[0] == SCRIPT
     assert worker_flags(args, "h1") is not None
     flags = parse_flags(args)
@@ -78,6 +80,10 @@ def test_the_worker_command_carries_identity_but_not_the_token(tmp_path: Path) -
     assert flags["--slots"] == "2"
     assert flags["--heartbeat-interval"] == "5.0"
     assert "s3cret" not in " ".join(args)
+    assert flags["--cpu-set"] == "2-3"
+    assert "--wait-policy" not in flags
+    shared = supervisor.command("w2", model, 8082, request, CorePlacement((0,), shared=True))
+    assert parse_flags(shared)["--wait-policy"] == "passive"
 
 
 def test_output_tail_keeps_the_end(tmp_path: Path) -> None:

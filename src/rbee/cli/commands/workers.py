@@ -29,6 +29,12 @@ def spawn(
     embedding: Annotated[
         bool, typer.Option("--embedding", help="Serve POST /v1/embeddings for the model.")
     ] = False,
+    cores: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="CPU cores of its own (default: an even share of the hive's free cores)."
+        ),
+    ] = None,
 ) -> None:
     """Start a worker for a model on a hive; returns once it is ready (the queen's spawn job
     waits for that, bounded by the queen's --spawn-timeout)."""
@@ -40,6 +46,7 @@ def spawn(
         device=device,
         slots=slots,
         embedding=embedding or None,
+        cores=cores,
     )
 
     async def work(client: QueenClient) -> WorkerView:

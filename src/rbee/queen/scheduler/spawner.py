@@ -100,10 +100,15 @@ class Spawner:
         slots: int = 1,
         *,
         embedding: bool = False,
+        cores: int | None = None,
     ) -> tuple[SpawnResponse, WorkerInfo]:
         """Ask the hive to start a worker, then wait until it heartbeats `ready`."""
         request = SpawnRequest(
-            model=model, device=device or "cpu:0", slots=slots, embedding=embedding
+            model=model,
+            device=device or "cpu:0",
+            slots=slots,
+            embedding=embedding,
+            cores=cores,
         )
         try:
             spawned = await self.spawn(hive, request)
