@@ -7,15 +7,19 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from rbee.contracts.hives import Device
-from rbee.contracts.workers import NonEmptyStr, Port
+from rbee.contracts.workers import DEFAULT_CTX_SIZE, DeviceId, NonEmptyStr, Port
 
 
 class SpawnRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: NonEmptyStr
-    device: NonEmptyStr = "cpu:0"
+    device: DeviceId = "cpu:0"
     slots: Annotated[int, Field(ge=1, le=64)] = 1
+    ctx_size: Annotated[int, Field(ge=16)] = DEFAULT_CTX_SIZE
+    gpu_layers: Annotated[int, Field(ge=0)] | None = Field(
+        None, description="layers to offload to a GPU device (default: all)"
+    )
     worker_id: NonEmptyStr | None = None
     # Start it for `/v1/embeddings` (llm-worker-rbee --embedding).
     embedding: bool = False

@@ -12,16 +12,34 @@ from rbee.contracts.workers import NonEmptyStr, is_plain_host, utc_now
 
 
 class Device(BaseModel):
-    """A compute device of a machine: the CPU (`cpu:0`) or a GPU (`cuda:N`)."""
+    """A compute device of a machine: the CPU (`cpu:0`), an NVIDIA GPU (`cuda:N`) or an Apple
+    GPU (`metal:0`, whose memory is the machine's own)."""
 
     model_config = ConfigDict(frozen=True)
 
     id: NonEmptyStr
-    kind: Literal["cpu", "cuda"]
+    kind: Literal["cpu", "cuda", "metal"]
     name: str
     cores: Annotated[int, Field(ge=0)] | None = None
     memory_total_bytes: Annotated[int, Field(ge=0)]
     memory_free_bytes: Annotated[int, Field(ge=0)]
+    problem: str | None = Field(
+        None, description="why no worker can run on this device (e.g. a build without CUDA)"
+    )
+
+
+class ModelFootprint(BaseModel):
+    """What a model file says about the memory it needs, read from its GGUF header."""
+
+    model_config = ConfigDict(frozen=True)
+
+    weights_bytes: Annotated[int, Field(ge=0)]
+    layers: Annotated[int, Field(ge=1)]
+    kv_bytes_per_token: Annotated[int, Field(ge=0)] = Field(
+        description="the K and V cache of one token across all layers, at f16"
+    )
+    vocab_size: Annotated[int, Field(ge=0)]
+    head_count: Annotated[int, Field(ge=0)]
 
 
 class HiveInfo(BaseModel):
@@ -64,6 +82,9 @@ class HiveHeartbeat(BaseModel):
     models: list[str] = Field(
         default_factory=list, description="ids of the models in the hive's catalog"
     )
+    footprints: dict[str, ModelFootprint] = Field(
+        default_factory=dict, description="by model id, for the models whose header was readable"
+    )
     timestamp: AwareDatetime = Field(default_factory=utc_now)
 
     @field_serializer("timestamp")
@@ -79,6 +100,7 @@ class HiveView(BaseModel):
     version: str
     devices: list[Device]
     models: list[str]
+    footprints: dict[str, ModelFootprint] = Field(default_factory=dict)
     online: bool
     last_seen_s: float
     timestamp: str

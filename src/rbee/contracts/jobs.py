@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from rbee.contracts.workers import NonEmptyStr
+from rbee.contracts.workers import DeviceId, NonEmptyStr
 
 
 class ModelDownloadJob(BaseModel):
@@ -23,13 +23,14 @@ class WorkerSpawnJob(BaseModel):
     operation: Literal["worker_spawn"]
     model: NonEmptyStr
     hive_id: NonEmptyStr | None = None
-    device: NonEmptyStr | None = None
+    device: DeviceId | None = None
     slots: Annotated[int, Field(ge=1, le=64)] = 1
     # True: serve `/v1/embeddings`. Unset: as the model file says (embedding models embed).
     embedding: bool | None = None
     cores: Annotated[int, Field(ge=1, le=4096)] | None = Field(
         None, description="CPU cores of its own (default: the hive's even share of its free ones)"
     )
+    gpu_layers: Annotated[int, Field(ge=0)] | None = None
 
 
 class WorkerStopJob(BaseModel):

@@ -8,11 +8,32 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_serializer, field_validator
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_serializer,
+    field_validator,
+)
 
 _HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,252})")
 NonEmptyStr = Annotated[str, Field(min_length=1, max_length=256)]
 Port = Annotated[int, Field(ge=1, le=65535)]
+# A device a worker computes on: the CPU, NVIDIA GPU N (numbered as nvidia-smi does), the Apple GPU.
+DEVICE_PATTERN = r"^(cpu|cuda|metal):(0|[1-9][0-9]{0,2})$"
+
+
+def check_device_id(value: str) -> str:
+    if not re.match(DEVICE_PATTERN, value):
+        raise ValueError(f"{value!r} is not a device; expected cpu:0, cuda:N or metal:0")
+    return value
+
+
+DeviceId = Annotated[str, AfterValidator(check_device_id)]
+# Tokens of context per slot when nobody says otherwise (the worker's --ctx-size).
+DEFAULT_CTX_SIZE = 2048
 
 
 def is_plain_host(host: str) -> bool:

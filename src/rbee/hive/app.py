@@ -45,9 +45,12 @@ def create_app(
     hub_transport: httpx.AsyncBaseTransport | None = None,
     hf_endpoint: str | None = None,
     nvml: ModuleType | Any = pynvml,
+    llama_server: str | None = None,
     clock: Clock = monotonic,
 ) -> FastAPI:
-    """`hf_endpoint` None means huggingface_hub's own choice: `HF_ENDPOINT`, else the Hub."""
+    """`hf_endpoint` None means huggingface_hub's own choice: `HF_ENDPOINT`, else the Hub.
+    `nvml` and `llama_server` (the engine binary asked for its GPU backend) find the devices;
+    tests pass fakes."""
     queen = httpx.AsyncClient(
         base_url=settings.queen_url,
         headers=auth_headers(settings.token),
@@ -62,7 +65,7 @@ def create_app(
     state = HiveState(
         settings=settings,
         catalog=catalog,
-        devices=DeviceProbe(nvml),
+        devices=DeviceProbe(nvml, llama_server),
         supervisor=Supervisor(settings, catalog, local, clock=clock),
         downloader=Downloader(catalog, hub, endpoint=hf_endpoint, clock=clock),
         jobs=Jobs(clock=clock),
@@ -70,7 +73,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state.devices.open()
+        await asyncio.to_thread(state.devices.open)
         await asyncio.to_thread(catalog.discard_partials)
         beat = asyncio.create_task(heartbeat_loop(state, queen), name="hive-heartbeat")
         try:

@@ -1,19 +1,23 @@
-"""What this machine can compute with: the CPU via psutil, NVIDIA GPUs via NVML (`pynvml`).
+"""What this machine can compute with: the CPU via psutil, NVIDIA GPUs via NVML (`pynvml`),
+the Apple GPU on macOS; and, for each, whether this hive's llama.cpp build can run workers on it.
 
 A machine without an NVIDIA driver simply has no GPUs: NVML failing to start is the normal
-answer there, not an error.
+answer there, not an error. Free memory is read anew at every call (every heartbeat), so the
+queen's placement sees what workers started since took.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 from types import ModuleType
 from typing import Any
 
 import psutil
 import pynvml
 
+from rbee.common.gpu import GpuBackend, build_gpu_backend, device_problem, parse_device
 from rbee.contracts.hives import Device
 
 log = logging.getLogger("rbee.hive.devices")
@@ -44,20 +48,58 @@ def _cpu_name() -> str:
     return os.uname().machine
 
 
-class DeviceProbe:
-    """Finds the devices; NVML is started once (`open`) and shut down once (`close`)."""
+def metal_device() -> Device:
+    # Apple GPUs share the machine's memory: what the CPU has free, the GPU has free.
+    memory = psutil.virtual_memory()
+    return Device(
+        id="metal:0",
+        kind="metal",
+        name="Apple GPU (Metal)",
+        memory_total_bytes=memory.total,
+        memory_free_bytes=memory.available,
+    )
 
-    def __init__(self, nvml: ModuleType | Any = pynvml) -> None:
+
+class DeviceProbe:
+    """Finds the devices; NVML is started once (`open`) and shut down once (`close`).
+
+    `llama_server` is the engine binary the workers run (default: the one next to this Python);
+    what GPU backend it was built with is asked once, at `open`.
+    """
+
+    def __init__(
+        self,
+        nvml: ModuleType | Any = pynvml,
+        llama_server: str | None = None,
+        platform: str = sys.platform,
+    ) -> None:
         self._nvml = nvml
         self._nvml_ready = False
+        self._nvml_error: str | None = None
+        self._llama_server = llama_server
+        self._platform = platform
+        self.build_gpu: GpuBackend | None = None
 
     def open(self) -> None:
+        self.build_gpu = build_gpu_backend(self._llama_server)
         try:
             self._nvml.nvmlInit()
         except Exception as exc:  # NVMLError subclasses, or a missing libnvidia-ml
             log.debug("no NVIDIA GPUs: %s", exc)
+            self._nvml_error = str(exc)
             return
         self._nvml_ready = True
+
+    def problem(self, device: str, devices: list[Device]) -> str | None:
+        """Why no worker can start on `device` (a valid device id) of `devices` (as `devices()`
+        found them); None if one can."""
+        return device_problem(
+            parse_device(device),
+            build_gpu=self.build_gpu,
+            cuda_gpus=sum(d.kind == "cuda" for d in devices),
+            no_gpu_reason=self._nvml_error,
+            platform=self._platform,
+        )
 
     def close(self) -> None:
         if self._nvml_ready:
@@ -68,7 +110,19 @@ class DeviceProbe:
                 log.debug("NVML shutdown failed: %s", exc)
 
     def devices(self) -> list[Device]:
-        return [cpu_device(), *self.gpus()]
+        gpus = self.gpus()
+        found = [cpu_device()]
+        for gpu in gpus:
+            problem = device_problem(
+                parse_device(gpu.id),
+                build_gpu=self.build_gpu,
+                cuda_gpus=len(gpus),
+                platform=self._platform,
+            )
+            found.append(gpu.model_copy(update={"problem": problem}))
+        if self._platform == "darwin" and self.build_gpu == "metal":
+            found.append(metal_device())
+        return found
 
     def gpus(self) -> list[Device]:
         if not self._nvml_ready:

@@ -1,6 +1,7 @@
 """The hive heartbeat: who this hive is, its devices and its models, sent to the queen.
 
-Sent at start, every interval, and right after the catalog changes. A queen that is down is
+Sent at start, every interval, and right after the catalog changes or a worker was started
+(so the free memory the queen places by is current). A queen that is down is
 retried every interval without end; the hive keeps working meanwhile.
 """
 
@@ -22,10 +23,13 @@ log = logging.getLogger("rbee.hive.heartbeat")
 async def build_heartbeat(state: HiveState) -> HiveHeartbeat:
     # Both read the disk or the driver: keep them off the event loop.
     devices, models = await asyncio.gather(
-        asyncio.to_thread(state.devices.devices), asyncio.to_thread(state.catalog.ids)
+        asyncio.to_thread(state.devices.devices), asyncio.to_thread(state.catalog.models)
     )
+    footprints = await asyncio.to_thread(state.footprints.footprints, models)
     info = HiveInfo(id=state.settings.hive_id, url=state.settings.url, version=__version__)
-    return HiveHeartbeat(hive=info, devices=devices, models=models)
+    return HiveHeartbeat(
+        hive=info, devices=devices, models=[m.id for m in models], footprints=footprints
+    )
 
 
 async def send_heartbeat(state: HiveState, queen: httpx.AsyncClient) -> None:
@@ -37,7 +41,7 @@ async def send_heartbeat(state: HiveState, queen: httpx.AsyncClient) -> None:
 async def heartbeat_loop(state: HiveState, queen: httpx.AsyncClient) -> None:
     reachable: bool | None = None
     while True:
-        state.catalog_changed.clear()
+        state.changed.clear()
         try:
             await send_heartbeat(state, queen)
         except httpx.HTTPError as exc:
@@ -51,4 +55,4 @@ async def heartbeat_loop(state: HiveState, queen: httpx.AsyncClient) -> None:
                 log.info("queen at %s reachable again", queen.base_url)
             reachable = True
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(state.catalog_changed.wait(), state.settings.heartbeat_interval)
+            await asyncio.wait_for(state.changed.wait(), state.settings.heartbeat_interval)

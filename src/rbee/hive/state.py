@@ -11,6 +11,7 @@ from rbee.common.jobs import Jobs
 from rbee.hive.catalog import Catalog
 from rbee.hive.devices import DeviceProbe
 from rbee.hive.downloads import Downloader
+from rbee.hive.footprints import FootprintCache
 from rbee.hive.settings import HiveSettings
 from rbee.hive.supervisor import Supervisor
 
@@ -23,8 +24,10 @@ class HiveState:
     supervisor: Supervisor
     downloader: Downloader
     jobs: Jobs
-    # Set when what the queen should know changed (a model arrived or left): beat now.
-    catalog_changed: asyncio.Event = field(default_factory=asyncio.Event)
+    footprints: FootprintCache = field(default_factory=FootprintCache)
+    # Set when what the queen should know changed (a model arrived or left, a worker started
+    # and took memory): beat now.
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 def get_state(request: Request) -> HiveState:

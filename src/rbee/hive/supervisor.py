@@ -30,6 +30,7 @@ import psutil
 from rbee.common.clock import Clock, monotonic
 from rbee.common.cpus import format_cpu_set, parse_cpu_set, usable_cpus
 from rbee.common.errors import BadRequest, Conflict, NotFound, RbeeError, Unavailable
+from rbee.common.gpu import device_environment, parse_device
 from rbee.contracts.hive_api import (
     CatalogModel,
     SpawnRequest,
@@ -177,14 +178,22 @@ class Supervisor:
 
     # -- spawning ------------------------------------------------------------------------
 
-    async def spawn(self, request: SpawnRequest, device_ids: Sequence[str]) -> SpawnResponse:
+    async def spawn(
+        self, request: SpawnRequest, device_problem: str | None, usable: Sequence[str] = ()
+    ) -> SpawnResponse:
+        """Start a worker; `device_problem` is why its device cannot be used here, if it cannot,
+        and `usable` the devices that can."""
+        if device_problem is not None:
+            raise BadRequest(
+                f"hive {self.settings.hive_id} cannot start a worker on {request.device} "
+                f"(it can on {', '.join(usable) or 'none'}): {device_problem}",
+                code="device_unavailable",
+            )
+        if request.gpu_layers is not None and request.device.startswith("cpu"):
+            raise BadRequest("gpu_layers needs a GPU device, e.g. cuda:0", code="bad_request")
         model = self.catalog.resolve(request.model)
         if model.format != "gguf":
             raise BadRequest(f"{model.id!r} is {model.format}; {WORKER_EXECUTABLE} loads GGUF")
-        if request.device not in device_ids:
-            raise BadRequest(
-                f"this hive has no device {request.device!r}; it has {', '.join(device_ids)}"
-            )
         if request.worker_id is not None and not WORKER_ID_PATTERN.match(request.worker_id):
             raise BadRequest(f"{request.worker_id!r} is not a valid worker id")
         async with self._lock:
@@ -251,6 +260,8 @@ class Supervisor:
             *("--worker-id", worker_id, "--hive-id", s.hive_id),
             *("--host", s.host, "--advertise-host", s.public_host),
             *("--device", request.device, "--slots", str(request.slots)),
+            *("--ctx-size", str(request.ctx_size)),
+            *(("--gpu-layers", str(request.gpu_layers)) if request.gpu_layers is not None else ()),
             *("--heartbeat-interval", str(s.heartbeat_interval)),
             *(["--embedding"] if request.embedding else []),
             # Its own cores, one thread each; spinning threads on shared cores starve each other.
@@ -271,6 +282,8 @@ class Supervisor:
         cores: CorePlacement,
     ) -> tuple[subprocess.Popen[bytes], Path]:
         env = worker_env(os.environ, self.settings.hive_id, self.settings.token)
+        # Pinned to its device: a CUDA worker sees only its GPU, a CPU worker none.
+        env.update(device_environment(parse_device(request.device)))
         self.settings.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.settings.log_dir / f"worker-{worker_id}.log"
         try:

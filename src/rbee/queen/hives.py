@@ -59,6 +59,7 @@ class HiveRegistry:
             version=hb.hive.version,
             devices=hb.devices,
             models=hb.models,
+            footprints=hb.footprints,
             online=age <= self.timeout_s,
             last_seen_s=round(age, 3),
             timestamp=hb.model_dump(mode="json")["timestamp"],

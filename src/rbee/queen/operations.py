@@ -25,8 +25,10 @@ from rbee.contracts.jobs import (
     WorkerSpawnJob,
     WorkerStopJob,
 )
+from rbee.contracts.workers import DEFAULT_CTX_SIZE
 from rbee.queen.hives import HiveRegistry
 from rbee.queen.registry import WorkerRegistry
+from rbee.queen.scheduler.placement import Demand
 from rbee.queen.scheduler.spawner import Spawner
 
 
@@ -108,18 +110,28 @@ class Operations:
         raise BadRequest(f"several hives are online ({names}): say which", code="hive_required")
 
     async def worker_spawn(self, job: Job, request: WorkerSpawnJob) -> dict[str, Any]:
-        hive = self.spawner.pick_hive(request.model, request.hive_id, request.device)
-        job.emit(JobEvent(type="log", message=f"starting a {request.model} worker on {hive.id}"))
+        demand = Demand(
+            model=request.model,
+            ctx_size=DEFAULT_CTX_SIZE,
+            slots=request.slots,
+            gpu_layers=request.gpu_layers,
+            device=request.device,
+            hive_id=request.hive_id,
+        )
+        placement = self.spawner.place(demand)
+        hive = placement.hive
+        needs = f", needs {placement.estimate.describe()}" if placement.estimate else ""
+        job.emit(
+            JobEvent(
+                type="log",
+                message=f"starting a {request.model} worker on {hive.id} {placement.device_id}{needs}",
+            )
+        )
         spawned, _ = await self.spawner.start(
-            request.model,
-            hive,
-            request.device,
-            request.slots,
-            embedding=bool(request.embedding),
-            cores=request.cores,
+            placement, demand, embedding=bool(request.embedding), cores=request.cores
         )
         job.emit(JobEvent(type="log", message=f"worker {spawned.worker_id} is ready"))
-        return {**spawned.model_dump(), "hive_id": hive.id}
+        return {**spawned.model_dump(), "hive_id": hive.id, "device": placement.device_id}
 
     async def worker_stop(self, job: Job, request: WorkerStopJob) -> dict[str, Any]:
         info = self.registry.get_worker(request.worker_id)

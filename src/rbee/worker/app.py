@@ -21,6 +21,7 @@ from rbee.common.bundled import BUNDLED_MODELS, bundled_model_path
 from rbee.common.cpus import usable_cpus
 from rbee.common.errors import install_error_handlers
 from rbee.common.gate import install_gate
+from rbee.common.gpu import gpu_layers_for, parse_device
 from rbee.common.metrics import metrics_router
 from rbee.contracts.workers import WorkerStatus
 from rbee.worker.access import WORKER_ACCESS
@@ -83,6 +84,7 @@ def llama_server(settings: WorkerSettings, *, pooled: bool = True) -> LlamaServe
         embedding=settings.embedding,
         pooled=pooled,
         binary=settings.llama_server,
+        gpu_layers=gpu_layers_for(parse_device(settings.device), settings.gpu_layers),
     )
     return LlamaServer(config, load_timeout_s=settings.load_timeout)
 

@@ -10,6 +10,7 @@ from rbee.common.cpus import parse_cpu_set
 from rbee.common.serve import fail, parse_settings, serve
 from rbee.common.tokens import refuse_open_bind
 from rbee.worker.app import create_app, llama_server, resolve_model
+from rbee.worker.device import prepare_device
 from rbee.worker.engines.base import EngineError
 from rbee.worker.engines.gguf import read_model_facts
 from rbee.worker.engines.llama_server import LlamaServerEngine
@@ -35,6 +36,10 @@ def main(argv: list[str] | None = None) -> None:
     sys.setswitchinterval(0.0005)
     settings = parse_settings(WorkerSettings, PROG, argv)
     if reason := refuse_open_bind(settings.host, settings.token):
+        fail(PROG, reason)
+    if reason := prepare_device(
+        settings.device, settings.gpu_layers, llama_server=settings.llama_server
+    ):
         fail(PROG, reason)
     try:
         # A missing or obviously wrong file is reported before anything starts; deeper damage

@@ -9,6 +9,7 @@ from pydantic_settings import CliImplicitFlag, SettingsConfigDict
 
 from rbee.common.cpus import format_cpu_set, parse_cpu_set
 from rbee.common.settings import DaemonSettings, HttpUrl, Seconds
+from rbee.contracts.workers import DEFAULT_CTX_SIZE, DeviceId
 from rbee.worker.engines.llama_server import default_binary
 
 
@@ -41,7 +42,17 @@ class WorkerSettings(DaemonSettings):
         None, description="address the queen should use to reach this worker (default: --host)"
     )
     hive_id: str | None = Field(None, min_length=1, description="the hive that started this worker")
-    device: str = Field("cpu:0", min_length=1, description="device the model runs on")
+    device: DeviceId = Field(
+        "cpu:0",
+        description="device the model runs on: cpu:0, cuda:N (NVIDIA GPU N, as nvidia-smi numbers "
+        "them) or metal:0",
+    )
+    gpu_layers: int | None = Field(
+        None,
+        ge=0,
+        description="layers to offload to the GPU (default: all of them; fewer for a model too "
+        "big for the card)",
+    )
     slots: int = Field(1, ge=1, le=64, description="requests generated at the same time")
     queue_size: int = Field(
         8, ge=0, description="requests that may wait for a slot; more are answered 429"
@@ -51,7 +62,7 @@ class WorkerSettings(DaemonSettings):
         description="serve POST /v1/embeddings instead of chat and completions (a model whose "
         "file says it is an embedding model is served so without this flag)",
     )
-    ctx_size: int = Field(2048, ge=16, description="context window per slot, in tokens")
+    ctx_size: int = Field(DEFAULT_CTX_SIZE, ge=16, description="context window per slot, in tokens")
     threads: int | None = Field(
         None,
         ge=1,

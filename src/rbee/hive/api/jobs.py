@@ -30,7 +30,7 @@ async def create_job(request: Annotated[JobRequest, Body()], state: State) -> Jo
 
     async def work(job: Job) -> dict[str, Any]:
         model = await downloader.download(hub, job.id, job.emit)
-        state.catalog_changed.set()
+        state.changed.set()
         return model.model_dump()
 
     job = state.jobs.start("model_download", work)

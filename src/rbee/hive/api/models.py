@@ -22,5 +22,5 @@ async def list_models(state: State) -> CatalogList:
 @router.delete("/v1/models/{model_id:path}")
 async def delete_model(model_id: str, state: State) -> ModelDeleted:
     deleted = await asyncio.to_thread(state.catalog.delete, model_id)
-    state.catalog_changed.set()
+    state.changed.set()
     return ModelDeleted(deleted=deleted)

@@ -17,7 +17,12 @@ State = Annotated[HiveState, Depends(get_state)]
 @router.post("/v1/workers/spawn", status_code=201)
 async def spawn(request: SpawnRequest, state: State) -> SpawnResponse:
     devices = await asyncio.to_thread(state.devices.devices)
-    return await state.supervisor.spawn(request, [d.id for d in devices])
+    problem = state.devices.problem(request.device, devices)
+    usable = [d.id for d in devices if d.problem is None]
+    try:
+        return await state.supervisor.spawn(request, problem, usable)
+    finally:
+        state.changed.set()  # the worker holds memory now (or gave it back): tell the queen
 
 
 @router.get("/v1/workers")

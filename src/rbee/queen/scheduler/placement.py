@@ -1,30 +1,100 @@
-"""Placement: a pure choice of hive for a new worker, over snapshots the hives reported."""
+"""Placement: a pure choice of hive and device for a new worker, over snapshots the hives reported.
+
+The stages, in order: hives that are online and have the model → their devices (the one asked
+for, if any) that can run workers → those with room for the model's estimated memory (free
+memory less what spawns still in flight will take) → the best: a GPU before the CPU, then the
+most free memory, then the hive id (so equal hives are chosen the same way every time).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
-from rbee.contracts.hives import HiveView
+from rbee.common.errors import BadRequest, NotFound, Unavailable
+from rbee.common.model_memory import MemoryEstimate, estimate_memory, gib
+from rbee.contracts.hives import Device, HiveView
 
 
-def free_memory(hive: HiveView, device: str | None = None) -> int:
-    devices = [d for d in hive.devices if device is None or d.id == device]
-    return max((d.memory_free_bytes for d in devices), default=0)
+@dataclass(frozen=True)
+class Placement:
+    hive: HiveView
+    device_id: str
+    # None when the hive did not list the device: the hive itself then says why it cannot.
+    device: Device | None = None
+    estimate: MemoryEstimate | None = None
+
+
+@dataclass(frozen=True)
+class Demand:
+    """What the new worker asks for; `device`/`hive_id` None: placement chooses."""
+
+    model: str
+    ctx_size: int
+    slots: int = 1
+    gpu_layers: int | None = None
+    device: str | None = None
+    hive_id: str | None = None
 
 
 def hives_with_model(hives: Sequence[HiveView], model: str) -> list[HiveView]:
     return [h for h in hives if h.online and model in h.models]
 
 
-def choose_hive(
-    hives: Sequence[HiveView], model: str, device: str | None = None
-) -> HiveView | None:
-    """The online hive that has the model in its catalog and the most free memory."""
-    fitting = [
-        h
-        for h in hives_with_model(hives, model)
-        if device is None or any(d.id == device for d in h.devices)
-    ]
-    if not fitting:
+def estimate_for(hive: HiveView, device: Device, demand: Demand) -> MemoryEstimate | None:
+    footprint = hive.footprints.get(demand.model)
+    if footprint is None:
         return None
-    return max(fitting, key=lambda h: (free_memory(h, device), h.id))
+    gpu_layers = demand.gpu_layers if device.kind != "cpu" else None
+    return estimate_memory(
+        footprint, ctx_size=demand.ctx_size, slots=demand.slots, gpu_layers=gpu_layers
+    )
+
+
+def place(
+    hives: Sequence[HiveView],
+    demand: Demand,
+    reserved: Mapping[tuple[str, str], int] | None = None,
+) -> Placement:
+    """The hive and device for a new worker; NotFound, BadRequest or Unavailable (no room)."""
+    reserved = reserved or {}
+    candidates = [
+        h
+        for h in hives_with_model(hives, demand.model)
+        if demand.hive_id is None or h.id == demand.hive_id
+    ]
+    if not candidates:
+        where = f"hive {demand.hive_id!r} does not have" if demand.hive_id else "no online hive has"
+        raise NotFound(f"{where} model {demand.model!r} in its catalog", code="model_not_found")
+    pairs = [(h, d) for h in candidates for d in h.devices if demand.device in (None, d.id)]
+    if not pairs:
+        if len(candidates) == 1 and demand.device is not None:
+            # The hive knows why it lacks the device (no such GPU, no driver): let it answer.
+            return Placement(candidates[0], demand.device)
+        listed = "; ".join(f"{h.id}: {', '.join(d.id for d in h.devices)}" for h in candidates)
+        raise BadRequest(
+            f"no online hive with model {demand.model!r} has device {demand.device!r} ({listed})",
+            code="no_such_device",
+        )
+    usable = [(h, d) for h, d in pairs if d.problem is None]
+    if not usable:
+        reasons = "; ".join(f"{d.id} of hive {h.id}: {d.problem}" for h, d in pairs)
+        raise BadRequest(f"no worker can run on {reasons}", code="device_unusable")
+    options = []
+    for hive, device in usable:
+        estimate = estimate_for(hive, device, demand)
+        free = device.memory_free_bytes - reserved.get((hive.id, device.id), 0)
+        options.append((hive, device, estimate, free))
+    fitting = [o for o in options if o[2] is None or o[2].total <= o[3]]
+    if not fitting:
+        hive, device, estimate, free = max(options, key=lambda o: o[3])
+        assert estimate is not None  # only a known estimate can fail to fit
+        raise Unavailable(
+            f"model {demand.model!r} needs {estimate.describe()} and fits on no device: the "
+            f"most free memory is {gib(max(free, 0))} on {device.id} of hive {hive.id}",
+            code="insufficient_memory",
+        )
+    hive, device, estimate, _ = max(
+        fitting, key=lambda o: (o[1].kind != "cpu", o[3], o[0].id, o[1].id)
+    )
+    return Placement(hive, device.id, device, estimate)

@@ -17,12 +17,12 @@ from rbee.common.clock import Clock, monotonic
 from rbee.common.errors import NotFound, RbeeError, Unavailable
 from rbee.contracts.hive_api import SpawnRequest, SpawnResponse
 from rbee.contracts.hives import HiveView
-from rbee.contracts.workers import WorkerInfo, WorkerStatus
+from rbee.contracts.workers import DEFAULT_CTX_SIZE, WorkerInfo, WorkerStatus
 from rbee.queen.events import EventBus
 from rbee.queen.hives import HiveRegistry
 from rbee.queen.registry import WorkerRegistry
 from rbee.queen.scheduler.backoff import Hold, StartBackoff
-from rbee.queen.scheduler.placement import choose_hive
+from rbee.queen.scheduler.placement import Demand, Placement, place
 
 log = logging.getLogger("rbee.queen.spawner")
 
@@ -72,46 +72,53 @@ class Spawner:
         self.backoff = backoff or StartBackoff(clock=clock)
         self._starting: dict[tuple[str, bool], asyncio.Task[WorkerInfo]] = {}
         self._started: dict[str, Started] = {}
+        # (hive, device) → bytes that spawns in flight will take there
+        self._reserved: dict[tuple[str, str], int] = {}
 
-    def pick_hive(
-        self,
-        model: str,
-        hive_id: str | None,
-        device: str | None,
-        exclude: frozenset[str] = frozenset(),
-    ) -> HiveView:
-        if hive_id is not None:
-            hive = self.hives.get(hive_id)
+    def place(self, demand: Demand, exclude: frozenset[str] = frozenset()) -> Placement:
+        """Where a new worker goes: the hive asked for must be online; the rest is placement's
+        (over the hives not in `exclude`, counting the memory of spawns still in flight)."""
+        if demand.hive_id is not None:
+            hive = self.hives.get(demand.hive_id)
             if hive is None or not hive.online:
-                raise Unavailable(f"hive {hive_id!r} is not online", code="hive_unavailable")
-            return hive
-        hive = choose_hive([h for h in self.hives.all() if h.id not in exclude], model, device)
-        if hive is None:
-            raise NotFound(
-                f"no online hive has model {model!r} in its catalog", code="model_not_found"
-            )
-        return hive
+                raise Unavailable(f"hive {demand.hive_id!r} is not online", code="hive_unavailable")
+        hives = [h for h in self.hives.all() if h.id not in exclude]
+        return place(hives, demand, self._reserved)
 
     async def start(
         self,
-        model: str,
-        hive: HiveView,
-        device: str | None = None,
-        slots: int = 1,
+        placement: Placement,
+        demand: Demand,
         *,
         embedding: bool = False,
         cores: int | None = None,
     ) -> tuple[SpawnResponse, WorkerInfo]:
-        """Ask the hive to start a worker, then wait until it heartbeats `ready`."""
+        """Ask the hive to start a worker, then wait until it heartbeats `ready`.
+
+        Until the hive answers, the worker's estimated memory counts as taken on its device, so
+        placements made meanwhile do not pick the same room twice; the hive heartbeats right
+        after a spawn, with the memory the worker really took.
+        """
+        model = demand.model
         request = SpawnRequest(
             model=model,
-            device=device or "cpu:0",
-            slots=slots,
+            device=placement.device_id,
+            slots=demand.slots,
+            ctx_size=demand.ctx_size,
+            gpu_layers=demand.gpu_layers,
             embedding=embedding,
             cores=cores,
         )
+        key = (placement.hive.id, placement.device_id)
+        need = placement.estimate.total if placement.estimate else 0
+        self._reserved[key] = self._reserved.get(key, 0) + need
         try:
-            spawned = await self.spawn(hive, request)
+            try:
+                spawned = await self.spawn(placement.hive, request)
+            finally:
+                self._reserved[key] -= need
+                if self._reserved[key] <= 0:
+                    del self._reserved[key]
             ready = await self.wait_ready(spawned.worker_id)
         except Unavailable as exc:
             self.on_result(model, "timeout" if exc.code == "worker_start_timeout" else "failed")
@@ -161,16 +168,19 @@ class Spawner:
         while True:
             exclude = frozenset(tried | self.backoff.held_hives(model))
             try:
-                hive = self.pick_hive(model, None, None, exclude)
+                placement = self.place(Demand(model=model, ctx_size=DEFAULT_CTX_SIZE), exclude)
             except NotFound:
                 if last is not None:
                     raise last from None
                 self._raise_if_all_held(model)
                 raise
+            hive = placement.hive
             tried.add(hive.id)
             log.info("no live worker for %s: starting one on %s", model, hive.id)
             try:
-                _, info = await self.start(model, hive, embedding=embedding)
+                _, info = await self.start(
+                    placement, Demand(model=model, ctx_size=DEFAULT_CTX_SIZE), embedding=embedding
+                )
             except RbeeError as exc:
                 last = exc
                 hold = self.backoff.failed(model, hive.id, f"start failed: {exc.message}")

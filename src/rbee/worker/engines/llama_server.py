@@ -35,6 +35,7 @@ from typing import Any
 import httpx
 from httpx_sse import EventSource
 
+from rbee.common.gpu import default_llama_server
 from rbee.worker.engines.base import (
     Candidate,
     Embeddings,
@@ -62,8 +63,7 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs
 
 def default_binary() -> str:
     """The `llama-server` that ./dev installs next to the interpreter, else whatever PATH finds."""
-    candidate = Path(sys.executable).parent / SERVER_BINARY
-    return str(candidate) if candidate.exists() else SERVER_BINARY
+    return default_llama_server()
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,9 @@ class ServerConfig:
     embedding: bool = False
     pooled: bool = True  # the file names a pooling of its own (embedding models do)
     binary: str = SERVER_BINARY
+    # llama.cpp's layers on the GPU: -1 all, 0 none. The worker is pinned to its one GPU
+    # (CUDA_VISIBLE_DEVICES) before the server starts, so that GPU is the only one it sees.
+    gpu_layers: int = 0
 
     def args(self, socket_path: Path) -> list[str]:
         args = [
@@ -87,6 +90,7 @@ class ServerConfig:
             *("--kv-unified-per-slot", str(self.ctx_size)),
             *("--threads", str(self.threads), "--threads-batch", str(self.threads)),
             "--no-webui",
+            *("--n-gpu-layers", "all" if self.gpu_layers < 0 else str(self.gpu_layers)),
             # Our heartbeats and /health say how the worker is; its own loading log is noise.
             *("--log-verbosity", "2"),
         ]

@@ -1,0 +1,62 @@
+"""How much memory a model needs on the device it runs on: a pure estimate from its GGUF header.
+
+weights + KV cache + compute buffers, where
+- weights are every tensor of the file (on a GPU, the offloaded layers' share of them);
+- the KV cache is f16 K and V for every token of every slot's context (llama.cpp's default);
+- the compute buffer is what llama.cpp allocates for one 512-token batch: its logits over the
+  vocabulary and the attention scores against the whole cache, in f32. Flash attention makes
+  the latter smaller, so this errs on the safe side.
+
+It is an estimate for placement (will it fit, and where is there most room), not an allocator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rbee.contracts.hives import ModelFootprint
+
+BATCH_TOKENS = 512  # llama.cpp's default micro-batch (n_ubatch)
+F32 = 4
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights: int
+    kv_cache: int
+    compute: int
+    ctx_size: int
+    slots: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.compute
+
+    def describe(self) -> str:
+        return (
+            f"about {gib(self.total)} (weights {gib(self.weights)} + KV cache "
+            f"{gib(self.kv_cache)} for {self.ctx_size} tokens x {self.slots} slot(s) + "
+            f"compute {gib(self.compute)})"
+        )
+
+
+def gib(size: int) -> str:
+    return f"{size / GIB:.2f} GiB"
+
+
+def estimate_memory(
+    footprint: ModelFootprint, *, ctx_size: int, slots: int = 1, gpu_layers: int | None = None
+) -> MemoryEstimate:
+    """Memory one worker needs on its device. `gpu_layers` K < all: a GPU holding K layers."""
+    layers = footprint.layers
+    share = 1.0 if gpu_layers is None or gpu_layers < 0 else min(gpu_layers, layers) / layers
+    tokens = ctx_size * slots
+    compute = F32 * BATCH_TOKENS * (footprint.vocab_size + footprint.head_count * tokens)
+    return MemoryEstimate(
+        weights=round(footprint.weights_bytes * share),
+        kv_cache=round(footprint.kv_bytes_per_token * tokens * share),
+        compute=compute,
+        ctx_size=ctx_size,
+        slots=slots,
+    )
