@@ -54,5 +54,8 @@ async def heartbeat_loop(state: HiveState, queen: httpx.AsyncClient) -> None:
             if reachable is False:
                 log.info("queen at %s reachable again", queen.base_url)
             reachable = True
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that
+        # arrives as the event is set (a spawn just ended), and the hive then never stops.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(state.changed.wait(), state.settings.heartbeat_interval)
+            async with asyncio.timeout(state.settings.heartbeat_interval):
+                await state.changed.wait()

