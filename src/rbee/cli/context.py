@@ -20,6 +20,7 @@ from rbee.clients.queen import (
     QueenHTTPError,
     QueenUnreachable,
 )
+from rbee.contracts.workers import check_device_id
 
 T = TypeVar("T")
 ClientFactory = Callable[[str, str | None], QueenClient]
@@ -31,6 +32,16 @@ class CliError(Exception):
     def __init__(self, message: str, *, exit_code: int = 1) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def device_option(value: str | None) -> str | None:
+    """A malformed `--device` is a usage error before anything is asked of the queen."""
+    if value is None:
+        return None
+    try:
+        return check_device_id(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 def default_client(url: str, token: str | None) -> QueenClient:

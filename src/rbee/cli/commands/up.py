@@ -17,7 +17,7 @@ from rbee.cli import plan as plans
 from rbee.cli import state
 from rbee.cli.cluster import Cluster, check_free, clean_stale_lock
 from rbee.cli.clusterfile import ClusterFileError, default_path, load
-from rbee.cli.context import Cli, CliError, advice, cli_of
+from rbee.cli.context import Cli, CliError, advice, cli_of, device_option
 from rbee.cli.plan import UpPlan
 from rbee.clients.queen import QueenError
 from rbee.common.bundled import DEFAULT_MODEL, DEFAULT_SYSTEM_PROMPT
@@ -143,7 +143,14 @@ def up(
     hive_id: Annotated[
         str | None, typer.Option(help="Id of this machine's hive (default: hostname).")
     ] = None,
-    device: Annotated[str | None, typer.Option(help="Device for the workers, e.g. cpu:0.")] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            callback=device_option,
+            help="Device for the workers: cpu:0, cuda:N or metal:0 (default: the GPU or CPU "
+            "with room for the model).",
+        ),
+    ] = None,
     models_dir: Annotated[
         Path | None, typer.Option(help="Where the hive keeps model files.")
     ] = None,

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 import typer
 
 from rbee.cli import jobs
-from rbee.cli.context import cli_of
+from rbee.cli.context import cli_of, device_option
 from rbee.cli.render import to_json, workers_table
 from rbee.clients.queen import QueenClient
 from rbee.contracts.jobs import WorkerSpawnJob, WorkerStopJob
@@ -24,7 +24,14 @@ def spawn(
         str | None,
         typer.Option("--hive", help="Hive id (default: the queen picks the one with most memory)."),
     ] = None,
-    device: Annotated[str | None, typer.Option(help="Device, e.g. cpu:0 or cuda:1.")] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            callback=device_option,
+            help="Device: cpu:0, cuda:N or metal:0 (default: the queen picks the GPU or CPU "
+            "with room for the model).",
+        ),
+    ] = None,
     slots: Annotated[int, typer.Option(min=1, max=64, help="Requests served at once.")] = 1,
     embedding: Annotated[
         bool, typer.Option("--embedding", help="Serve POST /v1/embeddings for the model.")
@@ -34,6 +41,10 @@ def spawn(
         typer.Option(
             min=1, help="CPU cores of its own (default: an even share of the hive's free cores)."
         ),
+    ] = None,
+    gpu_layers: Annotated[
+        int | None,
+        typer.Option(min=0, help="Layers to offload to the GPU (default: all of them)."),
     ] = None,
 ) -> None:
     """Start a worker for a model on a hive; returns once it is ready (the queen's spawn job
@@ -47,6 +58,7 @@ def spawn(
         slots=slots,
         embedding=embedding or None,
         cores=cores,
+        gpu_layers=gpu_layers,
     )
 
     async def work(client: QueenClient) -> WorkerView:
