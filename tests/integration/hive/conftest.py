@@ -126,11 +126,13 @@ HiveFactory = Callable[..., contextlib.AbstractAsyncContextManager[Hive]]
 @pytest.fixture
 def make_hive(tmp_path: Path, worker_command: str, models_dir: Path, hub: str) -> HiveFactory:
     """Builds a hive app with its lifespan running; settings overrides as keyword arguments,
-    and `nvml`/`llama` to fake the GPUs and the llama.cpp build."""
+    and `nvml`/`llama_server` to fake the GPUs and the llama.cpp build."""
 
     @contextlib.asynccontextmanager
     async def make(**overrides: Any) -> AsyncIterator[Hive]:
-        fakes = {name: overrides.pop(name) for name in ("nvml", "llama") if name in overrides}
+        fakes = {
+            name: overrides.pop(name) for name in ("nvml", "llama_server") if name in overrides
+        }
         first = free_port()
         values: dict[str, Any] = {
             "queen_url": "http://127.0.0.1:9",

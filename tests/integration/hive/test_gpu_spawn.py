@@ -11,9 +11,10 @@ from typing import Any
 
 import psutil
 
+from rbee.common.gpu import REBUILD
 from rbee.contracts.hive_api import SpawnRequest
 from rbee.testing.gguf import write_tiny_gguf
-from rbee.testing.gpus import GIB, FakeGpu, FakeLlama, FakeNvml
+from rbee.testing.gpus import GIB, FakeGpu, FakeNvml, fake_llama_server
 
 from .conftest import HiveFactory
 
@@ -35,10 +36,10 @@ def flag(cmdline: list[str], name: str) -> str | None:
 
 
 async def test_a_cuda_worker_is_pinned_to_its_gpu_and_told_to_offload(
-    make_hive: HiveFactory,
+    make_hive: HiveFactory, tmp_path: Path
 ) -> None:
     nvml = FakeNvml([FakeGpu(), FakeGpu()])
-    async with make_hive(nvml=nvml, llama=FakeLlama(True)) as hive:
+    async with make_hive(nvml=nvml, llama_server=fake_llama_server(tmp_path, "cuda")) as hive:
         spawned = await hive.client.spawn(SpawnRequest(model=MODEL, device="cuda:1", gpu_layers=20))
         proc = psutil.Process(spawned.pid)
         environ, cmdline = proc.environ(), proc.cmdline()
@@ -48,8 +49,10 @@ async def test_a_cuda_worker_is_pinned_to_its_gpu_and_told_to_offload(
     assert flag(cmdline, "--ctx-size") == "2048"
 
 
-async def test_a_cpu_worker_sees_no_gpu(make_hive: HiveFactory) -> None:
-    async with make_hive(nvml=FakeNvml([FakeGpu()]), llama=FakeLlama(True)) as hive:
+async def test_a_cpu_worker_sees_no_gpu(make_hive: HiveFactory, tmp_path: Path) -> None:
+    async with make_hive(
+        nvml=FakeNvml([FakeGpu()]), llama_server=fake_llama_server(tmp_path, "cuda")
+    ) as hive:
         spawned = await hive.client.spawn(SpawnRequest(model=MODEL, device="cpu:0"))
         environ, cmdline = (
             psutil.Process(spawned.pid).environ(),
@@ -60,9 +63,11 @@ async def test_a_cpu_worker_sees_no_gpu(make_hive: HiveFactory) -> None:
 
 
 async def test_cuda_on_a_machine_without_gpu_or_cuda_build_is_a_clear_400(
-    make_hive: HiveFactory,
+    make_hive: HiveFactory, tmp_path: Path
 ) -> None:
-    async with make_hive(nvml=FakeNvml(None), llama=FakeLlama(False)) as hive:
+    async with make_hive(
+        nvml=FakeNvml(None), llama_server=fake_llama_server(tmp_path, "cpu")
+    ) as hive:
         response = await hive.http.post(
             "/v1/workers/spawn", json={"model": MODEL, "device": "cuda:0"}
         )
@@ -70,10 +75,10 @@ async def test_cuda_on_a_machine_without_gpu_or_cuda_build_is_a_clear_400(
         error = response.json()["error"]
         assert error["code"] == "device_unavailable"
         assert error["message"] == (
-            "hive hive-a cannot start a worker on cuda:0 (it can on cpu:0): this machine has no "
+            f"hive {hive.settings.hive_id} cannot start a worker on cuda:0 (it can on cpu:0): "
+            "this machine has no "
             "NVIDIA GPU that NVML can see (Driver Not Loaded), and this llama.cpp build has no "
-            "CUDA support: rebuild llama-cpp-python with CMAKE_ARGS=-DGGML_CUDA=on "
-            "(./dev install does when it finds nvcc and an NVIDIA driver)"
+            "CUDA support: " + REBUILD["cuda"]
         )
         malformed = await hive.http.post(
             "/v1/workers/spawn", json={"model": MODEL, "device": "gpu"}
@@ -87,8 +92,12 @@ async def test_cuda_on_a_machine_without_gpu_or_cuda_build_is_a_clear_400(
         assert await hive.client.workers() == []
 
 
-async def test_a_gpu_of_a_cpu_only_build_is_listed_with_its_problem(make_hive: HiveFactory) -> None:
-    async with make_hive(nvml=FakeNvml([FakeGpu()]), llama=FakeLlama(False)) as hive:
+async def test_a_gpu_of_a_cpu_only_build_is_listed_with_its_problem(
+    make_hive: HiveFactory, tmp_path: Path
+) -> None:
+    async with make_hive(
+        nvml=FakeNvml([FakeGpu()]), llama_server=fake_llama_server(tmp_path, "cpu")
+    ) as hive:
         devices = (await hive.client.capabilities()).devices
         response = await hive.http.post(
             "/v1/workers/spawn", json={"model": MODEL, "device": "cuda:0"}
@@ -99,15 +108,17 @@ async def test_a_gpu_of_a_cpu_only_build_is_listed_with_its_problem(make_hive: H
 
 
 async def test_the_queen_sees_footprints_and_the_memory_a_new_worker_took_at_once(
-    make_hive: HiveFactory, models_dir: Path
+    make_hive: HiveFactory, models_dir: Path, tmp_path: Path
 ) -> None:
     write_tiny_gguf(models_dir / "tiny-real.gguf", n_layers=2)
     gpu = FakeGpu(free_bytes=20 * GIB)
-    async with make_hive(nvml=FakeNvml([gpu]), llama=FakeLlama(True)) as hive:
+    async with make_hive(
+        nvml=FakeNvml([gpu]), llama_server=fake_llama_server(tmp_path, "cuda")
+    ) as hive:
 
         async def reported() -> dict[str, Any]:
             hives = (await hive.queen.get("/v1/hives")).json()["hives"]
-            return next((h for h in hives if h["id"] == "hive-a"), {})
+            return next((h for h in hives if h["id"] == hive.settings.hive_id), {})
 
         first = await until(reported, lambda h: bool(h))
         assert first["footprints"]["tiny-real.gguf"]["layers"] == 2

@@ -419,7 +419,7 @@ async def test_embeddings_for_a_model_a_hive_has_start_an_embedding_worker(
     answers = await asyncio.gather(*(embed(cluster, "cold") for _ in range(2)))
     assert [a.status_code for a in answers] == [200, 200]
     assert cluster.hive_spawns == [
-        {"model": "cold", "device": "cpu:0", "slots": 1, "embedding": True}
+        {"model": "cold", "device": "cpu:0", "slots": 1, "ctx_size": 2048, "embedding": True}
     ]
     assert {a.headers["x-rbee-worker-id"] for a in answers} == {"spawned-1"}
     assert (await cluster.chat(model="cold")).headers["x-rbee-worker-id"] == "chat1"

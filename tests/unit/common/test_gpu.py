@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from rbee.common.gpu import (
@@ -9,11 +11,12 @@ from rbee.common.gpu import (
     build_gpu_backend,
     device_environment,
     device_problem,
+    gpu_backend_of,
     gpu_layers_for,
     nvidia_gpu_count,
     parse_device,
 )
-from rbee.testing.gpus import FakeGpu, FakeLlama, FakeNvml
+from rbee.testing.gpus import Build, FakeGpu, FakeNvml, fake_llama_server
 
 CUDA0 = DeviceRef("cuda", 0)
 
@@ -33,10 +36,22 @@ def test_other_device_ids_are_refused_with_the_accepted_forms(text: str) -> None
         parse_device(text)
 
 
-def test_the_build_backend_comes_from_llama_supports_gpu_offload() -> None:
-    assert build_gpu_backend(FakeLlama(False), "linux") is None
-    assert build_gpu_backend(FakeLlama(True), "linux") == "cuda"
-    assert build_gpu_backend(FakeLlama(True), "darwin") == "metal"
+@pytest.mark.parametrize(
+    ("build", "backend"),
+    [("cpu", None), ("cuda", "cuda"), ("cuda-no-gpu", "cuda"), ("metal", "metal")],
+)
+def test_the_build_backend_comes_from_llama_server_list_devices(
+    tmp_path: Path, build: Build, backend: str | None
+) -> None:
+    assert build_gpu_backend(fake_llama_server(tmp_path, build)) == backend
+
+
+def test_a_llama_server_that_cannot_run_offloads_nothing(tmp_path: Path) -> None:
+    assert build_gpu_backend(str(tmp_path / "missing")) is None
+    # A CUDA build on a machine without the driver does not even start.
+    assert (
+        gpu_backend_of("error while loading shared libraries: libcuda.so.1: cannot open") == "cuda"
+    )
 
 
 def test_the_cpu_is_always_usable() -> None:

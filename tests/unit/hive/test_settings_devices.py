@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -10,7 +11,7 @@ from pydantic import ValidationError
 
 from rbee.hive.devices import DeviceProbe
 from rbee.hive.settings import HiveSettings
-from rbee.testing.gpus import FakeLlama
+from rbee.testing.gpus import fake_llama_server
 
 
 def test_flags_and_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -99,8 +100,8 @@ def test_no_nvidia_driver_means_cpu_only() -> None:
     assert [d.id for d in probe.devices()] == ["cpu:0"]
 
 
-def test_gpus_a_cpu_only_build_cannot_use_say_why() -> None:
-    probe = DeviceProbe(FakeNvml(), FakeLlama(False), platform="linux")
+def test_gpus_a_cpu_only_build_cannot_use_say_why(tmp_path: Path) -> None:
+    probe = DeviceProbe(FakeNvml(), fake_llama_server(tmp_path, "cpu"), platform="linux")
     probe.open()
     cpu, *gpus = probe.devices()
     assert cpu.problem is None
@@ -108,8 +109,8 @@ def test_gpus_a_cpu_only_build_cannot_use_say_why() -> None:
     assert "no CUDA support" in (probe.problem("cuda:0", [cpu, *gpus]) or "")
 
 
-def test_a_cuda_build_can_use_every_gpu_nvml_lists() -> None:
-    probe = DeviceProbe(FakeNvml(), FakeLlama(True), platform="linux")
+def test_a_cuda_build_can_use_every_gpu_nvml_lists(tmp_path: Path) -> None:
+    probe = DeviceProbe(FakeNvml(), fake_llama_server(tmp_path, "cuda"), platform="linux")
     probe.open()
     devices = probe.devices()
     assert [d.problem for d in devices] == [None, None, None]
@@ -119,8 +120,10 @@ def test_a_cuda_build_can_use_every_gpu_nvml_lists() -> None:
     )
 
 
-def test_no_driver_is_named_when_a_gpu_is_asked_for() -> None:
-    probe = DeviceProbe(FakeNvml(broken=True), FakeLlama(True), platform="linux")
+def test_no_driver_is_named_when_a_gpu_is_asked_for(tmp_path: Path) -> None:
+    probe = DeviceProbe(
+        FakeNvml(broken=True), fake_llama_server(tmp_path, "cuda-no-gpu"), platform="linux"
+    )
     probe.open()
     problem = probe.problem("cuda:0", probe.devices())
     assert (
@@ -129,8 +132,10 @@ def test_no_driver_is_named_when_a_gpu_is_asked_for() -> None:
     )
 
 
-def test_a_mac_with_a_metal_build_has_the_apple_gpu() -> None:
-    probe = DeviceProbe(FakeNvml(broken=True), FakeLlama(True), platform="darwin")
+def test_a_mac_with_a_metal_build_has_the_apple_gpu(tmp_path: Path) -> None:
+    probe = DeviceProbe(
+        FakeNvml(broken=True), fake_llama_server(tmp_path, "metal"), platform="darwin"
+    )
     probe.open()
     cpu, metal = probe.devices()
     assert (metal.id, metal.kind, metal.problem) == ("metal:0", "metal", None)
