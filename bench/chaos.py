@@ -54,13 +54,17 @@ class Tally:
     failed_before_first_byte: int = 0
     streams_cut: int = 0
     waits: list[float] = field(default_factory=list)
+    longest: tuple[float, float] = (0.0, 0.0)  # (wait, when it was sent, on the run's clock)
     failures: list[str] = field(default_factory=list)
 
-    def record(self, outcome: str, wait_s: float | None, detail: str = "") -> None:
+    def record(
+        self, outcome: str, wait_s: float | None, detail: str = "", sent_at: float = 0.0
+    ) -> None:
         with self.lock:
             self.sent += 1
             if wait_s is not None:
                 self.waits.append(wait_s)
+                self.longest = max(self.longest, (wait_s, sent_at))
             if outcome == "ok":
                 self.succeeded += 1
             elif outcome == "cut":
@@ -70,7 +74,7 @@ class Tally:
                 self.failures.append(detail)
 
 
-def one_request(client: httpx.Client, stream: bool, tally: Tally) -> None:
+def one_request(client: httpx.Client, stream: bool, tally: Tally, run_start: float) -> None:
     body = {
         "model": DEFAULT_MODEL,
         "messages": [{"role": "user", "content": "Name a colour and a fruit."}],
@@ -78,32 +82,35 @@ def one_request(client: httpx.Client, stream: bool, tally: Tally) -> None:
         "stream": stream,
     }
     started = time.monotonic()
+    at = started - run_start
     try:
         with client.stream("POST", "/v1/chat/completions", json=body) as response:
             wait_s = time.monotonic() - started
             if response.status_code != 200:
                 text = response.read().decode(errors="replace")[:160]
-                tally.record("failed", wait_s, f"HTTP {response.status_code}: {text}")
+                tally.record("failed", wait_s, f"HTTP {response.status_code}: {text}", at)
                 return
             if not stream:
                 response.read()
-                tally.record("ok", wait_s)
+                tally.record("ok", wait_s, sent_at=at)
                 return
             last = ""
             for line in response.iter_lines():
                 if line.startswith("data:"):
                     last = line.removeprefix("data:").strip()
             cut = last.startswith("{") and "error" in json.loads(last)
-            tally.record("cut" if cut else "ok", wait_s)
+            tally.record("cut" if cut else "ok", wait_s, sent_at=at)
     except httpx.HTTPError as exc:
         tally.record("failed", None, f"{type(exc).__name__}: {exc}")
 
 
-def client_loop(cluster: LanCluster, tally: Tally, stop: threading.Event, seed: int) -> None:
+def client_loop(
+    cluster: LanCluster, tally: Tally, stop: threading.Event, seed: int, run_start: float
+) -> None:
     rng = random.Random(seed)
     with cluster.client(timeout_s=300) as client:
         while not stop.is_set():
-            one_request(client, rng.random() < 0.5, tally)
+            one_request(client, rng.random() < 0.5, tally, run_start)
 
 
 class Chaos:
@@ -182,13 +189,15 @@ def run(seconds: float, clients: int, seed: int, settle_s: float) -> Tally:
             cluster.start_hive(box)
             cluster.spawn_worker(box, slots=2)
         stop = threading.Event()
+        chaos = Chaos(cluster, rng)
         threads = [
-            threading.Thread(target=client_loop, args=(cluster, tally, stop, seed * 100 + i))
+            threading.Thread(
+                target=client_loop, args=(cluster, tally, stop, seed * 100 + i, chaos.started)
+            )
             for i in range(clients)
         ]
         for thread in threads:
             thread.start()
-        chaos = Chaos(cluster, rng)
         chaos.say(f"load: {clients} clients; faults until {seconds - settle_s:.0f}s")
         end = time.monotonic() + seconds
         next_strike = time.monotonic() + rng.uniform(3, 8)
@@ -228,7 +237,8 @@ def main() -> None:
         p50 = statistics.median(waits)
         p99 = waits[min(len(waits) - 1, int(len(waits) * 0.99))]
         print(f"wait for first byte              median {p50:.2f}s  p99 {p99:.2f}s")
-        print(f"longest wait for a first byte    {waits[-1]:.1f}s")
+        wait_s, sent_at = tally.longest
+        print(f"longest wait for a first byte    {wait_s:.1f}s (sent at {sent_at:.1f}s)")
     for failure in tally.failures[:10]:
         print(f"  failed: {failure}")
 

@@ -10,16 +10,19 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from rbee.common.bundled import DEFAULT_MODEL
 from rbee.testing import netns
 from rbee.testing.lan_cluster import LanCluster
+from rbee.testing.processes import console_script
 
 pytestmark = pytest.mark.e2e
 
@@ -164,3 +167,52 @@ def test_a_client_that_leaves_a_long_answer_frees_the_worker(cluster: LanCluster
     # Generating 1500 tokens takes far longer than this: the generation was stopped.
     cluster.wait_for(idle, 8)
     assert ask(cluster, timeout_s=60)[0] == 200
+
+
+def started_workers(cluster: LanCluster, model: str) -> int:
+    """Workers the queen asked a hive to start for `model`, by its own Prometheus counter."""
+    response = httpx.get(f"{cluster.queen_url}/metrics", headers=cluster.headers, timeout=10)
+    response.raise_for_status()
+    total = 0.0
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            if sample.name == "rbee_worker_starts_total" and sample.labels["model"] == model:
+                total += sample.value
+    return int(total)
+
+
+def test_a_model_that_crashes_on_load_is_held_back_and_rbee_models_says_why(
+    cluster: LanCluster,
+) -> None:
+    models_dir = cluster.logs / "box1" / "models"
+    models_dir.mkdir(parents=True, exist_ok=True)
+    (models_dir / "broken.gguf").write_bytes(b"GGUF" + bytes(range(256)) * 64)
+    listed = lambda: any(m["id"] == "broken.gguf" for m in cluster.get("/v1/models")["data"])  # noqa: E731
+    cluster.wait_for(listed, 30)
+    broken = {**SHORT, "model": "broken.gguf"}
+    statuses = []
+    with cluster.client(120) as client:
+        for _ in range(4):
+            statuses.append(client.post("/v1/chat/completions", json=broken).status_code)
+    assert all(status in (502, 503) for status in statuses), statuses
+    starts = started_workers(cluster, "broken.gguf")
+    assert starts >= 2
+    (entry,) = [m for m in cluster.get("/v1/models")["data"] if m["id"] == "broken.gguf"]
+    (hold,) = entry["rbee"]["backoff"]
+    assert hold["hive_id"] == cluster.hive_id("box1")
+    assert hold["failures"] >= 2
+    assert "start failed" in hold["reason"]
+    shown = subprocess.run(
+        [console_script("rbee"), "--queen-url", cluster.queen_url, "models"],
+        env={**os.environ, "RBEE_TOKEN": cluster.token, "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert any("broken.gguf" in line and "on hold" in line for line in shown.splitlines()), shown
+    with cluster.client(120) as client:
+        held = client.post("/v1/chat/completions", json=broken)
+    assert held.status_code == 503
+    assert "on hold" in held.json()["error"]["message"]
+    assert started_workers(cluster, "broken.gguf") == starts, "no start while on hold"
