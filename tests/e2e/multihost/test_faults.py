@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -51,9 +52,12 @@ def ask(cluster: LanCluster, timeout_s: float = 180) -> tuple[int, str, float]:
     )
 
 
-def stream_events(cluster: LanCluster, close_unless_on: str | None = None) -> dict[str, Any]:
+def stream_events(
+    cluster: LanCluster, close_unless_on: str, under_way: threading.Event
+) -> dict[str, Any]:
     """Stream a long completion; returns its worker and its last event. Closes early (and
-    reports so) when it lands on another worker than `close_unless_on`."""
+    reports so) when it lands on another worker than `close_unless_on`; sets `under_way` once
+    the first event from that worker has arrived."""
     with (
         cluster.client(300) as client,
         client.stream("POST", "/v1/completions", json={**COUNTING, "stream": True}) as response,
@@ -61,10 +65,11 @@ def stream_events(cluster: LanCluster, close_unless_on: str | None = None) -> di
         worker = response.headers.get("x-rbee-worker-id", "")
         last = ""
         for line in response.iter_lines():
-            if close_unless_on is not None and worker != close_unless_on:
+            if worker != close_unless_on:
                 return {"worker": worker, "last": "closed early"}
             if line.startswith("data:"):
                 last = line.removeprefix("data:").strip()
+                under_way.set()
         return {"worker": worker, "last": last, "status": response.status_code}
 
 
@@ -93,8 +98,9 @@ def test_a_cut_cable_loses_no_request_and_the_machine_rejoins_by_itself(
     box1_hive = cluster.hive_id("box1")
     with ThreadPoolExecutor(16) as pool:
         # A stream under way on box1 (one per machine is started; box2's leaves at once).
-        streams = [pool.submit(stream_events, cluster, box1_worker) for _ in range(2)]
-        time.sleep(1.0)
+        under_way = threading.Event()
+        streams = [pool.submit(stream_events, cluster, box1_worker, under_way) for _ in range(2)]
+        assert under_way.wait(120), "no stream got going on box1"
         requests: list[Future[tuple[int, str, float]]] = [
             pool.submit(ask, cluster) for _ in range(6)
         ]
