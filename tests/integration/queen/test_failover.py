@@ -236,6 +236,24 @@ async def test_a_model_that_keeps_dying_is_held_back_with_its_reason() -> None:
         await cluster.aclose()
 
 
+def asgi_chat(app: Any, messages: asyncio.Queue[dict[str, Any]]) -> Any:
+    """One chat request driven as uvicorn would: the body, then whatever `messages` brings."""
+    body = json.dumps({"model": "m", "messages": []}).encode()
+    messages.put_nowait({"type": "http.request", "body": body, "more_body": False})
+
+    async def send(message: Any) -> None:
+        pass
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+        "method": "POST", "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"",
+        "query_string": b"", "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"host", b"127.0.0.1:9")],
+        "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2), "state": {},
+    }  # fmt: skip
+    return app(scope, messages.get, send)
+
+
 async def test_a_client_that_leaves_frees_its_slot_under_a_real_asgi_server(
     cluster: Cluster,
 ) -> None:
@@ -253,28 +271,40 @@ async def test_a_client_that_leaves_frees_its_slot_under_a_real_asgi_server(
 
     cluster.workers["w"] = slow
     await cluster.heartbeat("w")
-    body = json.dumps({"model": "m", "messages": []}).encode()
     messages: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    messages.put_nowait({"type": "http.request", "body": body, "more_body": False})
-    sent: list[dict[str, Any]] = []
-
-    async def send(message: Any) -> None:
-        sent.append(message)
-
-    scope = {
-        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
-        "method": "POST", "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"",
-        "query_string": b"", "root_path": "",
-        "headers": [(b"content-type", b"application/json"), (b"host", b"127.0.0.1:9")],
-        "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2), "state": {},
-    }  # fmt: skip
-    handler = asyncio.create_task(cluster.app(scope, messages.get, send))
+    handler = asyncio.create_task(asgi_chat(cluster.app, messages))
     await asyncio.wait_for(started.wait(), 5)
     messages.put_nowait({"type": "http.disconnect"})
     await asyncio.wait_for(handler, 5)
     assert cancelled.is_set(), "the worker's request was cancelled"
     cluster.workers["w"] = ok("w")
     assert (await asyncio.wait_for(cluster.chat(), 5)).status_code == 200, "the slot is free"
+
+
+async def test_a_client_that_leaves_the_queue_frees_its_place(cluster: Cluster) -> None:
+    release = asyncio.Event()
+
+    async def busy(request: httpx.Request) -> httpx.Response:
+        await release.wait()
+        return answer("w")
+
+    cluster.workers["w"] = busy  # one slot
+    await cluster.heartbeat("w")
+    serving = asyncio.create_task(cluster.chat())
+    admission = cluster.app.state.queen.router.admission
+    messages: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    waiting = asyncio.create_task(asgi_chat(cluster.app, messages))
+    for _ in range(100):
+        if admission.waiting(("m", False)):
+            break
+        await asyncio.sleep(0.01)
+    assert admission.waiting(("m", False)) == 1
+    messages.put_nowait({"type": "http.disconnect"})
+    await asyncio.wait_for(waiting, 5)
+    assert admission.waiting(("m", False)) == 0, "its place in line is free"
+    release.set()
+    assert (await serving).status_code == 200
+    assert cluster.servers.served.count("w") == 1, "the request that left never reached a worker"
 
 
 async def test_a_closed_port_reads_as_a_dead_process_and_a_timeout_does_not() -> None:
