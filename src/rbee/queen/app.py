@@ -33,11 +33,40 @@ log = logging.getLogger("rbee.queen")
 USAGE_FLUSH_S = 5.0  # API key usage counts reach the database this often (and at shutdown)
 
 
-async def cleanup_loop(state: QueenState) -> None:
+class OfflineWatch:
+    """Announces workers and hives that went quiet, as soon as they pass the timeout. The
+    cleanup sweeps it too just before removing stale workers, so a worker is always announced
+    offline before it is announced removed."""
+
+    def __init__(self, state: QueenState) -> None:
+        self.state = state
+        self.online: set[str] = set()
+        self.hives_online: set[str] = set()
+
+    def sweep(self) -> None:
+        state = self.state
+        hives_now = {h.id for h in state.hives.online()}
+        for hive_id in self.hives_online - hives_now:
+            log.warning("hive %s went offline", hive_id)
+            hive = state.hives.get(hive_id)
+            view = hive.model_dump(mode="json") if hive else None
+            state.bus.publish("hive", {"change": "offline", "hive_id": hive_id, "hive": view})
+        self.hives_online = hives_now
+        now = state.registry.now()
+        records = state.registry.records()
+        current = {r.info.id for r in records if state.registry.is_fresh(r, now)}
+        for record in records:
+            if record.info.id in self.online and record.info.id not in current:
+                workers_api.registry_changed(state, RegistryChange(ChangeKind.OFFLINE, record.info))
+        self.online = current
+
+
+async def cleanup_loop(state: QueenState, watch: OfflineWatch) -> None:
     """Every cleanup interval: remove workers not heard from within the timeout, and forget
     hives silent for longer than their grace period."""
     while True:
         await asyncio.sleep(state.settings.cleanup_interval)
+        watch.sweep()
         for info in state.registry.remove_stale_workers():
             log.info("removed stale worker %s", info.id)
             workers_api.registry_changed(state, RegistryChange(ChangeKind.REMOVED, info))
@@ -46,25 +75,9 @@ async def cleanup_loop(state: QueenState) -> None:
             state.bus.publish("hive", {"change": "removed", "hive_id": hive_id, "hive": None})
 
 
-async def offline_watch(state: QueenState, interval_s: float) -> None:
-    """Announce workers and hives that went quiet, as soon as they pass the timeout."""
-    online: set[str] = set()
-    hives_online: set[str] = set()
+async def offline_watch(watch: OfflineWatch, interval_s: float) -> None:
     while True:
-        hives_now = {h.id for h in state.hives.online()}
-        for hive_id in hives_online - hives_now:
-            log.warning("hive %s went offline", hive_id)
-            hive = state.hives.get(hive_id)
-            view = hive.model_dump(mode="json") if hive else None
-            state.bus.publish("hive", {"change": "offline", "hive_id": hive_id, "hive": view})
-        hives_online = hives_now
-        now = state.registry.now()
-        records = state.registry.records()
-        current = {r.info.id for r in records if state.registry.is_fresh(r, now)}
-        for record in records:
-            if record.info.id in online and record.info.id not in current:
-                workers_api.registry_changed(state, RegistryChange(ChangeKind.OFFLINE, record.info))
-        online = current
+        watch.sweep()
         await asyncio.sleep(interval_s)
 
 
@@ -88,10 +101,11 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        watch = OfflineWatch(state)
         tasks = [
-            asyncio.create_task(cleanup_loop(state), name="cleanup"),
+            asyncio.create_task(cleanup_loop(state, watch), name="cleanup"),
             asyncio.create_task(
-                offline_watch(state, min(1.0, settings.heartbeat_timeout / 4)), name="offline"
+                offline_watch(watch, min(1.0, settings.heartbeat_timeout / 4)), name="offline"
             ),
             asyncio.create_task(stats_loop(state, settings.stats_interval), name="stats"),
             asyncio.create_task(flush_usage_loop(state), name="key-usage"),
