@@ -141,7 +141,7 @@ def worker(slots: int, threads: int) -> Iterator[ServerProcess]:
 def hive(tmp: Path) -> Iterator[str]:
     port, first = free_port(), free_port()
     args = [console_script("rbee-hive"), "--queen-url", f"http://127.0.0.1:{free_port()}"]
-    args += ["--port", str(port), "--hive-id", "bench", "--models-dir", str(tmp / "models")]
+    args += ["--port", str(port), "--hive-id", f"bench-{port}", "--models-dir", str(tmp / "models")]
     args += ["--log-dir", str(tmp / "logs"), "--worker-ports", f"{first}-{first + 50}"]
     url = f"http://127.0.0.1:{port}"
     with ServerProcess(args, health_url=f"{url}/health"):
