@@ -157,7 +157,8 @@ def spawn(hive_url: str, cores: int) -> dict[str, object]:
 
 
 def stop(hive_url: str, pid: object) -> None:
-    httpx.post(f"{hive_url}/v1/workers/{pid}/stop", timeout=60)
+    # The hive takes JSON bodies only, even an empty one.
+    httpx.post(f"{hive_url}/v1/workers/{pid}/stop", json={}, timeout=60).raise_for_status()
 
 
 # ---- the rounds -------------------------------------------------------------------------
