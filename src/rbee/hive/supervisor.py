@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import signal
@@ -43,6 +44,7 @@ from rbee.hive.cores import CorePlacement, place_cores
 from rbee.hive.ports import pick_port
 from rbee.hive.settings import HiveSettings
 
+log = logging.getLogger("rbee.hive.supervisor")
 WORKER_EXECUTABLE = "llm-worker-rbee"
 SPAWN_MARKER = "RBEE_SPAWNED_BY_HIVE"
 WORKER_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
@@ -352,6 +354,10 @@ class Supervisor:
                 exit_code = await asyncio.to_thread(proc.wait, 10.0)
         except psutil.NoSuchProcess:
             pass
+        except psutil.TimeoutExpired:
+            # Killed but not yet gone (a zombie whose parent has not reaped it): the signal was
+            # sent, which is all a stop can promise; its exit code is unknown.
+            log.warning("worker pid %d was sent SIGKILL but has not exited yet", pid)
         self.reap()
         return WorkerStopped(pid=pid, worker_id=worker.worker_id, signal=sent, exit_code=exit_code)
 
