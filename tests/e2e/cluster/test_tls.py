@@ -69,6 +69,15 @@ class TlsCluster:
         return httpx.Client(base_url=self.queen_url, headers=AUTH, timeout=timeout_s)
 
 
+def run_job(client: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:
+    """Run a queen job to its end; its final event."""
+    created = client.post("/v1/jobs", json=body)
+    assert created.status_code == 201, created.text
+    with connect_sse(client, "GET", created.json()["sse_url"]) as source:
+        final: dict[str, Any] = [json.loads(e.data) for e in source.iter_sse()][-1]
+    return final
+
+
 @pytest.fixture(scope="module")
 def tls_cluster(
     tmp_path_factory: pytest.TempPathFactory, monkeypatch_module: pytest.MonkeyPatch
@@ -117,20 +126,15 @@ def tls_cluster(
             while not any(h["id"] == hive_id for h in client.get("/v1/hives").json()["hives"]):
                 assert time.monotonic() < deadline, "the hive never reached the queen over TLS"
                 time.sleep(0.2)
-            created = client.post(
-                "/v1/jobs",
-                json={"operation": "worker_spawn", "model": DEFAULT_MODEL, "hive_id": hive_id},
-            )
-            assert created.status_code == 201, created.text
-            with connect_sse(client, "GET", created.json()["sse_url"]) as source:
-                final = [json.loads(e.data) for e in source.iter_sse()][-1]
+            spawn = {"operation": "worker_spawn", "model": DEFAULT_MODEL, "hive_id": hive_id}
+            final = run_job(client, spawn)
             assert final["type"] == "done", final
         yield cluster
+        # Stop the worker and wait for it: the hive forgets its workers, so one left behind
+        # here would outlive the test.
         with cluster.client() as client:
             for worker in client.get("/v1/workers").json()["workers"]:
-                client.post(
-                    "/v1/jobs", json={"operation": "worker_stop", "worker_id": worker["id"]}
-                )
+                run_job(client, {"operation": "worker_stop", "worker_id": worker["id"]})
 
 
 @pytest.fixture(scope="module")
