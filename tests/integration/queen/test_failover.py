@@ -212,6 +212,26 @@ async def test_a_replacement_that_reuses_the_dead_workers_id_serves_everyone() -
         await cluster.aclose()
 
 
+async def test_a_start_that_fails_once_on_the_only_hive_is_tried_again(cluster: Cluster) -> None:
+    """A replacement killed while loading is a first failure: the waiting requests get the
+    next start on the same hive instead of an error."""
+    spawn = cluster.spawn
+
+    async def first_start_fails(model: str) -> httpx.Response:
+        if cluster.spawns == 0:
+            cluster.spawns += 1
+            error = {"message": "worker exited during start-up", "type": "server_error"}
+            return httpx.Response(503, json={"error": error})
+        return await spawn(model)
+
+    cluster.spawn = first_start_fails  # type: ignore[method-assign]
+    await cluster.hive_has("m")
+    responses = await asyncio.gather(*(cluster.chat() for _ in range(3)))
+    assert [r.status_code for r in responses] == [200, 200, 200]
+    assert {r.headers["x-rbee-worker-id"] for r in responses} == {"new-2"}
+    assert cluster.spawns == 2
+
+
 async def test_a_model_that_keeps_dying_is_held_back_with_its_reason() -> None:
     cluster = Cluster(new_workers=lambda name: None)  # every new worker dies at once
     try:

@@ -162,14 +162,21 @@ class Spawner:
         )
 
     async def _start_somewhere(self, model: str, embedding: bool) -> WorkerInfo:
-        """Try the best hive not on hold; if the start fails there, the next one."""
+        """Try the best hive not on hold; if the start fails there, the next one. When every
+        hive has been tried, those the back-off does not hold yet get another go (a first
+        failure, such as a new worker killed while loading, is retried at once), once."""
         tried: set[str] = set()
         last: RbeeError | None = None
+        second_round = False
         while True:
             exclude = frozenset(tried | self.backoff.held_hives(model))
             try:
                 placement = self.place(Demand(model=model, ctx_size=DEFAULT_CTX_SIZE), exclude)
             except NotFound:
+                again = tried - self.backoff.held_hives(model)
+                if last is not None and again and not second_round:
+                    second_round, tried = True, tried - again
+                    continue
                 if last is not None:
                     raise last from None
                 self._raise_if_all_held(model)
