@@ -153,33 +153,12 @@ def queen_status(ctx: typer.Context) -> None:
 def hive_start(
     ctx: typer.Context,
     ssh: remote.SshOption = None,
-    host: Annotated[
-        str | None,
-        typer.Option(help="Address to listen on (default: 127.0.0.1; 0.0.0.0 with --ssh)."),
-    ] = None,
-    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 7835,
-    hive_id: Annotated[
-        str | None,
-        typer.Option(help="Hive id (default: the hive's own; with --ssh, the HOST part)."),
-    ] = None,
-    advertise_host: Annotated[
-        str | None,
-        typer.Option(help="How the queen reaches the hive (with --ssh, default: the HOST part)."),
-    ] = None,
-    remote_command: Annotated[
-        str | None,
-        typer.Option(
-            help="With --ssh: the remote rbee-hive (default: on PATH, else ~/.local/bin/rbee-hive)."
-        ),
-    ] = None,
-    queen_url: Annotated[
-        str | None,
-        typer.Option(
-            "--queen-url",
-            help="With --ssh: the queen's URL as the remote reaches it (default: the CLI's; "
-            "on loopback, the address the remote sees this machine's SSH connection come from).",
-        ),
-    ] = None,
+    host: remote.HiveHostOption = None,
+    port: remote.HivePortOption = 7835,
+    hive_id: remote.HiveIdOption = None,
+    advertise_host: remote.AdvertiseHostOption = None,
+    remote_command: remote.RemoteCommandOption = None,
+    queen_url: remote.HiveQueenUrlOption = None,
     models_dir: Annotated[Path | None, typer.Option(help="Where model files live.")] = None,
     worker_ports: Annotated[
         str | None, typer.Option(help="Port range for workers, e.g. 8080-8999.")

@@ -33,6 +33,35 @@ SshOption = Annotated[
     ),
 ]
 
+# The options `rbee hive start` and `rbee hive service` share: one hive, here or over SSH.
+HiveHostOption = Annotated[
+    str | None,
+    typer.Option(help="Address to listen on (default: 127.0.0.1; 0.0.0.0 with --ssh)."),
+]
+HivePortOption = Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")]
+HiveIdOption = Annotated[
+    str | None,
+    typer.Option(help="Hive id (default: the hive's own; with --ssh, the HOST part)."),
+]
+AdvertiseHostOption = Annotated[
+    str | None,
+    typer.Option(help="How the queen reaches the hive (with --ssh, default: the HOST part)."),
+]
+RemoteCommandOption = Annotated[
+    str | None,
+    typer.Option(
+        help="With --ssh: the remote rbee-hive (default: on PATH, else ~/.local/bin/rbee-hive)."
+    ),
+]
+HiveQueenUrlOption = Annotated[
+    str | None,
+    typer.Option(
+        "--queen-url",
+        help="The queen's URL as the hive's machine reaches it (default: the CLI's; with --ssh "
+        "and a loopback URL, the address that machine sees this one's SSH connection come from).",
+    ),
+]
+
 
 def target_of(value: str) -> SshTarget:
     target = parse_target(value)

@@ -64,28 +64,12 @@ def hive_install(
 def hive_service(
     ctx: typer.Context,
     ssh: remote.SshOption = None,
-    host: Annotated[
-        str | None,
-        typer.Option(help="Address to listen on (default: 127.0.0.1; 0.0.0.0 with --ssh)."),
-    ] = None,
-    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 7835,
-    hive_id: Annotated[
-        str | None, typer.Option(help="Hive id (with --ssh: the HOST part).")
-    ] = None,
-    advertise_host: Annotated[
-        str | None, typer.Option(help="How the queen reaches it (with --ssh: the HOST part).")
-    ] = None,
-    remote_command: Annotated[
-        str | None, typer.Option(help="The rbee-hive program (default: found on PATH).")
-    ] = None,
-    queen_url: Annotated[
-        str | None,
-        typer.Option(
-            "--queen-url",
-            help="The queen's URL as that machine reaches it (default: the CLI's; on loopback "
-            "with --ssh, the address its SSH connection comes from).",
-        ),
-    ] = None,
+    host: remote.HiveHostOption = None,
+    port: remote.HivePortOption = 7835,
+    hive_id: remote.HiveIdOption = None,
+    advertise_host: remote.AdvertiseHostOption = None,
+    remote_command: remote.RemoteCommandOption = None,
+    queen_url: remote.HiveQueenUrlOption = None,
 ) -> None:
     """Run the hive (here, or on another machine with --ssh) as a systemd user service.
 
