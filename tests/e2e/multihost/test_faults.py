@@ -36,8 +36,14 @@ SHORT = {
     "max_tokens": 12,
     "temperature": 0,
 }
-# A completion that keeps going: counting rarely ends before the token limit.
-COUNTING = {"model": DEFAULT_MODEL, "prompt": "1, 2, 3, 4, 5,", "max_tokens": 1500}
+# A completion that keeps going: greedy counting runs to the token limit (sampled at the
+# default temperature it sometimes stops after a few dozen tokens).
+COUNTING = {
+    "model": DEFAULT_MODEL,
+    "prompt": "1, 2, 3, 4, 5,",
+    "max_tokens": 1500,
+    "temperature": 0,
+}
 
 
 def ask(cluster: LanCluster, timeout_s: float = 180) -> tuple[int, str, float]:
