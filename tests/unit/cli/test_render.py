@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
-from rbee.cli.commands.up import usage_text
+from rbee.cli.commands.up import lan_urls, usage_text
 from rbee.cli.plan import UpPlan, from_flags
 from rbee.cli.render import ago, human_bytes
 
@@ -59,3 +61,21 @@ def test_banner_on_other_ports_with_a_token_never_prints_the_token() -> None:
     assert "  import os\n  from openai import OpenAI\n" in text
     assert 'rbee --queen-url http://127.0.0.1:9100 infer "What is' in text
     assert "s3cret" not in text
+
+
+def test_banner_names_the_lan_urls_of_a_queen_that_listens_on_all_addresses() -> None:
+    text = usage_text(plan(), ["http://198.18.0.5:7833"])
+
+    assert (
+        "OpenAI base URL: http://127.0.0.1:7833/v1\nFrom other machines: http://198.18.0.5:7833/v1\n"
+        in text
+    )
+    assert "From other machines" not in usage_text(plan())
+
+
+def test_lan_urls_come_from_the_cluster_file_or_this_machines_addresses() -> None:
+    assert lan_urls(plan()) == []  # a loopback queen is not reachable from elsewhere
+    told = replace(plan(), queen_host="0.0.0.0", queen_url_for_hives="http://box0:7833")
+    assert lan_urls(told) == ["http://box0:7833"]
+    found = lan_urls(replace(plan(), queen_host="0.0.0.0"))
+    assert all(url.startswith("http://") and not url.startswith("http://127.") for url in found)

@@ -11,10 +11,11 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import psutil
 import typer
 
 from rbee.cli import plan as plans
-from rbee.cli import state
+from rbee.cli import processes, state
 from rbee.cli.cluster import Cluster, check_free, clean_stale_lock
 from rbee.cli.clusterfile import ClusterFileError, default_path, load
 from rbee.cli.context import Cli, CliError, advice, cli_of, device_option
@@ -26,7 +27,23 @@ T = TypeVar("T")
 EXAMPLE_PROMPT = "What is the capital of France?"
 
 
-def usage_text(plan: UpPlan) -> str:
+def lan_urls(plan: UpPlan) -> list[str]:
+    """Where other machines reach a queen that listens on all addresses: the URL the cluster
+    file gives hives, else one per address of this machine (none for a loopback queen)."""
+    if plan.queen_host not in ("0.0.0.0", "::", ""):
+        return []
+    if plan.queen_url_for_hives:
+        return [plan.queen_url_for_hives]
+    addresses = {
+        address.address
+        for addresses in psutil.net_if_addrs().values()
+        for address in addresses
+        if address.family == socket.AF_INET and not address.address.startswith("127.")
+    }
+    return [processes.url_for(address, plan.port) for address in sorted(addresses)]
+
+
+def usage_text(plan: UpPlan, lan: list[str] | None = None) -> str:
     """What to paste: the OpenAI base URL, a curl call and the Python `openai` client."""
     base = f"{plan.queen_url}/v1"
     messages = [
@@ -39,6 +56,7 @@ def usage_text(plan: UpPlan) -> str:
     count = len(plan.workers)
     models = ", ".join(dict.fromkeys(w.model for w in plan.workers)) or "nothing yet"
     workers = f"{count} worker{'s' if count != 1 else ''}"
+    elsewhere = "".join(f"From other machines: {url}/v1\n" for url in lan or [])
     logs = [str(state.log_path("up-queen"))]
     for hive in plan.hives:
         if hive.ssh is None:
@@ -49,7 +67,7 @@ def usage_text(plan: UpPlan) -> str:
 rbee is up: {workers} serving {models}
 
 OpenAI base URL: {base}
-
+{elsewhere}
 curl:
   curl {base}/chat/completions \\
   -H "Content-Type: application/json" \\
@@ -109,7 +127,7 @@ async def run_cluster(cli: Cli, plan: UpPlan) -> int:
         if await until_stopped(cluster.start(), stop) is None:
             say("interrupted during start-up")
         else:
-            say(usage_text(plan))
+            say(usage_text(plan, lan_urls(plan)))
             if died := await until_stopped(cluster.watch(), stop):
                 cli.err.print(f"rbee: {died}", markup=False, highlight=False, soft_wrap=True)
                 code = 1
