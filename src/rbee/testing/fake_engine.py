@@ -5,10 +5,11 @@ For tests and load experiments only; product code never builds one.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import math
-import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from rbee.worker.engines.base import (
     Embeddings,
@@ -45,7 +46,6 @@ class FakeEngine:
         self.tokens_emitted = 0
         self.cancelled = 0
         self.closed = False
-        self._lock = threading.Lock()
 
     @property
     def context_size(self) -> int:
@@ -61,7 +61,7 @@ class FakeEngine:
                     f"no token {token}", code="invalid_logit_bias", param="logit_bias"
                 )
 
-    def embed(self, texts: Sequence[str]) -> Embeddings:
+    async def embed(self, texts: Sequence[str]) -> Embeddings:
         """The same text always gets the same unit vector, made from a hash of its words."""
         vectors = []
         for i, text in enumerate(texts):
@@ -73,69 +73,67 @@ class FakeEngine:
             vectors.append([x / norm for x in raw])
         return Embeddings(vectors, prompt_tokens=sum(len(t.split()) for t in texts))
 
-    def _fit(self, text: str) -> Prompt:
-        tokens = [hash(w) & 0xFFFF for w in text.split()]
-        if not tokens:
+    async def prepare_chat(self, messages: Sequence[Message]) -> Prompt:
+        return Prompt(text=" ".join(f"<{m.role}> {m.content}" for m in messages))
+
+    async def prepare_text(self, text: str) -> Prompt:
+        if not text.split():
             raise PromptError("the prompt is empty", code="empty_prompt")
-        if len(tokens) >= self._context_size:
-            raise PromptTooLong(len(tokens), self._context_size)
-        return Prompt(tokens=tokens)
+        return Prompt(text=text)
 
-    def prepare_chat(self, messages: Sequence[Message]) -> Prompt:
-        return self._fit(" ".join(f"<{m.role}> {m.content}" for m in messages))
-
-    def prepare_text(self, text: str) -> Prompt:
-        return self._fit(text)
-
-    def generate(
+    async def generate(
         self,
         prompt: Prompt,
         params: SamplingParams,
         emit: Emit,
-        cancelled: threading.Event,
+        cancelled: asyncio.Event,
+        accepted: Callable[[], None],
     ) -> Outcome:
-        with self._lock:
-            self.generations += 1
-            self.running += 1
-            self.max_running = max(self.max_running, self.running)
+        # One token per word, checked when generation starts, as llama.cpp does.
+        prompt_tokens = len(prompt.text.split())
+        if prompt_tokens >= self._context_size:
+            raise PromptTooLong(prompt_tokens, self._context_size)
+        accepted()
+        self.generations += 1
+        self.running += 1
+        self.max_running = max(self.max_running, self.running)
         try:
-            return self._generate(prompt, params, emit, cancelled)
+            return await self._generate(prompt_tokens, params, emit, cancelled)
         finally:
-            with self._lock:
-                self.running -= 1
+            self.running -= 1
 
-    def _generate(
+    async def _generate(
         self,
-        prompt: Prompt,
+        prompt_tokens: int,
         params: SamplingParams,
         emit: Emit,
-        cancelled: threading.Event,
+        cancelled: asyncio.Event,
     ) -> Outcome:
         if self.fail_with is not None:
             raise self.fail_with
-        room = self._context_size - len(prompt.tokens)
+        room = self._context_size - prompt_tokens
         limit = room if params.max_tokens is None else min(params.max_tokens, room)
         stops = StopMatcher(params.stop)
         produced = 0
         while produced < limit:
             if not self.repeat and produced >= len(self.words):
-                return Outcome(len(prompt.tokens), produced, "stop")
+                return Outcome(prompt_tokens, produced, "stop")
             # Waiting on the event (not sleeping) lets a cancel cut the wait short.
-            if cancelled.wait(self.token_delay_s) or cancelled.is_set():
-                with self._lock:
-                    self.cancelled += 1
-                return Outcome(len(prompt.tokens), produced, "stop", cancelled=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(cancelled.wait(), self.token_delay_s)
+            if cancelled.is_set():
+                self.cancelled += 1
+                return Outcome(prompt_tokens, produced, "stop", cancelled=True)
             word = self.words[produced % len(self.words)]
             produced += 1
-            with self._lock:
-                self.tokens_emitted += 1
+            self.tokens_emitted += 1
             if text := stops.push(word):
                 emit(text)
             if stops.stopped:
-                return Outcome(len(prompt.tokens), produced, "stop")
+                return Outcome(prompt_tokens, produced, "stop")
         if tail := stops.flush():
             emit(tail)
-        return Outcome(len(prompt.tokens), produced, "length")
+        return Outcome(prompt_tokens, produced, "length")
 
-    def close(self) -> None:
+    async def close(self) -> None:
         self.closed = True

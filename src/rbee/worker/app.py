@@ -178,7 +178,7 @@ async def _shut_down(
     loading: asyncio.Task[None],
 ) -> None:
     if not loading.done():
-        # The engine being loaded in its thread finishes on its own; nothing else waits for it.
+        # A model still loading is not waited for: the host's close stops it.
         loading.cancel()
     await asyncio.gather(loading, return_exceptions=True)
     await runtime.finish()

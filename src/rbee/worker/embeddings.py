@@ -26,8 +26,8 @@ async def embed(runtime: WorkerRuntime, request: EmbeddingRequest) -> EmbeddingL
             param="model",
         )
 
-    def work(engine: Engine) -> Embeddings:
-        return engine.embed(check_embedding(request, engine.embedding_size))
+    async def work(engine: Engine) -> Embeddings:
+        return await engine.embed(check_embedding(request, engine.embedding_size))
 
     lease = await runtime.acquire()
     try:

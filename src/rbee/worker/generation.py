@@ -1,22 +1,20 @@
-"""The bridge between a blocking engine and the event loop.
+"""A running generation: the engine's work as a task of its own, its text handed on piece by
+piece as it is made.
 
-A generation runs in a thread of its own and hands each piece of text to the loop as it is
-made, so the loop stays free for `/health` and other requests. Its slot is given back when the
-thread ends — not when the client goes away — so a slot is never handed out while its engine
-is still busy. A client that leaves sets the cancel flag, which the engine checks every token.
+Its slot is given back when the task ends — not when the client goes away — so a slot is never
+handed out while its engine is still busy. A client that leaves sets the cancel flag, which the
+engine checks every token (and then closes its request, which stops llama.cpp generating).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import Executor
 from typing import TYPE_CHECKING
 
 from rbee.common.errors import BadRequest, RbeeError, Unavailable
-from rbee.worker.engines.base import Engine, Outcome, Prompt, PromptError, SamplingParams, Scored
+from rbee.worker.engines.base import Engine, Outcome, Prepare, PromptError, SamplingParams, Scored
 from rbee.worker.slots import SlotPool
 
 if TYPE_CHECKING:
@@ -24,7 +22,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rbee.worker")
 _END = object()
-_PREPARED = object()
+_ACCEPTED = object()
 
 
 class Lease:
@@ -34,12 +32,10 @@ class Lease:
         self,
         pool: SlotPool[Engine],
         engine: Engine,
-        executor: Executor,
         timer: TokenTimer | None = None,
     ) -> None:
         self.pool = pool
         self.engine = engine
-        self.executor = executor
         self.timer = timer  # started before the slot was taken
         self._released = False
 
@@ -54,58 +50,57 @@ Piece = tuple[str, Sequence[Scored]]
 
 
 class Generation:
-    """Starts at once on construction; await `started()`, iterate `pieces()`, read `outcome`.
-
-    Preparing the prompt and generating run in one thread job: a second hop between threads
-    would add to every request's time to first token.
-    """
+    """Starts at once on construction; await `started()`, iterate `pieces()`, read `outcome`."""
 
     def __init__(
         self,
         lease: Lease,
-        prepare: Callable[[Engine], Prompt],
+        prepare: Prepare,
         params: SamplingParams,
         on_end: Callable[[Generation], None] = lambda _: None,
     ) -> None:
-        self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[object] = asyncio.Queue()
-        self._cancelled = threading.Event()
+        self._cancelled = asyncio.Event()
         self.outcome: Outcome | None = None
         self._lease = lease
         self._on_end = on_end
         engine = lease.engine
 
-        def work() -> Outcome:
-            prompt = prepare(engine)
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, _PREPARED)
-            return engine.generate(prompt, params, self._emit, self._cancelled)
+        async def work() -> Outcome:
+            prompt = await prepare(engine)
+            return await engine.generate(
+                prompt, params, self._emit, self._cancelled, self._accepted
+            )
 
-        self._future = self._loop.run_in_executor(lease.executor, work)
-        # Runs on the loop after every piece the thread emitted, as both travel the same way.
-        self._future.add_done_callback(self._ended)
+        self._task = asyncio.get_running_loop().create_task(work(), name="generation")
+        self._task.add_done_callback(self._ended)
+
+    def _accepted(self) -> None:
+        self._queue.put_nowait(_ACCEPTED)
 
     def _emit(self, text: str, scored: Sequence[Scored] = ()) -> None:
         if self._lease.timer is not None:
             self._lease.timer.piece()
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, (text, tuple(scored)))
+        self._queue.put_nowait((text, tuple(scored)))
 
-    def _ended(self, future: asyncio.Future[Outcome]) -> None:
+    def _ended(self, task: asyncio.Task[Outcome]) -> None:
         if self._lease.timer is not None:
-            failed = future.cancelled() or future.exception() is not None
-            self._lease.timer.ended(None if failed else future.result())
+            failed = task.cancelled() or task.exception() is not None
+            self._lease.timer.ended(None if failed else task.result())
         self._lease.release()
         self._queue.put_nowait(_END)
         self._on_end(self)
 
     async def started(self) -> None:
-        """Wait until the prompt was accepted; raises what `prepare` raised (e.g. PromptError)."""
+        """Wait until the engine took the prompt; raises what it raised instead (e.g.
+        PromptError for a prompt that does not fit)."""
         if await self._queue.get() is _END:
-            self._future.result()
-            raise RuntimeError("generation ended before its prompt was prepared")
+            self._task.result()
+            raise RuntimeError("generation ended before its prompt was accepted")
 
     @property
     def done(self) -> bool:
-        return self._future.done()
+        return self._task.done()
 
     def cancel(self) -> None:
         self._cancelled.set()
@@ -116,7 +111,7 @@ class Generation:
                 assert isinstance(item, tuple)
                 yield item
             try:
-                self.outcome = self._future.result()
+                self.outcome = self._task.result()
             except PromptError as exc:
                 # Refused by the engine once generating began (a JSON schema its grammar
                 # cannot express): the request's fault, not the worker's.
@@ -125,7 +120,7 @@ class Generation:
                 log.exception("generation failed")
                 raise RbeeError(f"generation failed: {exc}", code="generation_failed") from None
         finally:
-            if not self._future.done():
+            if not self._task.done():
                 self._cancelled.set()
 
     async def whole(self) -> tuple[str, list[Scored]]:

@@ -31,9 +31,6 @@ def pin(cpu_set: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    # The event loop and the generation threads pass the GIL back and forth at every token;
-    # Python's default 5 ms switch interval can make the loop wait that long for it.
-    sys.setswitchinterval(0.0005)
     settings = parse_settings(WorkerSettings, PROG, argv)
     if reason := refuse_open_bind(settings.host, settings.token):
         fail(PROG, reason)

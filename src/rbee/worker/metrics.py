@@ -1,6 +1,6 @@
 """The worker's Prometheus figures: tokens in and out, how fast they come, how full the slots are.
 
-Token timings are taken in the generation's own thread as each piece of text is emitted (a
+Token timings are taken as the engine emits each piece of text (a
 piece is one token, or a few when a character spans tokens or a stop string is held back);
 slot and queue gauges are read from the slot pool when Prometheus scrapes.
 """
@@ -99,7 +99,7 @@ class WorkerMetrics:
 
 
 class TokenTimer:
-    """One request's clock, started when the worker takes it; `piece` runs in the engine thread."""
+    """One request's clock, started when the worker takes it; `piece` runs as the engine emits."""
 
     __slots__ = ("_last", "_metrics", "_started")
 

@@ -12,15 +12,14 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from fastapi import Request
 
 from rbee.common.errors import NotFound, Unavailable
 from rbee.contracts.workers import WorkerStatus
-from rbee.worker.engines.base import Engine, EngineError, EngineHost, Prompt, SamplingParams
+from rbee.worker.engines.base import Engine, EngineError, EngineHost, Prepare, SamplingParams
 from rbee.worker.generation import Generation, Lease
 from rbee.worker.heartbeat import Heartbeater
 from rbee.worker.metrics import WorkerMetrics
@@ -49,10 +48,6 @@ class WorkerRuntime:
         self._engine_factory = engine_factory
         self._queue_size = queue_size
         self.shutdown_grace_s = shutdown_grace_s
-        # One thread per slot: a slot's blocking work never waits for another slot's thread.
-        self.executor = ThreadPoolExecutor(
-            max_workers=self.identity.slots, thread_name_prefix="rbee-slot"
-        )
         self.pool: SlotPool[Engine] | None = None
         self.engines: list[Engine] = []
         self.load_error: str | None = None
@@ -74,19 +69,19 @@ class WorkerRuntime:
     async def load(self) -> None:
         """Start the host, then one engine per slot. A failure is kept for main() to report,
         and stops the process."""
-        loop = asyncio.get_running_loop()
         try:
             if self._host is not None:
                 await self._host.start()
             for _ in range(self.identity.slots):
-                self.engines.append(await loop.run_in_executor(self.executor, self._engine_factory))
+                # Making an engine may block (opening what it needs): not on the loop.
+                self.engines.append(await asyncio.to_thread(self._engine_factory))
         except Exception as exc:
             # EngineError says what is wrong with the file; anything else is still the load's.
             reason = str(exc) if isinstance(exc, EngineError) else f"cannot load the model: {exc!r}"
             if not isinstance(exc, EngineError):
                 log.debug("model load failed", exc_info=True)
             self.load_error = reason
-            self._close_engines()
+            await self._close_engines()
             self._stop_process()
             return
         if self._host is not None:
@@ -127,28 +122,33 @@ class WorkerRuntime:
             raise Unavailable("the model is still loading", code="model_loading")
         timer = self.metrics.timer()
         engine = await self.pool.acquire()
-        return Lease(self.pool, engine, self.executor, timer)
+        return Lease(self.pool, engine, timer)
 
-    async def start(
-        self, lease: Lease, prepare: Callable[[Engine], Prompt], params: SamplingParams
-    ) -> Generation:
-        """Prepare the prompt on the leased engine (it may be refused), then generate."""
+    async def start(self, lease: Lease, prepare: Prepare, params: SamplingParams) -> Generation:
+        """Prepare the prompt on the leased engine, then generate; returns once the engine took
+        the prompt (it may be refused)."""
         generation = Generation(lease, prepare, params, on_end=self._generations.discard)
         self._generations.add(generation)
         try:
             await generation.started()
         except BaseException:
-            # A refused prompt: the slot comes back when the thread ends, as always.
+            # A refused prompt: the slot comes back when the task ends, as always.
             generation.cancel()
             raise
         return generation
 
-    async def run(self, lease: Lease, work: Callable[[Engine], T]) -> T:
-        """One blocking call on the leased engine (an embedding). The slot comes back when the
-        call ends, even if the request is cancelled meanwhile."""
-        future = asyncio.get_running_loop().run_in_executor(lease.executor, work, lease.engine)
-        future.add_done_callback(lambda _: lease.release())
-        return await future
+    async def run(self, lease: Lease, work: Callable[[Engine], Awaitable[T]]) -> T:
+        """One call on the leased engine (an embedding), as a task of its own: the slot comes
+        back when the call ends, even if the request is cancelled meanwhile."""
+        task = asyncio.ensure_future(work(lease.engine))
+
+        def ended(task: asyncio.Future[T]) -> None:
+            lease.release()
+            if not task.cancelled():
+                task.exception()  # seen here, if the request that waited for it is gone
+
+        task.add_done_callback(ended)
+        return await asyncio.shield(task)
 
     # ---- shutdown -----------------------------------------------------------------------
 
@@ -177,9 +177,8 @@ class WorkerRuntime:
                 log.error("a generation did not stop; leaving its engine open")
                 await self._close_host()
                 return
-        self._close_engines()
+        await self._close_engines()
         await self._close_host()
-        self.executor.shutdown(wait=False, cancel_futures=True)
 
     async def _close_host(self) -> None:
         if self._watch is not None:
@@ -190,13 +189,15 @@ class WorkerRuntime:
             except Exception:
                 log.exception("stopping the engine's host failed")
 
-    def _close_engines(self) -> None:
+    async def _close_engines(self) -> None:
         for engine in self.engines:
             with contextlib.suppress(Exception):
-                engine.close()
+                await engine.close()
         self.engines.clear()
 
 
-def get_runtime(request: Request) -> WorkerRuntime:
+async def get_runtime(request: Request) -> WorkerRuntime:
+    """Async on purpose: FastAPI runs a plain function dependency in a thread, a hop that every
+    request would pay before its first token."""
     runtime: WorkerRuntime = request.app.state.worker
     return runtime

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 from typing import Any
 
 from rbee.testing.fake_engine import FakeEngine
@@ -48,12 +47,13 @@ async def test_tokens_and_timings_move_by_what_was_generated(make_worker: Any) -
 
 
 async def test_slots_busy_and_waiting_while_generating(make_worker: Any) -> None:
-    release = threading.Event()
+    release = asyncio.Event()
 
     class Held(FakeEngine):
-        def generate(self, *args: Any, **kwargs: Any) -> Any:
-            release.wait(10)
-            return super().generate(*args, **kwargs)
+        async def generate(self, *args: Any, **kwargs: Any) -> Any:
+            async with asyncio.timeout(10):
+                await release.wait()
+            return await super().generate(*args, **kwargs)
 
     worker = await make_worker(Held, slots=2, queue_size=4)
     idle = await scrape(worker)

@@ -4,10 +4,11 @@ honour (never a silent drop)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import struct
-import threading
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -39,11 +40,16 @@ class Recording(FakeEngine):
         super().__init__(reply)
         self.params: list[SamplingParams] = []
 
-    def generate(
-        self, prompt: Prompt, params: SamplingParams, emit: Emit, cancelled: threading.Event
+    async def generate(
+        self,
+        prompt: Prompt,
+        params: SamplingParams,
+        emit: Emit,
+        cancelled: asyncio.Event,
+        accepted: Callable[[], None],
     ) -> Outcome:
         self.params.append(params)
-        return super().generate(prompt, params, emit, cancelled)
+        return await super().generate(prompt, params, emit, cancelled, accepted)
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from rbee.worker.engines.llama_server import (
 )
 
 
-def test_a_request_carries_its_tokens_and_every_sampling_setting() -> None:
+def test_a_request_carries_its_prompt_and_every_sampling_setting() -> None:
     params = SamplingParams(
         max_tokens=5,
         temperature=0,
@@ -26,8 +26,8 @@ def test_a_request_carries_its_tokens_and_every_sampling_setting() -> None:
         logprobs=0,
         logit_bias={42: -100.0},
     )
-    body = completion_body(Prompt(tokens=[1, 2, 3], stop=("<|im_end|>",)), params, 5)
-    assert (body["prompt"], body["n_predict"], body["stream"]) == ([1, 2, 3], 5, True)
+    body = completion_body(Prompt(text="<|im_start|>user", stop=("<|im_end|>",)), params)
+    assert (body["prompt"], body["n_predict"], body["stream"]) == ("<|im_start|>user", 5, True)
     assert (body["temperature"], body["top_p"], body["seed"]) == (0, 0.5, 7)
     assert body["stop"] == ["\n", "<|im_end|>"]
     assert body["json_schema"] == {"type": "object"}
@@ -35,13 +35,15 @@ def test_a_request_carries_its_tokens_and_every_sampling_setting() -> None:
     assert body["n_probs"] == 20  # always the same, cut to what was asked afterwards
     # A seeded or scored request decodes its prompt afresh: the same text, the same scores.
     assert body["cache_prompt"] is False
-    scored = completion_body(Prompt(tokens=[1]), SamplingParams(logprobs=2), 5)
+    scored = completion_body(Prompt(text="a"), SamplingParams(logprobs=2))
     assert scored["cache_prompt"] is False
 
 
 def test_unset_options_are_left_out() -> None:
-    body = completion_body(Prompt(tokens=[1]), SamplingParams(), 100)
+    body = completion_body(Prompt(text="a"), SamplingParams())
     assert not {"seed", "json_schema", "logit_bias", "n_probs", "cache_prompt"} & set(body)
+    # No max_tokens: the answer may run to the end of its slot's context (llama.cpp stops it).
+    assert body["n_predict"] == -1
 
 
 def test_token_scores_keep_bytes_and_only_the_asked_alternatives() -> None:

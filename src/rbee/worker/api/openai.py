@@ -4,7 +4,7 @@ embeddings (a worker started for embeddings answers only those)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Depends, Request
@@ -23,7 +23,7 @@ from rbee.contracts.openai import (
 )
 from rbee.worker.capabilities import check_chat, check_completion
 from rbee.worker.embeddings import embed
-from rbee.worker.engines.base import Engine, Prompt, PromptError, SamplingParams
+from rbee.worker.engines.base import Engine, Prepare, Prompt, PromptError, SamplingParams
 from rbee.worker.generation import Generation
 from rbee.worker.responses import ChatAnswer, TextAnswer, sampling_params, sse_response
 from rbee.worker.runtime import WorkerRuntime, get_runtime
@@ -57,15 +57,15 @@ def _generating(runtime: WorkerRuntime) -> None:
 
 async def _start(
     runtime: WorkerRuntime,
-    prepare: Callable[[Engine], Prompt],
+    prepare: Prepare,
     params: SamplingParams,
     schema_from: str = "response_format",
 ) -> Generation:
     """`schema_from`: the request field the JSON schema was made from, named if it is refused."""
 
-    def checked(engine: Engine) -> Prompt:
+    async def checked(engine: Engine) -> Prompt:
         engine.check(params)
-        return prepare(engine)
+        return await prepare(engine)
 
     lease = await runtime.acquire()
     try:
@@ -95,8 +95,8 @@ async def chat_completions(
     check_chat(request)
     plan = plan_chat(request)
 
-    def prepare(engine: Engine) -> Prompt:
-        return engine.prepare_chat(plan.messages)
+    async def prepare(engine: Engine) -> Prompt:
+        return await engine.prepare_chat(plan.messages)
 
     schema_from = "tools" if plan.tools else "response_format"
     generation = await _start(runtime, prepare, sampling_params(request, plan), schema_from)
@@ -115,8 +115,8 @@ async def completions(
     check_completion(request)
     text = request.prompt_text()
 
-    def prepare(engine: Engine) -> Prompt:
-        return engine.prepare_text(text)
+    async def prepare(engine: Engine) -> Prompt:
+        return await engine.prepare_text(text)
 
     generation = await _start(runtime, prepare, sampling_params(request))
     answer = TextAnswer(runtime.model_id, generation, logprobs=request.logprobs is not None)

@@ -1,16 +1,19 @@
 """What the worker needs from a model runtime: per slot, an engine that generates one answer at
 a time; behind them, optionally, a host that runs the model for all of them.
 
-An engine is blocking and single-threaded by contract; the worker runs each call in a thread of
-its own and never calls one engine from two threads at once (see `rbee.worker.slots`). With a
-host (llama.cpp's server), the engines are handles onto one model that decodes the slots'
-requests together; without one (the fake test engine), each engine stands alone.
+An engine is asynchronous and runs on the worker's event loop: its work happens elsewhere (in
+llama.cpp's server), so waiting for it costs no thread, and each token goes from the engine's
+socket to the client's without a hop between threads (each hop is a wake-up that a machine
+busy decoding delays by milliseconds). The worker never runs two calls on one engine at once
+(see `rbee.worker.slots`). With a host (llama.cpp's server), the engines are handles onto one
+model that decodes the slots' requests together; without one (the fake test engine), each
+engine stands alone.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Mapping, Sequence
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -98,9 +101,10 @@ class Embeddings:
 
 @dataclass(frozen=True)
 class Prompt:
-    """A prompt in the engine's tokens, plus stop strings the chat template asks for."""
+    """A prompt as the model reads it (a chat already through its template), plus stop strings
+    the chat template asks for. The engine tokenizes it when it generates."""
 
-    tokens: Sequence[int]
+    text: str
     stop: tuple[str, ...] = ()
 
 
@@ -123,12 +127,12 @@ class Engine(Protocol):
     @property
     def embedding_size(self) -> int: ...
 
-    def prepare_chat(self, messages: Sequence[Message]) -> Prompt:
-        """Apply the model's chat template and tokenize; PromptTooLong if it cannot fit."""
+    async def prepare_chat(self, messages: Sequence[Message]) -> Prompt:
+        """Apply the model's chat template; PromptError if the template refuses the messages."""
         ...
 
-    def prepare_text(self, text: str) -> Prompt:
-        """Tokenize a raw prompt; PromptTooLong if it cannot fit."""
+    async def prepare_text(self, text: str) -> Prompt:
+        """A raw prompt; PromptError if it is empty."""
         ...
 
     def check(self, params: SamplingParams) -> None:
@@ -136,25 +140,29 @@ class Engine(Protocol):
         honour, such as a token id it does not have or a schema its grammar cannot express."""
         ...
 
-    def generate(
+    async def generate(
         self,
         prompt: Prompt,
         params: SamplingParams,
         emit: Emit,
-        cancelled: threading.Event,
+        cancelled: asyncio.Event,
+        accepted: Callable[[], None],
     ) -> Outcome:
-        """Generate, calling `emit` with each new piece of text; checks `cancelled` every token."""
+        """Generate, calling `accepted` once the prompt is taken (before any text) and `emit`
+        with each new piece of text; checks `cancelled` every token. A prompt that does not fit
+        raises PromptTooLong before `accepted`."""
         ...
 
-    def embed(self, texts: Sequence[str]) -> Embeddings:
+    async def embed(self, texts: Sequence[str]) -> Embeddings:
         """Unit-length vectors, one per text, from an engine loaded for embeddings; PromptError
         for a text that is empty or too long."""
         ...
 
-    def close(self) -> None: ...
+    async def close(self) -> None: ...
 
 
 EngineFactory = Callable[[], Engine]
+Prepare = Callable[[Engine], Awaitable[Prompt]]
 
 
 class EngineHost(Protocol):

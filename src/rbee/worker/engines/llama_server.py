@@ -25,9 +25,8 @@ import shutil
 import signal
 import sys
 import tempfile
-import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,10 +143,10 @@ class LlamaServer:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
-    def client(self, timeout: httpx.Timeout) -> httpx.Client:
-        """A blocking client for one engine (one connection, reused)."""
-        return httpx.Client(
-            transport=httpx.HTTPTransport(uds=str(self.socket)),
+    def client(self, timeout: httpx.Timeout) -> httpx.AsyncClient:
+        """A client for one engine (one connection, reused)."""
+        return httpx.AsyncClient(
+            transport=httpx.AsyncHTTPTransport(uds=str(self.socket)),
             base_url=BASE_URL,
             headers={"Authorization": f"Bearer {self.api_key}"},
             timeout=timeout,
@@ -171,12 +170,7 @@ class LlamaServer:
         except OSError as exc:
             raise EngineError(f"cannot start {binary}: {exc.strerror or exc}") from None
         self._reader = asyncio.create_task(self._read_output(), name="llama-server-output")
-        async with httpx.AsyncClient(
-            transport=httpx.AsyncHTTPTransport(uds=str(self.socket)),
-            base_url=BASE_URL,
-            headers={"Authorization": f"Bearer {self.api_key}"},
-            timeout=5.0,
-        ) as http:
+        async with self.client(httpx.Timeout(5.0)) as http:
             try:
                 async with asyncio.timeout(self.load_timeout_s):
                     await self._wait_ready(http)
@@ -294,39 +288,30 @@ class LlamaServerEngine:
     def embedding_size(self) -> int:
         return self._server.embedding_size
 
-    def _post(self, path: str, body: dict[str, Any]) -> Any:
+    async def _post(self, path: str, body: dict[str, Any]) -> Any:
         try:
-            response = self._http.post(path, json=body)
+            response = await self._http.post(path, json=body)
         except httpx.HTTPError as exc:
             raise EngineError(f"llama.cpp's server is not answering: {exc!r}") from None
         if response.status_code != 200:
             raise refusal(response.status_code, response.content)
         return response.json()
 
-    def _fit(self, tokens: list[int]) -> Prompt:
-        if not tokens:
-            raise PromptError("the prompt is empty", code="empty_prompt")
-        # At least one token must fit after the prompt, or nothing can be generated.
-        if len(tokens) >= self.context_size:
-            raise PromptTooLong(len(tokens), self.context_size)
-        return Prompt(tokens=tokens)
-
-    def _tokenize(self, text: str) -> list[int]:
-        tokens: list[int] = self._post("/tokenize", {"content": text, "add_special": True})[
-            "tokens"
-        ]
-        return tokens
-
-    def prepare_chat(self, messages: Sequence[Message]) -> Prompt:
+    async def prepare_chat(self, messages: Sequence[Message]) -> Prompt:
         body = {"messages": [{"role": m.role, "content": m.content} for m in messages]}
         try:
-            text = self._post("/apply-template", body)["prompt"]
+            text = (await self._post("/apply-template", body))["prompt"]
         except PromptError as exc:
             raise PromptError(f"the model's chat template rejected the messages: {exc}") from None
-        return self._fit(self._tokenize(text))
+        return Prompt(text=str(text))
 
-    def prepare_text(self, text: str) -> Prompt:
-        return self._fit(self._tokenize(text))
+    async def prepare_text(self, text: str) -> Prompt:
+        # The text is tokenized once, by llama.cpp as it generates: a round trip to count its
+        # tokens first would add to every answer's first token. llama.cpp refuses a prompt
+        # that leaves no room to generate, which `refusal` turns into PromptTooLong.
+        if not text:
+            raise PromptError("the prompt is empty", code="empty_prompt")
+        return Prompt(text=text)
 
     def check(self, params: SamplingParams) -> None:
         vocab = self.vocab_size
@@ -338,28 +323,38 @@ class LlamaServerEngine:
                     param="logit_bias",
                 )
 
-    def generate(
-        self, prompt: Prompt, params: SamplingParams, emit: Emit, cancelled: threading.Event
+    async def generate(
+        self,
+        prompt: Prompt,
+        params: SamplingParams,
+        emit: Emit,
+        cancelled: asyncio.Event,
+        accepted: Callable[[], None],
     ) -> Outcome:
-        room = self.context_size - len(prompt.tokens)
-        limit = room if params.max_tokens is None else min(params.max_tokens, room)
-        body = completion_body(prompt, params, limit)
+        body = completion_body(prompt, params)
         request = self._http.build_request("POST", "/completion", json=body)
         try:
-            response = self._http.send(request, stream=True)
+            response = await self._http.send(request, stream=True)
         except httpx.HTTPError as exc:
             raise EngineError(f"llama.cpp's server is not answering: {exc!r}") from None
         try:
+            # llama.cpp answers a prompt it refuses (too long for a slot, a grammar it cannot
+            # build) with an error status before it streams anything.
             if response.status_code != 200:
-                response.read()
+                await response.aread()
                 raise schema_refusal(params, refusal(response.status_code, response.content))
-            return read_stream(response, len(prompt.tokens), params, emit, cancelled)
+            accepted()
+            return await read_stream(response, params, emit, cancelled)
         except httpx.HTTPError as exc:
             raise EngineError(f"llama.cpp's server broke off the answer: {exc!r}") from None
         finally:
-            response.close()  # before the end: this is what stops llama.cpp generating
+            await response.aclose()  # before the end: this is what stops llama.cpp generating
 
-    def embed(self, texts: Sequence[str]) -> Embeddings:
+    async def _count_tokens(self, text: str) -> int:
+        answer = await self._post("/tokenize", {"content": text, "add_special": True})
+        return len(answer["tokens"])
+
+    async def embed(self, texts: Sequence[str]) -> Embeddings:
         if not self._server.config.embedding:
             raise PromptError(
                 "this worker was not started for embeddings (llm-worker-rbee --embedding)",
@@ -369,7 +364,7 @@ class LlamaServerEngine:
         for i, text in enumerate(texts):
             if not text:
                 raise PromptError("the input is empty", code="empty_input", param=f"input[{i}]")
-            count = len(self._tokenize(text))
+            count = await self._count_tokens(text)
             if count > self.context_size:
                 raise PromptError(
                     f"This model's maximum context length is {self.context_size} tokens, but "
@@ -383,20 +378,21 @@ class LlamaServerEngine:
             # One text per request: batched with others, the same text comes out different in
             # the last digits (another batch shape, another rounding), and a client comparing
             # vectors expects the same text to give the same vector.
-            answer = self._post("/v1/embeddings", {"input": text, "encoding_format": "float"})
+            answer = await self._post("/v1/embeddings", {"input": text, "encoding_format": "float"})
             vectors.append([float(x) for x in answer["data"][0]["embedding"]])
             tokens += int(answer.get("usage", {}).get("prompt_tokens", 0))
         return Embeddings(vectors=vectors, prompt_tokens=tokens)
 
-    def close(self) -> None:
-        self._http.close()
+    async def close(self) -> None:
+        await self._http.aclose()
 
 
-def completion_body(prompt: Prompt, params: SamplingParams, limit: int) -> dict[str, Any]:
-    """llama.cpp's own /completion request for a prompt already in tokens."""
+def completion_body(prompt: Prompt, params: SamplingParams) -> dict[str, Any]:
+    """llama.cpp's own /completion request. Without `max_tokens` an answer may run to the end of
+    its slot's context, where llama.cpp stops it as it would at the limit."""
     body: dict[str, Any] = {
-        "prompt": list(prompt.tokens),
-        "n_predict": limit,
+        "prompt": prompt.text,
+        "n_predict": -1 if params.max_tokens is None else params.max_tokens,
         "stream": True,
         "temperature": params.temperature,
         "top_p": params.top_p,
@@ -439,15 +435,14 @@ def scored_tokens(probabilities: Sequence[dict[str, Any]], top: int) -> list[Sco
     ]
 
 
-def read_stream(
+async def read_stream(
     response: httpx.Response,
-    prompt_tokens: int,
     params: SamplingParams,
     emit: Emit,
-    cancelled: threading.Event,
+    cancelled: asyncio.Event,
 ) -> Outcome:
-    produced, finish = 0, "length"
-    for event in EventSource(response).iter_sse():
+    prompt_tokens, produced, finish = 0, 0, "length"
+    async for event in EventSource(response).aiter_sse():
         if cancelled.is_set():
             return Outcome(prompt_tokens, produced, "stop", cancelled=True)
         data = json.loads(event.data)
