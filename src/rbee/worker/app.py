@@ -82,6 +82,7 @@ def llama_server(settings: WorkerSettings, *, pooled: bool = True) -> LlamaServe
         threads=settings.threads or default_threads(),
         passive_wait=settings.wait_policy == "passive",
         embedding=settings.embedding,
+        kv_cache_type=settings.kv_cache_type,
         pooled=pooled,
         binary=settings.llama_server,
         gpu_layers=gpu_layers_for(parse_device(settings.device), settings.gpu_layers),

@@ -63,6 +63,11 @@ class WorkerSettings(DaemonSettings):
         "file says it is an embedding model is served so without this flag)",
     )
     ctx_size: int = Field(DEFAULT_CTX_SIZE, ge=16, description="context window per slot, in tokens")
+    kv_cache_type: Literal["q8_0", "f16"] = Field(
+        "q8_0",
+        description="how the KV cache stores each slot's context: q8_0 (half the memory of f16, "
+        "so more slots fit; llama.cpp's flash attention) or f16",
+    )
     threads: int | None = Field(
         None,
         ge=1,

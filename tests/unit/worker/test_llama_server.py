@@ -110,3 +110,17 @@ def test_each_slot_gets_its_context_and_shared_cores_wait_passively() -> None:
     assert "--poll" not in spinning.args(Path("/run/s.sock"))
     embedding = ServerConfig(Path("/m/e.gguf"), 512, 1, 2, embedding=True, pooled=False)
     assert {"--embedding", "--pooling"} <= set(embedding.args(Path("/run/s.sock")))
+
+
+def test_a_quantized_kv_cache_keeps_every_slot_whole_and_needs_flash_attention() -> None:
+    config = ServerConfig(
+        Path("/m/x.gguf"), ctx_size=2048, slots=4, threads=2, kv_cache_type="q8_0"
+    )
+    args = config.args(Path("/run/s.sock"))
+    flags = {arg: args[i + 1] for i, arg in enumerate(args[:-1]) if arg.startswith("--")}
+    assert (flags["--cache-type-k"], flags["--cache-type-v"]) == ("q8_0", "q8_0")
+    assert flags["--flash-attn"] == "on"
+    assert flags["--kv-unified-per-slot"] == "2048"  # each slot its whole context, no shared pool
+    assert "--ctx-size" not in flags
+    plain = ServerConfig(Path("/m/x.gguf"), ctx_size=2048, slots=1, threads=2)
+    assert "--cache-type-k" not in plain.args(Path("/run/s.sock"))

@@ -73,6 +73,7 @@ class ServerConfig:
     threads: int
     passive_wait: bool = False
     embedding: bool = False
+    kv_cache_type: str = "f16"
     pooled: bool = True  # the file names a pooling of its own (embedding models do)
     binary: str = SERVER_BINARY
     # llama.cpp's layers on the GPU: -1 all, 0 none. The worker is pinned to its one GPU
@@ -96,6 +97,13 @@ class ServerConfig:
         if self.passive_wait:
             # Threads that share their cores with another worker must not spin while waiting.
             args += ["--poll", "0"]
+        if self.kv_cache_type != "f16" and not self.embedding:
+            # Every slot keeps its whole context in the cache, at half the bytes of f16: a
+            # 4-slot worker costs little more than a 1-slot one, and no slot can run out of
+            # room because others took it (a pool shared by the slots would fail them all
+            # when it filled). A quantized V cache needs flash attention.
+            args += ["--cache-type-k", self.kv_cache_type, "--cache-type-v", self.kv_cache_type]
+            args += ["--flash-attn", "on"]
         if self.embedding:
             # One text is decoded in one batch (encoders need it whole), so a batch holds a
             # whole context.
