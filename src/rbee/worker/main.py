@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> None:
     if facts.embedding_model and not settings.embedding:
         # The file says it makes embeddings (an encoder, or a pooling of its own).
         settings = settings.model_copy(update={"embedding": True})
+    if not facts.quantizable_kv:
+        # Its attention heads are not whole blocks of q8_0: llama.cpp would refuse to load it.
+        settings = settings.model_copy(update={"kv_cache_type": "f16"})
     if settings.cpu_set is not None:
         pin(settings.cpu_set)
     server = llama_server(settings, pooled=facts.pooling is not None)

@@ -10,6 +10,8 @@ import pytest
 
 from rbee.testing.gguf import write_garbage_gguf, write_truncated_gguf
 
+from .conftest import SMOLLM
+
 pytestmark = pytest.mark.e2e
 
 
@@ -79,3 +81,39 @@ def test_listening_beyond_loopback_without_a_token_is_refused(
     code, output = run_worker(queen_module.url, str(tiny_model), "--host", "0.0.0.0")
     assert code != 0
     assert "refusing to listen on 0.0.0.0" in output
+
+
+def test_too_long_prompts_are_refused_before_streaming_and_answers_stop_at_the_context(
+    cluster: Any, queen_module: Any
+) -> None:
+    """llama.cpp counts the prompt as it generates: a prompt that does not fit is still a 400
+    (never a stream that breaks), streamed or not, chat or text; an answer with no max_tokens
+    runs to the end of its slot's context and says `length`."""
+    worker = cluster.worker(queen_module.url, "--ctx-size", "96", "--slots", "2")
+    long_text = "lighthouse " * 200
+    for path, body in [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": long_text}]}),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": long_text}], "stream": True},
+        ),
+        ("/v1/completions", {"prompt": long_text}),
+        ("/v1/completions", {"prompt": long_text, "stream": True}),
+    ]:
+        refused = httpx.post(f"{worker.url}{path}", json={"model": SMOLLM, **body}, timeout=60)
+        assert refused.status_code == 400, (path, body.get("stream"), refused.text)
+        error = refused.json()["error"]
+        assert error["code"] == "context_length_exceeded"
+        assert "maximum context length is 96 tokens" in error["message"]
+    # Both end-of-text tokens banned, greedy: nothing stops it but the context.
+    endless = {
+        "model": SMOLLM,
+        "messages": [{"role": "user", "content": "Count from one to a hundred."}],
+        "temperature": 0,
+        "logit_bias": {"0": -100, "2": -100},
+    }
+    answer = httpx.post(f"{worker.url}/v1/chat/completions", json=endless, timeout=120).json()
+    assert answer["choices"][0]["finish_reason"] == "length"
+    usage = answer["usage"]
+    assert 90 <= usage["prompt_tokens"] + usage["completion_tokens"] <= 96
+    assert httpx.get(f"{worker.url}/health").status_code == 200

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from rbee.testing.gguf import write_tiny_gguf
+from rbee.worker.app import resolve_model
 from rbee.worker.engines.base import EngineError, Prompt, PromptError, PromptTooLong, SamplingParams
+from rbee.worker.engines.gguf import read_model_facts
 from rbee.worker.engines.llama_server import (
     ServerConfig,
     completion_body,
@@ -124,3 +127,12 @@ def test_a_quantized_kv_cache_keeps_every_slot_whole_and_needs_flash_attention()
     assert "--ctx-size" not in flags
     plain = ServerConfig(Path("/m/x.gguf"), ctx_size=2048, slots=1, threads=2)
     assert "--cache-type-k" not in plain.args(Path("/run/s.sock"))
+
+
+def test_a_model_whose_heads_are_not_whole_q8_0_blocks_keeps_an_f16_cache(tmp_path: Path) -> None:
+    tiny = read_model_facts(write_tiny_gguf(tmp_path / "tiny.gguf"))
+    assert tiny.head_sizes == (16, 16)  # llama.cpp refuses a q8_0 cache for 16-value heads
+    assert not tiny.quantizable_kv
+    smollm = read_model_facts(resolve_model("smollm2-135m-instruct"))
+    assert smollm.head_sizes == (64, 64)
+    assert smollm.quantizable_kv

@@ -42,6 +42,14 @@ _SCALARS = {
     12: "d",
 }
 _STRING, _ARRAY = 8, 9
+QUANT_BLOCK = 32  # values per block of q8_0
+_FACT_KEYS = (
+    ".pooling_type",
+    ".embedding_length",
+    ".attention.head_count",
+    ".attention.key_length",
+    ".attention.value_length",
+)
 
 
 def check_gguf(path: Path) -> None:
@@ -67,10 +75,18 @@ class ModelFacts:
     # llama.cpp's pooling type named in the file (1 mean, 2 cls, 3 last, 4 rank); None if
     # the file names none, as generative models do.
     pooling: int | None
+    # The size of one attention head's key and value vectors (0 when the file does not say
+    # plainly, as with a head count per layer).
+    head_sizes: tuple[int, int] = (0, 0)
 
     @property
     def embedding_model(self) -> bool:
         return self.architecture in ENCODER_ARCHITECTURES or bool(self.pooling)
+
+    @property
+    def quantizable_kv(self) -> bool:
+        """A q8_0 KV cache stores blocks of 32 values, so each head must be whole blocks."""
+        return all(size > 0 and size % QUANT_BLOCK == 0 for size in self.head_sizes)
 
 
 def _read(f: BinaryIO, fmt: str) -> int | float | bool:
@@ -127,12 +143,23 @@ def read_model_facts(path: Path) -> ModelFacts:
     check_gguf(path)
     try:
         meta = read_metadata(
-            path, lambda key: key == "general.architecture" or key.endswith(".pooling_type")
+            path, lambda key: key == "general.architecture" or key.endswith(_FACT_KEYS)
         )
         architecture = str(meta.get("general.architecture", ""))
         pooling = meta.get(f"{architecture}.pooling_type")
+        width, heads = (meta.get(architecture + k) for k in _FACT_KEYS[1:3])
+        head = width // heads if isinstance(width, int) and isinstance(heads, int) and heads else 0
+        key_size = meta.get(f"{architecture}.attention.key_length", head)
+        value_size = meta.get(f"{architecture}.attention.value_length", head)
     except (OSError, EOFError, ValueError, struct.error, MemoryError):
         raise EngineError(
             f"model file {path} cannot be loaded: corrupt or not a supported GGUF model"
         ) from None
-    return ModelFacts(architecture, int(pooling) if isinstance(pooling, int) else None)
+    return ModelFacts(
+        architecture,
+        int(pooling) if isinstance(pooling, int) else None,
+        (
+            key_size if isinstance(key_size, int) else 0,
+            value_size if isinstance(value_size, int) else 0,
+        ),
+    )
