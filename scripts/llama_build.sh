@@ -164,6 +164,24 @@ llama_progress() {
   done
 }
 
+# The sdist into WORK: from a folder of PIP_FIND_LINKS when one holds it with the lock's hash
+# (an offline machine; pip itself would still want the sdist's build backend from an index just to
+# read its metadata), else downloaded by pip, which checks the hash too.
+llama_sources() {
+  local python=$1 lock=$2 version=$3 work=$4 want folder file
+  want=$(sed -n 's/^llama[-_]cpp[-_]python==.*--hash=sha256:\([0-9a-f]*\).*/\1/p' "$lock" | head -1)
+  for folder in ${PIP_FIND_LINKS:-}; do
+    file="$folder/llama_cpp_python-$version.tar.gz"
+    if [[ -n $want && -f $file && $(rbee_sha256 <"$file") == "$want" ]]; then
+      echo "using $file"
+      cp "$file" "$work/"
+      return
+    fi
+  done
+  "$python" -m pip download --disable-pip-version-check --no-deps --no-binary :all: \
+    --require-hashes -r "$lock" -d "$work"
+}
+
 llama_compile() {
   local python=$1 lock=$2 version=$3 args=$4 dir=$5 work log status generator=() target
   # CMake and ninja may be (or get) installed next to PYTHON.
@@ -176,11 +194,11 @@ llama_compile() {
   work="$dir.partial"
   log="$work/build.log"
   rm -rf "$work" && mkdir -p "$work/bin"
-  if ! "$python" -m pip download --quiet --disable-pip-version-check --no-deps \
-    --no-binary :all: --require-hashes -r "$lock" -d "$work" >"$log" 2>&1; then
+  if ! llama_sources "$python" "$lock" "$version" "$work" >"$log" 2>&1; then
     tail -5 "$log" >&2
-    llama_fail "downloading the llama-cpp-python $version sources failed (no package index?);" \
-      "the log is $log"
+    llama_fail "downloading the llama-cpp-python $version sources failed (no package index?" \
+      "an offline machine can be given llama_cpp_python-$version.tar.gz in a --find-links" \
+      "folder); the log is $log"
     return 1
   fi
   tar -xzf "$work"/llama_cpp_python-*.tar.gz -C "$work"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import stat
@@ -295,3 +296,24 @@ def test_cuda_is_compiled_into_a_folder_of_its_own(build_env: dict[str, str]) ->
     assert "compiling llama.cpp's server for cuda" in cuda.stderr
     assert cuda.stdout.strip() != cpu.stdout.strip()
     assert "-DGGML_CUDA=on" in Path(build_env["CALLS"]).read_text()
+
+
+def test_an_offline_machine_uses_the_sources_in_a_find_links_folder_if_the_hash_matches(
+    build_env: dict[str, str], tmp_path: Path
+) -> None:
+    sdist = Path(build_env["SDIST"])
+    links = tmp_path / "links"
+    links.mkdir()
+    shutil.copy(sdist, links / sdist.name)
+    lock = Path(build_env["LOCK"])
+    lock.write_text(f"llama-cpp-python=={VERSION} --hash=sha256:{'0' * 64}\n")
+    ensure(build_env, PIP_FIND_LINKS=str(links))
+    assert " download " in Path(build_env["CALLS"]).read_text()  # a wrong hash: pip is asked
+    Path(build_env["CALLS"]).unlink()
+    shutil.rmtree(build_env["RBEE_LLAMA_CACHE"])
+
+    digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
+    lock.write_text(f"llama-cpp-python=={VERSION} --hash=sha256:{digest}\n")
+    done = ensure(build_env, PIP_FIND_LINKS=f"/nowhere {links}")
+    assert done.returncode == 0, done.stderr
+    assert " download " not in Path(build_env["CALLS"]).read_text()  # only cmake ran
