@@ -226,6 +226,9 @@ def main() -> None:
     args = parser.parse_args()
     if reason := netns.unavailable_reason():
         sys.exit(f"chaos: {reason}")
+    # The three "machines" share this host's cores: workers that spin while idle (right for a
+    # machine of their own) would starve each other here and stall for seconds.
+    os.environ.setdefault("RBEE_WORKER_WAIT_POLICY", "passive")
     tally = run(args.seconds, args.clients, args.seed, args.settle)
     waits = sorted(tally.waits)
     print()

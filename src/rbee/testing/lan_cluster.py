@@ -8,6 +8,7 @@ cluster token that a non-loopback daemon requires. Process output goes to files 
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import subprocess
 import time
@@ -60,6 +61,10 @@ class LanCluster:
     def _start(self, host: str, name: str, argv: Sequence[str], health: str) -> None:
         log = (self.logs / f"{name}.log").open("ab")
         env = {"RBEE_TOKEN": self.token, "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+        # Worker settings pass through to the workers the hives start: the "machines" of a test
+        # LAN share this host's cores, so workers must wait passively (tests set
+        # RBEE_WORKER_WAIT_POLICY=passive); two spinning on the same cores stall for seconds.
+        env.update({k: v for k, v in os.environ.items() if k.startswith("RBEE_WORKER_")})
         self.procs[name] = self.lan.popen(
             host, argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
         )

@@ -147,7 +147,7 @@ def test_tool_results_sent_back_are_answered(client: openai.OpenAI) -> None:
         {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 21 degrees."},
     ]
     completion = client.chat.completions.create(
-        model=DEFAULT_MODEL, messages=messages, tools=[WEATHER_TOOL], max_tokens=60
+        model=DEFAULT_MODEL, messages=messages, tools=[WEATHER_TOOL], temperature=0, max_tokens=60
     )
     message = completion.choices[0].message
     assert message.content or message.tool_calls
@@ -219,8 +219,12 @@ def test_sampling_fields_as_openai_defines_them(client: openai.OpenAI) -> None:
     )
     assert "Paris" not in (stopped.choices[0].message.content or "")
     assert stopped.choices[0].finish_reason == "stop"
+    # Greedy, so the answer cannot end by chance before its third token.
     short = client.chat.completions.create(
-        model=DEFAULT_MODEL, messages=ask("Count to twenty."), max_completion_tokens=3
+        model=DEFAULT_MODEL,
+        messages=ask("Count to twenty."),
+        temperature=0,
+        max_completion_tokens=3,
     )
     assert short.usage is not None
     assert short.usage.completion_tokens <= 3

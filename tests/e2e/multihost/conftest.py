@@ -21,13 +21,24 @@ QUEEN_FLAGS = (
 )  # fmt: skip
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[LanCluster]:
+def three_machines(tmp_path: Path, *queen_flags: str) -> Iterator[LanCluster]:
     """Queen on `queen`, hives on `box1` and `box2`; no workers yet. Everything it made is gone
     when the test ends, pass or fail."""
     with netns.Lan(["queen", "box1", "box2"]) as lan:
         cluster = LanCluster(lan, tmp_path)
-        cluster.start_queen(*QUEEN_FLAGS)
+        cluster.start_queen(*queen_flags)
         cluster.start_hive("box1")
         cluster.start_hive("box2")
         yield cluster
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[LanCluster]:
+    yield from three_machines(tmp_path, *QUEEN_FLAGS)
+
+
+@pytest.fixture
+def default_timeouts_cluster(tmp_path: Path) -> Iterator[LanCluster]:
+    """The queen's own heartbeat timeout (90 s) and cooldown: a machine that drops off stays
+    listed online for a minute and a half, so only its dead connections can give it away."""
+    yield from three_machines(tmp_path, "--queue-size", "32", "--queue-timeout", "120")

@@ -45,11 +45,13 @@ def lan() -> Iterator[netns.Lan]:
     with netns.Lan(["box"]) as lan:
         lan.popen("box", [sys.executable, "-c", SLOW_SERVER], stdout=subprocess.DEVNULL)
         url = f"http://{lan.address('box')}:{PORT}/"
-        for _ in range(100):
+        deadline = time.monotonic() + 30  # a Python server may take seconds to start here
+        while True:
             try:
                 httpx.head(url, timeout=0.5)
                 break
             except httpx.HTTPError:
+                assert time.monotonic() < deadline, f"nothing answered at {url}"
                 time.sleep(0.1)
         yield lan
 

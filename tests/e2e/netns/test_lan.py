@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -30,12 +31,14 @@ def serve(lan: netns.Lan, host: str, port: int) -> str:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    for _ in range(100):
+    # A Python server may take seconds to start on a busy machine.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
         try:
             httpx.get(url, timeout=0.5)
             return url
         except httpx.HTTPError:
-            pass
+            time.sleep(0.1)
     raise AssertionError(f"nothing answered at {url}")
 
 

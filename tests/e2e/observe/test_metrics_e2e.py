@@ -3,6 +3,8 @@ exactly what was sent."""
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 
@@ -44,6 +46,15 @@ def test_counters_and_histograms_move_by_the_traffic_sent(cluster: Cluster) -> N
             "/v1/chat/completions", json={"model": "no-such-model", "messages": QUESTION}
         )
         assert missing.status_code == 404
+        # The last answer is in, but the worker's "ready again" heartbeat and the queen's own
+        # bookkeeping may still be on their way: read the figures once both have landed.
+        deadline = time.monotonic() + 30
+        while True:
+            view = client.get(f"/v1/workers/{worker['worker_id']}").json()
+            if view["status"] == "ready" and view["in_flight"] == 0:
+                break
+            assert time.monotonic() < deadline, view
+            time.sleep(0.05)
     queen = cluster.scrape(cluster.queen_url)
     after = cluster.scrape(worker["url"])
 

@@ -61,7 +61,7 @@ def test_watch_follows_changes_and_a_lost_queen() -> None:
         )
         try:
             lines = Lines(watcher)
-            lines.wait_for("0 worker(s)")
+            lines.wait_for("0 worker(s)", timeout_s=30)  # includes the CLI's own start
             heartbeat(url, "ready")
             assert "m" in lines.wait_for("w-watch", "ready")
             heartbeat(url, "stopping")

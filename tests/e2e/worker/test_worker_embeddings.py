@@ -19,7 +19,9 @@ def test_a_model_whose_file_names_a_pooling_serves_embeddings_by_itself(
     model = write_tiny_gguf(tmp_path / "encoder.gguf", pooling=1)
     worker = cluster.worker(queen_module.url, "--heartbeat-interval", "1", model=str(model))
     embedded = httpx.post(
-        f"{worker.url}/v1/embeddings", json={"model": "encoder", "input": ["héllo", "wörld"]}
+        f"{worker.url}/v1/embeddings",
+        json={"model": "encoder", "input": ["héllo", "wörld"]},
+        timeout=30,
     )
     assert embedded.status_code == 200, embedded.text
     assert [len(d["embedding"]) for d in embedded.json()["data"]] == [32, 32]
@@ -42,8 +44,9 @@ def test_a_generative_model_embeds_with_the_flag_and_not_without(
     assert refused.status_code == 400
     assert refused.json()["error"]["param"] == "model"
     embedding = cluster.worker(queen_module.url, "--embedding", model=str(tiny_model))
-    first = httpx.post(f"{embedding.url}/v1/embeddings", json=body).json()
-    again = httpx.post(f"{embedding.url}/v1/embeddings", json=body).json()
+    # Real work on a machine that may be busy: more than httpx's default 5 s allowed.
+    first = httpx.post(f"{embedding.url}/v1/embeddings", json=body, timeout=30).json()
+    again = httpx.post(f"{embedding.url}/v1/embeddings", json=body, timeout=30).json()
     assert first["data"][0]["embedding"] == again["data"][0]["embedding"]
     assert first["usage"]["prompt_tokens"] > 0
     too_long = httpx.post(

@@ -51,12 +51,14 @@ class Cluster:
         *,
         new_workers: NewWorker = ok,
         new_id: Callable[[int], str] = lambda n: f"new-{n}",
+        new_status: str = "ready",
     ) -> None:
         self.workers: dict[str, Handler] = {}
         self.servers = WorkerServers(self.workers.get)
         self.spawns = 0
         self.new_workers = new_workers
         self.new_id = new_id
+        self.new_status = new_status  # what a new worker's first heartbeat says
         self.app = create_app(
             QueenSettings.model_validate({"queue_size": 4, "queue_timeout": 2, "cooldown": 30}),
             transport=httpx.MockTransport(self.handle),
@@ -82,7 +84,7 @@ class Cluster:
             port = await self.heartbeat_dead(worker_id, model)
         else:
             self.workers[worker_id] = handler
-            port = await self.heartbeat(worker_id, model)
+            port = await self.heartbeat(worker_id, model, self.new_status)
         url = f"http://127.0.0.1:{port}"
         body = {"worker_id": worker_id, "pid": 1, "port": port, "url": url}
         return httpx.Response(201, json=body)
@@ -207,6 +209,22 @@ async def test_a_replacement_that_reuses_the_dead_workers_id_serves_everyone() -
         await cluster.heartbeat_dead("w-8080")
         responses = await asyncio.wait_for(asyncio.gather(*(cluster.chat() for _ in range(4))), 10)
         assert [r.status_code for r in responses] == [200] * 4
+        assert cluster.spawns == 1
+    finally:
+        await cluster.aclose()
+
+
+async def test_a_replacement_taken_by_other_requests_at_once_serves_those_that_started_it() -> None:
+    """Requests that arrive while a replacement starts take it as soon as it is up, so the
+    first heartbeat the queen sees may say `busy`, and under steady load it may never say
+    `ready`: the requests that started it must not wait for a `ready` that never comes."""
+    cluster = Cluster(new_status="busy")
+    try:
+        await cluster.hive_has("m")
+        await cluster.heartbeat_dead("killed")
+        responses = await asyncio.wait_for(asyncio.gather(*(cluster.chat() for _ in range(3))), 10)
+        assert [r.status_code for r in responses] == [200] * 3
+        assert {r.headers["x-rbee-worker-id"] for r in responses} == {"new-1"}
         assert cluster.spawns == 1
     finally:
         await cluster.aclose()

@@ -17,10 +17,11 @@ from rbee.common.clock import Clock, monotonic
 from rbee.common.errors import NotFound, RbeeError, Unavailable
 from rbee.contracts.hive_api import SpawnRequest, SpawnResponse
 from rbee.contracts.hives import HiveView
-from rbee.contracts.workers import DEFAULT_CTX_SIZE, WorkerInfo, WorkerStatus
+from rbee.contracts.workers import DEFAULT_CTX_SIZE, WorkerInfo
 from rbee.queen.events import EventBus
 from rbee.queen.hives import HiveRegistry
 from rbee.queen.registry import WorkerRegistry
+from rbee.queen.routing.router import SERVING
 from rbee.queen.scheduler.backoff import Hold, StartBackoff
 from rbee.queen.scheduler.placement import Demand, Placement, place
 
@@ -227,8 +228,10 @@ class Spawner:
                 del self._started[worker_id]
 
     async def wait_ready(self, worker_id: str) -> WorkerInfo:
-        """Wait for the worker's `ready` heartbeat. The hive answers only once the worker is
-        up, so a worker that goes offline or stays silent for a heartbeat timeout after that
+        """Wait until the worker reports that it serves (`ready`, or `busy`: requests that
+        arrived while it started may take it before this wait sees it ready, and a loaded
+        worker kept busy might never say `ready` again). The hive answers only once the worker
+        is up, so a worker that goes offline or stays silent for a heartbeat timeout after that
         has died: waiting out the whole spawn timeout for it would hold every request up."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_s
@@ -236,7 +239,7 @@ class Spawner:
         async with self.bus.subscribe() as changes:
             while True:
                 record = self.registry.get_record(worker_id)
-                if record is not None and record.info.status is WorkerStatus.READY:
+                if record is not None and record.info.status in SERVING:
                     return record.info
                 heard = record is not None and self.registry.is_fresh(record)
                 if not heard and loop.time() >= silent_until:
