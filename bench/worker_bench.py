@@ -114,7 +114,7 @@ def llama_server(
 ) -> Iterator[ServerProcess]:
     port = free_port()
     args = [binary("llama-server"), "--model", str(model), "--port", str(port)]
-    args += ["--parallel", str(slots), "--kv-unified", "--kv-unified-per-slot", str(ctx)]
+    args += ["--parallel", str(slots), "--no-kv-unified", "--kv-unified-per-slot", str(ctx)]
     args += ["--threads", str(threads), "--threads-batch", str(threads), "--no-webui"]
     args += KV_CACHES[kv]
     with ServerProcess(args, health_url=f"http://127.0.0.1:{port}/health") as proc:
@@ -124,6 +124,7 @@ def llama_server(
 def batched_bench(model: Path, threads: int, sequences: int, max_tokens: int, kv: str) -> float:
     """llama.cpp's own batched decoding: aggregate generation tokens/s (S_TG) for N sequences."""
     args = [binary("llama-batched-bench"), "-m", str(model), "-t", str(threads), *KV_CACHES[kv]]
+    # Its default KV cache: a stretch of its own for each sequence, as the worker has.
     args += ["-c", str(sequences * 512), "-npp", "64", "-ntg", str(max_tokens)]
     args += ["-npl", str(sequences), "--output-format", "jsonl"]
     out = subprocess.run(args, capture_output=True, text=True, check=True, timeout=600).stdout

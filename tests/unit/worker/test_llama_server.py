@@ -124,6 +124,7 @@ def test_a_quantized_kv_cache_keeps_every_slot_whole_and_needs_flash_attention()
     assert (flags["--cache-type-k"], flags["--cache-type-v"]) == ("q8_0", "q8_0")
     assert flags["--flash-attn"] == "on"
     assert flags["--kv-unified-per-slot"] == "2048"  # each slot its whole context, no shared pool
+    assert "--no-kv-unified" in args  # ...in a stretch of its own, attending to nothing else
     assert "--ctx-size" not in flags
     plain = ServerConfig(Path("/m/x.gguf"), ctx_size=2048, slots=1, threads=2)
     assert "--cache-type-k" not in plain.args(Path("/run/s.sock"))

@@ -84,9 +84,12 @@ class ServerConfig:
         args = [
             self.binary,
             *("--model", str(self.model), "--host", str(socket_path)),
-            # One KV cache of `slots * ctx_size` tokens, each slot held to exactly `ctx_size`
-            # (a plain --ctx-size would be rounded up to a multiple of 256).
-            *("--parallel", str(self.slots), "--kv-unified"),
+            # Each slot its own stretch of the KV cache (llama.cpp's default for several slots):
+            # a token attends to its own request's cells only, where one cache shared by all
+            # slots makes every token attend across all of them, which costs more with each
+            # request running. Each slot is held to exactly `ctx_size` (its stretch is rounded
+            # up to a multiple of 256).
+            *("--parallel", str(self.slots), "--no-kv-unified"),
             *("--kv-unified-per-slot", str(self.ctx_size)),
             *("--threads", str(self.threads), "--threads-batch", str(self.threads)),
             "--no-webui",
