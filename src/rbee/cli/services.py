@@ -21,6 +21,7 @@ from rbee.cli.ssh import Shell, quote
 UNIT_DIR = "$HOME/.config/systemd/user"
 ENV_DIR = "$HOME/.config/rbee"
 RESOLVE_FAILED = 10
+LINGER_REFUSED = "rbee: linger-refused:"
 SAFE_ARG = re.compile(r"^[A-Za-z0-9_@%+=:,./-]+$")
 
 # Where the daemon's program is, and (over SSH, when asked) where the queen is as the remote
@@ -55,7 +56,9 @@ echo "rbee: wrote {unit_dir}/{unit}"
 if ! command -v systemctl >/dev/null 2>&1; then echo "rbee: no systemctl on $(hostname)"; exit 21; fi
 systemctl --user daemon-reload
 systemctl --user enable --now {unit}
-loginctl enable-linger "$(id -un)" 2>/dev/null || echo "rbee: linger-refused"
+if ! linger=$(loginctl enable-linger "$(id -un)" 2>&1); then
+  echo "rbee: linger-refused: $(printf '%s' "$linger" | tail -n 1)"
+fi
 echo "rbee: enabled {unit}"
 }}
 """
@@ -144,11 +147,14 @@ async def install(shell: Shell, service: Service, program: str, token: str | Non
         prefix = f"wrote the unit {service.unit} on {shell.where}, but " if wrote else ""
         raise CliError(f"{prefix}systemctl --user failed there: {what}")
     notes = [f"{service.unit} is enabled and started on {shell.where}"]
-    if "rbee: linger-refused" in result.out:
-        notes.append(
-            "loginctl enable-linger was refused: the unit starts at boot only once the user "
-            "logs in (ask an administrator for `loginctl enable-linger USER`)"
-        )
+    for line in result.out.splitlines():
+        if line.startswith(LINGER_REFUSED):
+            why = line.removeprefix(LINGER_REFUSED).strip() or "no reason given"
+            notes.append(
+                f"loginctl enable-linger failed on {shell.where} ({why}): without lingering, "
+                f"{service.unit} starts when the user logs in there, not at boot; "
+                "`loginctl enable-linger USER` (as root if it is refused) fixes that"
+            )
     return notes
 
 

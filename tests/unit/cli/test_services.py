@@ -106,7 +106,11 @@ async def test_a_refused_linger_is_a_note_and_a_failing_systemctl_an_error(
 ) -> None:
     monkeypatch.setenv("FAIL_LOGINCTL", "1")
     notes = await services.install(Shell(), HIVE, "/usr/bin/rbee-hive", None)
-    assert "loginctl enable-linger was refused" in notes[1]
+    assert notes[1] == (
+        "loginctl enable-linger failed on this machine (Failed to connect to bus): without "
+        "lingering, rbee-hive.service starts when the user logs in there, not at boot; "
+        "`loginctl enable-linger USER` (as root if it is refused) fixes that"
+    )
     assert not (fake_home / ".config" / "rbee" / "hive.env").exists()
 
     monkeypatch.setenv("FAIL_SYSTEMCTL", "1")

@@ -9,7 +9,6 @@ returns once `/health` answers; `stop` sends SIGTERM and waits (SIGKILL after th
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Annotated
 from urllib.parse import urlsplit
 
@@ -159,13 +158,9 @@ def hive_start(
     advertise_host: remote.AdvertiseHostOption = None,
     remote_command: remote.RemoteCommandOption = None,
     queen_url: remote.HiveQueenUrlOption = None,
-    models_dir: Annotated[Path | None, typer.Option(help="Where model files live.")] = None,
-    worker_ports: Annotated[
-        str | None, typer.Option(help="Port range for workers, e.g. 8080-8999.")
-    ] = None,
-    heartbeat_interval: Annotated[
-        float | None, typer.Option(help="Seconds between heartbeats.")
-    ] = None,
+    models_dir: remote.ModelsDirOption = None,
+    worker_ports: remote.WorkerPortsOption = None,
+    heartbeat_interval: remote.HeartbeatIntervalOption = None,
     timeout: Annotated[
         float,
         typer.Option(min=1, help="Seconds to wait for it (to answer; with --ssh, to join)."),

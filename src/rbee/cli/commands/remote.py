@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -61,6 +62,12 @@ HiveQueenUrlOption = Annotated[
         "and a loopback URL, the address that machine sees this one's SSH connection come from).",
     ),
 ]
+
+ModelsDirOption = Annotated[Path | None, typer.Option(help="Where model files live.")]
+WorkerPortsOption = Annotated[
+    str | None, typer.Option(help="Port range for workers, e.g. 8080-8999.")
+]
+HeartbeatIntervalOption = Annotated[float | None, typer.Option(help="Seconds between heartbeats.")]
 
 
 def target_of(value: str) -> SshTarget:

@@ -84,6 +84,9 @@ def hive_service(
     advertise_host: remote.AdvertiseHostOption = None,
     remote_command: remote.RemoteCommandOption = None,
     queen_url: remote.HiveQueenUrlOption = None,
+    models_dir: remote.ModelsDirOption = None,
+    worker_ports: remote.WorkerPortsOption = None,
+    heartbeat_interval: remote.HeartbeatIntervalOption = None,
 ) -> None:
     """Run the hive (here, or on another machine with --ssh) as a systemd user service.
 
@@ -99,6 +102,11 @@ def hive_service(
     _need_token(cli, host, shell.where)
     if queen_url is not None:
         check_queen_url(queen_url)
+
+    if target is None and remote_command is None:
+        # Here, the hive is the one beside this rbee, as `rbee hive start` runs it (and as
+        # `rbee queen service` finds the queen), whether or not its venv is on PATH.
+        remote_command = processes.find_program("rbee-hive")
 
     async def run() -> list[str]:
         found = await services.resolve(shell, "rbee-hive", remote_command)
@@ -117,6 +125,14 @@ def hive_service(
                 port=port,
                 hive_id=hive_id,
                 advertise_host=advertise_host,
+                extra=(
+                    ("--models-dir", None if models_dir is None else str(models_dir)),
+                    ("--worker-ports", worker_ports),
+                    (
+                        "--heartbeat-interval",
+                        None if heartbeat_interval is None else str(heartbeat_interval),
+                    ),
+                ),
             ),
             env_file="hive.env",
         )
