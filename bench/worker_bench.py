@@ -3,8 +3,8 @@
 Same model, greedy decoding, the same chat prompt and token budget everywhere. "At its best" is
 llama.cpp's own programs with all cores and default (spinning) OpenMP waiting: `llama-server`
 for one request, `llama-batched-bench` for four sequences decoded together, each run with its
-default f16 KV cache and with the q8_0 cache and flash attention the worker uses, the faster
-counting. Each round runs the baseline and the worker one after the other (never at once, which
+default f16 KV cache and with the q8_0 cache and flash attention a worker with several slots
+uses, the faster counting. Each round runs the baseline and the worker one after the other (never at once, which
 would split the cores); several rounds give the spread. The first-token overhead compares the
 worker with llama-server on the same KV cache, so it is the worker's own. Targets (issue 14):
 
@@ -42,7 +42,7 @@ from rbee.worker.app import resolve_model
 MODEL = "smollm2-135m-instruct"
 # llama.cpp's KV cache settings tried for the baseline: its default, and the worker's.
 KV_CACHES = {"f16": [], "q8_0": ["-ctk", "q8_0", "-ctv", "q8_0", "-fa", "on"]}
-WORKER_KV = "q8_0"
+WORKER_KV = "f16"  # a 1-slot worker's (--kv-cache-type auto); several slots take q8_0
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
 

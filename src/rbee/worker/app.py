@@ -73,6 +73,14 @@ def identity_from(settings: WorkerSettings) -> Identity:
     )
 
 
+def kv_cache_type(settings: WorkerSettings) -> str:
+    """`auto`: a quantized cache where it buys room for several slots; one slot keeps f16,
+    which decodes a few percent faster."""
+    if settings.kv_cache_type != "auto":
+        return settings.kv_cache_type
+    return "q8_0" if settings.slots > 1 else "f16"
+
+
 def llama_server(settings: WorkerSettings, *, pooled: bool = True) -> LlamaServer:
     """`pooled`: the model file names how to pool token vectors into one embedding."""
     config = ServerConfig(
@@ -82,7 +90,7 @@ def llama_server(settings: WorkerSettings, *, pooled: bool = True) -> LlamaServe
         threads=settings.threads or default_threads(),
         passive_wait=settings.wait_policy == "passive",
         embedding=settings.embedding,
-        kv_cache_type=settings.kv_cache_type,
+        kv_cache_type=kv_cache_type(settings),
         pooled=pooled,
         binary=settings.llama_server,
         gpu_layers=gpu_layers_for(parse_device(settings.device), settings.gpu_layers),

@@ -63,10 +63,11 @@ class WorkerSettings(DaemonSettings):
         "file says it is an embedding model is served so without this flag)",
     )
     ctx_size: int = Field(DEFAULT_CTX_SIZE, ge=16, description="context window per slot, in tokens")
-    kv_cache_type: Literal["q8_0", "f16"] = Field(
-        "q8_0",
+    kv_cache_type: Literal["auto", "q8_0", "f16"] = Field(
+        "auto",
         description="how the KV cache stores each slot's context: q8_0 (half the memory of f16, "
-        "so more slots fit; llama.cpp's flash attention) or f16",
+        "so more slots fit; a few percent slower), f16, or auto: q8_0 with several slots, f16 "
+        "with one",
     )
     threads: int | None = Field(
         None,

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from rbee.testing.gguf import write_tiny_gguf
-from rbee.worker.app import resolve_model
+from rbee.worker.app import kv_cache_type, resolve_model
 from rbee.worker.engines.base import EngineError, Prompt, PromptError, PromptTooLong, SamplingParams
 from rbee.worker.engines.gguf import read_model_facts
 from rbee.worker.engines.llama_server import (
@@ -16,6 +16,7 @@ from rbee.worker.engines.llama_server import (
     schema_refusal,
     scored_tokens,
 )
+from rbee.worker.settings import WorkerSettings
 
 
 def test_a_request_carries_its_prompt_and_every_sampling_setting() -> None:
@@ -137,3 +138,13 @@ def test_a_model_whose_heads_are_not_whole_q8_0_blocks_keeps_an_f16_cache(tmp_pa
     smollm = read_model_facts(resolve_model("smollm2-135m-instruct"))
     assert smollm.head_sizes == (64, 64)
     assert smollm.quantizable_kv
+
+
+def test_auto_quantizes_the_kv_cache_only_when_several_slots_share_the_memory() -> None:
+    def kv(**fields: object) -> str:
+        return kv_cache_type(WorkerSettings(model="m.gguf", port=1, queen_url="http://q", **fields))
+
+    assert kv(slots=1) == "f16"
+    assert kv(slots=4) == "q8_0"
+    assert kv(slots=1, kv_cache_type="q8_0") == "q8_0"
+    assert kv(slots=4, kv_cache_type="f16") == "f16"
