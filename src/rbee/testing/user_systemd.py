@@ -76,11 +76,20 @@ def _alive(pid: int) -> bool:
 
 
 class UserManager:
-    """`with UserManager(home) as box:` a systemd user manager for the user running the test,
-    with `home` as its HOME; `box.run([...])` runs a command as that user's login shell would."""
+    """`with UserManager(home, log) as box:` a systemd user manager for the user running the
+    test, with `home` as its HOME; `box.run([...])` runs a command as that user's login shell
+    would. `launcher` puts the whole machine elsewhere first (`nsenter --net=PATH`)."""
 
-    def __init__(self, home: Path, log: Path, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        home: Path,
+        log: Path,
+        env: Mapping[str, str] | None = None,
+        *,
+        launcher: Sequence[str] = (),
+    ) -> None:
         self.home = home
+        self.launcher = list(launcher)  # e.g. `nsenter --net=PATH`: the machine is in that netns
         self.log = log
         self.env = {
             "HOME": str(home),
@@ -96,7 +105,7 @@ class UserManager:
 
     def __enter__(self) -> UserManager:
         self._holder = subprocess.Popen(
-            ["unshare", "-m", "--propagation", "private", "sh", "-c", HOLDER],
+            [*self.launcher, "unshare", "-m", "--propagation", "private", "sh", "-c", HOLDER],
             stdout=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
             text=True,
@@ -141,15 +150,17 @@ class UserManager:
                     found.append(pid)
         return found
 
-    def _enter(self, argv: Sequence[str]) -> list[str]:
-        return ["nsenter", "-t", str(self.holder_pid), "-m", "--", *argv]
+    def enter(self, argv: Sequence[str]) -> list[str]:
+        """argv run inside the namespace (and in the holder's network namespace, whichever it
+        is); also for the machine's own daemons (an sshd) that the caller starts."""
+        return ["nsenter", "-t", str(self.holder_pid), "-m", "-n", "--", *argv]
 
     def run(
         self, argv: Sequence[str], *, env: Mapping[str, str] | None = None, timeout_s: float = 120
     ) -> subprocess.CompletedProcess[str]:
         """A command inside the namespace, with the session's environment plus `env`."""
         return subprocess.run(
-            self._enter(argv),
+            self.enter(argv),
             env={**self.env, **(env or {})},
             capture_output=True,
             text=True,
@@ -167,7 +178,7 @@ class UserManager:
         """Start a user manager and wait until it has started its enabled units."""
         with self.log.open("ab") as log:
             self._manager = subprocess.Popen(
-                self._enter([SYSTEMD, "--user"]),
+                self.enter([SYSTEMD, "--user"]),
                 env=self.env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,

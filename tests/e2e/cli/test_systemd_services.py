@@ -21,7 +21,7 @@ import pytest
 
 from rbee.common.bundled import DEFAULT_MODEL
 from rbee.testing import user_systemd
-from rbee.testing.processes import console_script, free_port
+from rbee.testing.processes import console_script, free_port, processes_with_in_argv
 from rbee.testing.user_systemd import UserManager
 
 pytestmark = pytest.mark.e2e
@@ -36,18 +36,6 @@ def manager(tmp_path: Path) -> Iterator[UserManager]:
     home.mkdir()
     with UserManager(home, tmp_path / "systemd.log") as box:
         yield box
-
-
-def processes_with_in_argv(needle: str) -> list[str]:
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            argv = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if needle in argv:
-            found.append(f"{cmdline.parent.name}: {argv}")
-    return found
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout_s: float = 60) -> Any:

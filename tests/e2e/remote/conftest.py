@@ -6,6 +6,7 @@ The namespace shares this filesystem, so the remote `rbee-hive` is this environm
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import secrets
@@ -20,8 +21,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from rbee.testing import netns
+from rbee.testing import netns, user_systemd
 from rbee.testing.processes import console_script
+from rbee.testing.user_systemd import UserManager
 
 SSHD = "/usr/sbin/sshd"
 
@@ -46,6 +48,7 @@ class Box:
     ssh_command: str  # for RBEE_SSH_COMMAND
     state_dir: Path  # the remote's RBEE_STATE_DIR
     home: Path
+    systemd: UserManager | None = None  # its systemd user manager, when asked for one
 
     def rbee_processes(self) -> list[psutil.Process]:
         """rbee daemons and workers running inside the box's namespace."""
@@ -85,6 +88,22 @@ def _wait_listening(lan: netns.Lan, host: str, port: int, sshd: subprocess.Popen
 def box(tmp_path: Path) -> Iterator[Box]:
     if reason := unavailable():
         pytest.skip(reason)
+    with open_box(tmp_path) as opened:
+        yield opened
+
+
+@pytest.fixture
+def systemd_box(tmp_path: Path) -> Iterator[Box]:
+    """The box with a real systemd user manager: its sshd and the manager share a private
+    mount namespace (see `rbee.testing.user_systemd`), so `systemctl --user` over SSH works."""
+    if reason := unavailable() or user_systemd.unavailable_reason():
+        pytest.skip(reason)
+    with open_box(tmp_path, systemd=True) as opened:
+        yield opened
+
+
+@contextlib.contextmanager
+def open_box(tmp_path: Path, *, systemd: bool = False) -> Iterator[Box]:
     keys = tmp_path / "ssh"
     keys.mkdir()
     for name in ("host_key", "user_key"):
@@ -106,9 +125,25 @@ def box(tmp_path: Path) -> Iterator[Box]:
             # The box has no route to a package index: pip uses only the wheels given to it.
             "PIP_NO_INDEX=1",
         ]
+        # What pam_systemd would set at login: where the user manager's sockets are.
+        + ([f"XDG_RUNTIME_DIR={user_systemd.RUNTIME_DIR}"] if systemd else [])
     )
     config = keys / "sshd_config"
-    with netns.Lan(["box1"]) as lan, (tmp_path / "sshd.log").open("w") as sshd_log:
+    with (
+        netns.Lan(["box1"]) as lan,
+        (tmp_path / "sshd.log").open("w") as sshd_log,
+        contextlib.ExitStack() as machine,
+    ):
+        manager = None
+        if systemd:
+            manager = machine.enter_context(
+                UserManager(
+                    home,
+                    tmp_path / "systemd.log",
+                    # Not `ip netns exec`: that mounts a /sys without the cgroups systemd needs.
+                    launcher=["nsenter", f"--net=/run/netns/{lan.namespace('box1')}"],
+                )
+            )
         address = lan.address("box1")
         config.write_text(
             f"ListenAddress {address}\n"
@@ -126,7 +161,9 @@ def box(tmp_path: Path) -> Iterator[Box]:
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation dir
         sshd = lan.popen(
             "box1",
-            [SSHD, "-D", "-e", "-f", str(config)],
+            manager.enter([SSHD, "-D", "-e", "-f", str(config)])
+            if manager
+            else [SSHD, "-D", "-e", "-f", str(config)],
             stdout=subprocess.DEVNULL,
             stderr=sshd_log,
         )
@@ -149,7 +186,7 @@ def box(tmp_path: Path) -> Iterator[Box]:
             ]
         )
         user = pwd.getpwuid(os.getuid()).pw_name
-        yield Box(lan, "box1", address, f"{user}@{address}", ssh_command, state_dir, home)
+        yield Box(lan, "box1", address, f"{user}@{address}", ssh_command, state_dir, home, manager)
 
 
 @pytest.fixture

@@ -13,25 +13,17 @@ from pathlib import Path
 import pytest
 
 from rbee.common.bundled import DEFAULT_MODEL
-from rbee.testing.processes import ServerProcess, console_script, free_port
+from rbee.testing.processes import (
+    ServerProcess,
+    console_script,
+    free_port,
+    processes_with_in_argv,
+)
 
 from .conftest import Box, remote_hive_command
 
 pytestmark = pytest.mark.e2e
 RBEE = console_script("rbee")
-
-
-def processes_with_in_argv(needle: str) -> list[str]:
-    """Every process on this host (all namespaces share the pid space) whose argv holds it."""
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            argv = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if needle in argv:
-            found.append(f"{cmdline.parent.name}: {argv}")
-    return found
 
 
 @pytest.fixture
@@ -193,3 +185,49 @@ def test_hive_service_over_ssh_writes_the_unit_and_the_private_token_file(
             f"rbee: wrote the unit rbee-hive.service on {box.target}, but systemctl --user "
             "failed there:"
         ), result.stderr
+
+
+def test_hive_service_over_ssh_runs_under_the_remote_systemd_and_rejoins_after_its_reboot(
+    systemd_box: Box, queen: str, token: str, tmp_path: Path
+) -> None:
+    """The box runs a real systemd user manager: the unit installed over SSH starts a hive that
+    joins the queen here, and after a power cut of the box its fresh manager starts it again."""
+    box, manager = systemd_box, systemd_box.systemd
+    assert manager is not None
+    env = rbee_env(box, queen, token, tmp_path)
+    hive_port = free_port()
+    installed = run(
+        env,
+        "hive", "service", "--ssh", box.target, "--port", str(hive_port), "--hive-id", "box1",
+        "--remote-command", remote_hive_command(), "--heartbeat-interval", "1",
+    )  # fmt: skip
+    assert installed.returncode == 0, installed.stderr
+    assert f"rbee-hive.service is enabled and started on {box.target}" in installed.stdout
+    assert f"loginctl enable-linger failed on {box.target} (" in installed.stdout
+
+    def joined() -> bool:
+        listed = json.loads(run(env, "status", "--json").stdout)["hives"]
+        return [(h["id"], h["url"], h["online"]) for h in listed] == [
+            ("box1", f"http://{box.address}:{hive_port}", True)
+        ]
+
+    def wait_joined(what: str) -> None:
+        deadline = time.monotonic() + 60
+        while not joined():
+            assert time.monotonic() < deadline, f"the hive did not join the queen {what}"
+            time.sleep(0.5)
+
+    wait_joined("once installed")
+    assert manager.unit_property("rbee-hive.service", "ActiveState") == "active"
+    assert box.rbee_processes(), "the hive runs inside the box"
+    unit = (box.home / ".config" / "systemd" / "user" / "rbee-hive.service").read_text()
+    assert token not in unit
+    env_file = box.home / ".config" / "rbee" / "hive.env"
+    assert env_file.stat().st_mode & 0o777 == 0o600
+    assert processes_with_in_argv(token) == []
+
+    manager.crash()
+    assert box.rbee_processes() == []
+    manager.boot()
+    wait_joined("after the box rebooted")
+    assert processes_with_in_argv(token) == []
