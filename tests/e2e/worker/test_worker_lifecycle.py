@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import signal
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
+
+from rbee.worker.engines.llama_server import DIR_PREFIX
 
 pytestmark = pytest.mark.e2e
 
@@ -47,6 +52,22 @@ def test_sigterm_takes_the_worker_out_of_the_registry_at_once_and_exits_0(cluste
     # The queen's timeout is 90 s: only the worker's own `stopped` heartbeat removes it this fast.
     assert registry_status(queen.url, worker.id) is None
     assert "Traceback" not in worker.proc.output()
+
+
+def test_a_killed_workers_engine_dies_with_it_and_the_next_worker_clears_its_socket_dir(
+    cluster: Any,
+) -> None:
+    queen = cluster.queen()
+    worker = cluster.worker(queen.url)
+    (engine,) = psutil.Process(worker.proc.pid).children()
+    (socket_dir,) = Path(tempfile.gettempdir()).glob(f"{DIR_PREFIX}{worker.proc.pid}-*")
+    worker.proc.signal(signal.SIGKILL)
+    worker.proc.wait(10)
+    _, alive = psutil.wait_procs([engine], timeout=10)
+    assert not alive, f"llama-server (pid {engine.pid}) outlived its SIGKILLed worker"
+    assert socket_dir.exists()  # nobody was left to remove it...
+    cluster.worker(queen.url)
+    assert not socket_dir.exists()  # ...until the next worker on the machine started
 
 
 def test_queen_restarted_on_the_same_port_sees_the_worker_within_one_interval(

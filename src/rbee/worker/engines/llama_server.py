@@ -9,7 +9,9 @@ worker keeps its own API in front: admission and 429, heartbeats, cancel on disc
 the connection stops the generation), graceful stop.
 
 The server's process dies with the worker's (PR_SET_PDEATHSIG), and a server that dies on its
-own stops the worker, whose supervisor (the hive, the queen's on-demand start) takes over.
+own stops the worker, whose supervisor (the hive, the queen's on-demand start) takes over. A
+worker killed outright leaves its socket directory behind; the next worker on the machine
+removes it.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 from httpx_sse import EventSource
 
 from rbee.common.gpu import default_llama_server
@@ -53,6 +56,7 @@ log = logging.getLogger("rbee.worker.llama_server")
 _server_log = logging.getLogger("llama-server")
 
 SERVER_BINARY = "llama-server"
+DIR_PREFIX = "rbee-llama-server-"  # then the worker's pid and a random part
 OUTPUT_LINES_KEPT = 60
 READY_POLL_S = 0.02
 STOP_GRACE_S = 5.0
@@ -126,11 +130,35 @@ class ServerConfig:
         return env
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM when the worker dies, however it dies."""
-    with contextlib.suppress(Exception):
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+def _dies_with(parent: int) -> Callable[[], None]:
+    """For the child before exec: be killed when the worker dies, however it dies.
+
+    SIGKILL, not SIGTERM: a server with nobody left to answer has nothing to save, and its
+    SIGTERM handler, called a second time while it shuts down, may hang in exit() (a server
+    outlived its worker so in a test run). A worker that died before the child asked is
+    checked for by pid, since the request only covers deaths after it."""
+
+    def child() -> None:
+        with contextlib.suppress(Exception):
+            pr_set_pdeathsig = 1
+            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return child
+
+
+def sweep_stale_dirs(root: Path) -> list[Path]:
+    """Remove (and return) the socket directories of this user's workers that are gone."""
+    removed = []
+    for path in root.glob(f"{DIR_PREFIX}*"):
+        pid = path.name.removeprefix(DIR_PREFIX).split("-", 1)[0]
+        with contextlib.suppress(OSError):
+            mine = pid.isdigit() and path.stat().st_uid == os.getuid()
+            if mine and not psutil.pid_exists(int(pid)):
+                shutil.rmtree(path)
+                removed.append(path)
+    return removed
 
 
 class LlamaServer:
@@ -139,7 +167,8 @@ class LlamaServer:
     def __init__(self, config: ServerConfig, *, load_timeout_s: float = 300.0) -> None:
         self.config = config
         self.load_timeout_s = load_timeout_s
-        self._dir = Path(tempfile.mkdtemp(prefix="rbee-llama-server-"))  # mode 0700
+        sweep_stale_dirs(Path(tempfile.gettempdir()))
+        self._dir = Path(tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-"))  # mode 0700
         self.socket = self._dir / "server.sock"
         self.api_key = secrets.token_urlsafe(24)
         self._proc: asyncio.subprocess.Process | None = None
@@ -176,7 +205,7 @@ class LlamaServer:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
                 env=self.config.env(self.api_key),
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                preexec_fn=_dies_with(os.getpid()) if sys.platform == "linux" else None,
             )
         except OSError as exc:
             raise EngineError(f"cannot start {binary}: {exc.strerror or exc}") from None
