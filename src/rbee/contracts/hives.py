@@ -40,6 +40,11 @@ class ModelFootprint(BaseModel):
     )
     vocab_size: Annotated[int, Field(ge=0)]
     head_count: Annotated[int, Field(ge=0)]
+    kv_quantizable: bool = Field(
+        default=False,
+        description="every attention head is whole q8_0 blocks, so a worker with several "
+        "slots stores its KV cache as q8_0 (about half of f16)",
+    )
 
 
 class HiveInfo(BaseModel):

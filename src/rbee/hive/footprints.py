@@ -17,6 +17,7 @@ from typing import Any, BinaryIO
 
 import gguf
 
+from rbee.common.model_memory import F16, Q8_0_BLOCK
 from rbee.contracts.hive_api import CatalogModel
 from rbee.contracts.hives import ModelFootprint
 
@@ -35,7 +36,6 @@ _SCALARS: dict[int, str] = {
     gguf.GGUFValueType.INT64: "<q",
     gguf.GGUFValueType.FLOAT64: "<d",
 }
-F16 = 2
 MAX_ITEMS = 1 << 26  # more array items or tensors than any real model: a corrupt header
 
 
@@ -132,12 +132,13 @@ def read_footprint(path: Path) -> ModelFootprint:
     # Grouped-query attention: K and V have head_count_kv heads, given once or per layer.
     per_layer_heads = _per_layer(hparam("attention.head_count_kv", heads), layers)
     per_layer_q = _per_layer(heads, layers)
-    kv_elements = 0
+    kv_elements, head_sizes = 0, set()
     for kv_heads, q_heads in zip(per_layer_heads, per_layer_q, strict=True):
         head_dim = embd // q_heads if q_heads else 0
         key = hparam("attention.key_length", head_dim)
         value = hparam("attention.value_length", head_dim)
         kv_elements += kv_heads * (key + value)
+        head_sizes |= {key, value}
     vocab = hparam("vocab_size") or header.lengths.get("tokenizer.ggml.tokens", 0)
     return ModelFootprint(
         weights_bytes=header.tensor_bytes,
@@ -145,6 +146,7 @@ def read_footprint(path: Path) -> ModelFootprint:
         kv_bytes_per_token=kv_elements * F16,
         vocab_size=vocab,
         head_count=max(per_layer_q),
+        kv_quantizable=all(size > 0 and size % Q8_0_BLOCK == 0 for size in head_sizes),
     )
 
 

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 
 from rbee import __version__
 from rbee.clients.base import dead_peer_transport
+from rbee.common import model_memory
 from rbee.common.auth import openapi_url
 from rbee.common.bundled import BUNDLED_MODELS, bundled_model_path
 from rbee.common.cpus import usable_cpus
@@ -74,11 +75,9 @@ def identity_from(settings: WorkerSettings) -> Identity:
 
 
 def kv_cache_type(settings: WorkerSettings) -> str:
-    """`auto`: a quantized cache where it buys room for several slots; one slot keeps f16,
-    which decodes a few percent faster."""
-    if settings.kv_cache_type != "auto":
-        return settings.kv_cache_type
-    return "q8_0" if settings.slots > 1 else "f16"
+    """How this worker stores its KV cache (`--kv-cache-type`; `auto` by the rule placement
+    estimates with). main() has already set f16 for a model whose heads q8_0 cannot hold."""
+    return model_memory.kv_cache_type(settings.kv_cache_type, settings.slots, quantizable=True)
 
 
 def llama_server(settings: WorkerSettings, *, pooled: bool = True) -> LlamaServer:

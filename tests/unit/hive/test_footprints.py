@@ -43,6 +43,9 @@ def test_a_tiny_model_of_known_size(tmp_path: Path, layers: int) -> None:
     head_dim = N_EMBD // N_HEAD
     assert footprint.kv_bytes_per_token == layers * N_HEAD * 2 * head_dim * 2  # K+V, f16
     assert (footprint.vocab_size, footprint.head_count) == (VOCAB, N_HEAD)
+    # Heads of 16 values are not whole q8_0 blocks: several slots still keep an f16 cache.
+    assert not footprint.kv_quantizable
+    assert estimate_memory(footprint, ctx_size=64, slots=4).kv_type == "f16"
 
 
 def write_gqa_model(path: Path) -> Path:
@@ -75,12 +78,15 @@ def test_the_estimate_adds_weights_kv_cache_and_compute(tmp_path: Path) -> None:
     assert one.kv_cache == 4096 * 16384  # 64 MiB
     assert one.compute == 4 * BATCH_TOKENS * (32000 + 32 * 4096)
     assert one.total == one.weights + one.kv_cache + one.compute
+    assert footprint.kv_quantizable  # heads of 128 values: four whole q8_0 blocks
     two = estimate_memory(footprint, ctx_size=4096, slots=2)
-    assert two.kv_cache == 2 * one.kv_cache
-    assert two.weights == one.weights  # one copy of the weights, a cache per slot
+    # A cache per slot, stored as q8_0 (34 bytes per 32 values) as a 2-slot worker stores it.
+    assert (one.kv_type, two.kv_type) == ("f16", "q8_0")
+    assert two.kv_cache == 2 * one.kv_cache * 34 // 64
+    assert two.weights == one.weights  # one copy of the weights
     half = estimate_memory(footprint, ctx_size=4096, gpu_layers=2)
     assert (half.weights, half.kv_cache) == (one.weights // 2, one.kv_cache // 2)
-    assert "for 4096 tokens x 1 slot(s)" in one.describe()
+    assert "for 4096 tokens x 1 slot(s) at f16" in one.describe()
 
 
 def test_smollm2_kv_cache_is_what_llama_cpp_allocates() -> None:
@@ -93,6 +99,9 @@ def test_smollm2_kv_cache_is_what_llama_cpp_allocates() -> None:
     assert estimate.kv_cache == 45 * MIB
     assert round(estimate.weights / MIB, 2) == 92.10
     assert 99 * MIB < estimate.compute < 140 * MIB
+    # Four slots: "CPU KV buffer size = 95.62 MiB", a q8_0 cache of 4 x 2048 tokens.
+    four = estimate_memory(read_footprint(path), ctx_size=2048, slots=4)
+    assert round(four.kv_cache / MIB, 2) == 95.62
 
 
 def test_files_without_a_usable_header_are_refused(tmp_path: Path) -> None:

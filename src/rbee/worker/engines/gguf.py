@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from rbee.common.model_memory import Q8_0_BLOCK
 from rbee.worker.engines.base import EngineError
 
 GGUF_MAGIC = b"GGUF"
@@ -42,7 +43,6 @@ _SCALARS = {
     12: "d",
 }
 _STRING, _ARRAY = 8, 9
-QUANT_BLOCK = 32  # values per block of q8_0
 _FACT_KEYS = (
     ".pooling_type",
     ".embedding_length",
@@ -86,7 +86,7 @@ class ModelFacts:
     @property
     def quantizable_kv(self) -> bool:
         """A q8_0 KV cache stores blocks of 32 values, so each head must be whole blocks."""
-        return all(size > 0 and size % QUANT_BLOCK == 0 for size in self.head_sizes)
+        return all(size > 0 and size % Q8_0_BLOCK == 0 for size in self.head_sizes)
 
 
 def _read(f: BinaryIO, fmt: str) -> int | float | bool:
