@@ -34,6 +34,8 @@ async def embed(runtime: WorkerRuntime, request: EmbeddingRequest) -> EmbeddingL
         result = await runtime.run(lease, work)
     except PromptError as exc:
         raise BadRequest(exc.message, code=exc.code, param=exc.param) from None
+    runtime.metrics.prompt_tokens.inc(result.prompt_tokens)
+    runtime.metrics.embeddings.inc(len(result.vectors))
     data = [
         Embedding(
             index=i,

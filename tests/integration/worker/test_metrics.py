@@ -81,3 +81,16 @@ async def test_metrics_need_the_token_when_one_is_set(make_worker: Any) -> None:
     ok = await worker.client.get("/metrics", headers={"authorization": "Bearer s3cret"})
     assert ok.status_code == 200
     assert "rbee_worker_slots" in ok.text
+
+
+async def test_embeddings_count_their_vectors_and_prompt_tokens(make_worker: Any) -> None:
+    worker = await make_worker(embedding=True)
+    body = {"model": MODEL, "input": ["Paris is in France.", "Rome is in Italy."]}
+    response = await worker.client.post("/v1/embeddings", json=body)
+    assert response.status_code == 200
+    after = await scrape(worker)
+    assert value(after, "rbee_worker_embeddings_total") == 2
+    assert (
+        value(after, "rbee_worker_prompt_tokens_total") == response.json()["usage"]["prompt_tokens"]
+    )
+    assert value(after, "rbee_worker_generated_tokens_total") == 0
