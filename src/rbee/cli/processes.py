@@ -51,6 +51,33 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
+def hive_argv(
+    *,
+    queen_url: str | None,
+    host: str,
+    port: int,
+    hive_id: str | None = None,
+    advertise_host: str | None = None,
+    models_dir: str | Path | None = None,
+    worker_ports: str | None = None,
+    heartbeat_interval: float | None = None,
+) -> list[str]:
+    """rbee-hive's flags, as `hive start`, `hive service` and a start over SSH pass them. A value
+    left None is left out (the hive's default); no queen URL: the caller adds its own."""
+    args = [] if queen_url is None else ["--queen-url", queen_url]
+    args += ["--host", host, "--port", str(port)]
+    for flag, value in (
+        ("--hive-id", hive_id),
+        ("--advertise-host", advertise_host),
+        ("--models-dir", models_dir),
+        ("--worker-ports", worker_ports),
+        ("--heartbeat-interval", heartbeat_interval),
+    ):
+        if value is not None:
+            args += [flag, str(value)]
+    return args
+
+
 def url_for(host: str, port: int) -> str:
     """How to reach a daemon listening on host (a wildcard is reached on loopback)."""
     if host in ("0.0.0.0", "", "::"):

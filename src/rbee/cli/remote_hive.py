@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from rbee.cli import processes
 from rbee.cli.context import CliError
 from rbee.cli.ssh import Result, Ssh, SshTarget, quote
 from rbee.clients.hive import HiveClient
@@ -139,16 +140,16 @@ class RemoteHive:
         return str(httpx.URL(scheme="http", host=self.public_host, port=self.port)).rstrip("/")
 
     def hive_args(self) -> list[str]:
-        args = ["--host", self.host, "--port", str(self.port), "--hive-id", self.id]
-        args += ["--advertise-host", self.public_host]
-        for flag, value in (
-            ("--worker-ports", self.worker_ports),
-            ("--models-dir", self.models_dir),
-            ("--heartbeat-interval", self.heartbeat_interval),
-        ):
-            if value is not None:
-                args += [flag, str(value)]
-        return args
+        return processes.hive_argv(
+            queen_url=None,  # the start script adds the one the remote reaches
+            host=self.host,
+            port=self.port,
+            hive_id=self.id,
+            advertise_host=self.public_host,
+            models_dir=self.models_dir,
+            worker_ports=self.worker_ports,
+            heartbeat_interval=self.heartbeat_interval,
+        )
 
     def start_script(self, cli_queen_url: str, token: str | None) -> str:
         """The queen URL is --queen-url if given, else the CLI's; one on loopback would mean the

@@ -12,7 +12,6 @@ Installing writes both files, then `systemctl --user daemon-reload` and `enable 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from rbee.cli.context import CliError
@@ -156,19 +155,3 @@ async def install(shell: Shell, service: Service, program: str, token: str | Non
                 "`loginctl enable-linger USER` (as root if it is refused) fixes that"
             )
     return notes
-
-
-def hive_args(
-    *,
-    queen_url: str,
-    host: str,
-    port: int,
-    hive_id: str | None,
-    advertise_host: str | None,
-    extra: Sequence[tuple[str, str | None]] = (),
-) -> tuple[str, ...]:
-    args = ["--queen-url", queen_url, "--host", host, "--port", str(port)]
-    for flag, value in (("--hive-id", hive_id), ("--advertise-host", advertise_host), *extra):
-        if value is not None:
-            args += [flag, value]
-    return tuple(args)

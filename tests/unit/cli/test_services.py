@@ -13,18 +13,21 @@ import pytest
 
 from rbee.cli import services
 from rbee.cli.context import CliError
+from rbee.cli.processes import hive_argv
 from rbee.cli.ssh import Shell
 
 HIVE = services.Service(
     name="rbee-hive",
     unit="rbee-hive.service",
     description="rbee-hive, reporting to the rbee queen at http://10.0.0.1:7833",
-    args=services.hive_args(
-        queen_url="http://10.0.0.1:7833",
-        host="0.0.0.0",
-        port=7835,
-        hive_id="box2",
-        advertise_host="10.0.0.2",
+    args=tuple(
+        hive_argv(
+            queen_url="http://10.0.0.1:7833",
+            host="0.0.0.0",
+            port=7835,
+            hive_id="box2",
+            advertise_host="10.0.0.2",
+        )
     ),
     env_file="hive.env",
 )

@@ -189,16 +189,16 @@ def hive_start(
         remote.start(cli, hive, timeout)
         return
     host = host or "127.0.0.1"
-    args = ["--queen-url", queen_url or cli.queen_url, "--host", host, "--port", str(port)]
-    for flag, value in (
-        ("--hive-id", hive_id),
-        ("--advertise-host", advertise_host),
-        ("--models-dir", models_dir),
-        ("--worker-ports", worker_ports),
-        ("--heartbeat-interval", heartbeat_interval),
-    ):
-        if value is not None:
-            args += [flag, str(value)]
+    args = processes.hive_argv(
+        queen_url=queen_url or cli.queen_url,
+        host=host,
+        port=port,
+        hive_id=hive_id,
+        advertise_host=advertise_host,
+        models_dir=models_dir,
+        worker_ports=worker_ports,
+        heartbeat_interval=heartbeat_interval,
+    )
     start_daemon(cli, "rbee-hive", args, processes.url_for(host, port), timeout)
 
 

@@ -119,20 +119,17 @@ def hive_service(
             name="rbee-hive",
             unit="rbee-hive.service",
             description=f"rbee-hive, reporting to the rbee queen at {url}",
-            args=services.hive_args(
-                queen_url=url,
-                host=host,
-                port=port,
-                hive_id=hive_id,
-                advertise_host=advertise_host,
-                extra=(
-                    ("--models-dir", None if models_dir is None else str(models_dir)),
-                    ("--worker-ports", worker_ports),
-                    (
-                        "--heartbeat-interval",
-                        None if heartbeat_interval is None else str(heartbeat_interval),
-                    ),
-                ),
+            args=tuple(
+                processes.hive_argv(
+                    queen_url=url,
+                    host=host,
+                    port=port,
+                    hive_id=hive_id,
+                    advertise_host=advertise_host,
+                    models_dir=models_dir,
+                    worker_ports=worker_ports,
+                    heartbeat_interval=heartbeat_interval,
+                )
             ),
             env_file="hive.env",
         )
