@@ -10,7 +10,8 @@ that died mid-answer would (the end of the chunked body never comes).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
 
 import httpx
 from aiohttp import web
@@ -18,6 +19,22 @@ from aiohttp import web
 Handler = Callable[[httpx.Request], Awaitable[httpx.Response]]
 # The handler for a worker's name, looked up on every request (None: it drops the connection).
 Route = Callable[[str], Handler | None]
+
+
+def worker_beat(
+    worker_id: str, port: int, model: str = "m", status: str = "ready", **extra: Any
+) -> dict[str, Any]:
+    """A worker heartbeat for a fake worker served on a loopback port."""
+    worker = {"id": worker_id, "model_id": model, "host": "127.0.0.1", "port": port}
+    return {"worker": {**worker, "status": status, "version": "1", **extra}}
+
+
+def hive_beat(models: Sequence[str], hive_id: str = "h1") -> dict[str, Any]:
+    """A heartbeat of a hive at hive.test with one small CPU and `models` in its catalog."""
+    cpu = {"id": "cpu:0", "kind": "cpu", "name": "cpu", "memory_total_bytes": 10,
+           "memory_free_bytes": 5}  # fmt: skip
+    hive = {"id": hive_id, "url": "http://hive.test:7835", "version": "1"}
+    return {"hive": hive, "devices": [cpu], "models": list(models)}
 
 
 async def _body_of(answer: httpx.Response) -> AsyncIterator[bytes]:

@@ -18,7 +18,7 @@ from rbee.queen.proxy import connection_refused
 from rbee.queen.settings import QueenSettings
 from rbee.queen.upstream import UpstreamClient, UpstreamError
 from rbee.testing.processes import free_port
-from rbee.testing.worker_servers import Handler, WorkerServers
+from rbee.testing.worker_servers import Handler, WorkerServers, hive_beat, worker_beat
 
 # A worker factory: a name gives a handler, or None for a worker that dies at once.
 NewWorker = Callable[[str], Handler | None]
@@ -97,20 +97,12 @@ class Cluster:
         return await self._beat(worker_id, free_port(), model, "ready")
 
     async def _beat(self, worker_id: str, port: int, model: str, status: str) -> int:
-        worker = {"id": worker_id, "model_id": model, "host": "127.0.0.1", "port": port}
-        body = {"worker": {**worker, "status": status, "version": "1", "hive_id": "h1"}}
+        body = worker_beat(worker_id, port, model, status, hive_id="h1")
         (await self.client.post("/v1/worker-heartbeat", json=body)).raise_for_status()
         return port
 
     async def hive_has(self, *models: str) -> None:
-        cpu = {"id": "cpu:0", "kind": "cpu", "name": "cpu", "memory_total_bytes": 10,
-               "memory_free_bytes": 5}  # fmt: skip
-        body = {
-            "hive": {"id": "h1", "url": "http://hive.test:7835", "version": "1"},
-            "devices": [cpu],
-            "models": list(models),
-        }
-        (await self.client.post("/v1/hive-heartbeat", json=body)).raise_for_status()
+        (await self.client.post("/v1/hive-heartbeat", json=hive_beat(models))).raise_for_status()
 
     async def chat(self, model: str = "m", **extra: Any) -> httpx.Response:
         body = {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}

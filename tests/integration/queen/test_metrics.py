@@ -13,7 +13,7 @@ import pytest
 from rbee.queen.app import create_app
 from rbee.queen.settings import QueenSettings
 from rbee.testing.metrics import Samples, has, parse_samples, value
-from rbee.testing.worker_servers import Handler, WorkerServers
+from rbee.testing.worker_servers import Handler, WorkerServers, worker_beat
 
 
 async def stream_body() -> AsyncIterator[bytes]:
@@ -51,9 +51,7 @@ class Queen:
         )
 
     async def heartbeat(self, worker_id: str, model: str = "m", **extra: Any) -> None:
-        port = await self.servers.port(worker_id)
-        info = {"id": worker_id, "model_id": model, "host": "127.0.0.1", "port": port}
-        body = {"worker": {**info, "status": "ready", "version": "1", **extra}}
+        body = worker_beat(worker_id, await self.servers.port(worker_id), model, **extra)
         (await self.client.post("/v1/worker-heartbeat", json=body)).raise_for_status()
 
     async def hive_heartbeat(self, hive_id: str = "h1", url: str = "http://10.0.0.5:7835") -> None:

@@ -15,7 +15,7 @@ import pytest
 from rbee.queen.app import create_app
 from rbee.queen.settings import QueenSettings
 from rbee.queen.upstream import UpstreamResponse
-from rbee.testing.worker_servers import Handler, WorkerServers
+from rbee.testing.worker_servers import Handler, WorkerServers, hive_beat, worker_beat
 
 
 def completion(worker: str, body: dict[str, Any]) -> httpx.Response:
@@ -98,24 +98,11 @@ class Cluster:
         self, worker_id: str, model: str = "m", status: str = "ready", **extra: Any
     ) -> None:
         port = await self.servers.port(worker_id)
-        worker = {"id": worker_id, "model_id": model, "host": "127.0.0.1", "port": port}
-        body = {"worker": {**worker, "status": status, "version": "1", **extra}}
+        body = worker_beat(worker_id, port, model, status, **extra)
         (await self.client.post("/v1/worker-heartbeat", json=body)).raise_for_status()
 
     async def hive_heartbeat(self, models: list[str]) -> None:
-        body = {
-            "hive": {"id": "h1", "url": "http://hive.test:7835", "version": "1"},
-            "devices": [
-                {
-                    "id": "cpu:0",
-                    "kind": "cpu",
-                    "name": "cpu",
-                    "memory_total_bytes": 10,
-                    "memory_free_bytes": 5,
-                }
-            ],
-            "models": models,
-        }
+        body = hive_beat(models)
         (await self.client.post("/v1/hive-heartbeat", json=body)).raise_for_status()
 
     async def chat(self, model: str = "m", **extra: Any) -> httpx.Response:
