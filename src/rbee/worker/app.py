@@ -28,7 +28,8 @@ from rbee.contracts.workers import WorkerStatus
 from rbee.worker.access import WORKER_ACCESS
 from rbee.worker.api import openai as openai_api
 from rbee.worker.engines.base import Engine, EngineError, EngineHost
-from rbee.worker.engines.llama_server import LlamaServer, LlamaServerEngine, ServerConfig
+from rbee.worker.engines.llama_process import LlamaServer, ServerConfig
+from rbee.worker.engines.llama_server import LlamaServerEngine
 from rbee.worker.heartbeat import Heartbeater
 from rbee.worker.runtime import WorkerRuntime
 from rbee.worker.settings import WorkerSettings

@@ -10,7 +10,7 @@ from pydantic_settings import CliImplicitFlag, SettingsConfigDict
 from rbee.common.cpus import format_cpu_set, parse_cpu_set
 from rbee.common.settings import DaemonSettings, HttpUrl, Seconds
 from rbee.contracts.workers import DEFAULT_CTX_SIZE, DeviceId
-from rbee.worker.engines.llama_server import default_binary
+from rbee.worker.engines.llama_process import default_binary
 
 
 class WorkerSettings(DaemonSettings):

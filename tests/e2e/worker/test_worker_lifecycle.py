@@ -12,7 +12,7 @@ import httpx
 import psutil
 import pytest
 
-from rbee.worker.engines.llama_server import DIR_PREFIX
+from rbee.worker.engines.llama_process import DIR_PREFIX
 
 pytestmark = pytest.mark.e2e
 

@@ -9,8 +9,8 @@ from rbee.testing.gguf import write_tiny_gguf
 from rbee.worker.app import kv_cache_type, resolve_model
 from rbee.worker.engines.base import EngineError, Prompt, PromptError, PromptTooLong, SamplingParams
 from rbee.worker.engines.gguf import read_model_facts
+from rbee.worker.engines.llama_process import ServerConfig
 from rbee.worker.engines.llama_server import (
-    ServerConfig,
     completion_body,
     refusal,
     schema_refusal,

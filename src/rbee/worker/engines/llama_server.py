@@ -1,43 +1,23 @@
-"""The real engine: llama.cpp's own `llama-server`, run and supervised by the worker.
+"""The real engine: llama.cpp's own `llama-server` (`llama_process`), behind rbee's worker.
 
-The worker starts one `llama-server` for its model (`LlamaServer`, the host) with one llama.cpp
-slot per `--slots`, and talks to it over a Unix socket in a private directory, so nothing else
-on the machine can reach it (and it takes no port). llama.cpp decodes all running requests in
-one batch over one copy of the model: continuous batching, a request joins and leaves at any
-token. Each worker slot holds a `LlamaServerEngine`, a handle with its own connection; the
-worker keeps its own API in front: admission and 429, heartbeats, cancel on disconnect (closing
-the connection stops the generation), graceful stop.
-
-The server's process dies with the worker's (PR_SET_PDEATHSIG), and a server that dies on its
-own stops the worker, whose supervisor (the hive, the queen's on-demand start) takes over. A
-worker killed outright leaves its socket directory behind; the next worker on the machine
-removes it.
+llama.cpp decodes all running requests in one batch over one copy of the model: continuous
+batching, a request joins and leaves at any token. Each worker slot holds a
+`LlamaServerEngine`, a handle with its own connection to the server; the worker keeps its own
+API in front: admission and 429, heartbeats, cancel on disconnect (closing the connection stops
+the generation), graceful stop. This module turns rbee's requests into llama.cpp's and its
+answers and refusals back.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
 import json
-import logging
-import os
-import secrets
-import shutil
-import signal
-import sys
-import tempfile
-from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 from httpx_sse import EventSource
 
-from rbee.common.gpu import default_llama_server
 from rbee.worker.engines.base import (
     Candidate,
     Embeddings,
@@ -51,260 +31,9 @@ from rbee.worker.engines.base import (
     SamplingParams,
     Scored,
 )
+from rbee.worker.engines.llama_process import LlamaServer
 
-log = logging.getLogger("rbee.worker.llama_server")
-_server_log = logging.getLogger("llama-server")
-
-SERVER_BINARY = "llama-server"
-DIR_PREFIX = "rbee-llama-server-"  # then the worker's pid and a random part
-OUTPUT_LINES_KEPT = 60
-READY_POLL_S = 0.02
-STOP_GRACE_S = 5.0
-BASE_URL = "http://llama-server"
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs
-
-
-def default_binary() -> str:
-    """The `llama-server` that ./dev installs next to the interpreter, else whatever PATH finds."""
-    return default_llama_server()
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    model: Path
-    ctx_size: int  # per slot
-    slots: int
-    threads: int
-    passive_wait: bool = False
-    embedding: bool = False
-    kv_cache_type: str = "f16"
-    pooled: bool = True  # the file names a pooling of its own (embedding models do)
-    binary: str = SERVER_BINARY
-    # llama.cpp's layers on the GPU: -1 all, 0 none. The worker is pinned to its one GPU
-    # (CUDA_VISIBLE_DEVICES) before the server starts, so that GPU is the only one it sees.
-    gpu_layers: int = 0
-
-    def args(self, socket_path: Path) -> list[str]:
-        args = [
-            self.binary,
-            *("--model", str(self.model), "--host", str(socket_path)),
-            # Each slot its own stretch of the KV cache (llama.cpp's default for several slots):
-            # a token attends to its own request's cells only, where one cache shared by all
-            # slots makes every token attend across all of them, which costs more with each
-            # request running. Each slot is held to exactly `ctx_size` (its stretch is rounded
-            # up to a multiple of 256).
-            *("--parallel", str(self.slots), "--no-kv-unified"),
-            *("--kv-unified-per-slot", str(self.ctx_size)),
-            *("--threads", str(self.threads), "--threads-batch", str(self.threads)),
-            "--no-webui",
-            *("--n-gpu-layers", "all" if self.gpu_layers < 0 else str(self.gpu_layers)),
-            # Our heartbeats and /health say how the worker is; its own loading log is noise.
-            *("--log-verbosity", "2"),
-        ]
-        if self.passive_wait:
-            # Threads that share their cores with another worker must not spin while waiting.
-            args += ["--poll", "0"]
-        if self.kv_cache_type != "f16" and not self.embedding:
-            # Every slot keeps its whole context in the cache, at half the bytes of f16: a
-            # 4-slot worker costs little more than a 1-slot one, and no slot can run out of
-            # room because others took it (a pool shared by the slots would fail them all
-            # when it filled). A quantized V cache needs flash attention.
-            args += ["--cache-type-k", self.kv_cache_type, "--cache-type-v", self.kv_cache_type]
-            args += ["--flash-attn", "on"]
-        if self.embedding:
-            # One text is decoded in one batch (encoders need it whole), so a batch holds a
-            # whole context.
-            args += ["--embedding", "--batch-size", str(self.ctx_size)]
-            args += ["--ubatch-size", str(self.ctx_size)]
-            if not self.pooled:
-                args += ["--pooling", "mean"]
-        return args
-
-    def env(self, api_key: str) -> dict[str, str]:
-        env = {**os.environ, "LLAMA_API_KEY": api_key}  # in the environment, never in argv
-        env.pop("RBEE_TOKEN", None)  # the cluster token is the worker's, not the engine's
-        if self.passive_wait:
-            # llama.cpp's OpenMP threads spin between operations by default: on cores shared
-            # with another worker the spinning threads starve each other.
-            env["OMP_WAIT_POLICY"] = "PASSIVE"
-        return env
-
-
-def _dies_with(parent: int) -> Callable[[], None]:
-    """For the child before exec: be killed when the worker dies, however it dies.
-
-    SIGKILL, not SIGTERM: a server with nobody left to answer has nothing to save, and its
-    SIGTERM handler, called a second time while it shuts down, may hang in exit() (a server
-    outlived its worker so in a test run). A worker that died before the child asked is
-    checked for by pid, since the request only covers deaths after it."""
-
-    def child() -> None:
-        with contextlib.suppress(Exception):
-            pr_set_pdeathsig = 1
-            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-        if os.getppid() != parent:
-            os._exit(1)
-
-    return child
-
-
-def sweep_stale_dirs(root: Path) -> list[Path]:
-    """Remove (and return) the socket directories of this user's workers that are gone."""
-    removed = []
-    for path in root.glob(f"{DIR_PREFIX}*"):
-        pid = path.name.removeprefix(DIR_PREFIX).split("-", 1)[0]
-        with contextlib.suppress(OSError):
-            mine = pid.isdigit() and path.stat().st_uid == os.getuid()
-            if mine and not psutil.pid_exists(int(pid)):
-                shutil.rmtree(path)
-                removed.append(path)
-    return removed
-
-
-class LlamaServer:
-    """The running `llama-server` process (the engines' host)."""
-
-    def __init__(self, config: ServerConfig, *, load_timeout_s: float = 300.0) -> None:
-        self.config = config
-        self.load_timeout_s = load_timeout_s
-        sweep_stale_dirs(Path(tempfile.gettempdir()))
-        self._dir = Path(tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-"))  # mode 0700
-        self.socket = self._dir / "server.sock"
-        self.api_key = secrets.token_urlsafe(24)
-        self._proc: asyncio.subprocess.Process | None = None
-        self._output: deque[str] = deque(maxlen=OUTPUT_LINES_KEPT)
-        self._reader: asyncio.Task[None] | None = None
-        self._closing = False
-        self.context_size = config.ctx_size
-        self.vocab_size = 0
-        self.embedding_size = 0
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
-
-    def client(self, timeout: httpx.Timeout) -> httpx.AsyncClient:
-        """A client for one engine (one connection, reused)."""
-        return httpx.AsyncClient(
-            transport=httpx.AsyncHTTPTransport(uds=str(self.socket)),
-            base_url=BASE_URL,
-            headers={"Authorization": f"Bearer {self.api_key}"},
-            timeout=timeout,
-        )
-
-    async def start(self) -> None:
-        binary = shutil.which(self.config.binary)
-        if binary is None:
-            raise EngineError(
-                f"llama.cpp's server ({self.config.binary}) was not found; ./dev install builds it"
-            )
-        try:
-            self._proc = await asyncio.create_subprocess_exec(
-                *self.config.args(self.socket),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
-                env=self.config.env(self.api_key),
-                preexec_fn=_dies_with(os.getpid()) if sys.platform == "linux" else None,
-            )
-        except OSError as exc:
-            raise EngineError(f"cannot start {binary}: {exc.strerror or exc}") from None
-        self._reader = asyncio.create_task(self._read_output(), name="llama-server-output")
-        async with self.client(httpx.Timeout(5.0)) as http:
-            try:
-                async with asyncio.timeout(self.load_timeout_s):
-                    await self._wait_ready(http)
-            except TimeoutError:
-                raise EngineError(
-                    f"llama.cpp's server did not load {self.config.model} "
-                    f"within {self.load_timeout_s:g}s"
-                ) from None
-            await self._read_facts(http)
-        log.info(
-            "llama-server (pid %d) serves %s: %d slot(s) of %d tokens, %d thread(s)%s",
-            self._proc.pid,
-            self.config.model.name,
-            self.config.slots,
-            self.context_size,
-            self.config.threads,
-            ", passive waiting" if self.config.passive_wait else "",
-        )
-
-    async def _read_output(self) -> None:
-        assert self._proc is not None
-        assert self._proc.stdout is not None
-        async for raw in self._proc.stdout:
-            line = raw.decode(errors="replace").rstrip()
-            self._output.append(line)
-            _server_log.debug("%s", line)
-
-    async def _wait_ready(self, http: httpx.AsyncClient) -> None:
-        while True:
-            with contextlib.suppress(httpx.TransportError):
-                if (await http.get("/health")).status_code == 200:
-                    return
-            if await self._exited(READY_POLL_S):
-                raise EngineError(await self._load_failure())
-
-    async def _exited(self, wait_s: float) -> bool:
-        assert self._proc is not None
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._proc.wait(), wait_s)
-        return self._proc.returncode is not None
-
-    async def _last_words(self) -> str:
-        if self._reader is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._reader), 1.0)
-        return next((line for line in reversed(self._output) if line.strip()), "no output")
-
-    async def _load_failure(self) -> str:
-        assert self._proc is not None
-        last = await self._last_words()
-        output = "\n".join(self._output)
-        log.debug("llama-server exited %s while loading:\n%s", self._proc.returncode, output)
-        if "failed to load model" in output or "gguf" in output.lower():
-            return (
-                f"model file {self.config.model} cannot be loaded: "
-                "corrupt or not a supported GGUF model"
-            )
-        return f"llama.cpp's server exited with code {self._proc.returncode} while loading: {last}"
-
-    async def _read_facts(self, http: httpx.AsyncClient) -> None:
-        """The context one slot really has, and the model's vocabulary and vector sizes."""
-        try:
-            props = (await http.get("/props")).json()
-            self.context_size = int(props["default_generation_settings"]["n_ctx"])
-            meta = (await http.get("/v1/models")).json()["data"][0]["meta"]
-            self.vocab_size = int(meta["n_vocab"])
-            self.embedding_size = int(meta["n_embd"])
-        except (httpx.HTTPError, KeyError, IndexError, TypeError, ValueError) as exc:
-            raise EngineError(f"llama.cpp's server does not describe its model: {exc!r}") from None
-
-    async def failure(self) -> str:
-        assert self._proc is not None
-        code = await self._proc.wait()
-        last = await self._last_words()
-        if self._closing:
-            await asyncio.Future()  # an exit we asked for is no failure: never returns
-        return f"llama.cpp's server exited with code {code}: {last}"
-
-    async def close(self) -> None:
-        self._closing = True
-        proc = self._proc
-        if proc is not None and proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), STOP_GRACE_S)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
-        if self._reader is not None:
-            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(self._reader, 1.0)
-        shutil.rmtree(self._dir, ignore_errors=True)
 
 
 class LlamaServerEngine:
