@@ -1,120 +1,27 @@
 """The memory footprint of each catalog model, read from its GGUF header for the queen's placement.
 
-`gguf.GGUFReader` builds a numpy view for every string of the vocabulary: 5–9 s for SmolLM2's
-49k tokens on two busy cores, at every hive start. Placement needs a handful of numbers, so the
-header is walked here with `struct`, skipping array payloads, using the `gguf` package's own
-type tables (a few ms). Results are kept per (path, size, mtime), so a heartbeat reads only new
-files.
+The header is walked with `common.gguf_header` (a few ms, where `gguf.GGUFReader` takes
+seconds). Results are kept per (path, size, mtime), so a heartbeat reads only new files.
 """
 
 from __future__ import annotations
 
 import logging
-import struct
 import threading
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
-import gguf
-
+from rbee.common.gguf_header import GgufHeader, GgufHeaderError
 from rbee.common.model_memory import F16, Q8_0_BLOCK
 from rbee.contracts.hive_api import CatalogModel
 from rbee.contracts.hives import ModelFootprint
 
 log = logging.getLogger("rbee.hive.footprints")
 
-_SCALARS: dict[int, str] = {
-    gguf.GGUFValueType.UINT8: "<B",
-    gguf.GGUFValueType.INT8: "<b",
-    gguf.GGUFValueType.UINT16: "<H",
-    gguf.GGUFValueType.INT16: "<h",
-    gguf.GGUFValueType.UINT32: "<I",
-    gguf.GGUFValueType.INT32: "<i",
-    gguf.GGUFValueType.FLOAT32: "<f",
-    gguf.GGUFValueType.BOOL: "<?",
-    gguf.GGUFValueType.UINT64: "<Q",
-    gguf.GGUFValueType.INT64: "<q",
-    gguf.GGUFValueType.FLOAT64: "<d",
-}
-MAX_ITEMS = 1 << 26  # more array items or tensors than any real model: a corrupt header
-
-
-class GgufHeaderError(ValueError):
-    pass
-
-
-class _Header:
-    """Scalar metadata, array lengths, and tensor byte sizes of a little-endian GGUF v2/v3 file."""
-
-    def __init__(self, f: BinaryIO) -> None:
-        self._f = f
-        if f.read(4) != b"GGUF":
-            raise GgufHeaderError("not a GGUF file")
-        version = self._unpack("<I")
-        if version not in (2, 3):
-            raise GgufHeaderError(f"GGUF version {version} is not supported")
-        n_tensors, n_kv = self._count(), self._count()
-        self.values: dict[str, Any] = {}
-        self.lengths: dict[str, int] = {}
-        for _ in range(n_kv):
-            key = self._string()
-            value_type = self._unpack("<I")
-            if value_type == gguf.GGUFValueType.ARRAY:
-                item_type, length = self._unpack("<I"), self._count()
-                self.lengths[key] = length
-                items = [self._value(item_type) for _ in range(length)]
-                if item_type != gguf.GGUFValueType.STRING and length <= 1024:
-                    self.values[key] = items  # per-layer hyperparameters; never the vocabulary
-            else:
-                self.values[key] = self._value(value_type)
-        self.tensor_bytes = 0
-        for _ in range(n_tensors):
-            self._string()
-            dims = [self._unpack("<Q") for _ in range(self._unpack("<I"))]
-            tensor_type = self._unpack("<I")
-            self._unpack("<Q")  # offset in the data section
-            block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(tensor_type)]
-            elements = 1
-            for dim in dims:
-                elements *= dim
-            self.tensor_bytes += elements // block * size
-
-    def _unpack(self, fmt: str) -> Any:
-        size = struct.calcsize(fmt)
-        data = self._f.read(size)
-        if len(data) != size:
-            raise GgufHeaderError("the header is cut short")
-        return struct.unpack(fmt, data)[0]
-
-    def _count(self) -> int:
-        count: int = self._unpack("<Q")
-        if count > MAX_ITEMS:
-            raise GgufHeaderError(f"implausible count {count}")
-        return count
-
-    def _string(self) -> str:
-        length = self._count()
-        data = self._f.read(length)
-        if len(data) != length:
-            raise GgufHeaderError("the header is cut short")
-        return data.decode("utf-8", "replace")
-
-    def _value(self, value_type: int) -> Any:
-        if value_type == gguf.GGUFValueType.STRING:
-            return self._string()
-        fmt = _SCALARS.get(value_type)
-        if fmt is None:
-            raise GgufHeaderError(f"unknown value type {value_type}")
-        return self._unpack(fmt)
-
 
 def read_footprint(path: Path) -> ModelFootprint:
     """The footprint of one GGUF file; GgufHeaderError (or OSError) for a file that has none."""
-    with path.open("rb") as f:
-        try:
-            header = _Header(f)
-        except (struct.error, KeyError) as exc:
-            raise GgufHeaderError(f"unreadable header: {exc}") from None
+    header = GgufHeader.read(path)
     values = header.values
     arch = values.get("general.architecture")
 

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from rbee.common.bundled import bundled_model_path
+from rbee.common.gguf_header import GgufHeaderError
 from rbee.common.model_memory import BATCH_TOKENS, estimate_memory
 from rbee.contracts.hive_api import CatalogModel
-from rbee.hive.footprints import FootprintCache, GgufHeaderError, read_footprint
+from rbee.hive.footprints import FootprintCache, read_footprint
 from rbee.testing.gguf import (
     N_EMBD,
     N_FF,

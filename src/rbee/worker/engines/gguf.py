@@ -3,12 +3,10 @@ wrong file, and the facts that decide how the worker runs it (generating, or emb
 
 from __future__ import annotations
 
-import struct
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
+from rbee.common.gguf_header import GgufHeader
 from rbee.common.model_memory import Q8_0_BLOCK
 from rbee.worker.engines.base import EngineError
 
@@ -26,29 +24,6 @@ ENCODER_ARCHITECTURES = frozenset(
         "neo-bert",
         "t5encoder",
     }
-)
-
-# GGUF value types: fixed sizes as struct formats; 8 is a string, 9 an array.
-_SCALARS = {
-    0: "B",
-    1: "b",
-    2: "H",
-    3: "h",
-    4: "I",
-    5: "i",
-    6: "f",
-    7: "?",
-    10: "Q",
-    11: "q",
-    12: "d",
-}
-_STRING, _ARRAY = 8, 9
-_FACT_KEYS = (
-    ".pooling_type",
-    ".embedding_length",
-    ".attention.head_count",
-    ".attention.key_length",
-    ".attention.value_length",
 )
 
 
@@ -89,69 +64,18 @@ class ModelFacts:
         return all(size > 0 and size % Q8_0_BLOCK == 0 for size in self.head_sizes)
 
 
-def _read(f: BinaryIO, fmt: str) -> int | float | bool:
-    size = struct.calcsize("<" + fmt)
-    data = f.read(size)
-    if len(data) != size:
-        raise EOFError
-    value: int | float | bool = struct.unpack("<" + fmt, data)[0]
-    return value
-
-
-def _string(f: BinaryIO) -> str:
-    length = int(_read(f, "Q"))
-    data = f.read(length)
-    if len(data) != length:
-        raise EOFError
-    return data.decode("utf-8", "replace")
-
-
-def _value(f: BinaryIO, kind: int) -> object:
-    """The next value; arrays are skipped (as fast as their type allows) and read as None."""
-    if kind in _SCALARS:
-        return _read(f, _SCALARS[kind])
-    if kind == _STRING:
-        return _string(f)
-    if kind == _ARRAY:
-        item, count = int(_read(f, "I")), int(_read(f, "Q"))
-        if item in _SCALARS:
-            f.seek(struct.calcsize("<" + _SCALARS[item]) * count, 1)
-        else:
-            for _ in range(count):
-                _value(f, item)
-        return None
-    raise ValueError(f"unknown GGUF value type {kind}")
-
-
-def read_metadata(path: Path, wanted: Callable[[str], bool]) -> dict[str, object]:
-    """The wanted keys of the file's metadata (the header only; tensors are never read)."""
-    found: dict[str, object] = {}
-    with path.open("rb") as f:
-        if f.read(4) != GGUF_MAGIC:
-            raise ValueError("bad magic")
-        _read(f, "I")  # version
-        _read(f, "Q")  # tensor count
-        for _ in range(int(_read(f, "Q"))):
-            key = _string(f)
-            value = _value(f, int(_read(f, "I")))
-            if wanted(key):
-                found[key] = value
-    return found
-
-
 def read_model_facts(path: Path) -> ModelFacts:
     check_gguf(path)
     try:
-        meta = read_metadata(
-            path, lambda key: key == "general.architecture" or key.endswith(_FACT_KEYS)
-        )
+        meta = GgufHeader.read(path, tensors=False).values
         architecture = str(meta.get("general.architecture", ""))
         pooling = meta.get(f"{architecture}.pooling_type")
-        width, heads = (meta.get(architecture + k) for k in _FACT_KEYS[1:3])
+        width = meta.get(f"{architecture}.embedding_length")
+        heads = meta.get(f"{architecture}.attention.head_count")
         head = width // heads if isinstance(width, int) and isinstance(heads, int) and heads else 0
         key_size = meta.get(f"{architecture}.attention.key_length", head)
         value_size = meta.get(f"{architecture}.attention.value_length", head)
-    except (OSError, EOFError, ValueError, struct.error, MemoryError):
+    except (OSError, ValueError, MemoryError):
         raise EngineError(
             f"model file {path} cannot be loaded: corrupt or not a supported GGUF model"
         ) from None
