@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from sse_starlette import EventSourceResponse
+from starlette.responses import StreamingResponse
+from starlette.types import Send
 
 from rbee.common.errors import RbeeError, Unavailable
 from rbee.contracts.openai import (
@@ -34,14 +36,15 @@ from rbee.contracts.openai import (
 from rbee.worker.capabilities import check_logit_bias
 from rbee.worker.engines.base import Outcome, SamplingParams, Scored
 from rbee.worker.generation import Generation
-from rbee.worker.runtime import WorkerRuntime
 from rbee.worker.structured import ChatPlan, read_tool_answer
 
 # Unset sampling fields get llama.cpp's usual defaults (as llama-cpp-python's own server does),
 # which suit small local models better than OpenAI's pure temperature 1.0.
 DEFAULT_TEMPERATURE = 0.8
 DEFAULT_TOP_P = 0.95
-DONE = "[DONE]"
+DONE = b"data: [DONE]\n\n"
+PING = b": ping\n\n"  # an SSE comment: clients skip it
+PING_AFTER_S = 15.0
 
 
 def sampling_params(
@@ -126,8 +129,12 @@ def _json(model: ChatCompletionChunk | Completion) -> str:
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
 
 
-def _error_event(exc: RbeeError) -> str:
-    return json.dumps(exc.body(), separators=(",", ":"))
+def _event(data: str) -> bytes:
+    return b"data: " + data.encode() + b"\n\n"
+
+
+def _error_event(exc: RbeeError) -> bytes:
+    return _event(json.dumps(exc.body(), separators=(",", ":")))
 
 
 def _cut_short() -> RbeeError:
@@ -136,11 +143,41 @@ def _cut_short() -> RbeeError:
     )
 
 
-def sse_response(chunks: AsyncIterator[str], runtime: WorkerRuntime) -> EventSourceResponse:
-    # On shutdown a running stream gets the grace period to finish before it is cut.
-    return EventSourceResponse(
-        chunks, sep="\n", ping=15, shutdown_grace_period=runtime.shutdown_grace_s
-    )
+class EventStream(StreamingResponse):
+    """Server-sent events, each given whole and encoded: one socket write per event, nothing
+    else per token. After PING_AFTER_S without an event (a long prompt, a slow model) a comment
+    goes out, so proxies between here and the client keep the connection. A client that goes
+    away cancels the stream (Starlette listens for the disconnect), which cancels its
+    generation; on shutdown the runtime cuts what runs past the grace period."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, events: AsyncIterator[bytes], ping_after_s: float = PING_AFTER_S) -> None:
+        super().__init__(events, headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+        self._ping_after_s = ping_after_s
+        self._last_sent = 0.0
+
+    async def _keep_alive(self, send: Send) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self._last_sent + self._ping_after_s - loop.time())
+            if loop.time() - self._last_sent >= self._ping_after_s:
+                self._last_sent = loop.time()
+                await send({"type": "http.response.body", "body": PING, "more_body": True})
+
+    async def stream_response(self, send: Send) -> None:
+        loop = asyncio.get_running_loop()
+        start = {"type": "http.response.start", "status": self.status_code}
+        await send({**start, "headers": self.raw_headers})
+        self._last_sent = loop.time()
+        pinger = loop.create_task(self._keep_alive(send), name="sse-keep-alive")
+        try:
+            async for event in self.body_iterator:
+                self._last_sent = loop.time()
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+        finally:
+            pinger.cancel()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 class _Answer:
@@ -217,27 +254,26 @@ class ChatAnswer(_Answer):
             id=self.id, created=self.created, model=self.model, choices=choices, usage=usage
         )
 
-    def content_chunk(self) -> Callable[[str], str]:
-        """The per-token chunk as a string template: only the text is encoded per token.
+    def content_event(self) -> Callable[[str], bytes]:
+        """The per-token event as a template: only the text is encoded per token.
 
-        Same JSON as `_json(self._chunk(ChunkDelta(content=...)))` (a test holds them equal),
-        without building and dumping a model for every token."""
+        Same bytes as `_event(_json(self._chunk(ChunkDelta(content=...))))` (a test holds them
+        equal), without building and dumping a model for every token."""
         marker = "\u0000rbee\u0000"
-        whole = _json(self._chunk(ChunkDelta(content=marker)))
-        head, tail = whole.split(json.dumps(marker, ensure_ascii=False), 1)
-        return lambda piece: head + json.dumps(piece, ensure_ascii=False) + tail
+        whole = _event(_json(self._chunk(ChunkDelta(content=marker))))
+        head, tail = whole.split(json.dumps(marker, ensure_ascii=False).encode(), 1)
+        return lambda piece: head + json.dumps(piece, ensure_ascii=False).encode() + tail
 
-    async def _content(self) -> AsyncIterator[str]:
-        content_chunk = self.content_chunk()
+    async def _content(self) -> AsyncIterator[bytes]:
+        content_event = self.content_event()
         async for text, scored in self.generation.pieces():
             if self.logprobs:
-                yield _json(
-                    self._chunk(ChunkDelta(content=text), logprobs=self._scores(list(scored)))
-                )
+                chunk = self._chunk(ChunkDelta(content=text), logprobs=self._scores(list(scored)))
+                yield _event(_json(chunk))
             else:
-                yield content_chunk(text)
+                yield content_event(text)
 
-    async def _tool_calls(self) -> tuple[list[str], bool]:
+    async def _tool_calls(self) -> tuple[list[bytes], bool]:
         """The envelope is only known once complete, so it is read whole and then sent as
         OpenAI streams tool calls: per call, its id and name, then its arguments."""
         texts: list[str] = []
@@ -249,7 +285,9 @@ class ChatAnswer(_Answer):
         logprobs = self._scores(scored)
         chunks = []
         if answer.content is not None:
-            chunks.append(_json(self._chunk(ChunkDelta(content=answer.content), logprobs=logprobs)))
+            chunks.append(
+                _event(_json(self._chunk(ChunkDelta(content=answer.content), logprobs=logprobs)))
+            )
         for index, call in enumerate(answer.tool_calls):
             opening = ToolCallDelta(
                 index=index,
@@ -257,16 +295,18 @@ class ChatAnswer(_Answer):
                 type="function",
                 function=FunctionCallDelta(name=call.function.name, arguments=""),
             )
-            chunks.append(_json(self._chunk(ChunkDelta(tool_calls=[opening]), logprobs=logprobs)))
+            chunks.append(
+                _event(_json(self._chunk(ChunkDelta(tool_calls=[opening]), logprobs=logprobs)))
+            )
             logprobs = None
             arguments = ToolCallDelta(
                 index=index, function=FunctionCallDelta(arguments=call.function.arguments)
             )
-            chunks.append(_json(self._chunk(ChunkDelta(tool_calls=[arguments]))))
+            chunks.append(_event(_json(self._chunk(ChunkDelta(tool_calls=[arguments])))))
         return chunks, bool(answer.tool_calls)
 
-    async def chunks(self, include_usage: bool) -> AsyncIterator[str]:
-        yield _json(self._chunk(ChunkDelta(role="assistant", content="")))
+    async def chunks(self, include_usage: bool) -> AsyncIterator[bytes]:
+        yield _event(_json(self._chunk(ChunkDelta(role="assistant", content=""))))
         called = False
         try:
             if self.tools:
@@ -284,9 +324,9 @@ class ChatAnswer(_Answer):
             yield _error_event(_cut_short())
             return
         finish = "tool_calls" if called else outcome.finish_reason
-        yield _json(self._chunk(ChunkDelta(), finish=finish))
+        yield _event(_json(self._chunk(ChunkDelta(), finish=finish)))
         if include_usage:
-            yield _json(self._chunk(ChunkDelta(), usage=usage_of(outcome)))
+            yield _event(_json(self._chunk(ChunkDelta(), usage=usage_of(outcome))))
         yield DONE
 
 
@@ -317,13 +357,13 @@ class TextAnswer(_Answer):
             choices=[TextChoice(text=text, finish_reason=finish, logprobs=logprobs)],
         )
 
-    async def chunks(self, include_usage: bool) -> AsyncIterator[str]:
+    async def chunks(self, include_usage: bool) -> AsyncIterator[bytes]:
         offset = 0
         try:
             async for text, scored in self.generation.pieces():
                 logprobs = text_logprobs(list(scored), offset) if self.logprobs else None
                 offset += len(text)
-                yield _json(self._chunk(text, logprobs=logprobs))
+                yield _event(_json(self._chunk(text, logprobs=logprobs)))
         except RbeeError as exc:
             yield _error_event(exc)
             return
@@ -331,12 +371,11 @@ class TextAnswer(_Answer):
         if outcome.cancelled:
             yield _error_event(_cut_short())
             return
-        yield _json(self._chunk("", finish=outcome.finish_reason))
+        yield _event(_json(self._chunk("", finish=outcome.finish_reason)))
         if include_usage:
             usage = usage_of(outcome)
-            yield _json(
-                Completion(
-                    id=self.id, created=self.created, model=self.model, choices=[], usage=usage
-                )
+            last = Completion(
+                id=self.id, created=self.created, model=self.model, choices=[], usage=usage
             )
+            yield _event(_json(last))
         yield DONE

@@ -73,8 +73,8 @@ class WorkerRuntime:
             if self._host is not None:
                 await self._host.start()
             for _ in range(self.identity.slots):
-                # Making an engine may block (opening what it needs): not on the loop.
-                self.engines.append(await asyncio.to_thread(self._engine_factory))
+                # A handle onto the host, made in the loop its connection will live in.
+                self.engines.append(self._engine_factory())
         except Exception as exc:
             # EngineError says what is wrong with the file; anything else is still the load's.
             reason = str(exc) if isinstance(exc, EngineError) else f"cannot load the model: {exc!r}"
@@ -162,16 +162,24 @@ class WorkerRuntime:
     def _enter_stopping(self) -> None:
         if self.pool is not None:
             self.pool.close()
-        if self.board.lifecycle is not WorkerStatus.STOPPED:
+        if self.board.lifecycle not in (WorkerStatus.STOPPING, WorkerStatus.STOPPED):
             self.board.set_lifecycle(WorkerStatus.STOPPING)
+            # Answers still running when the grace period is over are cut, each with an error
+            # its client can read (the stream's last event), while the server still waits for
+            # them to close.
+            asyncio.get_running_loop().call_later(self.shutdown_grace_s, self._cut_running)
+
+    def _cut_running(self) -> None:
+        if self._generations:
+            log.warning("cancelling %d generation(s) still running", len(self._generations))
+        for generation in list(self._generations):
+            generation.cancel()
 
     async def finish(self) -> None:
         """Let running generations end (bounded), cancel the rest, free the engines."""
         self._enter_stopping()
         if self.pool is not None and not await self.pool.wait_idle(self.shutdown_grace_s):
-            log.warning("cancelling %d generation(s) still running", len(self._generations))
-            for generation in list(self._generations):
-                generation.cancel()
+            self._cut_running()
             # A cancelled generation stops within a token.
             if not await self.pool.wait_idle(5.0):
                 log.error("a generation did not stop; leaving its engine open")

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import openai
 import pytest
+from fastapi import FastAPI
 
 from rbee.contracts.workers import WorkerStatus
 from rbee.testing.fake_engine import FakeEngine
 from rbee.worker.engines.base import EngineError
+from rbee.worker.responses import EventStream
 
 MODEL = "fake-model"  # the conftest's worker serves it under this name
 READY, BUSY = WorkerStatus.READY, WorkerStatus.BUSY
@@ -200,6 +203,42 @@ async def test_past_the_grace_running_work_is_cut_and_the_client_told(make_worke
     assert cut.status_code == 503
     assert "shut" in cut.json()["error"]["message"]
     assert worker.statuses[-1] is WorkerStatus.STOPPED
+
+
+async def test_a_stream_running_past_the_grace_ends_with_an_error_event(
+    make_worker: Any, serve_live: Any
+) -> None:
+    worker = await make_worker(slow(0.02), shutdown_grace=0.3)
+    url = await serve_live(worker.app)
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        body = chat_body(stream=True, max_tokens=100_000)
+        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            lines = response.aiter_lines()
+            assert len([line async for line in _first_data_lines(lines, 3)]) == 3
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            worker.runtime.begin_shutdown()  # what SIGTERM calls; the server keeps serving
+            rest = [line.removeprefix("data: ") async for line in lines if line]
+    # Cut at the grace period, not at whatever the server's own shutdown timeout is.
+    assert 0.25 < loop.time() - started < 1.5
+    assert "shut down before the answer was complete" in rest[-1]
+    assert "[DONE]" not in rest
+
+
+async def test_a_silent_stream_sends_keep_alive_comments(serve_live: Any) -> None:
+    async def slow_events() -> AsyncIterator[bytes]:
+        yield b"data: first\n\n"
+        await asyncio.sleep(0.35)  # a long prompt, a slow model
+        yield b"data: second\n\n"
+
+    app = FastAPI()
+    app.add_api_route("/events", lambda: EventStream(slow_events(), ping_after_s=0.1))
+    url = await serve_live(app)
+    async with httpx.AsyncClient(base_url=url, timeout=5) as client:
+        response = await client.get("/events")
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.text.startswith("data: first\n\n: ping\n\n: ping\n\n")
+    assert response.text.endswith("data: second\n\n")
 
 
 async def test_a_model_that_fails_to_load_stops_the_process_with_its_reason(

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
+
+import pytest
 
 from rbee.testing.gguf import write_tiny_gguf
 from rbee.worker.app import kv_cache_type, resolve_model
@@ -12,6 +16,7 @@ from rbee.worker.engines.gguf import read_model_facts
 from rbee.worker.engines.llama_process import ServerConfig
 from rbee.worker.engines.llama_server import (
     completion_body,
+    read_stream,
     refusal,
     schema_refusal,
     scored_tokens,
@@ -148,3 +153,44 @@ def test_auto_quantizes_the_kv_cache_only_when_several_slots_share_the_memory() 
     assert kv(slots=4) == "q8_0"
     assert kv(slots=1, kv_cache_type="q8_0") == "q8_0"
     assert kv(slots=4, kv_cache_type="f16") == "f16"
+
+
+async def _lines(*events: dict[str, object] | bytes) -> AsyncIterator[bytes]:
+    """llama-server's stream as aiohttp hands it on: line by line, blank lines between."""
+    for event in events:
+        yield event if isinstance(event, bytes) else b"data: " + json.dumps(event).encode() + b"\n"
+        yield b"\n"
+
+
+async def test_a_stream_is_handed_on_piece_by_piece_and_counted_at_its_end() -> None:
+    pieces: list[str] = []
+    stream = _lines(
+        {"content": "Par", "stop": False},
+        b": ping",
+        {"content": "is", "stop": False},
+        {"content": "", "stop": True, "stop_type": "eos", "tokens_predicted": 3,
+         "tokens_evaluated": 12},
+        {"content": "after the end", "stop": False},
+    )  # fmt: skip
+    outcome = await read_stream(
+        stream, SamplingParams(), lambda t, s=(): pieces.append(t), asyncio.Event()
+    )
+    assert pieces == ["Par", "is"]
+    assert (outcome.prompt_tokens, outcome.completion_tokens) == (12, 3)
+    assert (outcome.finish_reason, outcome.cancelled) == ("stop", False)
+    limit = _lines({"content": "a", "stop": True, "stop_type": "limit", "tokens_predicted": 1})
+    assert (
+        await read_stream(limit, SamplingParams(), lambda t, s=(): None, asyncio.Event())
+    ).finish_reason == "length"
+
+
+async def test_a_failure_mid_stream_is_an_engine_error_and_a_cancel_stops_reading() -> None:
+    failing = _lines({"content": "a", "stop": False}, {"error": {"code": 500, "message": "boom"}})
+    with pytest.raises(EngineError, match="boom"):
+        await read_stream(failing, SamplingParams(), lambda t, s=(): None, asyncio.Event())
+    cancelled = asyncio.Event()
+    cancelled.set()
+    endless = _lines(*[{"content": "x", "stop": False}] * 5)
+    outcome = await read_stream(endless, SamplingParams(), lambda t, s=(): None, cancelled)
+    assert outcome.cancelled
+    assert outcome.completion_tokens == 0

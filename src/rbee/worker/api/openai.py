@@ -8,7 +8,6 @@ from collections.abc import Awaitable
 from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Depends, Request
-from sse_starlette import EventSourceResponse
 
 from rbee.common.errors import BadRequest
 from rbee.contracts.embeddings import EmbeddingList, EmbeddingRequest
@@ -25,7 +24,7 @@ from rbee.worker.capabilities import check_chat, check_completion
 from rbee.worker.embeddings import embed
 from rbee.worker.engines.base import Engine, Prepare, Prompt, PromptError, SamplingParams
 from rbee.worker.generation import Generation
-from rbee.worker.responses import ChatAnswer, TextAnswer, sampling_params, sse_response
+from rbee.worker.responses import ChatAnswer, EventStream, TextAnswer, sampling_params
 from rbee.worker.runtime import WorkerRuntime, get_runtime
 from rbee.worker.structured import plan_chat
 
@@ -89,7 +88,7 @@ async def _unless_client_leaves(http: Request, generation: Generation, whole: Aw
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(
     request: ChatCompletionRequest, runtime: Runtime, http: Request
-) -> ChatCompletion | EventSourceResponse:
+) -> ChatCompletion | EventStream:
     runtime.check_model(request.model)
     _generating(runtime)
     check_chat(request)
@@ -102,14 +101,14 @@ async def chat_completions(
     generation = await _start(runtime, prepare, sampling_params(request, plan), schema_from)
     answer = ChatAnswer(runtime.model_id, generation, plan, logprobs=bool(request.logprobs))
     if request.stream:
-        return sse_response(answer.chunks(request.include_usage_in_stream), runtime)
+        return EventStream(answer.chunks(request.include_usage_in_stream))
     return await _unless_client_leaves(http, generation, answer.whole())
 
 
 @router.post("/v1/completions", response_model=None)
 async def completions(
     request: CompletionRequest, runtime: Runtime, http: Request
-) -> Completion | EventSourceResponse:
+) -> Completion | EventStream:
     runtime.check_model(request.model)
     _generating(runtime)
     check_completion(request)
@@ -121,7 +120,7 @@ async def completions(
     generation = await _start(runtime, prepare, sampling_params(request))
     answer = TextAnswer(runtime.model_id, generation, logprobs=request.logprobs is not None)
     if request.stream:
-        return sse_response(answer.chunks(request.include_usage_in_stream), runtime)
+        return EventStream(answer.chunks(request.include_usage_in_stream))
     return await _unless_client_leaves(http, generation, answer.whole())
 
 

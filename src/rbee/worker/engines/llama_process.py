@@ -24,8 +24,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import httpx
+import aiohttp
 import psutil
 
 from rbee.common.gpu import default_llama_server
@@ -163,11 +164,12 @@ class LlamaServer:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
-    def client(self, timeout: httpx.Timeout) -> httpx.AsyncClient:
-        """A client for one engine (one connection, reused)."""
-        return httpx.AsyncClient(
-            transport=httpx.AsyncHTTPTransport(uds=str(self.socket)),
-            base_url=BASE_URL,
+    def client(self, timeout: aiohttp.ClientTimeout) -> aiohttp.ClientSession:
+        """A client for one engine (one connection, kept between requests). Made inside the
+        running event loop, as aiohttp requires."""
+        return aiohttp.ClientSession(
+            BASE_URL,
+            connector=aiohttp.UnixConnector(path=str(self.socket), limit=1),
             headers={"Authorization": f"Bearer {self.api_key}"},
             timeout=timeout,
         )
@@ -190,7 +192,7 @@ class LlamaServer:
         except OSError as exc:
             raise EngineError(f"cannot start {binary}: {exc.strerror or exc}") from None
         self._reader = asyncio.create_task(self._read_output(), name="llama-server-output")
-        async with self.client(httpx.Timeout(5.0)) as http:
+        async with self.client(aiohttp.ClientTimeout(total=5.0)) as http:
             try:
                 async with asyncio.timeout(self.load_timeout_s):
                     await self._wait_ready(http)
@@ -218,11 +220,12 @@ class LlamaServer:
             self._output.append(line)
             _server_log.debug("%s", line)
 
-    async def _wait_ready(self, http: httpx.AsyncClient) -> None:
+    async def _wait_ready(self, http: aiohttp.ClientSession) -> None:
         while True:
-            with contextlib.suppress(httpx.TransportError):
-                if (await http.get("/health")).status_code == 200:
-                    return
+            with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
+                async with http.get("/health") as response:
+                    if response.status == 200:
+                        return
             if await self._exited(READY_POLL_S):
                 raise EngineError(await self._load_failure())
 
@@ -250,15 +253,28 @@ class LlamaServer:
             )
         return f"llama.cpp's server exited with code {self._proc.returncode} while loading: {last}"
 
-    async def _read_facts(self, http: httpx.AsyncClient) -> None:
+    async def _read_facts(self, http: aiohttp.ClientSession) -> None:
         """The context one slot really has, and the model's vocabulary and vector sizes."""
+
+        async def get(path: str) -> Any:
+            async with http.get(path) as response:
+                return await response.json()
+
         try:
-            props = (await http.get("/props")).json()
+            props = await get("/props")
             self.context_size = int(props["default_generation_settings"]["n_ctx"])
-            meta = (await http.get("/v1/models")).json()["data"][0]["meta"]
+            meta = (await get("/v1/models"))["data"][0]["meta"]
             self.vocab_size = int(meta["n_vocab"])
             self.embedding_size = int(meta["n_embd"])
-        except (httpx.HTTPError, KeyError, IndexError, TypeError, ValueError) as exc:
+        except (
+            aiohttp.ClientError,
+            OSError,
+            TimeoutError,
+            KeyError,
+            IndexError,
+            TypeError,
+            ValueError,
+        ) as exc:
             raise EngineError(f"llama.cpp's server does not describe its model: {exc!r}") from None
 
     async def failure(self) -> str:

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterable, Callable, Sequence
 from typing import Any
 
-import httpx
-from httpx_sse import EventSource
+import aiohttp
 
 from rbee.worker.engines.base import (
     Candidate,
@@ -34,6 +33,10 @@ from rbee.worker.engines.base import (
 from rbee.worker.engines.llama_process import LlamaServer
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs
+# A long prompt may take a while before its first token; a dead server closes the socket,
+# which no read timeout is needed to notice.
+GENERATION_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=5.0)
+NETWORK_ERRORS = (aiohttp.ClientError, OSError)
 
 
 class LlamaServerEngine:
@@ -41,9 +44,7 @@ class LlamaServerEngine:
 
     def __init__(self, server: LlamaServer) -> None:
         self._server = server
-        # A long prompt may take a while before its first token; a dead server closes the
-        # socket, which no read timeout is needed to notice.
-        self._http = server.client(httpx.Timeout(None, connect=5.0))
+        self._http = server.client(GENERATION_TIMEOUT)
 
     @property
     def context_size(self) -> int:
@@ -59,12 +60,13 @@ class LlamaServerEngine:
 
     async def _post(self, path: str, body: dict[str, Any]) -> Any:
         try:
-            response = await self._http.post(path, json=body)
-        except httpx.HTTPError as exc:
+            async with self._http.post(path, json=body) as response:
+                content = await response.read()
+        except NETWORK_ERRORS as exc:
             raise EngineError(f"llama.cpp's server is not answering: {exc!r}") from None
-        if response.status_code != 200:
-            raise refusal(response.status_code, response.content)
-        return response.json()
+        if response.status != 200:
+            raise refusal(response.status, content)
+        return json.loads(content)
 
     async def prepare_chat(self, messages: Sequence[Message]) -> Prompt:
         body = {"messages": [{"role": m.role, "content": m.content} for m in messages]}
@@ -101,23 +103,26 @@ class LlamaServerEngine:
         accepted: Callable[[], None],
     ) -> Outcome:
         body = completion_body(prompt, params)
-        request = self._http.build_request("POST", "/completion", json=body)
         try:
-            response = await self._http.send(request, stream=True)
-        except httpx.HTTPError as exc:
+            response = await self._http.post("/completion", json=body)
+        except NETWORK_ERRORS as exc:
             raise EngineError(f"llama.cpp's server is not answering: {exc!r}") from None
         try:
             # llama.cpp answers a prompt it refuses (too long for a slot, a grammar it cannot
             # build) with an error status before it streams anything.
-            if response.status_code != 200:
-                await response.aread()
-                raise schema_refusal(params, refusal(response.status_code, response.content))
+            if response.status != 200:
+                raise schema_refusal(params, refusal(response.status, await response.read()))
             accepted()
-            return await read_stream(response, params, emit, cancelled)
-        except httpx.HTTPError as exc:
+            return await read_stream(response.content, params, emit, cancelled)
+        except NETWORK_ERRORS as exc:
             raise EngineError(f"llama.cpp's server broke off the answer: {exc!r}") from None
         finally:
-            await response.aclose()  # before the end: this is what stops llama.cpp generating
+            # Read to its end, the connection is kept for the next request; closed before the
+            # end, which is what stops llama.cpp generating.
+            if response.content.at_eof():
+                response.release()
+            else:
+                response.close()
 
     async def _count_tokens(self, text: str) -> int:
         answer = await self._post("/tokenize", {"content": text, "add_special": True})
@@ -153,7 +158,7 @@ class LlamaServerEngine:
         return Embeddings(vectors=vectors, prompt_tokens=tokens)
 
     async def close(self) -> None:
-        await self._http.aclose()
+        await self._http.close()
 
 
 def completion_body(prompt: Prompt, params: SamplingParams) -> dict[str, Any]:
@@ -204,17 +209,32 @@ def scored_tokens(probabilities: Sequence[dict[str, Any]], top: int) -> list[Sco
     ]
 
 
+def stream_event(line: bytes) -> dict[str, Any] | None:
+    """One line of llama.cpp's event stream: `data: {...}` per token (`{"error": ...}` if it
+    fails after it began); blank lines and comments (its pings) carry nothing."""
+    if not line.startswith(b"data: "):
+        return None
+    event: dict[str, Any] = json.loads(line[6:])
+    return event
+
+
 async def read_stream(
-    response: httpx.Response,
+    lines: AsyncIterable[bytes],
     params: SamplingParams,
     emit: Emit,
     cancelled: asyncio.Event,
 ) -> Outcome:
-    prompt_tokens, produced, finish = 0, 0, "length"
-    async for event in EventSource(response).aiter_sse():
+    """Hand on llama.cpp's streamed answer piece by piece. Read past its last event to the end
+    of the stream (a blank line, at once), so the connection can be kept."""
+    prompt_tokens, produced, finish, ended = 0, 0, "length", False
+    async for line in lines:
+        if ended:
+            continue
         if cancelled.is_set():
             return Outcome(prompt_tokens, produced, "stop", cancelled=True)
-        data = json.loads(event.data)
+        data = stream_event(line)
+        if data is None:
+            continue
         if "error" in data:
             raise EngineError(f"llama.cpp's server failed: {data['error'].get('message')}")
         scored: tuple[Scored, ...] = ()
@@ -227,7 +247,8 @@ async def read_stream(
             finish = "length" if data.get("stop_type") == "limit" else "stop"
             if text or scored:
                 emit(text, scored)
-            break
+            ended = True
+            continue
         produced += 1
         if text or scored:
             emit(text, scored)
