@@ -4,9 +4,10 @@ Same model, greedy decoding, the same chat prompt and token budget everywhere. "
 llama.cpp's own programs with all cores and default (spinning) OpenMP waiting: `llama-server`
 for one request, `llama-batched-bench` for four sequences decoded together, each run with its
 default f16 KV cache and with the q8_0 cache and flash attention a worker with several slots
-uses, the faster counting. Each round runs the baseline and the worker one after the other (never at once, which
-would split the cores); several rounds give the spread. The first-token overhead compares the
-worker with llama-server on the same KV cache, so it is the worker's own. Targets (issue 14):
+uses, the faster counting. The baseline and the worker take turns, request by request (never
+at once, which would split the cores), so both see the same machine; several rounds give the
+spread. The first-token overhead compares the worker with llama-server on the same KV cache,
+so it is the worker's own. Targets (issue 14):
 
   one request        worker tokens/s >= 0.95x llama-server's; first-token overhead <= 5 ms
   four at once       4-slot worker aggregate >= 0.9x llama-batched-bench (4 sequences);
@@ -28,7 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,7 +182,7 @@ def url_of(proc: ServerProcess) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=3, help="requests per figure per round")
+    parser.add_argument("--repeats", type=int, default=5, help="requests per figure per round")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--ctx-size", type=int, default=2048)
     args = parser.parse_args()
@@ -195,33 +196,44 @@ def main() -> int:
 
     for round_no in range(1, args.rounds + 1):
         print(f"round {round_no}/{args.rounds} ...", file=sys.stderr, flush=True)
-        # One request at a time: llama-server alone (each KV cache), then the worker.
-        for kv in KV_CACHES:
-            with llama_server(model, cores, 1, args.ctx_size, kv) as server:
-                url = url_of(server)
+        # One request at a time: llama-server (each KV cache) and the worker take turns, request
+        # by request, so a machine that speeds up or slows down meanwhile does so for all.
+        # Only one of them works at any moment; the others wait with their threads asleep.
+        with ExitStack() as stack:
+            urls = {
+                **{
+                    kv: url_of(
+                        stack.enter_context(llama_server(model, cores, 1, args.ctx_size, kv))
+                    )
+                    for kv in KV_CACHES
+                },
+                "worker": url_of(one := stack.enter_context(worker(1, cores))),
+            }
+            for url in urls.values():
                 stream_chat(url, 8)  # warm-up: page the weights in
-                runs = [stream_chat(url, budget) for _ in range(n)]
-                add(f"server_rate_{kv}", statistics.median(r.tokens_per_s for r in runs))
-                add(f"server_ttft_{kv}", statistics.median(r.ttft_s for r in runs))
+            runs: dict[str, list[Run]] = {name: [] for name in urls}
+            for _ in range(n):
+                for name, url in urls.items():
+                    runs[name].append(stream_chat(url, budget))
+            for kv in KV_CACHES:
+                add(f"server_rate_{kv}", statistics.median(r.tokens_per_s for r in runs[kv]))
+                add(f"server_ttft_{kv}", statistics.median(r.ttft_s for r in runs[kv]))
+            add("worker_rate", statistics.median(r.tokens_per_s for r in runs["worker"]))
+            add("worker_ttft", statistics.median(r.ttft_s for r in runs["worker"]))
+            add("worker1_rss", resident_bytes(one.pid) / 2**20)
         add("server_rate", max(figures[f"server_rate_{kv}"][-1] for kv in KV_CACHES))
         add("server_ttft", figures[f"server_ttft_{WORKER_KV}"][-1])
-        with worker(1, cores) as one:
-            url = url_of(one)
-            stream_chat(url, 8)
-            runs = [stream_chat(url, budget) for _ in range(n)]
-            add("worker_rate", statistics.median(r.tokens_per_s for r in runs))
-            add("worker_ttft", statistics.median(r.ttft_s for r in runs))
-            add("worker1_rss", resident_bytes(one.pid) / 2**20)
-        # Four sequences at once: llama.cpp's batched decoding, then a 4-slot worker.
-        add("batched4", max(batched_bench(model, cores, 4, budget, kv) for kv in KV_CACHES))
+        # Four sequences at once: llama.cpp's batched decoding and a 4-slot worker take turns.
         with worker(4, cores) as four:
             url = url_of(four)
             concurrent_chats(url, 4, 8)
-            rates, ttfts = [], []
+            rates, ttfts, batched = [], [], []
             for _ in range(n):
-                runs = concurrent_chats(url, 4, budget)
-                rates.append(aggregate_rate(runs))
-                ttfts.append(statistics.median(r.ttft_s for r in runs))
+                batched.append(max(batched_bench(model, cores, 4, budget, kv) for kv in KV_CACHES))
+                runs4 = concurrent_chats(url, 4, budget)
+                rates.append(aggregate_rate(runs4))
+                ttfts.append(statistics.median(r.ttft_s for r in runs4))
+            add("batched4", statistics.median(batched))
             add("worker4_rate", statistics.median(rates))
             add("worker4_ttft", statistics.median(ttfts))
             add("worker4_rss", resident_bytes(four.pid) / 2**20)
