@@ -8,13 +8,19 @@ and `TCP_USER_TIMEOUT` are answered by the peer's kernel, not by its busy proces
 read or write fails with ETIMEDOUT), while a live one may take as long as it likes.
 
 The options are plain `(level, option, value)` triples, as httpx's
-`AsyncHTTPTransport(socket_options=...)` takes them; `apply` sets them on any socket.
+`AsyncHTTPTransport(socket_options=...)` takes them; `apply` sets them on any socket, and
+`socket_factory` makes sockets with them for aiohttp's `TCPConnector(socket_factory=...)`.
 """
 
 from __future__ import annotations
 
 import socket
 import sys
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from aiohappyeyeballs import AddrInfoType
 
 # How long a peer may acknowledge nothing (data or keepalive probes) before it counts as dead.
 DEAD_PEER_S = 10
@@ -24,6 +30,11 @@ KEEPALIVE_INTERVAL_S = 2
 KEEPALIVE_PROBES = 3
 
 SocketOption = tuple[int, int, int]
+
+# How long an aiohttp client keeps an idle connection for reuse: less than uvicorn's 5 s, after
+# which our servers close it. A request written into a connection the server is just closing
+# would fail for no fault of the server.
+CLIENT_KEEPALIVE_S = 4.0
 
 
 def dead_peer_options(dead_after_s: float = DEAD_PEER_S) -> list[SocketOption]:
@@ -54,3 +65,16 @@ def apply(sock: socket.socket, options: list[SocketOption] | None = None) -> Non
     """Set the options on one socket (a listening socket passes them to the ones it accepts)."""
     for level, option, value in dead_peer_options() if options is None else options:
         sock.setsockopt(level, option, value)
+
+
+def socket_factory(options: Iterable[SocketOption]) -> Callable[[AddrInfoType], socket.socket]:
+    """Makes each outgoing socket of an aiohttp connector with these options set."""
+    chosen = list(options)
+
+    def make(addr: AddrInfoType) -> socket.socket:
+        family, type_, proto, _, _ = addr
+        sock = socket.socket(family, type_, proto)
+        apply(sock, chosen)
+        return sock
+
+    return make

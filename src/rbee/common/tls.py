@@ -2,8 +2,9 @@
 
 The standard `SSL_CERT_FILE` (or `SSL_CERT_DIR`) names the CA of a cluster's own certificates.
 httpx (0.28) reads it itself whenever a client is made with its defaults (`trust_env=True`),
-falling back to certifi's public CAs; the queen's aiohttp client to workers gets the same rule
-from `client_context()`, so every hop trusts the same CAs.
+falling back to certifi's public CAs; the aiohttp clients (the queen's to workers, a worker's
+heartbeats to the queen) get the same rule from `client_context()`, so every hop trusts the
+same CAs.
 """
 
 from __future__ import annotations

@@ -14,26 +14,17 @@ from __future__ import annotations
 
 import socket
 from collections.abc import AsyncIterator, Iterable
-from typing import TYPE_CHECKING
 
 import aiohttp
 from multidict import CIMultiDictProxy
 
+from rbee.common.net import CLIENT_KEEPALIVE_S, SocketOption, socket_factory
 from rbee.common.tls import client_context
-
-if TYPE_CHECKING:
-    from aiohappyeyeballs import AddrInfoType
-
-SocketOption = tuple[int, int, int]
 
 # Generation can be slow to start on a busy CPU; connecting to a live worker is not. `connect`
 # covers waiting for a pooled connection too; there is no overall deadline on an answer.
 WORKER_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=10.0, sock_connect=3.0, sock_read=600.0)
 NODELAY: list[SocketOption] = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
-# An idle pooled connection is closed before the worker's server closes it (uvicorn: after 5 s):
-# a request written into a connection the worker is just closing would fail, and the worker
-# would be benched for it.
-KEEPALIVE_S = 4.0
 
 # What a broken or vanished worker raises, from resolving its name to reading its answer.
 _NETWORK_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
@@ -92,18 +83,13 @@ class UpstreamClient:
         self._socket_options = list(socket_options)
         self._session: aiohttp.ClientSession | None = None
 
-    def _socket(self, addr: AddrInfoType) -> socket.socket:
-        family, type_, proto, _, _ = addr
-        sock = socket.socket(family, type_, proto)
-        for level, option, value in self._socket_options:
-            sock.setsockopt(level, option, value)
-        return sock
-
     def _open(self) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(
             limit=0,
-            keepalive_timeout=KEEPALIVE_S,
-            socket_factory=self._socket,
+            # Closed before the worker's server closes it: a request written into a connection
+            # the worker is just closing would fail, and the worker would be benched for it.
+            keepalive_timeout=CLIENT_KEEPALIVE_S,
+            socket_factory=socket_factory(self._socket_options),
             ssl=client_context(),
         )
         return aiohttp.ClientSession(

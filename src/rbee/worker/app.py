@@ -10,12 +10,10 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from rbee import __version__
-from rbee.clients.base import dead_peer_transport
 from rbee.common import model_memory
 from rbee.common.auth import openapi_url
 from rbee.common.bundled import BUNDLED_MODELS, bundled_model_path
@@ -30,7 +28,7 @@ from rbee.worker.api import openai as openai_api
 from rbee.worker.engines.base import Engine, EngineError, EngineHost
 from rbee.worker.engines.llama_process import LlamaServer, ServerConfig
 from rbee.worker.engines.llama_server import LlamaServerEngine
-from rbee.worker.heartbeat import Heartbeater
+from rbee.worker.heartbeat import Heartbeater, queen_session
 from rbee.worker.runtime import WorkerRuntime
 from rbee.worker.settings import WorkerSettings
 from rbee.worker.state import Identity, WorkerStatusBoard
@@ -103,12 +101,10 @@ def create_app(
     *,
     engine_factory: Callable[[], Engine] | None = None,
     engine_host: EngineHost | None = None,
-    queen_transport: httpx.AsyncBaseTransport | None = None,
     stop_process: Callable[[], None] | None = None,
 ) -> FastAPI:
     """`engine_factory` makes one engine per slot, handles onto `engine_host` if there is one;
-    by default llama.cpp's server and its handles. Tests pass a fake engine, and
-    `queen_transport` to catch heartbeats in-process."""
+    by default llama.cpp's server and its handles. Tests pass a fake engine."""
     if engine_factory is None:
         server = engine_host = llama_server(settings)
 
@@ -128,9 +124,9 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime.bind_loop()
-        async with httpx.AsyncClient(transport=queen_transport or dead_peer_transport()) as client:
+        async with queen_session() as session:
             heartbeat = Heartbeater(
-                client,
+                session,
                 settings.queen_url,
                 board.info,
                 interval_s=settings.heartbeat_interval,

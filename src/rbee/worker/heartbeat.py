@@ -3,6 +3,11 @@
 The queen may be down when the worker starts or go away later. The worker keeps serving and
 keeps trying, backing off exponentially from a fraction of a second up to the interval — never
 longer, so once the queen is back the worker is in its registry within one interval.
+
+aiohttp rather than httpx: a 1-slot worker sends two heartbeats per request (busy, then ready),
+and the busy one goes out while llama.cpp processes the prompt on the same cores. Measured
+against a real queen on two cores, one POST costs about 0.2 ms of the worker's CPU in aiohttp
+against 0.7 ms in httpx.
 """
 
 from __future__ import annotations
@@ -11,8 +16,10 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-import httpx
+import aiohttp
 
+from rbee.common.net import CLIENT_KEEPALIVE_S, dead_peer_options, socket_factory
+from rbee.common.tls import client_context
 from rbee.common.tokens import auth_headers
 from rbee.contracts.workers import WorkerHeartbeat, WorkerInfo
 
@@ -24,11 +31,32 @@ HEARTBEAT_PATH = "/v1/worker-heartbeat"
 # How long after a status change its heartbeat goes out.
 STATUS_SETTLE_S = 0.01
 
+# What a stopped, vanished or hung queen raises, from resolving its name to reading its answer.
+_NETWORK_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
+
+
+def queen_session() -> aiohttp.ClientSession:
+    """The worker's client to its queen: connections that notice a vanished queen within
+    seconds, kept alive between beats, TLS trusting the cluster's CA (SSL_CERT_FILE) as every
+    rbee client does. Make it inside the running event loop, as aiohttp requires."""
+    connector = aiohttp.TCPConnector(
+        keepalive_timeout=CLIENT_KEEPALIVE_S,
+        socket_factory=socket_factory(dead_peer_options()),
+        ssl=client_context(),
+    )
+    return aiohttp.ClientSession(connector=connector)
+
+
+def _timeout(seconds: float | None) -> aiohttp.ClientTimeout:
+    # Each step (connecting, waiting for the answer) gets the whole bound, as httpx's
+    # `timeout=` gave it; None waits as long as it takes.
+    return aiohttp.ClientTimeout(total=None, connect=seconds, sock_read=seconds)
+
 
 class Heartbeater:
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        session: aiohttp.ClientSession,
         queen_url: str,
         info: Callable[[], WorkerInfo],
         *,
@@ -36,11 +64,11 @@ class Heartbeater:
         token: str | None = None,
         first_retry_s: float = 0.25,
     ) -> None:
-        self._client = client
+        self._session = session
         self._url = queen_url.rstrip("/") + HEARTBEAT_PATH
         self._info = info
         self.interval_s = interval_s
-        self._headers = auth_headers(token)
+        self._headers = {**auth_headers(token), "Content-Type": "application/json"}
         self._first_retry_s = min(first_retry_s, interval_s)
         self._wake = asyncio.Event()
         self.sent = 0
@@ -54,16 +82,23 @@ class Heartbeater:
 
     async def send(self, info: WorkerInfo, timeout_s: float | None = None) -> bool:
         """One heartbeat. True if the queen accepted it; failures are logged, never raised."""
-        body = WorkerHeartbeat(worker=info).model_dump(mode="json")
+        body = WorkerHeartbeat(worker=info).model_dump_json().encode()
         try:
-            response = await self._client.post(
-                self._url, json=body, headers=self._headers, timeout=timeout_s
-            )
-        except httpx.HTTPError as exc:
+            async with self._session.post(
+                self._url,
+                data=body,
+                headers=self._headers,
+                timeout=_timeout(timeout_s),
+                allow_redirects=False,
+            ) as response:
+                status = response.status
+                # Read to the end so the connection goes back to the pool for the next beat.
+                await response.read()
+        except _NETWORK_ERRORS as exc:
             self._failed(f"queen unreachable at {self._url}: {exc.__class__.__name__}")
             return False
-        if response.status_code >= 300:
-            self._failed(f"queen refused the heartbeat: HTTP {response.status_code}")
+        if status >= 300:
+            self._failed(f"queen refused the heartbeat: HTTP {status}")
             return False
         if not self.connected:
             log.info("heartbeat accepted by the queen (%s)", info.status.value)

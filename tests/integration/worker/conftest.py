@@ -1,9 +1,9 @@
-"""A worker app in-process with a fake engine; heartbeats land in a list instead of a queen."""
+"""A worker app in-process with a fake engine; its heartbeats go over real HTTP to a stand-in
+queen on a loopback port that records them."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from rbee.contracts.workers import WorkerHeartbeat, WorkerStatus
 from rbee.testing.fake_engine import FakeEngine
 from rbee.testing.processes import free_port
+from rbee.testing.queen_catcher import QueenCatcher
 from rbee.worker.app import create_app
 from rbee.worker.engines.base import Engine
 from rbee.worker.runtime import WorkerRuntime
@@ -30,8 +31,7 @@ class Harness:
     app: FastAPI
     client: httpx.AsyncClient
     engines: list[FakeEngine]
-    beats: list[WorkerHeartbeat]
-    auth: list[str | None]
+    queen: QueenCatcher
     stops: list[int] = field(default_factory=list)
     stack: AsyncExitStack = field(default_factory=AsyncExitStack)
 
@@ -45,8 +45,16 @@ class Harness:
         return runtime
 
     @property
+    def beats(self) -> list[WorkerHeartbeat]:
+        return self.queen.beats
+
+    @property
+    def auth(self) -> list[str | None]:
+        return self.queen.auth
+
+    @property
     def statuses(self) -> list[WorkerStatus]:
-        return [b.worker.status for b in self.beats]
+        return self.queen.statuses
 
     async def wait_ready(self, within_s: float = 5.0) -> None:
         async with asyncio.timeout(within_s):
@@ -73,15 +81,6 @@ def settings_for(**overrides: Any) -> WorkerSettings:
     return WorkerSettings.model_validate({**base, **overrides})
 
 
-def queen_catcher(beats: list[WorkerHeartbeat], auth: list[str | None]) -> httpx.MockTransport:
-    def handle(request: httpx.Request) -> httpx.Response:
-        auth.append(request.headers.get("authorization"))
-        beats.append(WorkerHeartbeat.model_validate(json.loads(request.content)))
-        return httpx.Response(200, json={"status": "ok", "message": ""})
-
-    return httpx.MockTransport(handle)
-
-
 @pytest.fixture
 async def make_worker() -> AsyncIterator[Callable[..., Any]]:
     """Build, start (lifespan) and finally stop worker apps: `await make_worker(engine=..., **settings)`."""
@@ -96,9 +95,8 @@ async def make_worker() -> AsyncIterator[Callable[..., Any]]:
             **overrides: Any,
         ) -> Harness:
             engines: list[FakeEngine] = []
-            beats: list[WorkerHeartbeat] = []
-            auth: list[str | None] = []
             stops: list[int] = []
+            queen = QueenCatcher()
 
             def factory() -> Engine:
                 built = engine() if engine else FakeEngine()
@@ -106,17 +104,18 @@ async def make_worker() -> AsyncIterator[Callable[..., Any]]:
                 return built
 
             app = create_app(
-                settings_for(**overrides),
+                settings_for(queen_url=queen.url, **overrides),
                 engine_factory=factory,
                 engine_host=engine_host,
-                queen_transport=queen_catcher(beats, auth),
                 stop_process=lambda: stops.append(1),
             )
             client = httpx.AsyncClient(
                 transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1:9", timeout=10
             )
-            harness = Harness(app, client, engines, beats, auth, stops)
+            harness = Harness(app, client, engines, queen, stops)
             harnesses.append(harness)
+            # Entered first, closed last: the queen hears the worker's final `stopped` beat.
+            await harness.stack.enter_async_context(queen)
             await harness.stack.enter_async_context(client)
             await harness.stack.enter_async_context(app.router.lifespan_context(app))
             if wait_ready:

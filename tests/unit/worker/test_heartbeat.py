@@ -3,36 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import json
+import logging
+import os
+import socket
 from collections.abc import AsyncIterator
 
-import httpx
+import aiohttp
+import psutil
 import pytest
 
-from rbee.contracts.workers import WorkerHeartbeat, WorkerInfo, WorkerStatus
-from rbee.worker.heartbeat import Heartbeater
-
-
-class FakeQueen:
-    """Records heartbeats; `up = False` makes it refuse connections like a stopped process."""
-
-    def __init__(self) -> None:
-        self.up = True
-        self.received: list[tuple[WorkerHeartbeat, str | None]] = []
-        self.attempts = 0
-
-    def handle(self, request: httpx.Request) -> httpx.Response:
-        self.attempts += 1
-        if not self.up:
-            raise httpx.ConnectError("connection refused", request=request)
-        assert request.url.path == "/v1/worker-heartbeat"
-        beat = WorkerHeartbeat.model_validate(json.loads(request.content))
-        self.received.append((beat, request.headers.get("authorization")))
-        return httpx.Response(200, json={"status": "ok", "message": ""})
-
-    @property
-    def statuses(self) -> list[WorkerStatus]:
-        return [beat.worker.status for beat, _ in self.received]
+from rbee.common.net import dead_peer_options
+from rbee.contracts.workers import WorkerInfo, WorkerStatus
+from rbee.testing.queen_catcher import QueenCatcher
+from rbee.worker.heartbeat import Heartbeater, queen_session
 
 
 class Status:
@@ -44,13 +27,15 @@ class Status:
 
 
 @pytest.fixture
-def queen() -> FakeQueen:
-    return FakeQueen()
+async def queen() -> AsyncIterator[QueenCatcher]:
+    """A real HTTP server on a loopback port, up at first."""
+    async with QueenCatcher() as queen:
+        yield queen
 
 
 @pytest.fixture
-async def client(queen: FakeQueen) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(transport=httpx.MockTransport(queen.handle)) as client:
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    async with queen_session() as client:
         yield client
 
 
@@ -64,47 +49,50 @@ async def wait_for(condition: object, within_s: float = 2.0) -> None:
 
 
 async def test_status_change_is_sent_at_once_not_at_the_next_interval(
-    queen: FakeQueen, client: httpx.AsyncClient
+    queen: QueenCatcher, client: aiohttp.ClientSession
 ) -> None:
     status = Status()
-    beater = Heartbeater(client, "http://queen", status.info, interval_s=60, token="s3cret")
+    beater = Heartbeater(client, queen.url, status.info, interval_s=60, token="s3cret")
     task = asyncio.create_task(beater.run())
     await wait_for(lambda: queen.statuses == [WorkerStatus.STARTING])
     status.value = WorkerStatus.READY
     beater.notify()
     await wait_for(lambda: queen.statuses[-1] is WorkerStatus.READY, within_s=1.0)
-    assert all(auth == "Bearer s3cret" for _, auth in queen.received)
+    assert queen.auth
+    assert set(queen.auth) == {"Bearer s3cret"}
     beater.close()
     await task
 
 
 async def test_one_heartbeat_per_interval_between_changes(
-    queen: FakeQueen, client: httpx.AsyncClient
+    queen: QueenCatcher, client: aiohttp.ClientSession
 ) -> None:
     status = Status()
-    beater = Heartbeater(client, "http://queen", status.info, interval_s=0.1)
+    beater = Heartbeater(client, queen.url, status.info, interval_s=0.1)
     task = asyncio.create_task(beater.run())
     await asyncio.sleep(0.55)
     beater.close()
     await task
-    assert 4 <= len(queen.received) <= 8
+    assert 4 <= len(queen.beats) <= 8
+    # One connection kept alive between beats, not a new one each time.
+    assert len(set(queen.peers)) == 1
 
 
 async def test_queen_down_at_start_then_up_registers_within_one_interval(
-    queen: FakeQueen, client: httpx.AsyncClient
+    queen: QueenCatcher, client: aiohttp.ClientSession
 ) -> None:
-    queen.up = False
+    await queen.stop()
     status = Status()
-    beater = Heartbeater(client, "http://queen", status.info, interval_s=0.4, first_retry_s=0.01)
+    beater = Heartbeater(client, queen.url, status.info, interval_s=0.4, first_retry_s=0.01)
     task = asyncio.create_task(beater.run())
     # Long enough for the backoff to reach its cap: the interval.
     await asyncio.sleep(1.5)
-    assert queen.attempts >= 4
+    assert beater.failures >= 4
     assert not beater.connected
     loop = asyncio.get_running_loop()
-    queen.up = True
+    await queen.start()
     back_at = loop.time()
-    await wait_for(lambda: bool(queen.received), within_s=0.4 + 0.2)
+    await wait_for(lambda: bool(queen.beats), within_s=0.4 + 0.2)
     assert loop.time() - back_at <= 0.4 + 0.1
     assert beater.connected
     beater.close()
@@ -112,32 +100,71 @@ async def test_queen_down_at_start_then_up_registers_within_one_interval(
 
 
 async def test_backoff_grows_but_never_past_the_interval(
-    queen: FakeQueen, client: httpx.AsyncClient
+    queen: QueenCatcher, client: aiohttp.ClientSession
 ) -> None:
-    queen.up = False
-    beater = Heartbeater(client, "http://queen", Status().info, interval_s=0.2, first_retry_s=0.01)
+    await queen.stop()
+    beater = Heartbeater(client, queen.url, Status().info, interval_s=0.2, first_retry_s=0.01)
     task = asyncio.create_task(beater.run())
     await asyncio.sleep(1.0)
     beater.close()
     await task
     # Doubling from 10 ms: 10+20+40+80+160 ms, then every 200 ms — about 8 tries, not 100.
-    assert 5 <= queen.attempts <= 12
+    assert 5 <= beater.failures <= 12
+    assert beater.sent == 0
 
 
-async def test_a_refusing_queen_is_retried_not_fatal() -> None:
-    calls: list[int] = []
+async def test_a_refusing_queen_is_retried_not_fatal(
+    queen: QueenCatcher, client: aiohttp.ClientSession
+) -> None:
+    queen.answer = 500
+    beater = Heartbeater(client, queen.url, Status().info, interval_s=0.05, first_retry_s=0.01)
+    assert not await beater.send(Status().info())
+    task = asyncio.create_task(beater.run())
+    await asyncio.sleep(0.2)
+    beater.close()
+    await task
+    assert queen.requests >= 3
+    assert not queen.beats
 
-    def refuse(request: httpx.Request) -> httpx.Response:
-        calls.append(1)
-        return httpx.Response(500)
 
-    async with httpx.AsyncClient(transport=httpx.MockTransport(refuse)) as refusing:
-        beater = Heartbeater(
-            refusing, "http://queen", Status().info, interval_s=0.05, first_retry_s=0.01
-        )
-        assert not await beater.send(Status().info())
-        task = asyncio.create_task(beater.run())
-        await asyncio.sleep(0.2)
-        beater.close()
-        await task
-    assert len(calls) >= 3
+async def test_a_queen_that_never_answers_times_out_and_is_logged(
+    client: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A queen that accepts the connection and then says nothing (hung, or a black hole)."""
+
+    released = asyncio.Event()
+
+    async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1 << 16)
+        await released.wait()
+        writer.close()
+
+    server = await asyncio.start_server(hang, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    beater = Heartbeater(client, f"http://127.0.0.1:{port}", Status().info, interval_s=30)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with caplog.at_level(logging.WARNING, logger="rbee.worker.heartbeat"):
+        assert not await beater.send(Status().info(), timeout_s=0.3)
+    assert loop.time() - started < 2.0
+    assert beater.failures == 1
+    assert "queen unreachable" in caplog.text
+    released.set()
+    server.close()
+    await server.wait_closed()
+
+
+async def test_the_connection_to_the_queen_notices_a_dead_peer(
+    queen: QueenCatcher, client: aiohttp.ClientSession
+) -> None:
+    """Its socket carries `rbee.common.net`'s options: a queen whose machine vanished is found
+    dead within seconds, not at a read timeout."""
+    beater = Heartbeater(client, queen.url, Status().info, interval_s=30)
+    assert await beater.send(Status().info())
+    # The kept-alive connection, as the kernel holds it in this process.
+    (held,) = [
+        c for c in psutil.Process().net_connections("tcp") if c.raddr and c.raddr[1] == queen.port
+    ]
+    with socket.socket(fileno=os.dup(held.fd)) as sock:
+        for level, option, value in dead_peer_options():
+            assert sock.getsockopt(level, option) == value, (level, option)
