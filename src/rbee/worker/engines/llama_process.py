@@ -30,9 +30,8 @@ import aiohttp
 import psutil
 
 from rbee.common.gpu import default_llama_server
-from rbee.worker.engines.base import (
-    EngineError,
-)
+from rbee.worker.engines.base import EngineError
+from rbee.worker.engines.chat_template import PROBES, ChatTemplate, agrees_with, compile_template
 
 log = logging.getLogger("rbee.worker.llama_server")
 _server_log = logging.getLogger("llama-server")
@@ -159,6 +158,8 @@ class LlamaServer:
         self.context_size = config.ctx_size
         self.vocab_size = 0
         self.embedding_size = 0
+        # The model's chat template when the worker renders it as llama.cpp does, else None.
+        self.chat_template: ChatTemplate | None = None
 
     @property
     def pid(self) -> int | None:
@@ -201,15 +202,18 @@ class LlamaServer:
                     f"llama.cpp's server did not load {self.config.model} "
                     f"within {self.load_timeout_s:g}s"
                 ) from None
-            await self._read_facts(http)
+            props = await self._read_facts(http)
+            if not self.config.embedding:
+                self.chat_template = await self._own_template(http, props)
         log.info(
-            "llama-server (pid %d) serves %s: %d slot(s) of %d tokens, %d thread(s)%s",
+            "llama-server (pid %d) serves %s: %d slot(s) of %d tokens, %d thread(s)%s%s",
             self._proc.pid,
             self.config.model.name,
             self.config.slots,
             self.context_size,
             self.config.threads,
             ", passive waiting" if self.config.passive_wait else "",
+            ", chat template rendered by the worker" if self.chat_template else "",
         )
 
     async def _read_output(self) -> None:
@@ -253,8 +257,9 @@ class LlamaServer:
             )
         return f"llama.cpp's server exited with code {self._proc.returncode} while loading: {last}"
 
-    async def _read_facts(self, http: aiohttp.ClientSession) -> None:
-        """The context one slot really has, and the model's vocabulary and vector sizes."""
+    async def _read_facts(self, http: aiohttp.ClientSession) -> dict[str, Any]:
+        """The context one slot really has, and the model's vocabulary and vector sizes; returns
+        the server's /props."""
 
         async def get(path: str) -> Any:
             async with http.get(path) as response:
@@ -266,6 +271,7 @@ class LlamaServer:
             meta = (await get("/v1/models"))["data"][0]["meta"]
             self.vocab_size = int(meta["n_vocab"])
             self.embedding_size = int(meta["n_embd"])
+            return dict(props)
         except (
             aiohttp.ClientError,
             OSError,
@@ -276,6 +282,35 @@ class LlamaServer:
             ValueError,
         ) as exc:
             raise EngineError(f"llama.cpp's server does not describe its model: {exc!r}") from None
+
+    async def _own_template(
+        self, http: aiohttp.ClientSession, props: dict[str, Any]
+    ) -> ChatTemplate | None:
+        """The chat template to render in the worker: only one that renders the probes exactly
+        as llama.cpp does (else every chat asks llama.cpp to apply it)."""
+        source = props.get("chat_template")
+        if not isinstance(source, str) or not source:
+            return None
+        template = compile_template(
+            source, str(props.get("bos_token") or ""), str(props.get("eos_token") or "")
+        )
+        if template is None:
+            log.info("the chat template is applied by llama.cpp (Jinja cannot compile it)")
+            return None
+        rendered: list[str | None] = []
+        for probe in PROBES:
+            body = {"messages": [{"role": m.role, "content": m.content} for m in probe]}
+            try:
+                async with http.post("/apply-template", json=body) as response:
+                    answer = await response.json() if response.status == 200 else {}
+            except (aiohttp.ClientError, OSError, TimeoutError, ValueError):
+                return None
+            prompt = answer.get("prompt")
+            rendered.append(prompt if isinstance(prompt, str) else None)
+        if not agrees_with(template, rendered):
+            log.info("the chat template is applied by llama.cpp (rendered differently here)")
+            return None
+        return template
 
     async def failure(self) -> str:
         assert self._proc is not None

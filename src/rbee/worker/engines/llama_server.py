@@ -69,6 +69,9 @@ class LlamaServerEngine:
         return json.loads(content)
 
     async def prepare_chat(self, messages: Sequence[Message]) -> Prompt:
+        template = self._server.chat_template
+        if template is not None:
+            return Prompt(text=template.render(messages))
         body = {"messages": [{"role": m.role, "content": m.content} for m in messages]}
         try:
             text = (await self._post("/apply-template", body))["prompt"]
