@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from rbee.worker.engines.base import (
     Embeddings,
     Emit,
+    EngineError,
     Message,
     Outcome,
     Prompt,
@@ -33,13 +34,17 @@ class FakeEngine:
         context_size: int = 256,
         repeat: bool = False,
         fail_with: Exception | None = None,
+        unreachable: bool = False,
     ) -> None:
-        """`repeat` keeps cycling the reply until max_tokens (a long generation)."""
+        """`repeat` keeps cycling the reply until max_tokens (a long generation); `fail_with`
+        is raised once generation began, `unreachable` fails every request before it begins,
+        as an engine whose server does not answer."""
         self.words = [w if i == 0 else " " + w for i, w in enumerate(reply.split())]
         self.token_delay_s = token_delay_s
         self._context_size = context_size
         self.repeat = repeat
         self.fail_with = fail_with
+        self.unreachable = unreachable
         self.generations = 0
         self.running = 0
         self.max_running = 0
@@ -91,6 +96,8 @@ class FakeEngine:
     ) -> Outcome:
         # One token per word, checked when generation starts, as llama.cpp does.
         prompt_tokens = len(prompt.text.split())
+        if self.unreachable:
+            raise EngineError("the fake engine's server is not answering")
         if prompt_tokens >= self._context_size:
             raise PromptTooLong(prompt_tokens, self._context_size)
         accepted()

@@ -187,6 +187,15 @@ async def test_engine_failure_is_a_500_openai_error_not_a_dead_worker(make_worke
     assert (await worker.client.get("/health")).status_code == 200
 
 
+async def test_an_engine_not_answering_is_a_503_saying_so(make_worker: Any) -> None:
+    worker = await make_worker(lambda: FakeEngine(unreachable=True))
+    response = await worker.client.post("/v1/chat/completions", json=chat_body())
+    assert response.status_code == 503
+    assert_openai_error(response.json(), "engine_unavailable")
+    assert "server is not answering" in response.json()["error"]["message"]
+    assert (await worker.client.get("/health")).status_code == 200
+
+
 async def test_with_a_token_inference_needs_it_and_heartbeats_carry_it(make_worker: Any) -> None:
     worker = await make_worker(token="s3cret")
     assert (await worker.client.get("/health")).status_code == 200

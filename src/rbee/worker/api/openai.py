@@ -9,7 +9,7 @@ from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 
-from rbee.common.errors import BadRequest
+from rbee.common.errors import BadRequest, Unavailable
 from rbee.contracts.embeddings import EmbeddingList, EmbeddingRequest
 from rbee.contracts.openai import (
     ChatCompletion,
@@ -22,7 +22,14 @@ from rbee.contracts.openai import (
 )
 from rbee.worker.capabilities import check_chat, check_completion
 from rbee.worker.embeddings import embed
-from rbee.worker.engines.base import Engine, Prepare, Prompt, PromptError, SamplingParams
+from rbee.worker.engines.base import (
+    Engine,
+    EngineError,
+    Prepare,
+    Prompt,
+    PromptError,
+    SamplingParams,
+)
 from rbee.worker.generation import Generation
 from rbee.worker.responses import ChatAnswer, EventStream, TextAnswer, sampling_params
 from rbee.worker.runtime import WorkerRuntime, get_runtime
@@ -72,6 +79,9 @@ async def _start(
     except PromptError as exc:
         param = schema_from if exc.code == "invalid_schema" else exc.param
         raise BadRequest(exc.message, code=exc.code, param=param) from None
+    except EngineError as exc:
+        # Nothing was generated: a client (or the queen) may try again, here or elsewhere.
+        raise Unavailable(str(exc), code="engine_unavailable") from None
 
 
 async def _unless_client_leaves(http: Request, generation: Generation, whole: Awaitable[T]) -> T:

@@ -120,12 +120,7 @@ class LlamaServerEngine:
         except NETWORK_ERRORS as exc:
             raise EngineError(f"llama.cpp's server broke off the answer: {exc!r}") from None
         finally:
-            # Read to its end, the connection is kept for the next request; closed before the
-            # end, which is what stops llama.cpp generating.
-            if response.content.at_eof():
-                response.release()
-            else:
-                response.close()
+            response.close()  # before the end: this is what stops llama.cpp generating
 
     async def _count_tokens(self, text: str) -> int:
         answer = await self._post("/tokenize", {"content": text, "add_special": True})
@@ -227,12 +222,9 @@ async def read_stream(
     emit: Emit,
     cancelled: asyncio.Event,
 ) -> Outcome:
-    """Hand on llama.cpp's streamed answer piece by piece. Read past its last event to the end
-    of the stream (a blank line, at once), so the connection can be kept."""
-    prompt_tokens, produced, finish, ended = 0, 0, "length", False
+    """Hand on llama.cpp's streamed answer piece by piece, up to its last event."""
+    prompt_tokens, produced, finish = 0, 0, "length"
     async for line in lines:
-        if ended:
-            continue
         if cancelled.is_set():
             return Outcome(prompt_tokens, produced, "stop", cancelled=True)
         data = stream_event(line)
@@ -250,8 +242,7 @@ async def read_stream(
             finish = "length" if data.get("stop_type") == "limit" else "stop"
             if text or scored:
                 emit(text, scored)
-            ended = True
-            continue
+            break
         produced += 1
         if text or scored:
             emit(text, scored)

@@ -1,11 +1,13 @@
-"""The chat template rendered in the worker: the same prompt llama.cpp makes, or llama.cpp's.
+"""The worker's engine against real llama-server processes: requests back to back, and the
+chat template rendered in the worker (the same prompt llama.cpp makes, or llama.cpp's own).
 
-Real llama-server processes (the engine's host) for SmolLM2's own template and for a tiny model
-whose template has no system role, which llama.cpp adapts and the worker must leave to it.
+SmolLM2's own template, and a tiny model whose template has no system role, which llama.cpp
+adapts and the worker must leave to it.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -14,7 +16,7 @@ import pytest
 
 from rbee.testing.gguf import write_tiny_gguf
 from rbee.worker.app import resolve_model
-from rbee.worker.engines.base import Message
+from rbee.worker.engines.base import Message, SamplingParams
 from rbee.worker.engines.llama_process import LlamaServer, ServerConfig, default_binary
 from rbee.worker.engines.llama_server import GENERATION_TIMEOUT, LlamaServerEngine
 
@@ -43,7 +45,7 @@ Started = Callable[[Path], AbstractAsyncContextManager[LlamaServer]]
 def llama_server() -> Started:
     @asynccontextmanager
     async def start(model: Path) -> AsyncIterator[LlamaServer]:
-        config = ServerConfig(model, ctx_size=512, slots=1, threads=1, binary=default_binary())
+        config = ServerConfig(model, ctx_size=512, slots=1, threads=2, binary=default_binary())
         server = LlamaServer(config)
         try:
             await server.start()
@@ -62,6 +64,27 @@ async def _llama_cpp_prompt(server: LlamaServer, messages: list[Message]) -> str
     ):
         prompt: str = (await response.json())["prompt"]
         return prompt
+
+
+async def test_requests_back_to_back_on_one_engine_all_get_their_answer(
+    llama_server: Started,
+) -> None:
+    # llama-server closes a connection after a streamed answer; while the engine kept its
+    # connection for the next request, every other request failed ("Server disconnected").
+    async with llama_server(resolve_model(SMOLLM)) as server:
+        engine = LlamaServerEngine(server)
+        pieces: list[str] = []
+        try:
+            for _ in range(20):
+                prompt = await engine.prepare_chat([Message("user", "Hi")])
+                params = SamplingParams(max_tokens=2, temperature=0)
+                outcome = await engine.generate(
+                    prompt, params, lambda t, s=(): pieces.append(t), asyncio.Event(), lambda: None
+                )
+                assert outcome.completion_tokens == 2
+        finally:
+            await engine.close()
+    assert len(pieces) >= 20
 
 
 async def test_smollm2s_template_is_rendered_by_the_worker_exactly_as_llama_cpp_does(
