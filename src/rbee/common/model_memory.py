@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rbee.contracts.hives import ModelFootprint
+from rbee.contracts.workers import KvCacheType
 
 BATCH_TOKENS = 512  # llama.cpp's default micro-batch (n_ubatch)
 F32 = 4
@@ -64,12 +65,17 @@ def gib(size: int) -> str:
 
 
 def estimate_memory(
-    footprint: ModelFootprint, *, ctx_size: int, slots: int = 1, gpu_layers: int | None = None
+    footprint: ModelFootprint,
+    *,
+    ctx_size: int,
+    slots: int = 1,
+    gpu_layers: int | None = None,
+    kv_cache_setting: KvCacheType = "auto",
 ) -> MemoryEstimate:
     """Memory one worker needs on its device. `gpu_layers` K < all: a GPU holding K layers.
-    The KV cache is stored as the worker's `--kv-cache-type auto` would."""
+    The KV cache is stored as the worker's `--kv-cache-type kv_cache_setting` will store it."""
     layers = footprint.layers
-    kv_type = kv_cache_type("auto", slots, footprint.kv_quantizable)
+    kv_type = kv_cache_type(kv_cache_setting, slots, footprint.kv_quantizable)
     kv_per_token = footprint.kv_bytes_per_token
     if kv_type == "q8_0":
         kv_per_token = kv_per_token // F16 * Q8_0_BLOCK_BYTES // Q8_0_BLOCK

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from rbee.contracts.hives import Device
-from rbee.contracts.workers import DEFAULT_CTX_SIZE, DeviceId, NonEmptyStr, Port
+from rbee.contracts.workers import DEFAULT_CTX_SIZE, DeviceId, KvCacheType, NonEmptyStr, Port
 
 
 class SpawnRequest(BaseModel):
@@ -25,6 +25,9 @@ class SpawnRequest(BaseModel):
     embedding: bool = False
     cores: Annotated[int, Field(ge=1, le=4096)] | None = Field(
         None, description="CPU cores of its own (default: an even share of the free ones)"
+    )
+    kv_cache_type: KvCacheType = Field(
+        "auto", description="how it stores its KV cache (llm-worker-rbee --kv-cache-type)"
     )
 
 

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from rbee.contracts.workers import DeviceId, NonEmptyStr
+from rbee.contracts.workers import DeviceId, KvCacheType, NonEmptyStr
 
 
 class ModelDownloadJob(BaseModel):
@@ -31,6 +31,9 @@ class WorkerSpawnJob(BaseModel):
         None, description="CPU cores of its own (default: the hive's even share of its free ones)"
     )
     gpu_layers: Annotated[int, Field(ge=0)] | None = None
+    kv_cache_type: KvCacheType = Field(
+        "auto", description="how the worker stores its KV cache: auto, q8_0 or f16"
+    )
 
 
 class WorkerStopJob(BaseModel):

@@ -32,6 +32,9 @@ def check_device_id(value: str) -> str:
 
 
 DeviceId = Annotated[str, AfterValidator(check_device_id)]
+# How a worker stores its KV cache (llm-worker-rbee --kv-cache-type): auto is q8_0 for several
+# slots, f16 for one; a model whose heads are not whole q8_0 blocks keeps f16 whatever is asked.
+KvCacheType = Literal["auto", "q8_0", "f16"]
 # Tokens of context per slot when nobody says otherwise (the worker's --ctx-size).
 DEFAULT_CTX_SIZE = 2048
 

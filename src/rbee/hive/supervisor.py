@@ -263,6 +263,12 @@ class Supervisor:
             *("--host", s.host, "--advertise-host", s.public_host),
             *("--device", request.device, "--slots", str(request.slots)),
             *("--ctx-size", str(request.ctx_size)),
+            # auto is the worker's own default: said only when something else was asked.
+            *(
+                ("--kv-cache-type", request.kv_cache_type)
+                if request.kv_cache_type != "auto"
+                else ()
+            ),
             *(("--gpu-layers", str(request.gpu_layers)) if request.gpu_layers is not None else ()),
             *("--heartbeat-interval", str(s.heartbeat_interval)),
             *(["--embedding"] if request.embedding else []),

@@ -117,6 +117,7 @@ class Operations:
             gpu_layers=request.gpu_layers,
             device=request.device,
             hive_id=request.hive_id,
+            kv_cache_type=request.kv_cache_type,
         )
         placement = self.spawner.place(demand)
         hive = placement.hive

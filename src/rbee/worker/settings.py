@@ -9,7 +9,7 @@ from pydantic_settings import CliImplicitFlag, SettingsConfigDict
 
 from rbee.common.cpus import format_cpu_set, parse_cpu_set
 from rbee.common.settings import DaemonSettings, HttpUrl, Seconds
-from rbee.contracts.workers import DEFAULT_CTX_SIZE, DeviceId
+from rbee.contracts.workers import DEFAULT_CTX_SIZE, DeviceId, KvCacheType
 from rbee.worker.engines.llama_process import default_binary
 
 
@@ -63,7 +63,7 @@ class WorkerSettings(DaemonSettings):
         "file says it is an embedding model is served so without this flag)",
     )
     ctx_size: int = Field(DEFAULT_CTX_SIZE, ge=16, description="context window per slot, in tokens")
-    kv_cache_type: Literal["auto", "q8_0", "f16"] = Field(
+    kv_cache_type: KvCacheType = Field(
         "auto",
         description="how the KV cache stores each slot's context: q8_0 (half the memory of f16, "
         "so more slots fit; a few percent slower), f16, or auto: q8_0 with several slots, f16 "

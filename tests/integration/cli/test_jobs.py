@@ -36,6 +36,7 @@ def test_worker_spawn_waits_until_the_worker_is_ready(rbee: Any, queen: Any) -> 
             "hive_id": "hive-a",
             "device": "cpu:0",
             "slots": 1,
+            "kv_cache_type": "auto",
         }
     ]
     assert "spawning llm-worker-rbee on port 8085" in result.stderr
@@ -51,6 +52,22 @@ def test_worker_spawn_embedding_asks_for_an_embedding_worker(rbee: Any, queen: A
     assert result.exit_code == 0, result.output
     assert queen.jobs[0]["embedding"] is True
     assert "embeddings" in result.stdout
+
+
+def test_worker_spawn_passes_the_kv_cache_type_and_refuses_a_bad_one(
+    rbee: Any, queen: Any
+) -> None:
+    queen.job_events["worker_spawn"] = [READY]
+    queen.add_worker("w-7", port=8085)
+
+    result = rbee("worker", "spawn", "-m", "smollm2-135m-instruct", "--kv-cache-type", "q8_0")
+
+    assert result.exit_code == 0, result.output
+    assert queen.jobs[0]["kv_cache_type"] == "q8_0"
+    bad = rbee("worker", "spawn", "-m", "smollm2-135m-instruct", "--kv-cache-type", "q4_0")
+    assert bad.exit_code == 2
+    assert "--kv-cache-type" in bad.output and "'q4_0' is not one of" in bad.output
+    assert len(queen.jobs) == 1  # nothing was sent for it
 
 
 def test_worker_spawn_of_an_unknown_model_lists_the_known_ones(rbee: Any, queen: Any) -> None:

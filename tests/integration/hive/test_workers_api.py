@@ -130,6 +130,9 @@ async def test_unknown_and_bad_models_and_devices_are_refused(hive: Hive) -> Non
     assert "cpu:0" in bad_device.json()["error"]["message"]
     assert (await spawn({"model": "broken.gguf", "worker_id": "-x"})).status_code == 400
     assert (await spawn({"model": "broken.gguf", "slots": 0})).status_code == 422
+    bad_kv = await spawn({"model": "broken.gguf", "kv_cache_type": "q4_0"})
+    assert bad_kv.status_code == 422
+    assert "q8_0" in bad_kv.text  # the error names the values it takes
     assert await hive.client.workers() == []
 
 
@@ -171,3 +174,12 @@ async def test_spawn_with_embedding_starts_the_worker_for_embeddings(hive: Hive)
     )
     assert "--embedding" not in psutil.Process(plain.pid).cmdline()
     assert "--embedding" in psutil.Process(embedding.pid).cmdline()
+
+
+async def test_spawn_passes_the_kv_cache_type_to_the_worker(hive: Hive) -> None:
+    model = "acme/tiny-GGUF:tiny.Q4_0.gguf"
+    default = await hive.client.spawn(SpawnRequest(model=model))
+    q8 = await hive.client.spawn(SpawnRequest(model=model, kv_cache_type="q8_0"))
+    assert "--kv-cache-type" not in psutil.Process(default.pid).cmdline()
+    cmdline = psutil.Process(q8.pid).cmdline()
+    assert cmdline[cmdline.index("--kv-cache-type") + 1] == "q8_0"

@@ -84,6 +84,12 @@ def test_the_worker_command_carries_identity_but_not_the_token(tmp_path: Path) -
     assert "--wait-policy" not in flags
     shared = supervisor.command("w2", model, 8082, request, CorePlacement((0,), shared=True))
     assert parse_flags(shared)["--wait-policy"] == "passive"
+    # auto, the worker's own default, is left unsaid; any other choice is passed on.
+    assert "--kv-cache-type" not in flags
+    for kv in ("q8_0", "f16"):
+        chosen = request.model_copy(update={"kv_cache_type": kv})
+        args = supervisor.command("w3", model, 8083, chosen, CorePlacement((0,), shared=False))
+        assert parse_flags(args)["--kv-cache-type"] == kv
 
 
 def test_output_tail_keeps_the_end(tmp_path: Path) -> None:

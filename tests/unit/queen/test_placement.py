@@ -161,3 +161,29 @@ def test_hives_offline_or_without_the_model_are_never_chosen() -> None:
 def test_equal_hives_are_chosen_the_same_way_every_time() -> None:
     hives = [hive("a", cpu(16)), hive("b", cpu(16))]
     assert {where(place(hives, demand())) for _ in range(5)} == {("b", "cpu:0")}
+
+
+def test_the_kv_cache_type_asked_for_is_the_one_estimated() -> None:
+    quantizable = FOOTPRINT.model_copy(update={"kv_quantizable": True})
+    # 4 GiB of weights + compute ~0.56 GiB; 4 slots x 2048 tokens of KV cache: 1 GiB at f16,
+    # 0.53 GiB at q8_0. A GPU with 5.3 GiB free takes the q8_0 worker, not the f16 one.
+    hives = [hive("a", cpu(40), gpu(0, 5.3), footprint=quantizable)]
+    auto = place(hives, demand(slots=4))
+    f16 = place(hives, demand(slots=4, kv_cache_type="f16"))
+    assert (where(auto), where(f16)) == (("a", "cuda:0"), ("a", "cpu:0"))
+    assert auto.estimate is not None and f16.estimate is not None
+    assert (auto.estimate.kv_type, f16.estimate.kv_type) == ("q8_0", "f16")
+    assert auto.estimate.kv_cache == f16.estimate.kv_cache * 34 // 64
+    # One slot keeps f16 under auto; q8_0 asked for is estimated as q8_0.
+    one = place(hives, demand(slots=1, kv_cache_type="q8_0")).estimate
+    assert one is not None and one.kv_type == "q8_0"
+    assert "at q8_0" in one.describe()
+
+
+def test_q8_0_asked_for_a_model_that_cannot_take_it_is_estimated_as_f16() -> None:
+    hives = [hive("a", cpu(40))]  # FOOTPRINT's heads are not whole q8_0 blocks
+    asked = place(hives, demand(slots=4, kv_cache_type="q8_0")).estimate
+    plain = place(hives, demand(slots=4, kv_cache_type="f16")).estimate
+    assert asked is not None and plain is not None
+    assert asked.kv_type == "f16"
+    assert asked.kv_cache == plain.kv_cache

@@ -11,7 +11,7 @@ from rbee.cli.context import cli_of, device_option
 from rbee.cli.render import to_json, workers_table
 from rbee.clients.queen import QueenClient
 from rbee.contracts.jobs import WorkerSpawnJob, WorkerStopJob
-from rbee.contracts.workers import WorkerView
+from rbee.contracts.workers import KvCacheType, WorkerView
 
 app = typer.Typer(help="Worker processes: start, list, stop.", no_args_is_help=True)
 
@@ -46,6 +46,14 @@ def spawn(
         int | None,
         typer.Option(min=0, help="Layers to offload to the GPU (default: all of them)."),
     ] = None,
+    kv_cache_type: Annotated[
+        KvCacheType,
+        typer.Option(
+            "--kv-cache-type",
+            help="How it stores its KV cache: q8_0 (half the memory of f16), f16, or auto "
+            "(q8_0 with several slots, f16 with one). A model that cannot take q8_0 keeps f16.",
+        ),
+    ] = "auto",
 ) -> None:
     """Start a worker for a model on a hive; returns once it is ready (the queen's spawn job
     waits for that, bounded by the queen's --spawn-timeout)."""
@@ -59,6 +67,7 @@ def spawn(
         embedding=embedding or None,
         cores=cores,
         gpu_layers=gpu_layers,
+        kv_cache_type=kv_cache_type,
     )
 
     async def work(client: QueenClient) -> WorkerView:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from rbee.common.errors import BadRequest, NotFound, Unavailable
 from rbee.common.model_memory import MemoryEstimate, estimate_memory, gib
 from rbee.contracts.hives import Device, HiveView
+from rbee.contracts.workers import KvCacheType
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class Demand:
     gpu_layers: int | None = None
     device: str | None = None
     hive_id: str | None = None
+    kv_cache_type: KvCacheType = "auto"
 
 
 def hives_with_model(hives: Sequence[HiveView], model: str) -> list[HiveView]:
@@ -47,7 +49,11 @@ def estimate_for(hive: HiveView, device: Device, demand: Demand) -> MemoryEstima
         return None
     gpu_layers = demand.gpu_layers if device.kind != "cpu" else None
     return estimate_memory(
-        footprint, ctx_size=demand.ctx_size, slots=demand.slots, gpu_layers=gpu_layers
+        footprint,
+        ctx_size=demand.ctx_size,
+        slots=demand.slots,
+        gpu_layers=gpu_layers,
+        kv_cache_setting=demand.kv_cache_type,
     )
 
 

@@ -109,6 +109,7 @@ class Spawner:
             gpu_layers=demand.gpu_layers,
             embedding=embedding,
             cores=cores,
+            kv_cache_type=demand.kv_cache_type,
         )
         key = (placement.hive.id, placement.device_id)
         need = placement.estimate.total if placement.estimate else 0
