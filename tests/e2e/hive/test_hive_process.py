@@ -118,6 +118,22 @@ def test_each_worker_runs_on_cores_of_its_own_and_shares_only_when_none_are_free
         httpx.post(f"{hive.url}/v1/workers/{w['pid']}/stop", json={}, timeout=30)
 
 
+def test_a_one_slot_worker_asked_for_q8_0_runs_its_engine_with_a_q8_0_cache(
+    start_hive: HiveStarter,
+) -> None:
+    hive = start_hive()
+    # One slot would keep f16 under auto: q8_0 here is the request's doing.
+    spawned = spawn(hive.url, kv_cache_type="q8_0", slots=1, cores=1)
+    try:
+        [engine] = psutil.Process(spawned["pid"]).children()
+        argv = engine.cmdline()
+        for flag in ("--cache-type-k", "--cache-type-v"):
+            assert argv[argv.index(flag) + 1] == "q8_0"
+        assert serves(spawned["url"]) == [DEFAULT_MODEL]
+    finally:
+        httpx.post(f"{hive.url}/v1/workers/{spawned['pid']}/stop", json={}, timeout=30)
+
+
 def test_killing_the_hive_leaves_workers_serving_and_a_new_hive_finds_them(
     queen: Daemon, start_hive: HiveStarter
 ) -> None:

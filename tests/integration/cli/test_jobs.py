@@ -54,9 +54,7 @@ def test_worker_spawn_embedding_asks_for_an_embedding_worker(rbee: Any, queen: A
     assert "embeddings" in result.stdout
 
 
-def test_worker_spawn_passes_the_kv_cache_type_and_refuses_a_bad_one(
-    rbee: Any, queen: Any
-) -> None:
+def test_worker_spawn_passes_the_kv_cache_type_and_refuses_a_bad_one(rbee: Any, queen: Any) -> None:
     queen.job_events["worker_spawn"] = [READY]
     queen.add_worker("w-7", port=8085)
 
@@ -66,7 +64,8 @@ def test_worker_spawn_passes_the_kv_cache_type_and_refuses_a_bad_one(
     assert queen.jobs[0]["kv_cache_type"] == "q8_0"
     bad = rbee("worker", "spawn", "-m", "smollm2-135m-instruct", "--kv-cache-type", "q4_0")
     assert bad.exit_code == 2
-    assert "--kv-cache-type" in bad.output and "'q4_0' is not one of" in bad.output
+    assert "--kv-cache-type" in bad.output
+    assert "'q4_0' is not one of" in bad.output
     assert len(queen.jobs) == 1  # nothing was sent for it
 
 

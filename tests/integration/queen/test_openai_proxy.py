@@ -333,6 +333,22 @@ async def test_cold_model_starts_one_worker_for_many_requests(cluster: Cluster) 
     assert {r.headers["x-rbee-worker-id"] for r in responses} == {"spawned-1"}
 
 
+async def test_a_spawn_job_passes_its_kv_cache_type_to_the_hive(cluster: Cluster) -> None:
+    await cluster.hive_heartbeat(["cold"])
+    job = {"operation": "worker_spawn", "model": "cold", "kv_cache_type": "q8_0"}
+    bad = await cluster.client.post("/v1/jobs", json={**job, "kv_cache_type": "q4_0"})
+    assert bad.status_code == 422
+    created = await cluster.client.post("/v1/jobs", json=job)
+    assert created.status_code == 201, created.text
+    events = (await cluster.client.get(created.json()["sse_url"])).text
+    assert '"type":"done"' in events.replace(" ", ""), events
+    assert [s["kv_cache_type"] for s in cluster.hive_spawns] == ["q8_0"]
+    # A worker the queen starts for a request keeps the worker's own choice.
+    await cluster.hive_heartbeat(["other"])
+    assert (await cluster.chat(model="other")).status_code == 200
+    assert cluster.hive_spawns[1].get("kv_cache_type", "auto") == "auto"
+
+
 async def test_models_lists_loaded_and_startable(cluster: Cluster) -> None:
     cluster.workers["w1"] = cluster.ok_worker("w1")
     await cluster.heartbeat("w1", model="hot")

@@ -171,12 +171,14 @@ def test_the_kv_cache_type_asked_for_is_the_one_estimated() -> None:
     auto = place(hives, demand(slots=4))
     f16 = place(hives, demand(slots=4, kv_cache_type="f16"))
     assert (where(auto), where(f16)) == (("a", "cuda:0"), ("a", "cpu:0"))
-    assert auto.estimate is not None and f16.estimate is not None
+    assert auto.estimate is not None
+    assert f16.estimate is not None
     assert (auto.estimate.kv_type, f16.estimate.kv_type) == ("q8_0", "f16")
     assert auto.estimate.kv_cache == f16.estimate.kv_cache * 34 // 64
     # One slot keeps f16 under auto; q8_0 asked for is estimated as q8_0.
     one = place(hives, demand(slots=1, kv_cache_type="q8_0")).estimate
-    assert one is not None and one.kv_type == "q8_0"
+    assert one is not None
+    assert one.kv_type == "q8_0"
     assert "at q8_0" in one.describe()
 
 
@@ -184,6 +186,7 @@ def test_q8_0_asked_for_a_model_that_cannot_take_it_is_estimated_as_f16() -> Non
     hives = [hive("a", cpu(40))]  # FOOTPRINT's heads are not whole q8_0 blocks
     asked = place(hives, demand(slots=4, kv_cache_type="q8_0")).estimate
     plain = place(hives, demand(slots=4, kv_cache_type="f16")).estimate
-    assert asked is not None and plain is not None
+    assert asked is not None
+    assert plain is not None
     assert asked.kv_type == "f16"
     assert asked.kv_cache == plain.kv_cache
