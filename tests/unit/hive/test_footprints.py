@@ -103,6 +103,11 @@ def test_smollm2_kv_cache_is_what_llama_cpp_allocates() -> None:
     # Four slots: "CPU KV buffer size = 95.62 MiB", a q8_0 cache of 4 x 2048 tokens.
     four = estimate_memory(read_footprint(path), ctx_size=2048, slots=4)
     assert round(four.kv_cache / MIB, 2) == 95.62
+    # Asked for: one slot at q8_0 (llama.cpp: "CPU KV buffer size = 23.91 MiB"), four at f16.
+    one_q8 = estimate_memory(read_footprint(path), ctx_size=2048, kv_cache_setting="q8_0")
+    assert round(one_q8.kv_cache / MIB, 2) == 23.91
+    four_f16 = estimate_memory(read_footprint(path), ctx_size=2048, slots=4, kv_cache_setting="f16")
+    assert four_f16.kv_cache == 4 * 45 * MIB
 
 
 def test_files_without_a_usable_header_are_refused(tmp_path: Path) -> None:
