@@ -346,7 +346,7 @@ async def test_a_spawn_job_passes_its_kv_cache_type_to_the_hive(cluster: Cluster
     # A worker the queen starts for a request keeps the worker's own choice.
     await cluster.hive_heartbeat(["other"])
     assert (await cluster.chat(model="other")).status_code == 200
-    assert cluster.hive_spawns[1].get("kv_cache_type", "auto") == "auto"
+    assert cluster.hive_spawns[1]["kv_cache_type"] == "auto"
 
 
 async def test_models_lists_loaded_and_startable(cluster: Cluster) -> None:
@@ -422,7 +422,14 @@ async def test_embeddings_for_a_model_a_hive_has_start_an_embedding_worker(
     answers = await asyncio.gather(*(embed(cluster, "cold") for _ in range(2)))
     assert [a.status_code for a in answers] == [200, 200]
     assert cluster.hive_spawns == [
-        {"model": "cold", "device": "cpu:0", "slots": 1, "ctx_size": 2048, "embedding": True}
+        {
+            "model": "cold",
+            "device": "cpu:0",
+            "slots": 1,
+            "ctx_size": 2048,
+            "embedding": True,
+            "kv_cache_type": "auto",
+        }
     ]
     assert {a.headers["x-rbee-worker-id"] for a in answers} == {"spawned-1"}
     assert (await cluster.chat(model="cold")).headers["x-rbee-worker-id"] == "chat1"
