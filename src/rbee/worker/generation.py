@@ -102,6 +102,10 @@ class Generation:
     def done(self) -> bool:
         return self._task.done()
 
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
     def cancel(self) -> None:
         self._cancelled.set()
 

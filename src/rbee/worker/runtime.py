@@ -58,6 +58,7 @@ class WorkerRuntime:
         self.metrics = WorkerMetrics(board, lambda: self.pool)
         self._host = engine_host
         self._watch: asyncio.Task[None] | None = None
+        self._cut_timer: asyncio.TimerHandle | None = None
 
     @property
     def model_id(self) -> str:
@@ -167,12 +168,18 @@ class WorkerRuntime:
             # Answers still running when the grace period is over are cut, each with an error
             # its client can read (the stream's last event), while the server still waits for
             # them to close.
-            asyncio.get_running_loop().call_later(self.shutdown_grace_s, self._cut_running)
+            self._cut_timer = asyncio.get_running_loop().call_later(
+                self.shutdown_grace_s, self._cut_running
+            )
 
     def _cut_running(self) -> None:
-        if self._generations:
-            log.warning("cancelling %d generation(s) still running", len(self._generations))
-        for generation in list(self._generations):
+        """Cancel what still runs, once (the timer and `finish` may both get here)."""
+        if self._cut_timer is not None:
+            self._cut_timer.cancel()
+        running = [g for g in self._generations if not g.cancelled]
+        if running:
+            log.warning("cancelling %d generation(s) still running", len(running))
+        for generation in running:
             generation.cancel()
 
     async def finish(self) -> None:

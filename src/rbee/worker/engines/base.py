@@ -53,6 +53,11 @@ class Message:
     content: str
 
 
+def as_json(messages: Sequence[Message]) -> list[dict[str, str]]:
+    """Messages as chat templates (and llama.cpp's /apply-template) take them."""
+    return [{"role": m.role, "content": m.content} for m in messages]
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int | None = None

@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from rbee.worker.engines.base import Message, PromptError
+from rbee.worker.engines.base import Message, PromptError, as_json
 
 # Conversations a template must render exactly as llama.cpp does before the worker uses it:
 # the shapes the worker sends (a user alone, a system prompt, turns of a conversation).
@@ -59,7 +59,7 @@ class ChatTemplate:
         """The prompt; PromptError if the template refuses the messages."""
         try:
             return self._template.render(
-                messages=[{"role": m.role, "content": m.content} for m in messages],
+                messages=as_json(messages),
                 add_generation_prompt=True,
                 **self._tokens,
             )

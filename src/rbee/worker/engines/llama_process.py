@@ -30,7 +30,7 @@ import aiohttp
 import psutil
 
 from rbee.common.gpu import default_llama_server
-from rbee.worker.engines.base import EngineError
+from rbee.worker.engines.base import EngineError, as_json
 from rbee.worker.engines.chat_template import PROBES, ChatTemplate, agrees_with, compile_template
 
 log = logging.getLogger("rbee.worker.llama_server")
@@ -42,6 +42,8 @@ OUTPUT_LINES_KEPT = 60
 READY_POLL_S = 0.02
 STOP_GRACE_S = 5.0
 BASE_URL = "http://llama-server"
+# What a server that died, hung or closed its socket raises, from connecting to reading.
+NETWORK_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
 
 
 def default_binary() -> str:
@@ -229,7 +231,7 @@ class LlamaServer:
 
     async def _wait_ready(self, http: aiohttp.ClientSession) -> None:
         while True:
-            with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
+            with contextlib.suppress(*NETWORK_ERRORS):
                 async with http.get("/health") as response:
                     if response.status == 200:
                         return
@@ -275,15 +277,7 @@ class LlamaServer:
             self.vocab_size = int(meta["n_vocab"])
             self.embedding_size = int(meta["n_embd"])
             return dict(props)
-        except (
-            aiohttp.ClientError,
-            OSError,
-            TimeoutError,
-            KeyError,
-            IndexError,
-            TypeError,
-            ValueError,
-        ) as exc:
+        except (*NETWORK_ERRORS, KeyError, IndexError, TypeError, ValueError) as exc:
             raise EngineError(f"llama.cpp's server does not describe its model: {exc!r}") from None
 
     async def _own_template(
@@ -302,11 +296,11 @@ class LlamaServer:
             return None
         rendered: list[str | None] = []
         for probe in PROBES:
-            body = {"messages": [{"role": m.role, "content": m.content} for m in probe]}
+            body = {"messages": as_json(probe)}
             try:
                 async with http.post("/apply-template", json=body) as response:
                     answer = await response.json() if response.status == 200 else {}
-            except (aiohttp.ClientError, OSError, TimeoutError, ValueError):
+            except (*NETWORK_ERRORS, ValueError):
                 return None
             prompt = answer.get("prompt")
             rendered.append(prompt if isinstance(prompt, str) else None)

@@ -29,14 +29,14 @@ from rbee.worker.engines.base import (
     PromptTooLong,
     SamplingParams,
     Scored,
+    as_json,
 )
-from rbee.worker.engines.llama_process import LlamaServer
+from rbee.worker.engines.llama_process import NETWORK_ERRORS, LlamaServer
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs
 # A long prompt may take a while before its first token; a dead server closes the socket,
 # which no read timeout is needed to notice.
 GENERATION_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=5.0)
-NETWORK_ERRORS = (aiohttp.ClientError, OSError)
 
 
 class LlamaServerEngine:
@@ -72,7 +72,7 @@ class LlamaServerEngine:
         template = self._server.chat_template
         if template is not None:
             return Prompt(text=template.render(messages))
-        body = {"messages": [{"role": m.role, "content": m.content} for m in messages]}
+        body = {"messages": as_json(messages)}
         try:
             text = (await self._post("/apply-template", body))["prompt"]
         except PromptError as exc:
