@@ -10,17 +10,21 @@ The same scripts run on this machine through `sh -s` (`Shell`), so local and rem
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shlex
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from rbee.cli.context import CliError
+from rbee.common.lines import read_lines
 
 SSH_COMMAND_ENV = "RBEE_SSH_COMMAND"
 SSH_FAILED = 255  # what ssh itself exits with when it cannot connect or authenticate
 CONNECT_TIMEOUT_S = 15
+STREAM_LINES_KEPT = 50  # of a streamed script's output, for its verdict and error messages
 # USER@HOST, HOST, or USER@[IPv6]; nothing that ssh could read as an option or a second word.
 TARGET_PATTERN = re.compile(
     r"^(?:[A-Za-z0-9._][A-Za-z0-9._-]*@)?(?:[A-Za-z0-9_][A-Za-z0-9._-]*|\[[0-9A-Fa-f:.]+\])$"
@@ -125,24 +129,26 @@ class Shell:
         assert proc.stdin is not None
         proc.stdin.write(script.encode())
         proc.stdin.close()
-        lines: list[str] = []
+        lines: deque[str] = deque(maxlen=STREAM_LINES_KEPT)
 
         async def pump() -> None:
             assert proc.stdout is not None
-            async for raw in proc.stdout:
-                line = raw.decode(errors="replace").rstrip()
+            async for line in read_lines(proc.stdout):
                 lines.append(line)
                 on_line(line)
             await proc.wait()
 
         try:
             await asyncio.wait_for(pump(), timeout_s)
-        except (TimeoutError, asyncio.CancelledError):
-            proc.kill()
+        except BaseException:
+            # Whatever ends the wait (a timeout, Ctrl-C, a failing `on_line`), the script's
+            # process does not outlive it.
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
             await proc.wait()
             raise
         code = proc.returncode if proc.returncode is not None else -1
-        return Result(code, "\n".join(lines[-50:]), "")
+        return Result(code, "\n".join(lines), "")
 
     def failure(self, result: Result) -> str | None:
         """Why the transport itself failed (never, for a local shell)."""
