@@ -10,10 +10,16 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 import httpx
+import psutil
+
+# Set to a fresh id in a test run's environment before it starts anything: every process the run
+# starts, directly or through a daemon, inherits it, and the run ends what still carries it.
+RUN_MARKER = "RBEE_TEST_RUN"
 
 
 def free_port() -> int:
@@ -41,6 +47,71 @@ def processes_with_in_argv(needle: str) -> list[str]:
         if needle in argv:
             found.append(f"{cmdline.parent.name}: {argv}")
     return found
+
+
+def process_clock() -> float:
+    """Now, on the clock `Survivor.started` is read from: on Linux the seconds since boot that
+    the kernel counts process starts in (psutil's create_time adds a boot time rounded to the
+    second, and so can be a second off the wall clock)."""
+    if sys.platform == "linux":
+        return time.clock_gettime(time.CLOCK_BOOTTIME)
+    return time.time()
+
+
+def _started(proc: psutil.Process) -> float:
+    if sys.platform == "linux":
+        stat = Path(f"/proc/{proc.pid}/stat").read_text()
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        return ticks / os.sysconf("SC_CLK_TCK")
+    return proc.create_time()
+
+
+@dataclass(frozen=True)
+class Survivor:
+    """A process still alive that carries a run's mark."""
+
+    pid: int
+    started: float  # on process_clock()
+    argv: str
+
+
+def marked_processes(marker: str, value: str) -> list[psutil.Process]:
+    """Every live process that inherited `marker=value` in its environment (as read at its
+    exec; only root reads other users'), oldest first. Zombies are dead and carry nothing."""
+    found = []
+    for proc in psutil.process_iter(["environ", "create_time"]):
+        environ = proc.info["environ"] or {}
+        if proc.pid != os.getpid() and environ.get(marker) == value:
+            found.append(proc)
+    return sorted(found, key=lambda p: p.info["create_time"] or 0.0)
+
+
+def end_marked_processes(marker: str, value: str, grace_s: float = 10.0) -> list[Survivor]:
+    """Kill whatever still carries `marker=value` after `grace_s` (time for processes already
+    told to stop to finish), and return what was killed."""
+    deadline = time.monotonic() + grace_s
+    while (procs := marked_processes(marker, value)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    survivors = []
+    for proc in procs:
+        try:
+            argv = " ".join(proc.cmdline()) or proc.name()
+            survivors.append(Survivor(proc.pid, _started(proc), argv))
+            proc.kill()  # psutil checks the pid was not reused since it was listed
+        except psutil.Error:
+            continue
+    deadline = time.monotonic() + 10.0
+    while any(_alive(p) for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return survivors
+
+
+def _alive(proc: psutil.Process) -> bool:
+    """Still running: a zombie has ended, only its parent has not collected it yet."""
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 class ServerProcess:
