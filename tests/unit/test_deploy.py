@@ -27,7 +27,7 @@ DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "rbee-d
 
 def exported_names() -> set[str]:
     queen = QueenMetrics(WorkerRegistry(), HiveRegistry(90), LoadTracker(10), AdmissionQueue(1, 1))
-    track = queen.track("m")  # so the labelled families have a series
+    track = queen.track("m")  # so the labelled families have a series (labelled "(unknown)")
     track.streamed = True
     track.lease("w")
     track.failover()

@@ -31,6 +31,9 @@ WORKER_STATES = (*(s.value for s in WorkerStatus if s is not WorkerStatus.STOPPE
 NO_WORKER = ""
 # The client went away before an answer started (nginx's convention).
 CLIENT_CLOSED = "499"
+# The `model` label of requests for a model the cluster does not know: the name comes from the
+# client, and a label per name would let anyone grow the queen's figures without bound.
+UNKNOWN_MODEL = "(unknown)"
 _BOUNDS = tuple(float(b) for b in LATENCY_BUCKETS)
 
 
@@ -98,7 +101,13 @@ class QueenMetrics:
         r.register(ScrapeCollector(self.live))
 
     def track(self, model: str) -> RequestTrack:
-        return RequestTrack(self, model, self.models[model], time.perf_counter())
+        """Figures for a request for `model`, under its own label only if the cluster knows it
+        (a worker serves it or a hive has it), so labels only ever name real models."""
+        known = self._workers.records_for_model(model) or any(
+            model in hive.models for hive in self._hives.all()
+        )
+        label = model if known else UNKNOWN_MODEL
+        return RequestTrack(self, label, self.models[label], time.perf_counter())
 
     def worker_started(self, model: str, result: str) -> None:
         self.worker_starts.labels(model, result).inc()
@@ -214,7 +223,7 @@ class RequestTrack:
     """One request's figures, recorded at a few points of its way through the proxy."""
 
     metrics: QueenMetrics
-    model: str
+    label: str  # the model, or UNKNOWN_MODEL
     figures: ModelFigures
     started: float
     worker: str = NO_WORKER
@@ -236,7 +245,7 @@ class RequestTrack:
 
     def end(self, code: int | str) -> None:
         self.figures.duration.observe(time.perf_counter() - self.started)
-        self.metrics.requests[self.model, self.worker, str(code)] += 1
+        self.metrics.requests[self.label, self.worker, str(code)] += 1
 
     def refused(self, code: int | str) -> None:
         """Ended without an answer from any worker (no worker, queue full, all failed...)."""

@@ -22,6 +22,7 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from rbee.common.disconnect import CLIENT_CLOSED_REQUEST, ClientGone, unless_client_leaves
 from rbee.common.errors import (
@@ -31,6 +32,7 @@ from rbee.common.errors import (
     RbeeError,
     TooManyRequests,
     Unavailable,
+    quote,
 )
 from rbee.common.gate import API_KEY_SCOPE
 from rbee.common.tokens import auth_headers
@@ -99,13 +101,13 @@ def connection_refused(exc: BaseException) -> bool:
 def _wrong_kind(model: str, embedding: bool) -> BadRequest:
     if embedding:
         return BadRequest(
-            f"model {model!r} is served for chat and completions only; embeddings need a "
+            f"model {quote(model)} is served for chat and completions only; embeddings need a "
             "worker started for them (rbee worker spawn --embedding)",
             code="model_not_embedding",
             param="model",
         )
     return BadRequest(
-        f"model {model!r} is served for embeddings only (POST /v1/embeddings)",
+        f"model {quote(model)} is served for embeddings only (POST /v1/embeddings)",
         code="model_not_chat",
         param="model",
     )
@@ -160,21 +162,21 @@ class Proxy:
             elif known_workers:
                 which = f" ({', '.join(failed)} failed)" if failed else ""
                 raise Unavailable(
-                    f"no worker for model {model!r} is reachable right now{which}",
+                    f"no worker for model {quote(model)} is reachable right now{which}",
                     code="no_worker",
                 )
             elif of_model:
                 raise _wrong_kind(model, embedding)
             elif offline := [h.id for h in self.hives.all() if model in h.models]:
                 raise Unavailable(
-                    f"no worker for model {model!r}, and the hives that have it are offline "
+                    f"no worker for model {quote(model)}, and the hives that have it are offline "
                     f"({', '.join(sorted(offline))})",
                     code="no_worker",
                 )
             else:
                 known = ", ".join(self.known_models()) or "none"
                 raise NotFound(
-                    f"model {model!r} is not served by any worker and no hive has it "
+                    f"model {quote(model)} is not served by any worker and no hive has it "
                     f"(models: {known})",
                     code="model_not_found",
                 )
@@ -183,14 +185,14 @@ class Proxy:
             return await self.router.acquire(model, embedding=embedding)
         except QueueFull:
             raise TooManyRequests(
-                f"all workers for {model!r} are busy and {admission.max_waiting} requests "
+                f"all workers for {quote(model)} are busy and {admission.max_waiting} requests "
                 "already wait",
                 retry_after_s=2,
                 code="queue_full",
             ) from None
         except WaitExpired:
             raise TooManyRequests(
-                f"no worker for {model!r} freed up within {admission.max_wait_s:.0f}s",
+                f"no worker for {quote(model)} freed up within {admission.max_wait_s:.0f}s",
                 retry_after_s=2,
                 code="queue_timeout",
             ) from None
@@ -203,7 +205,7 @@ class Proxy:
         track.streamed = stream
         try:
             return await unless_client_leaves(
-                request.receive, self._forward(track, path, raw, request, embedding)
+                request.receive, self._forward(model, track, path, raw, request, embedding)
             )
         except ClientGone:
             track.refused(CLIENT_CLOSED)
@@ -216,9 +218,14 @@ class Proxy:
             raise
 
     async def _forward(
-        self, track: RequestTrack, path: str, raw: bytes, request: Request, embedding: bool
+        self,
+        model: str,
+        track: RequestTrack,
+        path: str,
+        raw: bytes,
+        request: Request,
+        embedding: bool,
     ) -> Response:
-        model = track.model
         key: str | None = request.scope.get(API_KEY_SCOPE)
         keep_usage = True
         if key is not None and track.streamed:
@@ -259,7 +266,7 @@ class Proxy:
                 self.spawner.worker_lost(lease.worker_id, "connection refused")
             if step is Step.GIVE_UP:
                 raise BadGateway(
-                    f"{failures} worker(s) failed for {model!r}; last: {attempt.reason}"
+                    f"{failures} worker(s) failed for {quote(model)}; last: {attempt.reason}"
                 )
             lease = await self.lease(model, tried, embedding=embedding)
 
@@ -357,19 +364,35 @@ class Proxy:
             self.router.release(lease)
             track.end(upstream.status_code)
             return Response(upstream.content, upstream.status_code, headers, media_type)
-        return StreamingResponse(
-            self._relay(lease, attempt, track),
+        return RelayResponse(
+            Relay(self.router, lease, attempt, track),
             status_code=upstream.status_code,
             headers=headers,
             media_type=media_type,
         )
 
-    async def _relay(
-        self, lease: Lease, attempt: Attempt, track: RequestTrack
-    ) -> AsyncIterator[bytes]:
-        upstream = attempt.upstream
-        assert upstream is not None
+
+class Relay:
+    """A worker's answer on its way to the client. `finish` frees the worker's slot, records
+    the request's figures and closes the worker's response, once, however the relay ends:
+    at the answer's end, cut by the worker, or before it began, because the client left just
+    as the worker's first bytes came in (its body is then never read)."""
+
+    def __init__(self, router: Router, lease: Lease, attempt: Attempt, track: RequestTrack):
+        assert attempt.upstream is not None
         assert attempt.rest is not None
+        self.router = router
+        self.lease = lease
+        self.attempt = attempt
+        self.upstream = attempt.upstream
+        self.track = track
+        self.started = False
+        self.finished = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        attempt, track = self.attempt, self.track
+        assert attempt.rest is not None
+        self.started = True
         failed = False
         try:
             track.first_byte()
@@ -379,15 +402,42 @@ class Proxy:
                 yield chunk
         except UpstreamError as exc:
             failed = True
-            log.warning("worker %s failed mid-answer: %s", lease.worker_id, exc)
+            who = self.lease.worker_id
+            log.warning("worker %s failed mid-answer: %s", who, exc)
             if track.streamed:
-                yield sse_error(f"worker {lease.worker_id} failed mid-stream: {type(exc).__name__}")
+                yield sse_error(f"worker {who} failed mid-stream: {type(exc).__name__}")
         finally:
-            # Free the slot first: when the client has gone, this runs under cancellation.
-            if failed:
-                self.router.fail(lease)
-            else:
-                self.router.release(lease)
-            # A stream cut by its worker counts as a bad gateway, whatever status went out.
-            track.end(BadGateway.status_code if failed else upstream.status_code)
-            upstream.close()
+            self.finish(failed)
+
+    def finish(self, failed: bool = False) -> None:
+        """Synchronous, so that it runs whole even when the client's leaving cancels the task."""
+        if self.finished:
+            return
+        self.finished = True
+        if failed:
+            self.router.fail(self.lease)
+        else:
+            self.router.release(self.lease)
+        # A stream cut by its worker counts as a bad gateway, whatever status went out; one
+        # whose client left before any of it was sent, as a client that closed the request.
+        if failed:
+            code: int | str = BadGateway.status_code
+        else:
+            code = self.upstream.status_code if self.started else CLIENT_CLOSED
+        self.track.end(code)
+        self.upstream.close()
+
+
+class RelayResponse(StreamingResponse):
+    """A streamed answer that finishes its relay even if its body is never read: the server
+    may fail to send the first bytes (the client just left) before it starts the body."""
+
+    def __init__(self, relay: Relay, **kwargs: Any) -> None:
+        super().__init__(relay.chunks(), **kwargs)
+        self.relay = relay
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.relay.finish()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,6 +12,7 @@ import httpx
 import pytest
 
 from rbee.queen.app import create_app
+from rbee.queen.metrics import UNKNOWN_MODEL
 from rbee.queen.settings import QueenSettings
 from rbee.testing.metrics import Samples, has, parse_samples, value
 from rbee.testing.worker_servers import Handler, WorkerServers, worker_beat
@@ -91,12 +93,38 @@ async def test_requests_count_by_model_worker_and_code(queen: Queen) -> None:
     after = await queen.scrape()
     assert value(after, "rbee_requests_total", model="m", worker="w1", code="200") == 4
     assert value(after, "rbee_requests_total", model="picky", worker="strict", code="400") == 1
-    assert value(after, "rbee_requests_total", model="nobody-serves-this", code="404") == 1
+    assert value(after, "rbee_requests_total", model=UNKNOWN_MODEL, code="404") == 1
     assert value(after, "rbee_request_duration_seconds_count", model="m") == 4
     # Only streamed answers have a first token apart from the whole answer.
     assert value(after, "rbee_time_to_first_token_seconds_count", model="m") == 1
     assert value(after, "rbee_queue_wait_seconds_count", model="m") == 4
     assert value(after, "rbee_request_duration_seconds_sum", model="m") > 0
+
+
+async def test_made_up_model_names_do_not_grow_the_metrics(queen: Queen) -> None:
+    """Anyone allowed to infer can send any `model`; the figures must not grow with the names."""
+    await queen.heartbeat("w1")
+    assert (await queen.chat()).status_code == 200
+    assert (await queen.chat(model="warm-up-name")).status_code == 404
+    before = (await queen.client.get("/metrics")).content
+    for _ in range(2000):
+        assert (await queen.chat(model=secrets.token_hex(16))).status_code == 404
+    after = (await queen.client.get("/metrics")).content
+    # The counts grow by digits, not by series.
+    assert len(after) - len(before) < 200, (len(before), len(after))
+    samples = parse_samples(after.decode())
+    assert value(samples, "rbee_requests_total", model=UNKNOWN_MODEL, code="404") == 2001
+    assert value(samples, "rbee_requests_total", model="m", code="200") == 1
+
+
+async def test_a_huge_model_name_is_quoted_short(queen: Queen) -> None:
+    name = "x" * (1 << 20)
+    response = await queen.chat(model=name)
+    assert response.status_code == 404
+    message = response.json()["error"]["message"]
+    assert len(response.content) < 2000, "the error quotes a bit of the name, not all of it"
+    assert f"'{'x' * 200}'… (1,048,576 characters)" in message
+    assert len((await queen.client.get("/metrics")).content) < 100_000
 
 
 async def test_failover_counts_once_per_failed_worker(queen: Queen) -> None:

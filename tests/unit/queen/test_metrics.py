@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from prometheus_client import generate_latest
 
+from rbee.contracts.hives import HiveHeartbeat
 from rbee.queen.hives import HiveRegistry
-from rbee.queen.metrics import QueenMetrics, Tally
+from rbee.queen.metrics import UNKNOWN_MODEL, QueenMetrics, Tally
 from rbee.queen.registry import WorkerRegistry
 from rbee.queen.routing.admission import AdmissionQueue
 from rbee.queen.routing.load import LoadTracker
 from rbee.testing.metrics import parse_samples, value
+from rbee.testing.worker_servers import hive_beat
 
 
 def test_buckets_are_cumulative_and_include_their_bound() -> None:
@@ -26,10 +28,14 @@ def test_buckets_are_cumulative_and_include_their_bound() -> None:
     assert tally.total == 0.005 + 0.006 + 0.3 + 1000.0
 
 
+def hive_with(*models: str) -> HiveRegistry:
+    hives = HiveRegistry(90)
+    hives.update(HiveHeartbeat.model_validate(hive_beat(models)))
+    return hives
+
+
 def test_a_tracked_request_shows_in_every_family() -> None:
-    metrics = QueenMetrics(
-        WorkerRegistry(), HiveRegistry(90), LoadTracker(10), AdmissionQueue(1, 1)
-    )
+    metrics = QueenMetrics(WorkerRegistry(), hive_with("m"), LoadTracker(10), AdmissionQueue(1, 1))
     track = metrics.track("m")
     track.streamed = True
     track.lease("w1")
@@ -49,3 +55,17 @@ def test_a_tracked_request_shows_in_every_family() -> None:
     assert value(samples, "rbee_request_duration_seconds_bucket", model="m", le="+Inf") == 2
     assert value(samples, "rbee_worker_starts_total", model="m", result="ready") == 1
     assert metrics.requests_total() == 2
+
+
+def test_models_nobody_has_share_one_label() -> None:
+    """A `model` label only ever names a model of the cluster: any name a client makes up is
+    counted under one label, so made-up names cannot grow the figures."""
+    metrics = QueenMetrics(WorkerRegistry(), hive_with("m"), LoadTracker(10), AdmissionQueue(1, 1))
+    for n in range(50):
+        metrics.track(f"made-up-{n}").refused(404)
+    metrics.track("m").refused(503)
+    samples = parse_samples(generate_latest(metrics.registry).decode())
+    assert value(samples, "rbee_requests_total", model=UNKNOWN_MODEL, code="404") == 50
+    assert value(samples, "rbee_requests_total", model="m", code="503") == 1
+    models = {dict(labels).get("model") for _, labels in samples}
+    assert models - {None} == {"m", UNKNOWN_MODEL}
