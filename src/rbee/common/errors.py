@@ -11,6 +11,20 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rbee.contracts.errors import ErrorBody
 
+# How much of a client's string an error message quotes: enough to recognise it, never a
+# megabyte echoed back (or logged) because a client sent one.
+QUOTE_LIMIT = 200
+# A body can be wrong in thousands of places at once; the first few say what to fix.
+MAX_FIELD_ERRORS = 20
+
+
+def quote(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """`value` as `repr` shows it, cut to `limit` characters with a note of the full length."""
+    text = str(value)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}… ({len(text):,} characters)"
+
 
 class RbeeError(Exception):
     status_code = 500
@@ -97,10 +111,22 @@ class Unavailable(RbeeError):
     code = "unavailable"
 
 
+def _cut(part: Any) -> Any:
+    """A part of a field's location; a string can be a client's own key (an unknown field's
+    name), cut like any quote."""
+    if isinstance(part, str) and len(part) > QUOTE_LIMIT:
+        return f"{part[:QUOTE_LIMIT]}…"
+    return part
+
+
 def _field_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
     return [
-        {"loc": list(err.get("loc", ())), "msg": err.get("msg", ""), "type": err.get("type", "")}
-        for err in exc.errors()
+        {
+            "loc": [_cut(part) for part in err.get("loc", ())],
+            "msg": err.get("msg", ""),
+            "type": err.get("type", ""),
+        }
+        for err in exc.errors()[:MAX_FIELD_ERRORS]
     ]
 
 
@@ -118,7 +144,9 @@ def _summary(errors: list[dict[str, Any]]) -> str:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Every error leaves as `{"error": {"message", "type", "code"}}`; validation adds `detail`."""
+    """Every error leaves as `{"error": {"message", "type", "code", "param"}}`. A request that
+    fails validation is a 400, as OpenAI answers it and its clients expect (FastAPI's own is a
+    422), with `param` naming the first field at fault and `detail` listing them."""
 
     @app.exception_handler(RbeeError)
     async def _rbee(_: Request, exc: RbeeError) -> JSONResponse:
@@ -129,7 +157,7 @@ def install_error_handlers(app: FastAPI) -> None:
         errors = _field_errors(exc)
         param = _param(errors[0]["loc"]) if errors else None
         body = ErrorBody.of(_summary(errors), "invalid_request_error", "validation_error", param)
-        return JSONResponse({**body.model_dump(), "detail": errors}, status_code=422)
+        return JSONResponse({**body.model_dump(), "detail": errors}, status_code=400)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

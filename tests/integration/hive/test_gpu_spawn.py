@@ -83,7 +83,7 @@ async def test_cuda_on_a_machine_without_gpu_or_cuda_build_is_a_clear_400(
         malformed = await hive.http.post(
             "/v1/workers/spawn", json={"model": MODEL, "device": "gpu"}
         )
-        assert malformed.status_code == 422
+        assert malformed.status_code == 400
         assert "expected cpu:0, cuda:N or metal:0" in malformed.json()["error"]["message"]
         cpu_layers = await hive.http.post(
             "/v1/workers/spawn", json={"model": MODEL, "device": "cpu:0", "gpu_layers": 4}

@@ -55,22 +55,22 @@ async def test_heartbeat_registers_a_worker_with_every_field(queen: httpx.AsyncC
         ("host", "http://box"),
     ],
 )
-async def test_malformed_heartbeat_is_422_naming_the_field(
+async def test_malformed_heartbeat_is_400_naming_the_field(
     queen: httpx.AsyncClient, field: str, value: object
 ) -> None:
     response = await queen.post("/v1/worker-heartbeat", json=hb("w1", **{field: value}))
-    assert response.status_code == 422
+    assert response.status_code == 400
     body = response.json()
     assert any(err["loc"][-1] == field for err in body["detail"])
     assert field in body["error"]["message"]
     assert (await queen.get("/health")).status_code == 200
 
 
-async def test_heartbeat_that_is_not_json_is_422(queen: httpx.AsyncClient) -> None:
+async def test_heartbeat_that_is_not_json_is_400(queen: httpx.AsyncClient) -> None:
     response = await queen.post(
         "/v1/worker-heartbeat", content=b"{not json", headers={"content-type": "application/json"}
     )
-    assert response.status_code == 422
+    assert response.status_code == 400
     assert "error" in response.json()
 
 
