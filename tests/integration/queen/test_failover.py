@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
 import pytest
+from starlette.requests import ClientDisconnect
 
 from rbee.common.net import dead_peer_options
 from rbee.queen.app import create_app
@@ -266,13 +267,19 @@ async def test_a_model_that_keeps_dying_is_held_back_with_its_reason() -> None:
         await cluster.aclose()
 
 
-def asgi_chat(app: Any, messages: asyncio.Queue[dict[str, Any]]) -> Any:
-    """One chat request driven as uvicorn would: the body, then whatever `messages` brings."""
-    body = json.dumps({"model": "m", "messages": []}).encode()
-    messages.put_nowait({"type": "http.request", "body": body, "more_body": False})
+async def ignore(message: Any) -> None:
+    pass
 
-    async def send(message: Any) -> None:
-        pass
+
+def asgi_chat(
+    app: Any,
+    messages: asyncio.Queue[dict[str, Any]],
+    send: Callable[[Any], Awaitable[None]] = ignore,
+    **extra: Any,
+) -> Any:
+    """One chat request driven as uvicorn would: the body, then whatever `messages` brings."""
+    body = json.dumps({"model": "m", "messages": [], **extra}).encode()
+    messages.put_nowait({"type": "http.request", "body": body, "more_body": False})
 
     scope = {
         "type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
@@ -309,6 +316,60 @@ async def test_a_client_that_leaves_frees_its_slot_under_a_real_asgi_server(
     assert cancelled.is_set(), "the worker's request was cancelled"
     cluster.workers["w"] = ok("w")
     assert (await asyncio.wait_for(cluster.chat(), 5)).status_code == 200, "the slot is free"
+
+
+async def test_a_client_gone_as_the_first_bytes_arrive_frees_the_slot(cluster: Cluster) -> None:
+    """The client leaves just as the worker's answer begins: the server fails to send the
+    response's start (uvicorn raises an OSError there), so the answer's body is never read.
+    The worker's slot must still be freed, or a one-slot worker is skipped for good."""
+
+    async def stream(request: httpx.Request) -> httpx.Response:
+        async def events() -> AsyncIterator[bytes]:
+            yield b'data: {"choices": []}\n\n'
+            yield b"data: [DONE]\n\n"
+
+        return httpx.Response(200, content=events(), headers={"content-type": "text/event-stream"})
+
+    async def gone(message: Any) -> None:
+        raise ConnectionResetError("the client closed the connection")
+
+    cluster.workers["w"] = stream  # one slot
+    await cluster.heartbeat("w")
+    messages: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    with pytest.raises(ClientDisconnect):
+        await asyncio.wait_for(asgi_chat(cluster.app, messages, gone, stream=True), 5)
+    tracker = cluster.app.state.queen.router.tracker
+    assert tracker.in_flight("w") == 0, "the slot is free"
+    cluster.workers["w"] = ok("w")
+    assert (await asyncio.wait_for(cluster.chat(), 5)).status_code == 200
+
+
+async def test_a_removed_worker_leaves_no_count_to_the_next_with_its_id(cluster: Cluster) -> None:
+    """Worker ids (hive and port) are given again: a request begun on a worker that has been
+    removed since must not count against, or be taken off, the next worker with its id."""
+    release = asyncio.Event()
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        await release.wait()
+        return answer("w")
+
+    cluster.workers["w"] = slow  # one slot
+    await cluster.heartbeat("w")
+    serving = asyncio.create_task(cluster.chat())
+    tracker = cluster.app.state.queen.router.tracker
+    for _ in range(500):
+        if tracker.in_flight("w"):
+            break
+        await asyncio.sleep(0.01)
+    assert tracker.in_flight("w") == 1
+    assert (await cluster.client.delete("/v1/workers/w")).status_code < 300
+    assert tracker.in_flight("w") == 0, "the removed worker's count is gone"
+    cluster.workers["w"] = ok("w")
+    await cluster.heartbeat("w")  # a new worker with the same id
+    assert (await asyncio.wait_for(cluster.chat(), 5)).status_code == 200
+    release.set()
+    await serving
+    assert tracker.in_flight("w") == 0, "the old request's end left the new worker's count alone"
 
 
 async def test_a_client_that_leaves_the_queue_frees_its_place(cluster: Cluster) -> None:

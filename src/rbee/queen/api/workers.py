@@ -50,7 +50,7 @@ def registry_changed(state: QueenState, change: RegistryChange) -> None:
         state.router.depart(worker_id)
         state.spawner.worker_lost(worker_id, "stopped heartbeating")
     elif change.kind is ChangeKind.REMOVED:
-        state.router.depart(worker_id)
+        state.router.forget(worker_id)
         state.spawner.worker_stopped(worker_id)
 
 

@@ -19,6 +19,10 @@ class LoadTracker:
 
     A benched worker returns after `cooldown_s`, or sooner if it heartbeats after the failure:
     a fresh heartbeat proves it is alive again.
+
+    A worker's id (its hive and port) is given again to a later worker, so a removed worker's
+    counts are forgotten, and requests begun under the old one end without touching the new
+    one's: `begin` hands out the id's generation and `end` only counts with the current one.
     """
 
     def __init__(self, cooldown_s: float, clock: Clock = monotonic) -> None:
@@ -26,17 +30,27 @@ class LoadTracker:
         self._clock = clock
         self._in_flight: Counter[str] = Counter()
         self._benched: dict[str, _Penalty] = {}
+        self._generations: Counter[str] = Counter()
 
     def in_flight(self, worker_id: str) -> int:
         return self._in_flight[worker_id]
 
-    def begin(self, worker_id: str) -> None:
+    def begin(self, worker_id: str) -> int:
         self._in_flight[worker_id] += 1
+        return self._generations[worker_id]
 
-    def end(self, worker_id: str) -> None:
+    def end(self, worker_id: str, generation: int) -> None:
+        if generation != self._generations[worker_id]:
+            return  # begun on a worker since removed
         self._in_flight[worker_id] -= 1
         if self._in_flight[worker_id] <= 0:
             del self._in_flight[worker_id]
+
+    def forget(self, worker_id: str) -> None:
+        """The worker left the registry: nothing of it carries over to the next with its id."""
+        self._in_flight.pop(worker_id, None)
+        self._benched.pop(worker_id, None)
+        self._generations[worker_id] += 1
 
     def bench(self, worker_id: str) -> None:
         now = self._clock()

@@ -30,6 +30,7 @@ class Lease:
     worker_id: str
     url: str
     embedding: bool = False
+    generation: int = 0  # of the worker's id, as the load tracker counts it
 
     @property
     def pool(self) -> Pool:
@@ -96,8 +97,8 @@ class Router:
         turn = self._turns.get(pool, 0)
         self._turns[pool] = turn + 1
         choice = self.policy(found, turn)
-        self.tracker.begin(choice.worker_id)
-        return Lease(model, choice.worker_id, choice.url, embedding)
+        generation = self.tracker.begin(choice.worker_id)
+        return Lease(model, choice.worker_id, choice.url, embedding, generation)
 
     async def acquire(
         self, model: str, exclude: Collection[str] = (), *, embedding: bool = False
@@ -107,7 +108,7 @@ class Router:
         )
 
     def release(self, lease: Lease) -> None:
-        self.tracker.end(lease.worker_id)
+        self.tracker.end(lease.worker_id, lease.generation)
         self.admission.notify(lease.pool)
 
     def departure(self, worker_id: str) -> asyncio.Future[None]:
@@ -124,6 +125,11 @@ class Router:
         gone = self._departures.pop(worker_id, None)
         if gone is not None and not gone.done():
             gone.set_result(None)
+
+    def forget(self, worker_id: str) -> None:
+        """The worker left the registry: its waiting requests go elsewhere and its counts go."""
+        self.depart(worker_id)
+        self.tracker.forget(worker_id)
 
     def fail(self, lease: Lease) -> None:
         """The worker failed before answering: bench it, free the lease."""
