@@ -6,9 +6,9 @@ from datetime import UTC, datetime
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_serializer, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator
 
-from rbee.contracts.workers import NonEmptyStr, is_plain_host, utc_now
+from rbee.contracts.workers import NonEmptyStr, WireTime, is_plain_host, utc_now
 
 
 class Device(BaseModel):
@@ -90,7 +90,12 @@ class HiveHeartbeat(BaseModel):
     footprints: dict[str, ModelFootprint] = Field(
         default_factory=dict, description="by model id, for the models whose header was readable"
     )
-    timestamp: AwareDatetime = Field(default_factory=utc_now)
+    workers: list[str] = Field(
+        default_factory=list,
+        description="ids of the hive's workers that had started when `devices` was read: the "
+        "memory they take is in those figures",
+    )
+    timestamp: WireTime = Field(default_factory=utc_now)
 
     @field_serializer("timestamp")
     def _rfc3339_utc(self, value: datetime) -> str:
@@ -106,6 +111,7 @@ class HiveView(BaseModel):
     devices: list[Device]
     models: list[str]
     footprints: dict[str, ModelFootprint] = Field(default_factory=dict)
+    workers: list[str] = Field(default_factory=list)
     online: bool
     last_seen_s: float
     timestamp: str

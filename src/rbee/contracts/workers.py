@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Literal
 
@@ -97,13 +97,34 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+# The furthest ahead of the receiver's clock a sent time is taken as it is. Nothing decides by
+# it (the queen judges liveness by its own clock at receipt), so a later one, or one that UTC
+# cannot hold (9999-12-31T23:59:59-05:00), is replaced by the receiver's time instead of being
+# refused: a machine whose clock is off keeps serving.
+CLOCK_AHEAD_LIMIT = timedelta(minutes=5)
+
+
+def plausible_time(sent: datetime) -> datetime:
+    """The sent time in UTC, or the receiver's time if the sent one is implausible."""
+    now = utc_now()
+    try:
+        utc = sent.astimezone(UTC)
+    except OverflowError:
+        return now
+    return now if utc - now > CLOCK_AHEAD_LIMIT else utc
+
+
+# A time from the wire: with its offset, in UTC once received, never far in the future.
+WireTime = Annotated[AwareDatetime, AfterValidator(plausible_time)]
+
+
 class WorkerHeartbeat(BaseModel):
     """Sent by a worker straight to the queen: at start, on every status change, every interval."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     worker: WorkerInfo
-    timestamp: AwareDatetime = Field(default_factory=utc_now)
+    timestamp: WireTime = Field(default_factory=utc_now)
 
     @field_serializer("timestamp")
     def _rfc3339_utc(self, value: datetime) -> str:

@@ -19,6 +19,7 @@ from rbee.common.clock import Clock, monotonic
 from rbee.common.errors import install_error_handlers
 from rbee.common.gate import install_gate
 from rbee.common.jobs import Jobs
+from rbee.common.loops import LoopErrors, supervise
 from rbee.common.metrics import metrics_router
 from rbee.common.tokens import auth_headers
 from rbee.hive.access import HIVE_ACCESS
@@ -71,11 +72,17 @@ def create_app(
         jobs=Jobs(clock=clock),
     )
 
+    metrics = HiveMetrics(state)
+    loop_errors = LoopErrors(metrics.registry)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(state.devices.open)
         await asyncio.to_thread(catalog.discard_partials)
-        beat = asyncio.create_task(heartbeat_loop(state, queen), name="hive-heartbeat")
+        beat = asyncio.create_task(
+            supervise("hive-heartbeat", lambda: heartbeat_loop(state, queen), loop_errors),
+            name="hive-heartbeat",
+        )
         try:
             yield
         finally:
@@ -104,7 +111,6 @@ def create_app(
     for module in (system_api, workers_api, models_api, jobs_api):
         app.include_router(module.router)
     # Listing processes takes a while: collected in a thread, off the event loop.
-    metrics = HiveMetrics(state)
     app.include_router(metrics_router(metrics.registry, in_thread=True))
     install_gate(app, HIVE_ACCESS, token=settings.token, allowed_hosts=settings.allowed_host)
     return app

@@ -18,6 +18,7 @@ import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import urlsplit
 
 import httpx
@@ -38,6 +39,9 @@ from rbee.contracts.jobs import JobEvent
 from rbee.hive.catalog import Catalog, HubFile
 
 PROGRESS_EVERY_S = 0.25
+# Bytes written and hashed per trip to a thread: hashing gigabytes on the event loop would
+# stall the hive's API, and a trip per network chunk would cost more than the hashing.
+WRITE_BATCH_BYTES = 4 << 20
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 Report = Callable[[JobEvent], None]
@@ -45,6 +49,12 @@ Report = Callable[[JobEvent], None]
 
 class DownloadFailed(BadGateway):
     code = "download_failed"
+
+
+def _write_and_hash(out: BinaryIO, digest: hashlib._Hash, chunks: list[bytes]) -> None:
+    for chunk in chunks:
+        out.write(chunk)
+        digest.update(chunk)
 
 
 def _origin(url: str) -> tuple[str, str]:
@@ -137,15 +147,21 @@ class Downloader:
                 if response.status_code != 200:
                     raise DownloadFailed(f"{meta.location} answered {response.status_code}")
                 with dest.open("wb") as out:
+                    batch: list[bytes] = []
+                    batched = 0
                     async for chunk in response.aiter_bytes():
-                        out.write(chunk)
-                        digest.update(chunk)
+                        batch.append(chunk)
+                        batched += len(chunk)
+                        if batched >= WRITE_BATCH_BYTES:
+                            await asyncio.to_thread(_write_and_hash, out, digest, batch)
+                            batch, batched = [], 0
                         done += len(chunk)
                         self._progress[hub.id] = (done, total)
                         now = self._clock()
                         if last is None or now - last >= PROGRESS_EVERY_S:
                             last = now
                             report(JobEvent(type="progress", bytes_done=done, bytes_total=total))
+                    await asyncio.to_thread(_write_and_hash, out, digest, batch)
         except httpx.HTTPError as exc:
             raise DownloadFailed(
                 f"download of {hub.id} broke off after {done} bytes: {exc}"

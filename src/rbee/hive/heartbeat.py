@@ -21,6 +21,8 @@ log = logging.getLogger("rbee.hive.heartbeat")
 
 
 async def build_heartbeat(state: HiveState) -> HiveHeartbeat:
+    # The workers first: the queen takes the memory of those listed as counted in `devices`.
+    workers = await state.supervisor.started()
     # Both read the disk or the driver: keep them off the event loop.
     devices, models = await asyncio.gather(
         asyncio.to_thread(state.devices.devices), asyncio.to_thread(state.catalog.models)
@@ -28,7 +30,11 @@ async def build_heartbeat(state: HiveState) -> HiveHeartbeat:
     footprints = await asyncio.to_thread(state.footprints.footprints, models)
     info = HiveInfo(id=state.settings.hive_id, url=state.settings.url, version=__version__)
     return HiveHeartbeat(
-        hive=info, devices=devices, models=[m.id for m in models], footprints=footprints
+        hive=info,
+        devices=devices,
+        models=[m.id for m in models],
+        footprints=footprints,
+        workers=workers,
     )
 
 

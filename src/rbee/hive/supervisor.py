@@ -151,6 +151,14 @@ class Supervisor:
                 found.append(worker)
         return sorted(found, key=lambda w: w.port)
 
+    async def started(self) -> list[str]:
+        """Ids of the workers past start-up. Read before the devices are, the memory they take
+        is in the devices' figures (a worker counts as started once it answers `/health`)."""
+        before = set(self._reserved)
+        running = await asyncio.to_thread(self.processes)
+        starting = before | self._reserved  # and those that began while the list was read
+        return sorted(w.worker_id for w in running if w.port not in starting)
+
     def _inspect(self, proc: psutil.Process) -> WorkerProcess | None:
         try:
             flags = worker_flags(proc.cmdline(), self.settings.hive_id)
@@ -199,7 +207,7 @@ class Supervisor:
         if request.worker_id is not None and not WORKER_ID_PATTERN.match(request.worker_id):
             raise BadRequest(f"{request.worker_id!r} is not a valid worker id")
         async with self._lock:
-            running = self.processes()
+            running = await asyncio.to_thread(self.processes)  # reads /proc: off the loop
             if request.worker_id in {w.worker_id for w in running}:
                 raise Conflict(f"worker {request.worker_id!r} is already running on this hive")
             taken = {w.port for w in running} | self._reserved
@@ -216,7 +224,14 @@ class Supervisor:
         worker_id = request.worker_id or f"{self.settings.hive_id}-{port}"
         try:
             popen, log_path = self._start(worker_id, model, port, request, cores)
-            await self._wait_ready(popen, port, log_path)
+            try:
+                await self._wait_ready(popen, port, log_path)
+            except asyncio.CancelledError:
+                # Whoever asked left (the queen gave up waiting): a worker nobody waits for
+                # must not keep running, or the model ends up started twice.
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(popen.pid, signal.SIGKILL)
+                raise
         finally:
             self._reserved.discard(port)
             self._reserved_cores.pop(port, None)
@@ -337,17 +352,22 @@ class Supervisor:
 
     # -- stopping ------------------------------------------------------------------------
 
-    async def stop(self, pid: int) -> WorkerStopped:
+    def _worker(self, pid: int) -> tuple[psutil.Process, WorkerProcess] | None:
         try:
             proc = psutil.Process(pid)
         except (psutil.NoSuchProcess, ValueError):
-            proc = None
-        worker = self._inspect(proc) if proc is not None else None
-        if proc is None or worker is None:
+            return None
+        worker = self._inspect(proc)
+        return None if worker is None else (proc, worker)
+
+    async def stop(self, pid: int) -> WorkerStopped:
+        found = await asyncio.to_thread(self._worker, pid)  # reads /proc: off the loop
+        if found is None:
             raise NotFound(
                 f"pid {pid} is not a worker of hive {self.settings.hive_id}; nothing was signalled",
                 code="not_a_worker",
             )
+        proc, worker = found
         sent: Literal["SIGTERM", "SIGKILL"] = "SIGTERM"
         exit_code: int | None = None
         try:
@@ -368,6 +388,7 @@ class Supervisor:
         return WorkerStopped(pid=pid, worker_id=worker.worker_id, signal=sent, exit_code=exit_code)
 
     def reap(self) -> None:
+        # Runs in threads too (listing processes): pop, as another reap may be at the same pid.
         for pid, popen in list(self._children.items()):
             if popen.poll() is not None:
-                del self._children[pid]
+                self._children.pop(pid, None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
 from fastapi import FastAPI
@@ -15,6 +15,7 @@ from rbee.common.auth import openapi_url
 from rbee.common.clock import Clock, monotonic
 from rbee.common.errors import install_error_handlers
 from rbee.common.gate import install_gate
+from rbee.common.loops import supervise
 from rbee.common.metrics import metrics_router
 from rbee.queen.access import QUEEN_ACCESS
 from rbee.queen.api import dashboard as dashboard_api
@@ -44,6 +45,10 @@ class OfflineWatch:
         self.hives_online: set[str] = set()
 
     def sweep(self) -> None:
+        self.sweep_workers()
+        self.sweep_hives()
+
+    def sweep_hives(self) -> None:
         state = self.state
         hives_now = {h.id for h in state.hives.online()}
         for hive_id in self.hives_online - hives_now:
@@ -52,6 +57,9 @@ class OfflineWatch:
             view = hive.model_dump(mode="json") if hive else None
             state.bus.publish("hive", {"change": "offline", "hive_id": hive_id, "hive": view})
         self.hives_online = hives_now
+
+    def sweep_workers(self) -> None:
+        state = self.state
         now = state.registry.now()
         records = state.registry.records()
         current = {r.info.id for r in records if state.registry.is_fresh(r, now)}
@@ -66,10 +74,13 @@ async def cleanup_loop(state: QueenState, watch: OfflineWatch) -> None:
     hives silent for longer than their grace period."""
     while True:
         await asyncio.sleep(state.settings.cleanup_interval)
-        watch.sweep()
+        # Workers first, apart from the hives: whatever goes wrong with a hive's record,
+        # dead workers are still removed.
+        watch.sweep_workers()
         for info in state.registry.remove_stale_workers():
             log.info("removed stale worker %s", info.id)
             workers_api.registry_changed(state, RegistryChange(ChangeKind.REMOVED, info))
+        watch.sweep_hives()
         for hive_id in state.hives.remove_forgotten():
             log.info("forgot hive %s (silent for %.0fs)", hive_id, state.hives.forget_after_s)
             state.bus.publish("hive", {"change": "removed", "hive_id": hive_id, "hive": None})
@@ -102,13 +113,15 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         watch = OfflineWatch(state)
+        loops: dict[str, Callable[[], Awaitable[None]]] = {
+            "cleanup": lambda: cleanup_loop(state, watch),
+            "offline": lambda: offline_watch(watch, min(1.0, settings.heartbeat_timeout / 4)),
+            "stats": lambda: stats_loop(state, settings.stats_interval),
+            "key-usage": lambda: flush_usage_loop(state),
+        }
         tasks = [
-            asyncio.create_task(cleanup_loop(state, watch), name="cleanup"),
-            asyncio.create_task(
-                offline_watch(watch, min(1.0, settings.heartbeat_timeout / 4)), name="offline"
-            ),
-            asyncio.create_task(stats_loop(state, settings.stats_interval), name="stats"),
-            asyncio.create_task(flush_usage_loop(state), name="key-usage"),
+            asyncio.create_task(supervise(name, run, state.loop_errors), name=name)
+            for name, run in loops.items()
         ]
         try:
             yield

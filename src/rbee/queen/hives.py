@@ -60,6 +60,7 @@ class HiveRegistry:
             devices=hb.devices,
             models=hb.models,
             footprints=hb.footprints,
+            workers=hb.workers,
             online=age <= self.timeout_s,
             last_seen_s=round(age, 3),
             timestamp=hb.model_dump(mode="json")["timestamp"],

@@ -58,7 +58,6 @@ class WorkerRegistry:
         self._lock = threading.Lock()
         self._records: dict[str, WorkerRecord] = {}
         self._by_model: dict[str, dict[str, WorkerRecord]] = {}
-        self._turn: dict[str, int] = {}
 
     # -- writes ------------------------------------------------------------------------------
 
@@ -88,11 +87,8 @@ class WorkerRegistry:
             self._unindex(record.info)
             return True
 
-    def cleanup_stale_workers(self) -> int:
-        """Remove every worker not heard from within the timeout; returns how many."""
-        return len(self.remove_stale_workers())
-
     def remove_stale_workers(self) -> list[WorkerInfo]:
+        """Remove every worker not heard from within the timeout; returns them."""
         now = self._clock()
         with self._lock:
             stale = [r for r in self._records.values() if not self._fresh(r, now)]
@@ -107,7 +103,6 @@ class WorkerRegistry:
             peers.pop(info.id, None)
             if not peers:
                 del self._by_model[info.model_id]
-                self._turn.pop(info.model_id, None)
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -148,29 +143,6 @@ class WorkerRegistry:
     def find_workers_by_model(self, model_id: str) -> list[WorkerInfo]:
         with self._lock:
             return [r.info for r in self._by_model.get(model_id, {}).values()]
-
-    def find_best_worker_for_model(self, model_id: str) -> WorkerInfo | None:
-        """The available worker with the lowest `in_flight / slots`; equals take turns."""
-        cutoff = self._clock() - self.timeout_s
-        with self._lock:
-            peers = self._by_model.get(model_id)
-            if not peers:
-                return None
-            best: list[WorkerInfo] = []
-            best_load = float("inf")
-            for record in peers.values():
-                if not record.ready or record.seen_at < cutoff:
-                    continue
-                load = record.load
-                if load < best_load:
-                    best_load, best = load, [record.info]
-                elif load == best_load:
-                    best.append(record.info)
-            if not best:
-                return None
-            turn = self._turn.get(model_id, 0)
-            self._turn[model_id] = turn + 1
-        return best[turn % len(best)]
 
     def total_worker_count(self) -> int:
         with self._lock:

@@ -9,7 +9,10 @@ from fastapi import Request
 
 from rbee.common.clock import Clock
 from rbee.common.jobs import Jobs
+from rbee.common.loops import LoopErrors
 from rbee.common.net import dead_peer_options
+from rbee.contracts.hive_api import WorkerStopped
+from rbee.contracts.hives import HiveView
 from rbee.queen.events import EventBus
 from rbee.queen.hives import HiveRegistry
 from rbee.queen.keys import KeyStore
@@ -41,6 +44,7 @@ class QueenState:
     upstream: UpstreamClient
     metrics: QueenMetrics
     keys: KeyStore
+    loop_errors: LoopErrors
 
     async def aclose(self) -> None:
         await self.jobs.close()
@@ -64,6 +68,10 @@ def build_state(
     router = Router(registry, tracker, POLICIES[settings.routing_policy], admission)
     metrics = QueenMetrics(registry, hives, tracker, admission)
     clients = HiveClients(settings.token, transport, settings.spawn_timeout)
+
+    async def stop_worker(hive: HiveView, pid: int) -> WorkerStopped:
+        return await clients.get(hive).stop_worker(pid)
+
     spawner = Spawner(
         registry,
         hives,
@@ -71,6 +79,7 @@ def build_state(
         clients.spawn,
         settings.spawn_timeout,
         on_result=metrics.worker_started,
+        stop=stop_worker,
         clock=clock,
     )
     upstream = UpstreamClient(dead_peer_options())
@@ -100,6 +109,7 @@ def build_state(
         upstream=upstream,
         metrics=metrics,
         keys=keys,
+        loop_errors=LoopErrors(metrics.registry),
     )
 
 

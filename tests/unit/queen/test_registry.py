@@ -69,7 +69,7 @@ def test_stopping_heartbeat_makes_a_worker_unavailable_at_once() -> None:
     change = registry.update_worker(beat(worker("w1", status=WorkerStatus.STOPPING)))
     assert change is not None
     assert change.kind is ChangeKind.STATUS_CHANGED
-    assert registry.find_best_worker_for_model("m") is None
+    assert registry.list_available_workers() == []
     assert registry.is_worker_online("w1")
 
 
@@ -94,25 +94,6 @@ def test_update_reports_registration_and_status_changes_only() -> None:
     assert ready.kind is ChangeKind.STATUS_CHANGED
 
 
-def test_best_worker_has_the_lowest_load() -> None:
-    registry = WorkerRegistry(clock=FakeClock())
-    registry.update_worker(beat(worker("full", in_flight=2, slots=2)))
-    registry.update_worker(beat(worker("half", in_flight=1, slots=2)))
-    registry.update_worker(beat(worker("other-model", model="x")))
-    best = registry.find_best_worker_for_model("m")
-    assert best is not None
-    assert best.id == "half"
-
-
-def test_equal_workers_take_turns() -> None:
-    registry = WorkerRegistry(clock=FakeClock())
-    for i in range(3):
-        registry.update_worker(beat(worker(f"w{i}")))
-    picks = [registry.find_best_worker_for_model("m") for _ in range(6)]
-    ids = [p.id for p in picks if p is not None]
-    assert sorted(ids) == ["w0", "w0", "w1", "w1", "w2", "w2"]
-
-
 def test_worker_that_changes_model_moves_in_the_index() -> None:
     registry = WorkerRegistry(clock=FakeClock())
     registry.update_worker(beat(worker("w1", model="a")))
@@ -128,9 +109,9 @@ def test_cleanup_removes_exactly_the_stale_workers() -> None:
     clock.advance(8)
     registry.update_worker(beat(worker("new")))
     clock.advance(5)
-    assert registry.cleanup_stale_workers() == 1
+    assert [w.id for w in registry.remove_stale_workers()] == ["old"]
     assert [w.id for w in registry.list_all_workers()] == ["new"]
-    assert registry.cleanup_stale_workers() == 0
+    assert registry.remove_stale_workers() == []
 
 
 def test_remove_unknown_worker_is_false() -> None:
@@ -144,7 +125,7 @@ def test_concurrent_heartbeats_from_threads_lose_nothing() -> None:
     def send(prefix: str) -> None:
         for i in range(200):
             registry.update_worker(beat(worker(f"{prefix}-{i}", model=f"m{i % 7}")))
-            registry.find_best_worker_for_model(f"m{i % 7}")
+            registry.records_for_model(f"m{i % 7}")
 
     threads = [threading.Thread(target=send, args=(f"t{n}",)) for n in range(8)]
     for t in threads:

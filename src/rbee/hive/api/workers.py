@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request, Response
 
+from rbee.common.disconnect import CLIENT_CLOSED_REQUEST, ClientGone, unless_client_leaves
 from rbee.contracts.hive_api import SpawnRequest, SpawnResponse, WorkerProcessList, WorkerStopped
 from rbee.hive.state import HiveState, get_state
 
@@ -14,13 +15,18 @@ router = APIRouter()
 State = Annotated[HiveState, Depends(get_state)]
 
 
-@router.post("/v1/workers/spawn", status_code=201)
-async def spawn(request: SpawnRequest, state: State) -> SpawnResponse:
+@router.post("/v1/workers/spawn", status_code=201, response_model=SpawnResponse)
+async def spawn(request: SpawnRequest, http: Request, state: State) -> SpawnResponse | Response:
     devices = await asyncio.to_thread(state.devices.devices)
     problem = state.devices.problem(request.device, devices)
     usable = [d.id for d in devices if d.problem is None]
     try:
-        return await state.supervisor.spawn(request, problem, usable)
+        # A queen that stops waiting (its spawn timeout) gets no worker left running.
+        return await unless_client_leaves(
+            http.receive, state.supervisor.spawn(request, problem, usable)
+        )
+    except ClientGone:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
     finally:
         state.changed.set()  # the worker holds memory now (or gave it back): tell the queen
 

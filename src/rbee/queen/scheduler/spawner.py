@@ -24,11 +24,14 @@ from rbee.queen.registry import WorkerRegistry
 from rbee.queen.routing.router import SERVING
 from rbee.queen.scheduler.backoff import Hold, StartBackoff
 from rbee.queen.scheduler.placement import Demand, Placement, place
+from rbee.queen.scheduler.reservations import Reservations
 
 log = logging.getLogger("rbee.queen.spawner")
 
 # Asks one hive to start a worker; the queen's wiring passes a call through the hive client.
 SpawnFn = Callable[[HiveView, SpawnRequest], Awaitable[SpawnResponse]]
+# Asks one hive to stop one of its worker processes, by pid.
+StopFn = Callable[[HiveView, int], Awaitable[object]]
 # Told how each start ended: (model, "ready" | "timeout" | "failed").
 ResultFn = Callable[[str, str], None]
 
@@ -60,6 +63,7 @@ class Spawner:
         timeout_s: float,
         on_result: ResultFn = lambda model, result: None,
         *,
+        stop: StopFn,
         backoff: StartBackoff | None = None,
         clock: Clock = monotonic,
     ) -> None:
@@ -67,14 +71,15 @@ class Spawner:
         self.hives = hives
         self.bus = bus
         self.spawn = spawn
+        self.stop = stop
         self.timeout_s = timeout_s
         self.on_result = on_result
         self._clock = clock
         self.backoff = backoff or StartBackoff(clock=clock)
         self._starting: dict[tuple[str, bool], asyncio.Task[WorkerInfo]] = {}
         self._started: dict[str, Started] = {}
-        # (hive, device) → bytes that spawns in flight will take there
-        self._reserved: dict[tuple[str, str], int] = {}
+        # A hive heartbeats right after a spawn; one heartbeat timeout is ample for it.
+        self.reservations = Reservations(registry.timeout_s, clock)
 
     def place(self, demand: Demand, exclude: frozenset[str] = frozenset()) -> Placement:
         """Where a new worker goes: the hive asked for must be online; the rest is placement's
@@ -83,8 +88,9 @@ class Spawner:
             hive = self.hives.get(demand.hive_id)
             if hive is None or not hive.online:
                 raise Unavailable(f"hive {demand.hive_id!r} is not online", code="hive_unavailable")
-        hives = [h for h in self.hives.all() if h.id not in exclude]
-        return place(hives, demand, self._reserved)
+        hives = self.hives.all()
+        taken = self.reservations.taken(hives)
+        return place([h for h in hives if h.id not in exclude], demand, taken)
 
     async def start(
         self,
@@ -96,9 +102,10 @@ class Spawner:
     ) -> tuple[SpawnResponse, WorkerInfo]:
         """Ask the hive to start a worker, then wait until it heartbeats `ready`.
 
-        Until the hive answers, the worker's estimated memory counts as taken on its device, so
-        placements made meanwhile do not pick the same room twice; the hive heartbeats right
-        after a spawn, with the memory the worker really took.
+        The worker's estimated memory counts as taken on its device until a hive heartbeat
+        lists the worker (its figures then show the memory the worker really took), so
+        placements made meanwhile do not pick the same room twice. A worker that does not
+        report ready in time is stopped, so a later start cannot leave the model running twice.
         """
         model = demand.model
         request = SpawnRequest(
@@ -111,17 +118,21 @@ class Spawner:
             cores=cores,
             kv_cache_type=demand.kv_cache_type,
         )
-        key = (placement.hive.id, placement.device_id)
         need = placement.estimate.total if placement.estimate else 0
-        self._reserved[key] = self._reserved.get(key, 0) + need
+        reservation = self.reservations.hold(placement.hive.id, placement.device_id, need)
         try:
             try:
                 spawned = await self.spawn(placement.hive, request)
-            finally:
-                self._reserved[key] -= need
-                if self._reserved[key] <= 0:
-                    del self._reserved[key]
-            ready = await self.wait_ready(spawned.worker_id)
+            except BaseException:
+                self.reservations.release(reservation)
+                raise
+            self.reservations.started(reservation, spawned.worker_id)
+            try:
+                ready = await self.wait_ready(spawned.worker_id)
+            except Exception:
+                await self._stop_unready(placement.hive, spawned)
+                self.reservations.release(reservation)
+                raise
         except Unavailable as exc:
             self.on_result(model, "timeout" if exc.code == "worker_start_timeout" else "failed")
             raise
@@ -130,6 +141,17 @@ class Spawner:
             raise
         self.on_result(model, "ready")
         return spawned, ready
+
+    async def _stop_unready(self, hive: HiveView, spawned: SpawnResponse) -> None:
+        try:
+            await self.stop(hive, spawned.pid)
+        except Exception as exc:  # gone already, or the hive is: nothing more to do here
+            log.warning(
+                "could not stop worker %s (pid %d) on %s after its failed start: %s",
+                *(spawned.worker_id, spawned.pid, hive.id, exc),
+            )
+        else:
+            log.info("stopped worker %s on %s: it did not start", spawned.worker_id, hive.id)
 
     async def ensure_worker(self, model: str, *, embedding: bool = False) -> WorkerInfo:
         """Start one worker for a model without a live one (for embeddings, or for chat and
