@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from rbee.common.clock import Clock, monotonic
-from rbee.common.errors import NotFound, RbeeError
+from rbee.common.errors import NotFound, RbeeError, quote
 from rbee.contracts.jobs import JobEvent, JobInfo
 
 log = logging.getLogger("rbee.jobs")
@@ -86,7 +86,7 @@ class Jobs:
     def get(self, job_id: str) -> Job:
         job = self._jobs.get(job_id)
         if job is None:
-            raise NotFound(f"no job {job_id!r}", code="job_not_found")
+            raise NotFound(f"no job {quote(job_id)}", code="job_not_found")
         return job
 
     async def cancel(self, job_id: str) -> JobInfo:

@@ -13,7 +13,7 @@ import anyio
 import httpx
 
 from rbee.clients.hive import HiveClient, HiveError
-from rbee.common.errors import BadGateway, BadRequest, NotFound, RbeeError, Unavailable
+from rbee.common.errors import BadGateway, BadRequest, NotFound, RbeeError, Unavailable, quote
 from rbee.common.jobs import Job
 from rbee.contracts.hive_api import SpawnRequest, SpawnResponse
 from rbee.contracts.hives import HiveView
@@ -91,9 +91,9 @@ class Operations:
         hive = self.hives.get(hive_id)
         if hive is None:
             known = ", ".join(h.id for h in self.hives.all()) or "none"
-            raise NotFound(f"no hive {hive_id!r} (hives: {known})", code="hive_not_found")
+            raise NotFound(f"no hive {quote(hive_id)} (hives: {known})", code="hive_not_found")
         if not hive.online:
-            raise Unavailable(f"hive {hive_id!r} is offline", code="hive_unavailable")
+            raise Unavailable(f"hive {quote(hive_id)} is offline", code="hive_unavailable")
         return hive
 
     def _one_hive(self, hive_id: str | None, model: str | None = None) -> HiveView:
@@ -138,7 +138,7 @@ class Operations:
         info = self.registry.get_worker(request.worker_id)
         if info is None:
             raise NotFound(
-                f"no worker {request.worker_id!r} in the registry", code="worker_not_found"
+                f"no worker {quote(request.worker_id)} in the registry", code="worker_not_found"
             )
         if info.hive_id is None:
             raise BadRequest(

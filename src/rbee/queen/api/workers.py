@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from rbee.common.errors import NotFound
+from rbee.common.errors import NotFound, quote
 from rbee.contracts.workers import HeartbeatAck, WorkerHeartbeat, WorkerView
 from rbee.queen.live import snapshot, worker_json
 from rbee.queen.registry import ChangeKind, RegistryChange, worker_view
@@ -104,7 +104,7 @@ async def list_workers(
 async def get_worker(worker_id: str, state: State) -> WorkerView:
     record = state.registry.get_record(worker_id)
     if record is None:
-        raise NotFound(f"no worker {worker_id!r} in the registry", code="worker_not_found")
+        raise NotFound(f"no worker {quote(worker_id)} in the registry", code="worker_not_found")
     return worker_view(state.registry, record, state.registry.now())
 
 
@@ -112,7 +112,7 @@ async def get_worker(worker_id: str, state: State) -> WorkerView:
 async def delete_worker(worker_id: str, state: State) -> dict[str, Any]:
     info = state.registry.get_worker(worker_id)
     if info is None or not state.registry.remove_worker(worker_id):
-        raise NotFound(f"no worker {worker_id!r} in the registry", code="worker_not_found")
+        raise NotFound(f"no worker {quote(worker_id)} in the registry", code="worker_not_found")
     registry_changed(state, RegistryChange(ChangeKind.REMOVED, info))
     return {"removed": worker_id}
 
