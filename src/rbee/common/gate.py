@@ -26,6 +26,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from rbee.common.access import UNDECIDED, Audience, Caller, decide, endpoints
+from rbee.common.errors import RbeeError
 from rbee.common.tokens import is_loopback
 from rbee.contracts.errors import ErrorBody
 
@@ -36,14 +37,24 @@ API_KEY_SCOPE = "rbee.api_key"  # the scope entry naming the API key a request c
 _HOST_CACHE_MAX = 256
 
 
+class KeysNotLoaded(Exception):
+    """Raised by `KeyLookup.identify` before the store has been read: the gate then waits for
+    `load` (a thread reads the disk) and checks the request again."""
+
+
 class KeyLookup(Protocol):
-    """What the gate needs from an API key store (the queen's)."""
+    """What the gate needs from an API key store (the queen's). `identify` and
+    `count_request` run on the event loop for every request: memory only."""
 
     def identify(self, secret: bytes) -> str | None:
-        """The name of the live key with this secret, or None."""
+        """The name of the live key with this secret, or None; KeysNotLoaded if not read yet."""
         ...
 
     def count_request(self, name: str) -> None: ...
+
+    async def load(self) -> None:
+        """Read the keys, off the event loop; raises an RbeeError when they cannot be read."""
+        ...
 
 
 def _split_host(value: str, default_port: int) -> tuple[str, int] | None:
@@ -211,11 +222,26 @@ class Gate:
             scope[API_KEY_SCOPE] = key
         return None
 
+    async def _load_keys(self) -> tuple[int, bytes] | None:
+        """Once per process, at the first request with an API key: read the store in a thread
+        (never the disk on the event loop). A store that cannot be read is that request's 503."""
+        assert self._keys is not None
+        try:
+            await self._keys.load()
+        except RbeeError as exc:
+            return exc.status_code, json.dumps(exc.body()).encode()
+        return None
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        refusal = self.check(scope)
+        try:
+            refusal = self.check(scope)
+        except KeysNotLoaded:
+            refusal = await self._load_keys()
+            if refusal is None:
+                refusal = self.check(scope)
         if refusal is None:
             await self.app(scope, receive, send)
             return

@@ -97,7 +97,7 @@ async def flush_usage_loop(state: QueenState) -> None:
     while True:
         await asyncio.sleep(USAGE_FLUSH_S)
         try:
-            await asyncio.to_thread(state.keys.write, state.keys.take_pending())
+            await state.keys.flush()  # counts taken on the loop, written in a thread
         except Exception:  # a full disk must not stop the queen or this loop
             log.exception("could not write API key usage counts (retrying)")
 
@@ -130,7 +130,7 @@ def create_app(
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await state.aclose()
-            await asyncio.to_thread(state.keys.close)
+            await state.keys.aclose()
 
     app = FastAPI(
         title="queen-rbee",

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from rbee.common.settings import DaemonSettings, Seconds
 
 DATA_DIR = Path("~/.local/share/rbee/queen")
+DEFAULT_PORT = 7833
+
+
+def default_data_dir(port: int) -> Path:
+    """One per port, so two queens (two clusters) of one user never share API keys; the
+    default port keeps the path it always had."""
+    name = DATA_DIR.name if port == DEFAULT_PORT else f"{DATA_DIR.name}-{port}"
+    return (DATA_DIR.parent / name).expanduser()
 
 
 class QueenSettings(DaemonSettings):
@@ -19,7 +27,7 @@ class QueenSettings(DaemonSettings):
     )
 
     host: str = Field("127.0.0.1", description="address to listen on")
-    port: int = Field(7833, ge=1, le=65535, description="port to listen on")
+    port: int = Field(DEFAULT_PORT, ge=1, le=65535, description="port to listen on")
     heartbeat_timeout: Seconds = Field(
         90.0, description="a worker or hive not heard from for this long is offline"
     )
@@ -33,7 +41,11 @@ class QueenSettings(DaemonSettings):
     stats_interval: Seconds = Field(
         2.0, description="how often the heartbeat stream sends live figures while it is watched"
     )
-    data_dir: Path = Field(DATA_DIR, description="where the queen keeps its database (API keys)")
+    data_dir: Path = Field(
+        DATA_DIR,
+        description="where the queen keeps its database (API keys); a queen on another port "
+        "than 7833 defaults to queen-PORT beside this, so each cluster has its own keys",
+    )
     routing_policy: Literal["least-loaded", "round-robin"] = Field(
         "least-loaded", description="how a worker is chosen among the available ones"
     )
@@ -51,3 +63,9 @@ class QueenSettings(DaemonSettings):
     @classmethod
     def _expand(cls, value: Path) -> Path:
         return value.expanduser()
+
+    @model_validator(mode="after")
+    def _data_dir_of_port(self) -> Self:
+        if "data_dir" not in self.model_fields_set:
+            self.data_dir = default_data_dir(self.port)
+        return self
