@@ -7,15 +7,60 @@ validated strictly (no "10" for an int, no 3.0 for `top_p`).
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+)
+from pydantic_core import PydanticCustomError
 
+# Request sizes no real request comes near, refused with 400 naming the field: past them a
+# field costs llama.cpp far more than any answer is worth (a JSON schema with a 3 MB `pattern`
+# held a slot for minutes; every stop string is searched for after every token).
+MAX_SCHEMA_BYTES = 64 * 1024  # one JSON schema as JSON text: response_format's, or a tool's
+MAX_TOOLS = 128  # functions offered in one request (OpenAI's own limit)
+MAX_STOP_CHARS = 1000  # characters in one stop string (and at most 4 of them, as OpenAI)
+
+
+def _bounded_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    size = len(json.dumps(schema, ensure_ascii=False, separators=(",", ":")).encode())
+    if size > MAX_SCHEMA_BYTES:
+        raise PydanticCustomError(
+            "schema_too_large",
+            "the JSON schema is {size} bytes of JSON; at most {limit} are accepted",
+            {"size": size, "limit": MAX_SCHEMA_BYTES},
+        )
+    return schema
+
+
+JsonSchema = Annotated[dict[str, Any], AfterValidator(_bounded_schema)]
 Temperature = Annotated[float, Field(ge=0.0, le=2.0, strict=True)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0, strict=True)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0, strict=True)]
 MaxTokens = Annotated[StrictInt, Field(ge=1)]
-Stop = StrictStr | Annotated[list[StrictStr], Field(max_length=4)]
+
+
+def _bounded_stop(stop: str | list[str]) -> str | list[str]:
+    longest = max(map(len, [stop] if isinstance(stop, str) else stop), default=0)
+    if longest > MAX_STOP_CHARS:
+        raise PydanticCustomError(
+            "stop_too_long",
+            "a stop string of {length} characters; at most {limit} are accepted",
+            {"length": longest, "limit": MAX_STOP_CHARS},
+        )
+    return stop
+
+
+Stop = Annotated[
+    StrictStr | Annotated[list[StrictStr], Field(max_length=4)], AfterValidator(_bounded_stop)
+]
 
 
 class ContentPart(BaseModel):
@@ -68,7 +113,7 @@ class FunctionSpec(BaseModel):
     name: Annotated[StrictStr, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
     description: StrictStr | None = None
     # A JSON Schema object; a function without one takes no arguments.
-    parameters: dict[str, Any] | None = None
+    parameters: JsonSchema | None = None
     strict: StrictBool | None = None
 
 
@@ -100,7 +145,7 @@ class JsonSchemaFormat(BaseModel):
     name: Annotated[StrictStr, Field(min_length=1, max_length=64)]
     description: StrictStr | None = None
     # `schema` shadows a BaseModel attribute, hence the alias.
-    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    json_schema: JsonSchema | None = Field(None, alias="schema")
     strict: StrictBool | None = None
 
 
@@ -153,7 +198,7 @@ class ChatCompletionRequest(_SamplingFields):
     # Newer clients send this name for the same limit.
     max_completion_tokens: MaxTokens | None = None
     response_format: ResponseFormat | None = None
-    tools: list[Tool] | None = None
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: StrictBool | None = None
     logprobs: StrictBool | None = None

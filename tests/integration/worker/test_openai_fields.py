@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from rbee.contracts.openai import MAX_SCHEMA_BYTES, MAX_STOP_CHARS, MAX_TOOLS
 from rbee.testing.fake_engine import FakeEngine
 from rbee.worker.engines.base import Emit, Outcome, Prompt, SamplingParams
 
@@ -250,3 +251,63 @@ async def test_each_worker_refuses_the_other_kind_of_request(make_worker: Any) -
     assert refused.status_code == 400
     assert refused.json()["error"]["code"] == "model_not_chat"
     assert embedding_worker.beats[-1].worker.embedding is True
+
+
+def schema_with_pattern(pattern: str) -> dict[str, Any]:
+    return {"type": "object", "properties": {"code": {"type": "string", "pattern": pattern}}}
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "says"),
+    [
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": schema_with_pattern("a" * 3_000_000)},
+                }
+            },
+            "response_format.json_schema.schema",
+            f"at most {MAX_SCHEMA_BYTES} are accepted",
+        ),
+        (
+            {
+                "tools": [
+                    {
+                        "type": "function",
+                        "function": {"name": "f", "parameters": schema_with_pattern("a" * 70_000)},
+                    }
+                ]
+            },
+            "tools[0].function.parameters",
+            f"at most {MAX_SCHEMA_BYTES} are accepted",
+        ),
+        ({"tools": [WEATHER] * (MAX_TOOLS + 1)}, "tools", f"at most {MAX_TOOLS} items"),
+        ({"stop": ["x" * 1_000_000]}, "stop", f"at most {MAX_STOP_CHARS} are accepted"),
+    ],
+)
+async def test_a_field_past_its_size_limit_is_a_short_400_naming_it(
+    make_worker: Any, fields: dict[str, Any], param: str, says: str
+) -> None:
+    worker = await make_worker()
+    response = await worker.client.post("/v1/chat/completions", json=chat_body(**fields))
+    assert response.status_code == 400, response.text[:500]
+    error = response.json()["error"]
+    assert error["param"] == param
+    assert says in error["message"]
+    assert len(response.content) < 2000  # the field is named, never echoed
+    assert (await worker.client.post("/v1/chat/completions", json=chat_body())).status_code == 200
+
+
+async def test_fields_just_within_their_limits_are_served(make_worker: Any) -> None:
+    worker = await make_worker(lambda: Recording('{"code": "aaa"}'))
+    pattern = "a" * (MAX_SCHEMA_BYTES - 200)
+    fields = {
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "x", "schema": schema_with_pattern(pattern)},
+        },
+        "stop": ["y" * MAX_STOP_CHARS] * 4,
+    }
+    response = await worker.client.post("/v1/chat/completions", json=chat_body(**fields))
+    assert response.status_code == 200, response.text[:500]
