@@ -2,7 +2,8 @@
 
 The stand-in worker is an executable named `llm-worker-rbee`, so the hive recognises it the way
 it recognises the real one. It serves `/health`, and its model file's name picks a behaviour:
-`broken*` exits at start with an error, `stubborn*` ignores SIGTERM.
+`broken*` exits at start with an error, `stubborn*` ignores SIGTERM, `sleepy*` never gets
+ready.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ if "broken" in args.model:
     print("loading", args.model, flush=True)
     print("error: cannot load model: invalid GGUF magic", flush=True)
     sys.exit(3)
+if "sleepy" in args.model:  # loads for ever: never answers /health
+    signal.pause()
 
 
 class Health(BaseHTTPRequestHandler):
@@ -115,6 +118,7 @@ def publish(hub_root: Path, repo: str, filename: str, data: bytes) -> None:
 class Hive:
     client: HiveClient
     http: httpx.AsyncClient  # raw access, for status codes and bodies
+    transport: httpx.AsyncBaseTransport  # to the hive app, for a queen of the test's own
     queen: httpx.AsyncClient
     state: HiveState
     settings: HiveSettings
@@ -162,7 +166,7 @@ def make_hive(tmp_path: Path, worker_command: str, models_dir: Path, hub: str) -
         ):
             state: HiveState = app.state.hive
             try:
-                yield Hive(client, raw, queen, state, settings)
+                yield Hive(client, raw, transport, queen, state, settings)
             finally:
                 for worker in state.supervisor.processes():
                     with contextlib.suppress(psutil.NoSuchProcess):
