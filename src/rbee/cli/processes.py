@@ -12,7 +12,6 @@ import shutil
 import signal
 import socket
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,12 +201,3 @@ async def stop(started: Started, timeout_s: float) -> bool:
     if proc is None:
         return True
     return await asyncio.to_thread(terminate, proc, timeout_s)
-
-
-def wait_gone(proc: psutil.Process, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE:
-            return True
-        time.sleep(HEALTH_POLL_S)
-    return False

@@ -15,7 +15,7 @@ import os
 import re
 import shlex
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from rbee.cli.context import CliError
@@ -182,7 +182,3 @@ class Ssh(Shell):
 def quote(value: str | int | float | None) -> str:
     """A value for a sh script: quoted, or the empty string for None."""
     return shlex.quote("" if value is None else str(value))
-
-
-def quote_all(values: Sequence[str]) -> str:
-    return " ".join(shlex.quote(v) for v in values)

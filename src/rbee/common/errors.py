@@ -66,18 +66,6 @@ class Unsupported(BadRequest):
         super().__init__(message, param=param)
 
 
-class Unauthorized(RbeeError):
-    status_code = 401
-    type = "authentication_error"
-    code = "invalid_token"
-
-
-class Forbidden(RbeeError):
-    status_code = 403
-    type = "permission_error"
-    code = "forbidden"
-
-
 class NotFound(RbeeError):
     status_code = 404
     type = "invalid_request_error"
