@@ -50,7 +50,7 @@ def started_during(survivor: Survivor) -> str:
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     grace_s = session.config.getoption("leak_grace")
-    survivors = end_marked_processes(RUN_MARKER, os.environ[RUN_MARKER], grace_s)
+    survivors = end_marked_processes(RUN_MARKER, os.environ[RUN_MARKER], wait_s=grace_s)
     if not survivors:
         return
     lines = [f"pid {s.pid} ({started_during(s)}): {s.argv}" for s in survivors]

@@ -22,7 +22,7 @@ from httpx_sse import connect_sse
 
 from rbee.common.bundled import DEFAULT_MODEL
 from rbee.testing import netns
-from rbee.testing.processes import console_script
+from rbee.testing.processes import console_script, run_mark
 
 # Each daemon has a machine to itself, so fixed ports cannot collide with anything.
 QUEEN_PORT = 17833
@@ -65,6 +65,7 @@ class LanCluster:
         # LAN share this host's cores, so workers must wait passively (tests set
         # RBEE_WORKER_WAIT_POLICY=passive); two spinning on the same cores stall for seconds.
         env.update({k: v for k, v in os.environ.items() if k.startswith("RBEE_WORKER_")})
+        env.update(run_mark())  # so the test run can tell what it started
         self.procs[name] = self.lan.popen(
             host, argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,16 @@ import psutil
 # Set to a fresh id in a test run's environment before it starts anything: every process the run
 # starts, directly or through a daemon, inherits it, and the run ends what still carries it.
 RUN_MARKER = "RBEE_TEST_RUN"
+# Set to a fresh id for each ServerProcess: what the daemon started (a hive's workers live in
+# sessions of their own and outlive it by design, an engine outlives a killed worker for a moment)
+# ends with it when the test is done with it.
+DAEMON_MARKER = "RBEE_TEST_DAEMON"
+
+
+def run_mark() -> dict[str, str]:
+    """The run's mark, for an environment built from scratch (a login session, a LAN machine)."""
+    mark = os.environ.get(RUN_MARKER)
+    return {RUN_MARKER: mark} if mark else {}
 
 
 def free_port() -> int:
@@ -86,32 +98,42 @@ def marked_processes(marker: str, value: str) -> list[psutil.Process]:
     return sorted(found, key=lambda p: p.info["create_time"] or 0.0)
 
 
-def end_marked_processes(marker: str, value: str, grace_s: float = 10.0) -> list[Survivor]:
-    """Kill whatever still carries `marker=value` after `grace_s` (time for processes already
-    told to stop to finish), and return what was killed."""
-    deadline = time.monotonic() + grace_s
+def end_marked_processes(
+    marker: str, value: str, *, wait_s: float = 10.0, term_s: float = 5.0
+) -> list[Survivor]:
+    """Stop whatever still carries `marker=value` after `wait_s` (time for processes already
+    told to stop to finish): SIGTERM, so a worker still removes its socket directory, and SIGKILL
+    what is left after `term_s`. Returns what had to be stopped."""
+    deadline = time.monotonic() + wait_s
     while (procs := marked_processes(marker, value)) and time.monotonic() < deadline:
         time.sleep(0.2)
     survivors = []
     for proc in procs:
-        try:
+        with contextlib.suppress(psutil.Error):
             argv = " ".join(proc.cmdline()) or proc.name()
             survivors.append(Survivor(proc.pid, _started(proc), argv))
-            proc.kill()  # psutil checks the pid was not reused since it was listed
-        except psutil.Error:
-            continue
-    deadline = time.monotonic() + 10.0
-    while any(_alive(p) for p in procs) and time.monotonic() < deadline:
-        time.sleep(0.05)
+            proc.terminate()  # psutil checks the pid was not reused since it was listed
+    for proc in _still_running(procs, term_s):
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    _still_running(procs, 10.0)
     return survivors
 
 
-def _alive(proc: psutil.Process) -> bool:
-    """Still running: a zombie has ended, only its parent has not collected it yet."""
-    try:
-        return proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+def _still_running(procs: Sequence[psutil.Process], timeout_s: float) -> list[psutil.Process]:
+    """Those of `procs` still running after up to `timeout_s`; a zombie has ended, only its
+    parent has not collected it yet."""
+
+    def running(proc: psutil.Process) -> bool:
+        try:
+            return proc.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + timeout_s
+    while (left := [p for p in procs if running(p)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
 
 
 class ServerProcess:
@@ -128,7 +150,8 @@ class ServerProcess:
         self.args = list(args)
         self.health_url = health_url
         self.ready_status = ready_status
-        self.env = {**os.environ, **(env or {})}
+        self.mark = uuid.uuid4().hex
+        self.env = {**os.environ, **(env or {}), DAEMON_MARKER: self.mark}
         self._log = tempfile.NamedTemporaryFile(prefix="rbee-proc-", suffix=".log", delete=False)
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -141,7 +164,12 @@ class ServerProcess:
             stdin=subprocess.DEVNULL,
         )
         if self.health_url is not None:
-            self.wait_healthy(timeout_s)
+            try:
+                self.wait_healthy(timeout_s)
+            except BaseException:
+                # A `with` block whose __enter__ raised never calls __exit__.
+                self.end()
+                raise
         return self
 
     def wait_healthy(self, timeout_s: float = 60.0) -> None:
@@ -189,6 +217,11 @@ class ServerProcess:
                 self.proc.wait()
         return self.proc.returncode
 
+    def end(self) -> None:
+        """Stop the daemon and whatever it started that still runs."""
+        self.stop()
+        end_marked_processes(DAEMON_MARKER, self.mark, wait_s=0.0, term_s=10.0)
+
     def __enter__(self) -> ServerProcess:
         return self.start() if self.proc is None else self
 
@@ -198,6 +231,6 @@ class ServerProcess:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.stop()
+        self.end()
         self._log.close()
         Path(self._log.name).unlink(missing_ok=True)

@@ -26,6 +26,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
+from rbee.testing.processes import run_mark
+
 SYSTEMD = "/lib/systemd/systemd"
 RUNTIME_DIR = "/run/systemd/rbee-user"  # on the namespace's private tmpfs
 # The holder: prepare the private /run/systemd, say so, then keep the namespace alive.
@@ -96,6 +98,7 @@ class UserManager:
             "XDG_RUNTIME_DIR": RUNTIME_DIR,
             "PATH": BASE_PATH,
             "LANG": "C.UTF-8",
+            **run_mark(),  # so the test run can tell what it started
             **(env or {}),
         }
         self._holder: subprocess.Popen[str] | None = None

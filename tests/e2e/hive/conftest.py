@@ -1,22 +1,19 @@
 """Real processes: a queen, hives started against it, the real llm-worker-rbee, a stand-in Hub.
 
-Workers live in their own sessions and outlive a killed hive by design, so every test hive gets
-a unique id and teardown ends whatever carries that hive's mark.
+Workers live in their own sessions and outlive a killed hive by design; a hive's teardown ends
+whatever it started (rbee.testing.processes.ServerProcess).
 """
 
 from __future__ import annotations
 
-import contextlib
 import secrets
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import pytest
 
-from rbee.hive.supervisor import SPAWN_MARKER
 from rbee.testing.processes import ServerProcess, console_script, free_port
 
 STANDIN_HUB = Path(__file__).parent / "standin_hub.py"
@@ -60,14 +57,6 @@ def hub(hub_root: Path) -> Iterator[Daemon]:
         yield Daemon(proc, url)
 
 
-def kill_workers_of(hive_id: str) -> None:
-    for proc in psutil.process_iter():
-        with contextlib.suppress(psutil.Error):
-            if proc.environ().get(SPAWN_MARKER) == hive_id:
-                proc.kill()
-                proc.wait(10)
-
-
 HiveStarter = Callable[..., HiveProc]
 
 
@@ -98,7 +87,6 @@ def start_hive(queen: Daemon, hub: Daemon, tmp_path: Path) -> Iterator[HiveStart
         return hive
 
     yield start
+    # Each hive's workers, and their engines, end with it (ServerProcess.end).
     for hive in started:
         hive.proc.__exit__(None, None, None)
-    for hive_id in {h.hive_id for h in started}:
-        kill_workers_of(hive_id)

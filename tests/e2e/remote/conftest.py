@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from rbee.testing import netns, user_systemd
-from rbee.testing.processes import console_script
+from rbee.testing.processes import console_script, run_mark
 from rbee.testing.user_systemd import UserManager
 
 SSHD = "/usr/sbin/sshd"
@@ -124,6 +124,8 @@ def open_box(tmp_path: Path, *, systemd: bool = False) -> Iterator[Box]:
             f"RBEE_HIVE_MODELS_DIR={home / 'models'}",
             # The box has no route to a package index: pip uses only the wheels given to it.
             "PIP_NO_INDEX=1",
+            # So the test run can tell what it started.
+            *(f"{k}={v}" for k, v in run_mark().items()),
         ]
         # What pam_systemd would set at login: where the user manager's sockets are.
         + ([f"XDG_RUNTIME_DIR={user_systemd.RUNTIME_DIR}"] if systemd else [])

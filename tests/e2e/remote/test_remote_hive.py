@@ -14,6 +14,7 @@ import pytest
 
 from rbee.common.bundled import DEFAULT_MODEL
 from rbee.testing.processes import (
+    RUN_MARKER,
     ServerProcess,
     console_script,
     free_port,
@@ -39,7 +40,7 @@ def queen(token: str) -> Iterator[str]:
 
 
 def rbee_env(box: Box, queen: str, token: str, tmp_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RBEE_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RBEE_") or k == RUN_MARKER}
     env.update(
         RBEE_TOKEN=token,
         RBEE_QUEEN_URL=queen,

@@ -1,5 +1,6 @@
 """The test run's own check (tests/conftest.py): a process a test leaves behind fails the run and
-is killed; processes that are not the run's are left alone."""
+is killed; processes that are not the run's are left alone. And a daemon a test started ends with
+whatever it started."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+
+from rbee.testing.processes import DAEMON_MARKER, ServerProcess, free_port, marked_processes
 
 CONFTEST = Path(__file__).parents[2] / "conftest.py"
 
@@ -108,3 +111,30 @@ def test_a_failing_run_keeps_its_exit_status(tmp_path: Path, status: int) -> Non
     )
     assert done.returncode == status, done.stdout + done.stderr
     assert "1 process(es) started by the tests outlived them (now killed)" in done.stdout
+
+
+def detached_children(daemon: ServerProcess) -> list[psutil.Process]:
+    return [
+        p
+        for p in marked_processes(DAEMON_MARKER, daemon.mark)
+        if p.pid != daemon.pid and p.status() != psutil.STATUS_ZOMBIE
+    ]
+
+
+def test_a_daemons_teardown_ends_what_it_started_in_a_session_of_its_own() -> None:
+    port = free_port()
+    script = f"setsid sleep 63 & exec {sys.executable} -m http.server -b 127.0.0.1 {port}"
+    with ServerProcess(["sh", "-c", script], health_url=f"http://127.0.0.1:{port}/") as daemon:
+        [child] = detached_children(daemon)
+    assert gone(child.pid)
+
+
+def test_a_daemon_that_never_gets_healthy_leaves_nothing_behind() -> None:
+    port = free_port()
+    daemon = ServerProcess(
+        ["sh", "-c", "setsid sleep 64 & exec sleep 65"], health_url=f"http://127.0.0.1:{port}/"
+    )
+    with pytest.raises(TimeoutError, match="not healthy after 1s"):
+        daemon.start(timeout_s=1)
+    assert gone(daemon.pid)
+    assert detached_children(daemon) == []
