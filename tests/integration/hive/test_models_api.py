@@ -43,7 +43,7 @@ async def test_catalog_lists_bundled_and_local_files_by_id(hive: Hive, models_di
 async def test_download_reports_progress_and_lands_in_the_catalog(
     hive: Hive, hub_root: Path, models_dir: Path
 ) -> None:
-    data = os.urandom(3 * 1024 * 1024 + 17)
+    data = os.urandom(9 * 1024 * 1024 + 17)  # over two of the writes in a thread, and a rest
     publish(hub_root, "acme/Small-GGUF", "small.Q8_0.gguf", data)
 
     created = await hive.client.start_download(MODEL)
