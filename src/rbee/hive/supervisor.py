@@ -30,7 +30,7 @@ import psutil
 
 from rbee.common.clock import Clock, monotonic
 from rbee.common.cpus import format_cpu_set, parse_cpu_set, usable_cpus
-from rbee.common.errors import BadRequest, Conflict, NotFound, RbeeError, Unavailable
+from rbee.common.errors import BadRequest, Conflict, NotFound, RbeeError, Unavailable, quote
 from rbee.common.gpu import device_environment, parse_device
 from rbee.contracts.hive_api import (
     CatalogModel,
@@ -205,11 +205,11 @@ class Supervisor:
         if model.format != "gguf":
             raise BadRequest(f"{model.id!r} is {model.format}; {WORKER_EXECUTABLE} loads GGUF")
         if request.worker_id is not None and not WORKER_ID_PATTERN.match(request.worker_id):
-            raise BadRequest(f"{request.worker_id!r} is not a valid worker id")
+            raise BadRequest(f"{quote(request.worker_id)} is not a valid worker id")
         async with self._lock:
             running = await asyncio.to_thread(self.processes)  # reads /proc: off the loop
             if request.worker_id in {w.worker_id for w in running}:
-                raise Conflict(f"worker {request.worker_id!r} is already running on this hive")
+                raise Conflict(f"worker {quote(request.worker_id)} is already running on this hive")
             taken = {w.port for w in running} | self._reserved
             cores = self._place(running, request.cores)
             port = pick_port(self.settings.host, self.settings.port_range, taken)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from rbee.common.errors import BadRequest, NotFound, Unavailable
+from rbee.common.errors import BadRequest, NotFound, Unavailable, quote
 from rbee.common.model_memory import MemoryEstimate, estimate_memory, gib
 from rbee.contracts.hives import Device, HiveView
 from rbee.contracts.workers import KvCacheType
@@ -70,8 +70,14 @@ def place(
         if demand.hive_id is None or h.id == demand.hive_id
     ]
     if not candidates:
-        where = f"hive {demand.hive_id!r} does not have" if demand.hive_id else "no online hive has"
-        raise NotFound(f"{where} model {demand.model!r} in its catalog", code="model_not_found")
+        where = (
+            f"hive {quote(demand.hive_id)} does not have"
+            if demand.hive_id
+            else "no online hive has"
+        )
+        raise NotFound(
+            f"{where} model {quote(demand.model)} in its catalog", code="model_not_found"
+        )
     pairs = [(h, d) for h in candidates for d in h.devices if demand.device in (None, d.id)]
     if not pairs:
         if len(candidates) == 1 and demand.device is not None:
@@ -79,7 +85,7 @@ def place(
             return Placement(candidates[0], demand.device)
         listed = "; ".join(f"{h.id}: {', '.join(d.id for d in h.devices)}" for h in candidates)
         raise BadRequest(
-            f"no online hive with model {demand.model!r} has device {demand.device!r} ({listed})",
+            f"no online hive with model {quote(demand.model)} has device {quote(demand.device)} ({listed})",
             code="no_such_device",
         )
     usable = [(h, d) for h, d in pairs if d.problem is None]
@@ -96,7 +102,7 @@ def place(
         hive, device, estimate, free = max(options, key=lambda o: o[3])
         assert estimate is not None  # only a known estimate can fail to fit
         raise Unavailable(
-            f"model {demand.model!r} needs {estimate.describe()} and fits on no device: the "
+            f"model {quote(demand.model)} needs {estimate.describe()} and fits on no device: the "
             f"most free memory is {gib(max(free, 0))} on {device.id} of hive {hive.id}",
             code="insufficient_memory",
         )

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from rbee.common.clock import Clock, monotonic
-from rbee.common.errors import NotFound, RbeeError, Unavailable
+from rbee.common.errors import NotFound, RbeeError, Unavailable, quote
 from rbee.contracts.hive_api import SpawnRequest, SpawnResponse
 from rbee.contracts.hives import HiveView
 from rbee.contracts.workers import DEFAULT_CTX_SIZE, WorkerInfo
@@ -48,7 +48,7 @@ class Started:
 def hold_message(model: str, holds: list[Hold], remaining_s: float) -> str:
     where = ", ".join(f"{h.hive_id} ({h.failures} failed: {h.reason})" for h in holds)
     return (
-        f"no worker for model {model!r} can serve now, and starting one is on hold for "
+        f"no worker for model {quote(model)} can serve now, and starting one is on hold for "
         f"{remaining_s:.0f}s after failures on {where}"
     )
 
@@ -87,7 +87,9 @@ class Spawner:
         if demand.hive_id is not None:
             hive = self.hives.get(demand.hive_id)
             if hive is None or not hive.online:
-                raise Unavailable(f"hive {demand.hive_id!r} is not online", code="hive_unavailable")
+                raise Unavailable(
+                    f"hive {quote(demand.hive_id)} is not online", code="hive_unavailable"
+                )
         hives = self.hives.all()
         taken = self.reservations.taken(hives)
         return place([h for h in hives if h.id not in exclude], demand, taken)
