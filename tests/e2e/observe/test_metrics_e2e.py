@@ -3,12 +3,14 @@ exactly what was sent."""
 
 from __future__ import annotations
 
+import secrets
 import time
 
 import httpx
 import pytest
 
 from rbee.common.bundled import DEFAULT_MODEL
+from rbee.queen.metrics import UNKNOWN_MODEL
 from rbee.testing.metrics import value
 
 from .conftest import Cluster
@@ -66,7 +68,7 @@ def test_counters_and_histograms_move_by_the_traffic_sent(cluster: Cluster) -> N
 
     labels = {"model": DEFAULT_MODEL}
     assert moved("rbee_requests_total", worker=worker["worker_id"], code="200", **labels) == 3
-    assert moved("rbee_requests_total", model="no-such-model", code="404") == 1
+    assert moved("rbee_requests_total", model=UNKNOWN_MODEL, code="404") == 1
     assert moved("rbee_request_duration_seconds_count", **labels) == 3
     assert moved("rbee_time_to_first_token_seconds_count", **labels) == 1
     assert moved("rbee_queue_wait_seconds_count", **labels) == 3
@@ -94,3 +96,31 @@ def test_every_daemon_refuses_metrics_without_the_token(cluster: Cluster) -> Non
     for url in (cluster.queen_url, cluster.hive_url, cluster.spawned[0]["url"]):
         assert httpx.get(f"{url}/metrics", timeout=10).status_code == 401
     assert httpx.get(f"{cluster.queen_url}/v1/metrics/targets", timeout=10).status_code == 401
+
+
+def test_made_up_model_names_from_an_api_key_do_not_grow_the_queen(cluster: Cluster) -> None:
+    """An API key only allowed to infer sends 2,000 made-up model names and one of a megabyte:
+    each is a 404 that quotes a little of the name, and /metrics stays the size it was."""
+    with cluster.client() as admin:
+        created = admin.post("/v1/keys", json={"name": f"e2e-{secrets.token_hex(4)}"})
+        assert created.status_code == 201, created.text
+    key = created.json()["key"]
+    metrics = httpx.Client(base_url=cluster.queen_url, headers=cluster.headers, timeout=30)
+    with (
+        httpx.Client(
+            base_url=cluster.queen_url, headers={"authorization": f"Bearer {key}"}, timeout=30
+        ) as client,
+        metrics,
+    ):
+        assert client.get("/metrics").status_code == 403, "the key may infer, not read figures"
+        client.post("/v1/chat/completions", json={"model": "warm-up", "messages": QUESTION})
+        before = len(metrics.get("/metrics").content)
+        for _ in range(2000):
+            body = {"model": secrets.token_hex(16), "messages": QUESTION}
+            assert client.post("/v1/chat/completions", json=body).status_code == 404
+        huge = client.post("/v1/chat/completions", json={"model": "y" * (1 << 20)})
+        assert huge.status_code == 404
+        assert len(huge.content) < 2000, "the answer quotes 200 characters of the name"
+        after = len(metrics.get("/metrics").content)
+        assert client.get("/v1/models").status_code == 200, "the queen carries on"
+    assert after - before < 500, (before, after)
