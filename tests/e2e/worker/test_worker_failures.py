@@ -83,6 +83,25 @@ def test_listening_beyond_loopback_without_a_token_is_refused(
     assert "refusing to listen on 0.0.0.0" in output
 
 
+TOOLS: dict[str, Any] = {
+    "tools": [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        }
+    ]
+}
+JSON_SCHEMA: dict[str, Any] = {
+    "response_format": {
+        "type": "json_schema",
+        "json_schema": {"name": "answer", "schema": {"type": "object"}},
+    }
+}
+
+
 def test_too_long_prompts_are_refused_before_streaming_and_answers_stop_at_the_context(
     cluster: Any, queen_module: Any
 ) -> None:
@@ -99,11 +118,18 @@ def test_too_long_prompts_are_refused_before_streaming_and_answers_stop_at_the_c
         ),
         ("/v1/completions", {"prompt": long_text}),
         ("/v1/completions", {"prompt": long_text, "stream": True}),
+        # A JSON schema made from tools or given as response_format is not at fault.
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": long_text}], **TOOLS}),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": long_text}], **JSON_SCHEMA},
+        ),
     ]:
         refused = httpx.post(f"{worker.url}{path}", json={"model": SMOLLM, **body}, timeout=60)
         assert refused.status_code == 400, (path, body.get("stream"), refused.text)
         error = refused.json()["error"]
-        assert error["code"] == "context_length_exceeded"
+        assert error["code"] == "context_length_exceeded", error
+        assert error["param"] not in ("tools", "response_format"), error
         assert "maximum context length is 96 tokens" in error["message"]
     # Both end-of-text tokens banned, greedy: nothing stops it but the context.
     endless = {

@@ -90,6 +90,9 @@ def test_a_prompt_too_long_for_the_context_becomes_context_length_exceeded() -> 
     assert isinstance(error, PromptTooLong)
     assert (error.prompt_tokens, error.context_size) == (300, 128)
     assert error.code == "context_length_exceeded"
+    # With a JSON schema (response_format or tools) it is still the prompt's length at fault.
+    with_schema = schema_refusal(SamplingParams(json_schema={"type": "object"}), error)
+    assert isinstance(with_schema, PromptTooLong)
 
 
 def test_other_refusals_keep_their_message_and_server_faults_are_engine_errors() -> None:

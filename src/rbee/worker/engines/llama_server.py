@@ -264,8 +264,13 @@ def refusal(status: int, content: bytes) -> Exception:
 
 
 def schema_refusal(params: SamplingParams, error: Exception) -> Exception:
-    """A refused request with a JSON schema: the schema is what it could not take."""
-    if params.json_schema is not None and isinstance(error, PromptError):
+    """A refused request with a JSON schema: the schema is what it could not take, unless the
+    prompt is too long for the context, whatever the schema."""
+    if (
+        params.json_schema is not None
+        and isinstance(error, PromptError)
+        and not isinstance(error, PromptTooLong)
+    ):
         return PromptError(
             f"the JSON schema cannot be turned into a grammar: {error.message}",
             code="invalid_schema",
