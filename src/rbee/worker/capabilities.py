@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rbee.common.errors import BadRequest, Unsupported
+from rbee.common.errors import BadRequest, Unsupported, quote
 from rbee.contracts.embeddings import EmbeddingRequest
 from rbee.contracts.openai import ChatCompletionRequest, CompletionRequest, NamedToolChoice
 
@@ -42,7 +42,7 @@ def check_logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
             out[int(key)] = value
         except ValueError:
             raise BadRequest(
-                f"logit_bias keys must be token ids, got {key!r}", param="logit_bias"
+                f"logit_bias keys must be token ids, got {quote(key)}", param="logit_bias"
             ) from None
     return out
 
@@ -59,7 +59,7 @@ def check_chat(request: ChatCompletionRequest) -> None:
                 if part.type != "text" or part.text is None:
                     raise Unsupported(
                         f"messages[{i}].content[{j}].type",
-                        f"content parts of type {part.type!r} are not supported: "
+                        f"content parts of type {quote(part.type)} are not supported: "
                         "this model reads text only",
                     )
     _check_tools(request)
@@ -74,7 +74,7 @@ def _check_tools(request: ChatCompletionRequest) -> None:
         if tool.type != "function" or tool.function is None:
             raise Unsupported(
                 f"tools[{i}].type",
-                f"tools of type {tool.type!r} are not supported: only function tools are",
+                f"tools of type {quote(tool.type)} are not supported: only function tools are",
             )
         names.add(tool.function.name)
     choice = request.tool_choice
@@ -82,7 +82,7 @@ def _check_tools(request: ChatCompletionRequest) -> None:
         raise BadRequest("tool_choice needs tools to choose from", param="tool_choice")
     if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
         raise BadRequest(
-            f"tool_choice names function {choice.function.name!r}, which is not in tools",
+            f"tool_choice names function {quote(choice.function.name)}, which is not in tools",
             param="tool_choice",
         )
     fmt = request.response_format
