@@ -20,6 +20,7 @@ import httpx
 import psutil
 
 from rbee.cli.context import CliError
+from rbee.contracts.workers import http_url
 
 HEALTH_POLL_S = 0.1
 
@@ -81,7 +82,7 @@ def url_for(host: str, port: int) -> str:
     """How to reach a daemon listening on host (a wildcard is reached on loopback)."""
     if host in ("0.0.0.0", "", "::"):
         host = "127.0.0.1"
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    return http_url("http", host, port)
 
 
 @dataclass(frozen=True)

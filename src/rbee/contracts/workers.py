@@ -6,8 +6,10 @@ import ipaddress
 import re
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from functools import lru_cache
 from typing import Annotated, Literal
 
+import httpx
 from pydantic import (
     AfterValidator,
     AwareDatetime,
@@ -45,6 +47,13 @@ def is_plain_host(host: str) -> bool:
         return True
     except ValueError:
         return _HOSTNAME.fullmatch(host) is not None
+
+
+@lru_cache(maxsize=4096)
+def http_url(scheme: str, host: str, port: int) -> str:
+    """`scheme://host:port`, an IPv6 address in brackets, as httpx writes it (the router asks
+    for a worker's URL on every request, hence the cache)."""
+    return str(httpx.URL(scheme=scheme, host=host, port=port))
 
 
 class WorkerStatus(StrEnum):
@@ -85,8 +94,7 @@ class WorkerInfo(BaseModel):
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.scheme}://{host}:{self.port}"
+        return http_url(self.scheme, self.host, self.port)
 
     @property
     def load(self) -> float:

@@ -12,6 +12,7 @@ from pydantic_settings import SettingsConfigDict
 
 from rbee.common.settings import DaemonSettings, HttpUrl, MiB, Seconds
 from rbee.common.tokens import is_loopback
+from rbee.contracts.workers import http_url
 
 HIVE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "[::]", ""})
@@ -98,8 +99,7 @@ class HiveSettings(DaemonSettings):
 
     @property
     def url(self) -> str:
-        host = self.public_host
-        return f"{self.scheme}://{f'[{host}]' if ':' in host else host}:{self.port}"
+        return http_url(self.scheme, self.public_host, self.port)
 
     @property
     def local_host(self) -> str:

@@ -39,6 +39,7 @@ from rbee.contracts.hive_api import (
     WorkerProcess,
     WorkerStopped,
 )
+from rbee.contracts.workers import http_url
 from rbee.hive.catalog import Catalog
 from rbee.hive.cores import CorePlacement, place_cores
 from rbee.hive.ports import pick_port
@@ -235,8 +236,7 @@ class Supervisor:
         finally:
             self._reserved.discard(port)
             self._reserved_cores.pop(port, None)
-        host = self.settings.public_host
-        url = f"{self.settings.scheme}://{f'[{host}]' if ':' in host else host}:{port}"
+        url = http_url(self.settings.scheme, self.settings.public_host, port)
         return SpawnResponse(
             worker_id=worker_id,
             pid=popen.pid,
