@@ -166,5 +166,10 @@ async def _follow(
             view.problem = f"queen unreachable at {cli.queen_url}"
         except Exception as exc:  # a cut connection: tell, then try again
             view.problem = f"lost the queen ({type(exc).__name__})"
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # Ctrl-C came, and the library turned it into the error just caught (httpx raises
+            # ConnectError for a connect cut short): stop, never retry.
+            raise asyncio.CancelledError
         redraw(view.problem != told)
         await asyncio.sleep(RETRY_S)

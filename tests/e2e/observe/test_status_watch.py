@@ -34,7 +34,7 @@ class Lines:
             target=lambda: [self._lines.put(line) for line in stdout], daemon=True
         ).start()
 
-    def wait_for(self, *needles: str, timeout_s: float = 10) -> str:
+    def wait_for(self, *needles: str, timeout_s: float = 60) -> str:
         deadline = time.monotonic() + timeout_s
         while True:
             remaining = deadline - time.monotonic()
@@ -61,7 +61,7 @@ def test_watch_follows_changes_and_a_lost_queen() -> None:
         )
         try:
             lines = Lines(watcher)
-            lines.wait_for("0 worker(s)", timeout_s=30)  # includes the CLI's own start
+            lines.wait_for("0 worker(s)")  # includes the CLI's own start
             heartbeat(url, "ready")
             assert "m" in lines.wait_for("w-watch", "ready")
             heartbeat(url, "stopping")
@@ -70,9 +70,12 @@ def test_watch_follows_changes_and_a_lost_queen() -> None:
             lines.wait_for("queen unreachable", "retrying")
             with ServerProcess(queen_args, health_url=f"{url}/health"):
                 heartbeat(url, "ready")
-                lines.wait_for("w-watch", "ready", timeout_s=15)
+                lines.wait_for("w-watch", "ready")
+            # Ctrl-C while the watcher retries a queen that went away again: it ends (exit 130)
+            # within seconds, by its own cancellation or, failing that, by the CLI's grace
+            # deadline. The wait is generous only for a busy machine.
             watcher.send_signal(signal.SIGINT)
-            assert watcher.wait(10) == 130
+            assert watcher.wait(60) == 130
         finally:
             if watcher.poll() is None:
                 watcher.kill()
