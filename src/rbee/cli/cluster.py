@@ -215,14 +215,16 @@ class Cluster:
         if self.queen is None:
             self._release()
             return
-        await self._stop_workers()
-        await asyncio.gather(*(self._stop_remote_hive(h) for h in self.remote_hives.values()))
-        for daemon in (*self.local_hives.values(), self.queen):
-            if daemon is not None and daemon.alive():
-                self.say(f"stopping {daemon.name} (pid {daemon.pid})…")
-                if not await processes.stop(daemon, self.grace_s):
-                    self.say(f"{daemon.name} did not stop on SIGTERM: killed it")
-        self._release()
+        try:
+            await self._stop_workers()
+            await asyncio.gather(*(self._stop_remote_hive(h) for h in self.remote_hives.values()))
+        finally:  # whatever went wrong with the workers, the daemons here still stop
+            for daemon in (*self.local_hives.values(), self.queen):
+                if daemon is not None and daemon.alive():
+                    self.say(f"stopping {daemon.name} (pid {daemon.pid})…")
+                    if not await processes.stop(daemon, self.grace_s):
+                        self.say(f"{daemon.name} did not stop on SIGTERM: killed it")
+            self._release()
 
     async def _stop_remote_hive(self, hive: HivePlan) -> None:
         """Workers the queen could not stop go through the hive's own API, then the hive goes."""

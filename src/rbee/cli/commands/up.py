@@ -106,11 +106,12 @@ async def until_stopped(work: Coroutine[Any, Any, T], stop: asyncio.Event) -> T 
 
 
 async def run_cluster(cli: Cli, plan: UpPlan) -> int:
-    """Start, serve until a signal or a daemon's death, stop. Returns the exit code."""
+    """Start, serve until a signal or a daemon's death, stop. Returns the exit code.
 
-    def say(line: str) -> None:
-        cli.out.print(line, markup=False, highlight=False, soft_wrap=True)
-
+    Output goes through `cli.say`, which never raises: a closed pipe or a hung-up terminal must
+    not skip the cleanup. Ctrl-C, SIGTERM and SIGHUP (the terminal closed) all stop the cluster;
+    a second one hurries the stop."""
+    say = cli.say
     cluster = Cluster(plan, cli.make_client, say)
     stop = asyncio.Event()
 
@@ -120,7 +121,8 @@ async def run_cluster(cli: Cli, plan: UpPlan) -> int:
         stop.set()
 
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    signals = stop_signals()
+    for sig in signals:
         loop.add_signal_handler(sig, on_signal)
     code = 0
     try:
@@ -129,18 +131,27 @@ async def run_cluster(cli: Cli, plan: UpPlan) -> int:
         else:
             say(usage_text(plan, lan_urls(plan)))
             if died := await until_stopped(cluster.watch(), stop):
-                cli.err.print(f"rbee: {died}", markup=False, highlight=False, soft_wrap=True)
+                cli.warn(died)
                 code = 1
     except (CliError, QueenError) as exc:
-        cli.err.print(f"rbee: {advice(exc, plan.queen_url)}", markup=False, soft_wrap=True)
+        cli.warn(advice(exc, plan.queen_url))
         code = 1
     finally:
         say("stopping…")
-        await cluster.stop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+        try:
+            await cluster.stop()
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
     say("stopped" if code == 0 else "stopped after an error")
     return code
+
+
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """What stops `rbee up`: Ctrl-C, SIGTERM, and SIGHUP when its terminal goes away (unless
+    started under `nohup`, which asks to outlive the terminal)."""
+    hangup = () if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN else (signal.SIGHUP,)
+    return (signal.SIGINT, signal.SIGTERM, *hangup)
 
 
 def up(
