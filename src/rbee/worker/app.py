@@ -93,7 +93,9 @@ def llama_server(settings: WorkerSettings, *, pooled: bool = True) -> LlamaServe
         binary=settings.llama_server,
         gpu_layers=gpu_layers_for(parse_device(settings.device), settings.gpu_layers),
     )
-    return LlamaServer(config, load_timeout_s=settings.load_timeout)
+    return LlamaServer(
+        config, load_timeout_s=settings.load_timeout, stall_timeout_s=settings.stall_timeout
+    )
 
 
 def create_app(
@@ -153,6 +155,11 @@ def create_app(
 
     @app.get("/health", response_model=None)
     async def health() -> JSONResponse:
+        if runtime.load_error is not None:
+            # Its engine died or hung: the worker is on its way out and says why.
+            return JSONResponse(
+                {"status": "unhealthy", "reason": runtime.load_error}, status_code=503
+            )
         status = board.status
         if status is WorkerStatus.STARTING:
             return JSONResponse({"status": "loading"}, status_code=503)
@@ -193,5 +200,7 @@ async def _shut_down(
     except TimeoutError:
         log.warning("the last heartbeat before shutdown did not finish in time")
     runtime.board.set_lifecycle(WorkerStatus.STOPPED)
-    if await heartbeat.send(runtime.board.info(), timeout_s=FINAL_HEARTBEAT_TIMEOUT_S):
-        log.info("told the queen this worker stopped")
+    told = await heartbeat.send(runtime.board.info(), timeout_s=FINAL_HEARTBEAT_TIMEOUT_S)
+    if runtime.load_error is None:
+        # One line for a stop that was asked for; a failure is main()'s error line instead.
+        log.info("stopped%s", " (the queen was told)" if told else "")

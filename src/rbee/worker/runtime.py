@@ -29,6 +29,11 @@ from rbee.worker.state import WorkerStatusBoard
 log = logging.getLogger("rbee.worker")
 T = TypeVar("T")
 
+# How long an engine that exited waits for the worker's own stop signal before it counts as a
+# failure: a signal to the process group (Ctrl-C, systemd's stop) reaches both at once, and
+# the engine may exit before the worker has handled its copy.
+SIGNAL_SETTLE_S = 1.0
+
 
 class WorkerRuntime:
     def __init__(
@@ -59,6 +64,7 @@ class WorkerRuntime:
         self._host = engine_host
         self._watch: asyncio.Task[None] | None = None
         self._cut_timer: asyncio.TimerHandle | None = None
+        self._stop_asked = asyncio.Event()
 
     @property
     def model_id(self) -> str:
@@ -97,11 +103,20 @@ class WorkerRuntime:
         )
 
     async def _watch_host(self, host: EngineHost) -> None:
-        """A host that dies on its own ends the worker: it cannot serve any more."""
+        """A host that dies on its own ends the worker: it cannot serve any more. One that
+        exits with the worker's stop (the same signal reached both) is no failure."""
         reason = await host.failure()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop_asked.wait(), SIGNAL_SETTLE_S)
+        if self._stop_asked.is_set():
+            log.debug("%s, as this worker stops", reason)
+            return
         log.error("%s; stopping this worker", reason)
         self.load_error = reason
         self._stop_process()
+        # A hung server holds its requests until it is gone: they fail now (503), so the queen
+        # can send them elsewhere, rather than when the shutdown gets to it.
+        await host.close()
 
     def _slots_changed(self) -> None:
         if self.pool is not None:
@@ -161,6 +176,7 @@ class WorkerRuntime:
         loop.call_soon_threadsafe(self._enter_stopping)
 
     def _enter_stopping(self) -> None:
+        self._stop_asked.set()
         if self.pool is not None:
             self.pool.close()
         if self.board.lifecycle not in (WorkerStatus.STOPPING, WorkerStatus.STOPPED):

@@ -87,6 +87,12 @@ class WorkerSettings(DaemonSettings):
         default_factory=default_binary, description="llama.cpp's llama-server executable"
     )
     load_timeout: Seconds = Field(300.0, description="longest the model may take to load")
+    stall_timeout: Seconds = Field(
+        180.0,
+        description="longest llama.cpp's server may leave the worker's check (every few "
+        "seconds) unanswered before the worker counts it as hung and stops, so the queen "
+        "sends its requests elsewhere",
+    )
     heartbeat_interval: Seconds = Field(30.0, description="seconds between heartbeats to the queen")
     shutdown_grace: Seconds = Field(
         5.0, description="how long running requests may finish after SIGTERM"

@@ -15,6 +15,7 @@ from rbee.contracts.workers import WorkerStatus
 from rbee.testing.fake_engine import FakeEngine
 from rbee.worker.engines.base import EngineError
 from rbee.worker.responses import EventStream
+from rbee.worker.runtime import SIGNAL_SETTLE_S
 
 MODEL = "fake-model"  # the conftest's worker serves it under this name
 READY, BUSY = WorkerStatus.READY, WorkerStatus.BUSY
@@ -283,8 +284,25 @@ async def test_an_engine_host_that_dies_stops_the_worker_with_its_reason(
     host = DyingHost()
     worker = await make_worker(engine_host=host)
     host.die("llama.cpp's server exited with code -9: killed")
-    await eventually(lambda: worker.stops == [1])
+    # Not at once: the worker first gives its own stop signal a moment to arrive.
+    await eventually(lambda: worker.stops == [1], within_s=10)
     assert worker.runtime.load_error == "llama.cpp's server exited with code -9: killed"
     await worker.stop()
     assert host.closed
+    assert worker.statuses[-1] is WorkerStatus.STOPPED
+
+
+async def test_an_engine_that_exits_with_the_workers_own_stop_signal_is_no_failure(
+    make_worker: Any,
+) -> None:
+    """A signal to the whole process group (Ctrl-C, systemd) reaches llama-server too, and it
+    may exit before the worker has stopped."""
+    host = DyingHost()
+    worker = await make_worker(engine_host=host)
+    worker.runtime.begin_shutdown()  # what the worker's SIGTERM handler calls
+    host.die("llama.cpp's server exited with code 0: stopped")
+    await asyncio.sleep(SIGNAL_SETTLE_S + 0.5)
+    assert worker.stops == []
+    assert worker.runtime.load_error is None
+    await worker.stop()
     assert worker.statuses[-1] is WorkerStatus.STOPPED

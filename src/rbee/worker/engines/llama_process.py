@@ -30,6 +30,7 @@ import aiohttp
 import psutil
 
 from rbee.common.gpu import default_llama_server
+from rbee.common.lines import read_lines
 from rbee.worker.engines.base import EngineError, as_json
 from rbee.worker.engines.chat_template import PROBES, ChatTemplate, agrees_with, compile_template
 
@@ -41,6 +42,7 @@ DIR_PREFIX = "rbee-llama-server-"  # then the worker's pid and a random part
 OUTPUT_LINES_KEPT = 60
 READY_POLL_S = 0.02
 STOP_GRACE_S = 5.0
+PROBE_INTERVAL_S = 5.0  # how often the worker checks that the server still answers
 BASE_URL = "http://llama-server"
 # What a server that died, hung or closed its socket raises, from connecting to reading.
 NETWORK_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
@@ -130,6 +132,21 @@ def _dies_with(parent: int) -> Callable[[], None]:
     return child
 
 
+def keep_to_this_process() -> None:
+    """Mark every file this process has open as not inherited by the children it starts.
+
+    uvloop's subprocesses ignore `close_fds`: a child gets every inheritable descriptor, and
+    the listening socket uvicorn serves on is one. A llama-server holding the worker's port
+    kept accepting connections (that nobody answered) for seconds after the worker exited,
+    and a new worker could not bind it. The child's stdio is set up after this, as always."""
+    with contextlib.suppress(OSError):  # /dev/fd is /proc/self/fd on Linux
+        for name in os.listdir("/dev/fd"):
+            fd = int(name)
+            with contextlib.suppress(OSError):
+                if fd > 2 and os.get_inheritable(fd):
+                    os.set_inheritable(fd, False)
+
+
 def sweep_stale_dirs(root: Path) -> list[Path]:
     """Remove (and return) the socket directories of this user's workers that are gone."""
     removed = []
@@ -146,9 +163,18 @@ def sweep_stale_dirs(root: Path) -> list[Path]:
 class LlamaServer:
     """The running `llama-server` process (the engines' host)."""
 
-    def __init__(self, config: ServerConfig, *, load_timeout_s: float = 300.0) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        load_timeout_s: float = 300.0,
+        stall_timeout_s: float = 180.0,
+    ) -> None:
+        """`stall_timeout_s`: the longest the server may take to answer between two batches
+        (one batch of a long prompt on a slow CPU takes minutes) before it counts as hung."""
         self.config = config
         self.load_timeout_s = load_timeout_s
+        self.stall_timeout_s = stall_timeout_s
         sweep_stale_dirs(Path(tempfile.gettempdir()))
         self._dir = Path(tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-"))  # mode 0700
         self.socket = self._dir / "server.sock"
@@ -186,6 +212,7 @@ class LlamaServer:
             raise EngineError(
                 f"llama.cpp's server ({self.config.binary}) was not found; ./dev install builds it"
             )
+        keep_to_this_process()
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 *self.config.args(self.socket),
@@ -224,8 +251,8 @@ class LlamaServer:
     async def _read_output(self) -> None:
         assert self._proc is not None
         assert self._proc.stdout is not None
-        async for raw in self._proc.stdout:
-            line = raw.decode(errors="replace").rstrip()
+        # Never stops draining before the end: a server blocked on a full pipe hangs the worker.
+        async for line in read_lines(self._proc.stdout):
             self._output.append(line)
             _server_log.debug("%s", line)
 
@@ -310,12 +337,43 @@ class LlamaServer:
         return template
 
     async def failure(self) -> str:
+        """Returns when the server exits, or stops answering, with the reason."""
         assert self._proc is not None
-        code = await self._proc.wait()
-        last = await self._last_words()
+        exited = asyncio.ensure_future(self._proc.wait())
+        hung = asyncio.ensure_future(self._stops_answering())
+        try:
+            await asyncio.wait({exited, hung}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            exited.cancel()
+            hung.cancel()
+        if self._proc.returncode is None and hung.done() and not hung.cancelled():
+            reason = hung.result()
+        else:
+            code = await self._proc.wait()
+            reason = f"llama.cpp's server exited with code {code}: {await self._last_words()}"
         if self._closing:
             await asyncio.Future()  # an exit we asked for is no failure: never returns
-        return f"llama.cpp's server exited with code {code}: {last}"
+        return reason
+
+    async def _stops_answering(self) -> str:
+        """Returns once a check that goes through the server's main loop (`/slots`, which it
+        answers between two batches) gets no answer within `stall_timeout_s`: a server that
+        stopped there serves nobody, and the worker should say so rather than hold its
+        requests. A refused connection is left to the exit it comes with."""
+        timeout = aiohttp.ClientTimeout(total=self.stall_timeout_s)
+        async with self.client(timeout) as http:
+            while True:
+                await asyncio.sleep(PROBE_INTERVAL_S)
+                try:
+                    async with http.get("/slots") as response:
+                        await response.read()
+                except TimeoutError:
+                    return (
+                        "llama.cpp's server stopped answering "
+                        f"(no answer in {self.stall_timeout_s:g}s)"
+                    )
+                except NETWORK_ERRORS:
+                    continue
 
     async def close(self) -> None:
         self._closing = True
