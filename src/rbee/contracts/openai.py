@@ -21,26 +21,35 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-# Request sizes no real request comes near, refused with 400 naming the field: past them a
-# field costs llama.cpp far more than any answer is worth (a JSON schema with a 3 MB `pattern`
-# held a slot for minutes; every stop string is searched for after every token).
-MAX_SCHEMA_BYTES = 64 * 1024  # one JSON schema as JSON text: response_format's, or a tool's
+# Request sizes no real request comes near, refused with 400 naming the field. llama.cpp turns
+# a JSON schema into a grammar in time that grows faster than its size (64 KiB of schema took
+# up to 30 s on two cores; 6 MB of tools held a slot for more than 5 minutes), and echoes it in
+# its last event; every stop string is searched for after every token.
+MAX_SCHEMA_BYTES = 64 * 1024  # JSON text of response_format's schema, or of all tools' together
 MAX_TOOLS = 128  # functions offered in one request (OpenAI's own limit)
 MAX_STOP_CHARS = 1000  # characters in one stop string (and at most 4 of them, as OpenAI)
 
 
-def _bounded_schema(schema: dict[str, Any]) -> dict[str, Any]:
-    size = len(json.dumps(schema, ensure_ascii=False, separators=(",", ":")).encode())
+def schema_bytes(schema: dict[str, Any] | None) -> int:
+    if schema is None:
+        return 0
+    return len(json.dumps(schema, ensure_ascii=False, separators=(",", ":")).encode())
+
+
+def _check_schema_bytes(size: int, what: str) -> None:
     if size > MAX_SCHEMA_BYTES:
         raise PydanticCustomError(
             "schema_too_large",
-            "the JSON schema is {size} bytes of JSON; at most {limit} are accepted",
-            {"size": size, "limit": MAX_SCHEMA_BYTES},
+            "{what} {size} bytes of JSON; at most {limit} are accepted",
+            {"what": what, "size": size, "limit": MAX_SCHEMA_BYTES},
         )
+
+
+def _bounded_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    _check_schema_bytes(schema_bytes(schema), "the JSON schema is")
     return schema
 
 
-JsonSchema = Annotated[dict[str, Any], AfterValidator(_bounded_schema)]
 Temperature = Annotated[float, Field(ge=0.0, le=2.0, strict=True)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0, strict=True)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0, strict=True)]
@@ -113,7 +122,7 @@ class FunctionSpec(BaseModel):
     name: Annotated[StrictStr, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
     description: StrictStr | None = None
     # A JSON Schema object; a function without one takes no arguments.
-    parameters: JsonSchema | None = None
+    parameters: dict[str, Any] | None = None
     strict: StrictBool | None = None
 
 
@@ -145,7 +154,9 @@ class JsonSchemaFormat(BaseModel):
     name: Annotated[StrictStr, Field(min_length=1, max_length=64)]
     description: StrictStr | None = None
     # `schema` shadows a BaseModel attribute, hence the alias.
-    json_schema: JsonSchema | None = Field(None, alias="schema")
+    json_schema: Annotated[dict[str, Any], AfterValidator(_bounded_schema)] | None = Field(
+        None, alias="schema"
+    )
     strict: StrictBool | None = None
 
 
@@ -193,12 +204,20 @@ class _SamplingFields(BaseModel):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
+def _bounded_tools(tools: list[Tool]) -> list[Tool]:
+    size = sum(schema_bytes(tool.function.parameters) for tool in tools if tool.function)
+    _check_schema_bytes(size, "the tools' parameters are")
+    return tools
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     # Newer clients send this name for the same limit.
     max_completion_tokens: MaxTokens | None = None
     response_format: ResponseFormat | None = None
-    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+    tools: (
+        Annotated[list[Tool], Field(max_length=MAX_TOOLS), AfterValidator(_bounded_tools)] | None
+    ) = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: StrictBool | None = None
     logprobs: StrictBool | None = None

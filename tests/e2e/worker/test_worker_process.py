@@ -177,3 +177,30 @@ def test_a_schema_llama_cpp_cannot_express_is_400_naming_its_field(
     assert refused.status_code == 400, refused.text
     assert refused.json()["error"]["param"] == field
     assert refused.json()["error"]["code"] == "invalid_schema"
+
+
+def test_a_3_mb_json_schema_pattern_is_a_quick_400_and_the_worker_keeps_serving(
+    queen_module: Any, smollm_worker: Any
+) -> None:
+    """It used to be echoed into llama-server's log, whose reader died on the long line: the
+    server blocked on a full pipe and the worker's slot was lost for good."""
+    schema = {
+        "type": "object",
+        "properties": {"code": {"type": "string", "pattern": "^" + "a" * 3_000_000 + "$"}},
+    }
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Give me a code."}],
+        "max_tokens": 8,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "c", "schema": schema}},
+    }
+    for url in (queen_module.url, smollm_worker.url):
+        refused = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+        assert refused.status_code == 400, refused.text[:300]
+        assert refused.json()["error"]["param"] == "response_format.json_schema.schema"
+        assert len(refused.content) < 2000
+    plain = {**body, "response_format": None, "temperature": 0}
+    for _ in range(2):  # more than its one slot: none was lost
+        answer = httpx.post(f"{queen_module.url}/v1/chat/completions", json=plain, timeout=60)
+        assert answer.status_code == 200, answer.text
+    assert httpx.get(f"{smollm_worker.url}/health").json()["in_flight"] == 0

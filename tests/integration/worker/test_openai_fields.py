@@ -275,11 +275,12 @@ def schema_with_pattern(pattern: str) -> dict[str, Any]:
                 "tools": [
                     {
                         "type": "function",
-                        "function": {"name": "f", "parameters": schema_with_pattern("a" * 70_000)},
+                        "function": {"name": f"f{i}", "parameters": schema_with_pattern("a" * 700)},
                     }
+                    for i in range(100)
                 ]
             },
-            "tools[0].function.parameters",
+            "tools",
             f"at most {MAX_SCHEMA_BYTES} are accepted",
         ),
         ({"tools": [WEATHER] * (MAX_TOOLS + 1)}, "tools", f"at most {MAX_TOOLS} items"),
