@@ -164,7 +164,7 @@ async def test_the_official_openai_client_works_unchanged(
         assert usage.completion_tokens == 6
         text = await client.completions.create(model=MODEL, prompt="The", max_tokens=2)
         assert text.choices[0].text == "Paris is"
-        with pytest.raises(openai.UnprocessableEntityError):
+        with pytest.raises(openai.BadRequestError):
             await client.chat.completions.create(model=MODEL, messages=[])
 
 
