@@ -22,34 +22,22 @@ from rbee.cli.ssh import Ssh, SshTarget
 from rbee.clients.hive import HiveError
 from rbee.clients.queen import QueenClient, QueenError
 from rbee.common.cpus import usable_cpus
+from rbee.common.worker_command import worker_command_flags
 from rbee.contracts.jobs import WorkerSpawnJob, WorkerStopJob
 from rbee.contracts.workers import WorkerView
 
 LOCK = "up"
 WATCH_POLL_S = 0.5
-WORKER_PROGRAM = "llm-worker-rbee"
 
 
 def worker_processes(queen_url: str) -> list[psutil.Process]:
     """Worker processes on this machine that report to `queen_url`: ours to stop."""
     found = []
     for proc in psutil.process_iter(["cmdline"]):
-        cmdline: list[str] = proc.info.get("cmdline") or []
-        is_worker = any(
-            Path(arg).name == WORKER_PROGRAM or arg.startswith("rbee.worker") for arg in cmdline[:3]
-        )
-        if is_worker and _flag(cmdline, "--queen-url").rstrip("/") == queen_url:
+        flags = worker_command_flags(proc.info.get("cmdline") or [])
+        if flags is not None and flags.get("--queen-url", "").rstrip("/") == queen_url:
             found.append(proc)
     return found
-
-
-def _flag(cmdline: list[str], name: str) -> str:
-    for i, arg in enumerate(cmdline):
-        if arg == name and i + 1 < len(cmdline):
-            return cmdline[i + 1]
-        if arg.startswith(name + "="):
-            return arg.split("=", 1)[1]
-    return ""
 
 
 def check_free(plan: UpPlan) -> None:

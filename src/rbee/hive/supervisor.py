@@ -32,6 +32,7 @@ from rbee.common.clock import Clock, monotonic
 from rbee.common.cpus import format_cpu_set, parse_cpu_set, usable_cpus
 from rbee.common.errors import BadRequest, Conflict, NotFound, RbeeError, Unavailable, quote
 from rbee.common.gpu import device_environment, parse_device
+from rbee.common.worker_command import WORKER_EXECUTABLE, worker_command_flags
 from rbee.contracts.hive_api import (
     CatalogModel,
     SpawnRequest,
@@ -46,7 +47,6 @@ from rbee.hive.ports import pick_port
 from rbee.hive.settings import HiveSettings
 
 log = logging.getLogger("rbee.hive.supervisor")
-WORKER_EXECUTABLE = "llm-worker-rbee"
 SPAWN_MARKER = "RBEE_SPAWNED_BY_HIVE"
 WORKER_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 OUTPUT_TAIL_BYTES = 4000
@@ -78,26 +78,10 @@ class WorkerStartFailed(RbeeError):
     code = "worker_start_failed"
 
 
-def parse_flags(args: Sequence[str]) -> dict[str, str]:
-    """`--name value` and `--name=value` pairs of a command line."""
-    flags: dict[str, str] = {}
-    for index, arg in enumerate(args):
-        if not arg.startswith("--"):
-            continue
-        name, eq, value = arg.partition("=")
-        if eq:
-            flags[name] = value
-        elif index + 1 < len(args):
-            flags[name] = args[index + 1]
-    return flags
-
-
 def worker_flags(cmdline: Sequence[str], hive_id: str) -> dict[str, str] | None:
     """The flags of a worker command line of this hive, or None for any other process."""
-    if not any(Path(arg).name == WORKER_EXECUTABLE for arg in cmdline[:2]):
-        return None
-    flags = parse_flags(cmdline[1:])
-    if flags.get("--hive-id") != hive_id or not flags.get("--worker-id"):
+    flags = worker_command_flags(cmdline)
+    if flags is None or flags.get("--hive-id") != hive_id or not flags.get("--worker-id"):
         return None
     if not flags.get("--port", "").isdigit():
         return None

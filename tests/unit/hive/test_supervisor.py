@@ -7,11 +7,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from rbee.common.worker_command import parse_flags
 from rbee.contracts.hive_api import CatalogModel, SpawnRequest
 from rbee.hive.catalog import Catalog
 from rbee.hive.cores import CorePlacement
 from rbee.hive.settings import HiveSettings
-from rbee.hive.supervisor import Supervisor, output_tail, parse_flags, worker_flags
+from rbee.hive.supervisor import Supervisor, output_tail, worker_flags
 
 SCRIPT = "/opt/venv/bin/llm-worker-rbee"
 
