@@ -287,6 +287,12 @@ async def test_an_engine_host_that_dies_stops_the_worker_with_its_reason(
     # Not at once: the worker first gives its own stop signal a moment to arrive.
     await eventually(lambda: worker.stops == [1], within_s=10)
     assert worker.runtime.load_error == "llama.cpp's server exited with code -9: killed"
+    health = await worker.client.get("/health")
+    assert health.status_code == 503
+    assert health.json() == {
+        "status": "unhealthy",
+        "reason": "llama.cpp's server exited with code -9: killed",
+    }
     await worker.stop()
     assert host.closed
     assert worker.statuses[-1] is WorkerStatus.STOPPED
