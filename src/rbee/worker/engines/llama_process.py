@@ -346,8 +346,14 @@ class LlamaServer:
         finally:
             exited.cancel()
             hung.cancel()
-        if self._proc.returncode is None and hung.done() and not hung.cancelled():
-            reason = hung.result()
+        stalled: str | None = None
+        if hung.done() and not hung.cancelled():
+            if (error := hung.exception()) is None:
+                stalled = hung.result()
+            else:  # from here on only an exit is noticed
+                log.error("checking llama.cpp's server failed", exc_info=error)
+        if stalled is not None and self._proc.returncode is None:
+            reason = stalled
         else:
             code = await self._proc.wait()
             reason = f"llama.cpp's server exited with code {code}: {await self._last_words()}"
