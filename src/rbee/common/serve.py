@@ -86,7 +86,7 @@ def bind_socket(prog: str, host: str, port: int) -> socket.socket:
         sock.close()
         reason = "is already in use" if exc.errno == 98 else f"cannot be opened ({exc.strerror})"
         fail(prog, f"{host}:{port} {reason}")
-    sock.set_inheritable(True)
+    # Not inheritable (Python's default, kept): no child a daemon starts may hold its port.
     return sock
 
 
