@@ -12,6 +12,7 @@ import logging
 import socket
 import sys
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from types import FrameType
 from typing import NoReturn, TypeVar
@@ -21,7 +22,11 @@ from fastapi import FastAPI
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings, CliApp
 
+from rbee import __version__
 from rbee.common import net
+from rbee.common.auth import openapi_url
+from rbee.common.errors import install_error_handlers
+from rbee.common.settings import DaemonSettings
 
 S = TypeVar("S", bound=BaseSettings)
 
@@ -88,6 +93,24 @@ def bind_socket(prog: str, host: str, port: int) -> socket.socket:
         fail(prog, f"{host}:{port} {reason}")
     # Not inheritable (Python's default, kept): no child a daemon starts may hold its port.
     return sock
+
+
+Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
+
+
+def daemon_app(title: str, settings: DaemonSettings, lifespan: Lifespan) -> FastAPI:
+    """What every rbee daemon's app starts as: its name and version, the lifespan that owns its
+    background work, API docs only where no token guards it, the body size limit, and errors
+    in OpenAI's shape. Each daemon adds its routes, then its gate."""
+    app = FastAPI(
+        title=title,
+        version=__version__,
+        lifespan=lifespan,
+        openapi_url=openapi_url(settings.token),
+        max_body_size=settings.max_body_bytes,
+    )
+    install_error_handlers(app)
+    return app
 
 
 def serve(

@@ -14,13 +14,12 @@ from fastapi import FastAPI
 
 from rbee import __version__
 from rbee.clients.base import dead_peer_transport
-from rbee.common.auth import openapi_url
 from rbee.common.clock import Clock, monotonic
-from rbee.common.errors import install_error_handlers
 from rbee.common.gate import install_gate
 from rbee.common.jobs import Jobs
 from rbee.common.loops import LoopErrors, supervise
 from rbee.common.metrics import metrics_router
+from rbee.common.serve import daemon_app
 from rbee.common.tokens import auth_headers
 from rbee.hive.access import HIVE_ACCESS
 from rbee.hive.api import jobs as jobs_api
@@ -94,15 +93,8 @@ def create_app(
             for client in (queen, local, hub):
                 await client.aclose()
 
-    app = FastAPI(
-        title="rbee-hive",
-        version=__version__,
-        lifespan=lifespan,
-        openapi_url=openapi_url(settings.token),
-        max_body_size=settings.max_body_bytes,
-    )
+    app = daemon_app("rbee-hive", settings, lifespan)
     app.state.hive = state
-    install_error_handlers(app)
 
     @app.get("/health")
     async def health() -> dict[str, str]:

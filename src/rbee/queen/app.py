@@ -11,12 +11,11 @@ import httpx
 from fastapi import FastAPI
 
 from rbee import __version__
-from rbee.common.auth import openapi_url
 from rbee.common.clock import Clock, monotonic
-from rbee.common.errors import install_error_handlers
 from rbee.common.gate import install_gate
 from rbee.common.loops import supervise
 from rbee.common.metrics import metrics_router
+from rbee.common.serve import daemon_app
 from rbee.queen.access import QUEEN_ACCESS
 from rbee.queen.api import dashboard as dashboard_api
 from rbee.queen.api import hives as hives_api
@@ -132,15 +131,8 @@ def create_app(
             await state.aclose()
             await state.keys.aclose()
 
-    app = FastAPI(
-        title="queen-rbee",
-        version=__version__,
-        lifespan=lifespan,
-        openapi_url=openapi_url(settings.token),
-        max_body_size=settings.max_body_bytes,
-    )
+    app = daemon_app("queen-rbee", settings, lifespan)
     app.state.queen = state
-    install_error_handlers(app)
 
     @app.get("/health")
     async def health() -> dict[str, str]:

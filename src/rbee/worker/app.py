@@ -15,13 +15,12 @@ from fastapi.responses import JSONResponse
 
 from rbee import __version__
 from rbee.common import model_memory
-from rbee.common.auth import openapi_url
 from rbee.common.bundled import BUNDLED_MODELS, bundled_model_path
 from rbee.common.cpus import usable_cpus
-from rbee.common.errors import install_error_handlers
 from rbee.common.gate import install_gate
 from rbee.common.gpu import gpu_layers_for, parse_device
 from rbee.common.metrics import metrics_router
+from rbee.common.serve import daemon_app
 from rbee.contracts.workers import WorkerStatus
 from rbee.worker.access import WORKER_ACCESS
 from rbee.worker.api import openai as openai_api
@@ -143,15 +142,8 @@ def create_app(
             finally:
                 await _shut_down(runtime, heartbeat, beating, loading)
 
-    app = FastAPI(
-        title="llm-worker-rbee",
-        version=__version__,
-        lifespan=lifespan,
-        openapi_url=openapi_url(settings.token),
-        max_body_size=settings.max_body_bytes,
-    )
+    app = daemon_app("llm-worker-rbee", settings, lifespan)
     app.state.worker = runtime
-    install_error_handlers(app)
 
     @app.get("/health", response_model=None)
     async def health() -> JSONResponse:
