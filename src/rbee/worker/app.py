@@ -19,6 +19,7 @@ from rbee.common.bundled import BUNDLED_MODELS, bundled_model_path
 from rbee.common.cpus import usable_cpus
 from rbee.common.gate import install_gate
 from rbee.common.gpu import gpu_layers_for, parse_device
+from rbee.common.loops import supervise
 from rbee.common.metrics import metrics_router
 from rbee.common.serve import daemon_app
 from rbee.contracts.workers import WorkerStatus
@@ -135,7 +136,9 @@ def create_app(
             )
             runtime.heartbeat = heartbeat
             board.set_on_change(heartbeat.notify)
-            beating = asyncio.create_task(heartbeat.run(), name="heartbeat")
+            beating = asyncio.create_task(
+                supervise("heartbeat", heartbeat.run, runtime.loop_errors), name="heartbeat"
+            )
             loading = asyncio.create_task(runtime.load(), name="load-model")
             try:
                 yield

@@ -17,7 +17,8 @@ from typing import TypeVar
 
 from fastapi import Request
 
-from rbee.common.errors import NotFound, Unavailable
+from rbee.common.errors import NotFound, Unavailable, quote
+from rbee.common.loops import LoopErrors, supervise
 from rbee.contracts.workers import WorkerStatus
 from rbee.worker.engines.base import Engine, EngineError, EngineHost, Prepare, SamplingParams
 from rbee.worker.generation import Generation, Lease
@@ -61,6 +62,7 @@ class WorkerRuntime:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_process = stop_process or (lambda: signal.raise_signal(signal.SIGTERM))
         self.metrics = WorkerMetrics(board, lambda: self.pool)
+        self.loop_errors = LoopErrors(self.metrics.registry)
         self._host = engine_host
         self._watch: asyncio.Task[None] | None = None
         self._cut_timer: asyncio.TimerHandle | None = None
@@ -92,7 +94,11 @@ class WorkerRuntime:
             self._stop_process()
             return
         if self._host is not None:
-            self._watch = asyncio.create_task(self._watch_host(self._host), name="engine-watch")
+            host = self._host
+            self._watch = asyncio.create_task(
+                supervise("engine-watch", lambda: self._watch_host(host), self.loop_errors),
+                name="engine-watch",
+            )
         self.pool = SlotPool(list(self.engines), self._queue_size, on_change=self._slots_changed)
         self.board.set_lifecycle(WorkerStatus.READY)
         log.info(
@@ -127,7 +133,7 @@ class WorkerRuntime:
     def check_model(self, model: str) -> None:
         if model != self.model_id:
             raise NotFound(
-                f"model {model!r} is not served here; this worker serves {self.model_id!r}",
+                f"model {quote(model)} is not served here; this worker serves {self.model_id!r}",
                 code="model_not_found",
             )
 

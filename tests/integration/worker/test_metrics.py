@@ -94,3 +94,13 @@ async def test_embeddings_count_their_vectors_and_prompt_tokens(make_worker: Any
         value(after, "rbee_worker_prompt_tokens_total") == response.json()["usage"]["prompt_tokens"]
     )
     assert value(after, "rbee_worker_generated_tokens_total") == 0
+
+
+async def test_the_worker_s_background_loops_are_supervised_and_show_at_zero(
+    make_worker: Any,
+) -> None:
+    """An alert on `rbee_background_errors_total` needs the series before any failure."""
+    worker = await make_worker()
+    samples = await scrape(worker)
+    assert ("rbee_background_errors_total", frozenset({("loop", "heartbeat")})) in samples
+    assert value(samples, "rbee_background_errors_total") == 0
