@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -38,6 +39,7 @@ class RbeeError(Exception):
         code: str | None = None,
         headers: dict[str, str] | None = None,
         param: str | None = None,
+        fields: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -46,9 +48,14 @@ class RbeeError(Exception):
         self.headers = headers or {}
         # The request field at fault, as OpenAI names it (`n`, `messages[1].content`).
         self.param = param
+        # More about the error for programs to read, beside OpenAI's own keys (for example
+        # `needed_bytes` of an insufficient_memory error).
+        self.fields = dict(fields or {})
 
     def body(self) -> dict[str, Any]:
-        return ErrorBody.of(self.message, self.type, self.code, self.param).model_dump()
+        body = ErrorBody.of(self.message, self.type, self.code, self.param).model_dump()
+        body["error"].update(self.fields)
+        return body
 
 
 class BadRequest(RbeeError):
@@ -97,6 +104,31 @@ class Unavailable(RbeeError):
     status_code = 503
     type = "server_error"
     code = "unavailable"
+
+
+class InsufficientMemory(Unavailable):
+    """No device has room for a model: `needed_bytes` is the model's estimate and
+    `largest_free_bytes` the most any one device could offer it. `retry_after_s` None: it can
+    never fit (bigger than any device, even an empty one), so no `Retry-After`."""
+
+    code = "insufficient_memory"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        needed_bytes: int,
+        largest_free_bytes: int,
+        retry_after_s: int | None = None,
+    ) -> None:
+        super().__init__(
+            message,
+            headers={"Retry-After": str(max(1, retry_after_s))} if retry_after_s else None,
+            fields={"needed_bytes": needed_bytes, "largest_free_bytes": largest_free_bytes},
+        )
+        self.needed_bytes = needed_bytes
+        self.largest_free_bytes = largest_free_bytes
+        self.retry_after_s = retry_after_s
 
 
 def _cut(part: Any) -> Any:

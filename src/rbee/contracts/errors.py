@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import json
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 
 class ErrorDetail(BaseModel):
+    """OpenAI's error object. Some codes add keys of their own, kept when one is read here:
+    `insufficient_memory` has `needed_bytes` (the model's estimate) and `largest_free_bytes`
+    (the most any one device could offer it)."""
+
+    model_config = ConfigDict(extra="allow")
+
     message: str
     type: str = "invalid_request_error"
     code: str | None = None

@@ -22,7 +22,16 @@ class Device(BaseModel):
     name: str
     cores: Annotated[int, Field(ge=0)] | None = None
     memory_total_bytes: Annotated[int, Field(ge=0)]
-    memory_free_bytes: Annotated[int, Field(ge=0)]
+    memory_free_bytes: Annotated[int, Field(ge=0)] = Field(
+        description="what a new worker may take: the device's free memory, or, under the hive's "
+        "--memory-limit, the limit less what rbee's workers there hold, if that is less"
+    )
+    memory_limit_bytes: Annotated[int, Field(ge=0)] | None = Field(
+        None, description="the hive's --memory-limit for rbee's workers on this device"
+    )
+    rbee_used_bytes: Annotated[int, Field(ge=0)] | None = Field(
+        None, description="what this hive's workers hold on this device (given with a limit)"
+    )
     problem: str | None = Field(
         None, description="why no worker can run on this device (e.g. a build without CUDA)"
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Collection, Mapping, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -18,6 +19,8 @@ import psutil
 import pynvml
 
 from rbee.common.gpu import GpuBackend, build_gpu_backend, device_problem, parse_device
+from rbee.common.model_memory import gib
+from rbee.common.sizes import format_size
 from rbee.contracts.hives import Device
 
 log = logging.getLogger("rbee.hive.devices")
@@ -60,6 +63,54 @@ def metal_device() -> Device:
     )
 
 
+def within_limit(
+    devices: Sequence[Device], limit: int | None, ram_held: int, vram_held: Mapping[str, int]
+) -> list[Device]:
+    """The devices as placement should see them under `--memory-limit`: each one's free memory
+    is at most the limit less what this hive's workers hold there — RAM (`ram_held`) on the CPU
+    and on Apple GPUs, whose memory is the machine's; a GPU's own figure for an NVIDIA GPU."""
+    if limit is None:
+        return list(devices)
+    capped = []
+    for device in devices:
+        held = vram_held.get(device.id, 0) if device.kind == "cuda" else ram_held
+        room = max(0, min(device.memory_free_bytes, limit - held))
+        capped.append(
+            device.model_copy(
+                update={
+                    "memory_free_bytes": room,
+                    "memory_limit_bytes": limit,
+                    "rbee_used_bytes": held,
+                }
+            )
+        )
+    return capped
+
+
+def limit_problem(limit: int, devices: Sequence[Device]) -> str | None:
+    """Why `--memory-limit` cannot be meant as given: it is more than the memory of every
+    device, so it would limit nothing (a typo such as 100000GiB). A limit above a small GPU's
+    memory but within the RAM is accepted: there the GPU's own size is the bound."""
+    if not devices or any(limit <= d.memory_total_bytes for d in devices):
+        return None
+    largest = max(devices, key=lambda d: d.memory_total_bytes)
+    return (
+        f"--memory-limit {format_size(limit)} is more than any device of this machine has "
+        f"(the largest, {largest.id}, has {gib(largest.memory_total_bytes)}): give at most that"
+    )
+
+
+def memory_devices(nvml: ModuleType | Any = pynvml) -> list[Device]:
+    """The CPU and the NVIDIA GPUs with their memory, for checks at start (what the engine's
+    build can use is not asked: that takes a while, and memory is the same either way)."""
+    probe = DeviceProbe(nvml)
+    probe._open_nvml()
+    try:
+        return [cpu_device(), *probe.gpus()]
+    finally:
+        probe.close()
+
+
 class DeviceProbe:
     """Finds the devices; NVML is started once (`open`) and shut down once (`close`).
 
@@ -82,6 +133,9 @@ class DeviceProbe:
 
     def open(self) -> None:
         self.build_gpu = build_gpu_backend(self._llama_server)
+        self._open_nvml()
+
+    def _open_nvml(self) -> None:
         try:
             self._nvml.nvmlInit()
         except Exception as exc:  # NVMLError subclasses, or a missing libnvidia-ml
@@ -123,6 +177,27 @@ class DeviceProbe:
         if self._platform == "darwin" and self.build_gpu == "metal":
             found.append(metal_device())
         return found
+
+    def gpu_memory_of(self, pids: Collection[int]) -> dict[str, int]:
+        """What processes `pids` hold on each NVIDIA GPU, as NVML counts it per process. NVML
+        reports the host's pids: inside a container with its own pid namespace none match,
+        and the GPUs' own free memory is then the only bound."""
+        held: dict[str, int] = {}
+        if not self._nvml_ready or not pids:
+            return held
+        nvml = self._nvml
+        try:
+            for index in range(nvml.nvmlDeviceGetCount()):
+                handle = nvml.nvmlDeviceGetHandleByIndex(index)
+                used = sum(
+                    int(process.usedGpuMemory or 0)
+                    for process in nvml.nvmlDeviceGetComputeRunningProcesses(handle)
+                    if process.pid in pids
+                )
+                held[f"cuda:{index}"] = used
+        except Exception as exc:  # as in gpus(): the hive carries on with what it has
+            log.warning("reading NVIDIA GPU processes failed: %s", exc)
+        return held
 
     def gpus(self) -> list[Device]:
         if not self._nvml_ready:

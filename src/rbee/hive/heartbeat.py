@@ -25,7 +25,7 @@ async def build_heartbeat(state: HiveState) -> HiveHeartbeat:
     workers = await state.supervisor.started()
     # Both read the disk or the driver: keep them off the event loop.
     devices, models = await asyncio.gather(
-        asyncio.to_thread(state.devices.devices), asyncio.to_thread(state.catalog.models)
+        asyncio.to_thread(state.current_devices), asyncio.to_thread(state.catalog.models)
     )
     footprints = await asyncio.to_thread(state.footprints.footprints, models)
     info = HiveInfo(id=state.settings.hive_id, url=state.settings.url, version=__version__)

@@ -8,6 +8,7 @@ import sys
 from rbee.common.serve import fail, parse_settings, serve
 from rbee.common.tokens import refuse_open_bind
 from rbee.hive.app import create_app
+from rbee.hive.devices import limit_problem, memory_devices
 from rbee.hive.settings import HiveSettings
 
 PROG = "rbee-hive"
@@ -21,6 +22,10 @@ def main(argv: list[str] | None = None) -> None:
         settings.models_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         fail(PROG, f"--models-dir {settings.models_dir}: {exc.strerror or exc}")
+    if settings.memory_limit is not None and (
+        reason := limit_problem(settings.memory_limit, memory_devices())
+    ):
+        fail(PROG, reason)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per heartbeat
     sys.exit(
         serve(

@@ -11,6 +11,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from rbee.common.settings import DaemonSettings, HttpUrl, MiB, Seconds
+from rbee.common.sizes import ByteSize
 from rbee.common.tokens import is_loopback
 from rbee.contracts.workers import http_url
 
@@ -60,6 +61,11 @@ class HiveSettings(DaemonSettings):
         description="the worker executable",
     )
     max_body_bytes: int = Field(MiB, ge=1024, description="largest request body accepted")
+    memory_limit: ByteSize | None = Field(
+        None,
+        description="most memory this hive's workers may take on each device (RAM for cpu:0, "
+        "VRAM for each GPU), e.g. 512MiB or 8GiB (default: all that is free)",
+    )
 
     @field_validator("hive_id")
     @classmethod

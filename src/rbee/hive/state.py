@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from rbee.common.jobs import Jobs
+from rbee.contracts.hives import Device
 from rbee.hive.catalog import Catalog
-from rbee.hive.devices import DeviceProbe
+from rbee.hive.devices import DeviceProbe, within_limit
 from rbee.hive.downloads import Downloader
 from rbee.hive.footprints import FootprintCache
 from rbee.hive.settings import HiveSettings
@@ -28,6 +29,16 @@ class HiveState:
     # Set when what the queen should know changed (a model arrived or left, a worker started
     # and took memory): beat now.
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def current_devices(self) -> list[Device]:
+        """The devices with their free memory now, within `--memory-limit` if one is set: what
+        the heartbeat and `/v1/capabilities` report. Blocks (reads /proc and the driver)."""
+        devices = self.devices.devices()
+        limit = self.settings.memory_limit
+        if limit is None:
+            return devices
+        ram, pids = self.supervisor.memory_held()
+        return within_limit(devices, limit, ram, self.devices.gpu_memory_of(pids))
 
 
 def get_state(request: Request) -> HiveState:

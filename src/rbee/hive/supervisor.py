@@ -144,6 +144,17 @@ class Supervisor:
         starting = before | self._reserved  # and those that began while the list was read
         return sorted(w.worker_id for w in running if w.port not in starting)
 
+    def memory_held(self) -> tuple[int, frozenset[int]]:
+        """The RAM this hive's workers hold (resident memory, their engines included), and the
+        pids of all their processes (for what they hold on GPUs)."""
+        ram, pids = 0, set()
+        for worker in self.processes():
+            ram += worker.memory_bytes
+            pids.add(worker.pid)
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                pids.update(child.pid for child in psutil.Process(worker.pid).children(True))
+        return ram, frozenset(pids)
+
     def _inspect(self, proc: psutil.Process) -> WorkerProcess | None:
         try:
             flags = worker_flags(proc.cmdline(), self.settings.hive_id)

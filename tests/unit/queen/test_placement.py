@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from rbee.common.errors import BadRequest, NotFound, Unavailable
+from rbee.common.errors import BadRequest, InsufficientMemory, NotFound, Unavailable
 from rbee.contracts.hives import Device, HiveView, ModelFootprint
-from rbee.queen.scheduler.placement import Demand, place
+from rbee.queen.scheduler.placement import Demand, estimate_for, place
 
 GIB = 1 << 30
 MODEL = "org/repo:model.gguf"
@@ -190,3 +190,28 @@ def test_q8_0_asked_for_a_model_that_cannot_take_it_is_estimated_as_f16() -> Non
     assert plain is not None
     assert asked.kv_type == "f16"
     assert asked.kv_cache == plain.kv_cache
+
+
+def test_insufficient_memory_carries_the_numbers_and_a_retry_after_when_memory_may_free() -> None:
+    hives = [hive("a", cpu(2), gpu(0, 3.5)), hive("b", cpu(1))]
+    with pytest.raises(InsufficientMemory) as refused:
+        place(hives, demand())
+    error = refused.value.body()["error"]
+    assert error["code"] == "insufficient_memory"
+    assert error["type"] == "server_error"
+    estimate = estimate_for(hives[0], hives[0].devices[1], demand())
+    assert estimate is not None
+    assert error["needed_bytes"] == estimate.total
+    assert error["largest_free_bytes"] == int(3.5 * GIB)
+    # An emptier GPU would hold it: asking again later can succeed.
+    assert refused.value.headers["Retry-After"] == "10"
+
+
+def test_a_hive_memory_limit_smaller_than_the_model_answers_at_once_without_retry_after() -> None:
+    limited = cpu(3).model_copy(update={"memory_limit_bytes": 3 * GIB})
+    with pytest.raises(InsufficientMemory) as refused:
+        place([hive("a", limited)], demand())
+    assert "Retry-After" not in refused.value.headers
+    assert "more than any device can hold even when empty" in refused.value.message
+    assert refused.value.largest_free_bytes == 3 * GIB
+    assert refused.value.needed_bytes > 4 * GIB

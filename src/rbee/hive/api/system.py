@@ -16,5 +16,5 @@ State = Annotated[HiveState, Depends(get_state)]
 
 @router.get("/v1/capabilities")
 async def capabilities(state: State) -> Capabilities:
-    devices = await asyncio.to_thread(state.devices.devices)
+    devices = await asyncio.to_thread(state.current_devices)
     return Capabilities(hive_id=state.settings.hive_id, devices=devices)

@@ -11,10 +11,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from rbee.common.errors import BadRequest, NotFound, Unavailable, quote
+from rbee.common.errors import BadRequest, InsufficientMemory, NotFound, quote
 from rbee.common.model_memory import MemoryEstimate, estimate_memory, gib
 from rbee.contracts.hives import Device, HiveView
 from rbee.contracts.workers import KvCacheType
+
+# When a model does not fit now but would on an emptier device: how soon to ask again (workers
+# stop, or the memory their starts reserved is seen as really taken, within a few heartbeats).
+RETRY_AFTER_S = 10
 
 
 @dataclass(frozen=True)
@@ -99,14 +103,43 @@ def place(
         options.append((hive, device, estimate, free))
     fitting = [o for o in options if o[2] is None or o[2].total <= o[3]]
     if not fitting:
-        hive, device, estimate, free = max(options, key=lambda o: o[3])
-        assert estimate is not None  # only a known estimate can fail to fit
-        raise Unavailable(
-            f"model {quote(demand.model)} needs {estimate.describe()} and fits on no device: the "
-            f"most free memory is {gib(max(free, 0))} on {device.id} of hive {hive.id}",
-            code="insufficient_memory",
-        )
+        raise _no_room(demand, options)
     hive, device, estimate, _ = max(
         fitting, key=lambda o: (o[1].kind != "cpu", o[3], o[0].id, o[1].id)
     )
     return Placement(hive, device.id, device, estimate)
+
+
+def capacity(device: Device) -> int:
+    """The most rbee's workers could ever take on the device: all of it, or the hive's limit."""
+    if device.memory_limit_bytes is None:
+        return device.memory_total_bytes
+    return min(device.memory_total_bytes, device.memory_limit_bytes)
+
+
+def _no_room(
+    demand: Demand, options: Sequence[tuple[HiveView, Device, MemoryEstimate | None, int]]
+) -> InsufficientMemory:
+    """The error for a model that fits on no device, with the numbers (only a known estimate
+    can fail to fit). `Retry-After` only when memory freeing up would let it fit somewhere."""
+    hive, device, estimate, free = max(options, key=lambda o: o[3])
+    assert estimate is not None
+    could_fit = any(e is not None and e.total <= capacity(d) for _, d, e, _ in options)
+    if could_fit:
+        message = (
+            f"model {quote(demand.model)} needs {estimate.describe()} and fits on no device "
+            f"now: the most free memory is {gib(max(free, 0))} on {device.id} of hive {hive.id}"
+        )
+    else:
+        biggest = max(options, key=lambda o: capacity(o[1]))[1]
+        message = (
+            f"model {quote(demand.model)} needs {estimate.describe()}, more than any device "
+            f"can hold even when empty (the largest, {biggest.id}, holds "
+            f"{gib(capacity(biggest))} for rbee's workers)"
+        )
+    return InsufficientMemory(
+        message,
+        needed_bytes=estimate.total,
+        largest_free_bytes=max(free, 0),
+        retry_after_s=RETRY_AFTER_S if could_fit else None,
+    )
