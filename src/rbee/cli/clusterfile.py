@@ -10,6 +10,7 @@ and what is wrong.
     [[hive]]
     ssh = "me@box2"                   # omit for a hive on this machine
     hive_id = "box2"                  # default: the HOST part (this machine: its host name)
+    # memory_limit = "8GiB"           # most its workers may take on each device
     # advertise_host, remote_command, port, worker_ports, models_dir
 
     [[worker]]
@@ -36,6 +37,7 @@ from pydantic import (
 )
 
 from rbee.cli.ssh import SshTarget
+from rbee.common.sizes import ByteSize
 
 CONFIG_ENV = "RBEE_CONFIG"
 HIVE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -130,6 +132,7 @@ class HiveSection(Strict):
     worker_ports: Annotated[str, AfterValidator(_port_range)] | None = None
     models_dir: Annotated[str, Field(min_length=1)] | None = None
     heartbeat_interval: PositiveSeconds | None = None
+    memory_limit: ByteSize | None = None
 
     @field_validator("ssh")
     @classmethod

@@ -14,6 +14,7 @@ from rbee.cli import processes
 from rbee.cli.clusterfile import ClusterFile
 from rbee.cli.remote_hive import RemoteHive
 from rbee.cli.ssh import SshTarget
+from rbee.common.sizes import format_size
 from rbee.common.tokens import is_loopback
 
 HIVE_HEARTBEAT_S = 2.0  # hives started by `rbee up` report often, so workers start sooner
@@ -30,6 +31,7 @@ class HivePlan:
     worker_ports: str | None = None
     models_dir: str | None = None
     heartbeat_interval: float = HIVE_HEARTBEAT_S
+    memory_limit: int | None = None  # bytes, per device: the hive's --memory-limit
 
     @property
     def listen_host(self) -> str:
@@ -41,16 +43,17 @@ class HivePlan:
 
     def local_args(self, queen_url: str) -> list[str]:
         """rbee-hive's flags for a hive on this machine."""
-        args = ["--queen-url", queen_url, "--host", self.listen_host, "--port", str(self.port)]
-        args += ["--hive-id", self.hive_id, "--heartbeat-interval", str(self.heartbeat_interval)]
-        for flag, value in (
-            ("--advertise-host", self.advertise_host),
-            ("--worker-ports", self.worker_ports),
-            ("--models-dir", self.models_dir),
-        ):
-            if value is not None:
-                args += [flag, value]
-        return args
+        return processes.hive_argv(
+            queen_url=queen_url,
+            host=self.listen_host,
+            port=self.port,
+            hive_id=self.hive_id,
+            heartbeat_interval=self.heartbeat_interval,
+            advertise_host=self.advertise_host,
+            worker_ports=self.worker_ports,
+            models_dir=self.models_dir,
+            memory_limit=self.memory_limit,
+        )
 
     @property
     def url(self) -> str:
@@ -72,6 +75,7 @@ class HivePlan:
             worker_ports=self.worker_ports,
             models_dir=self.models_dir,
             heartbeat_interval=self.heartbeat_interval,
+            memory_limit=self.memory_limit,
         )
 
 
@@ -132,12 +136,14 @@ def from_flags(
     device: str | None = None,
     models_dir: Path | None = None,
     ready_timeout_s: float = 300.0,
+    memory_limit: int | None = None,
 ) -> UpPlan:
     """`rbee up` without a cluster file: everything on this machine, on loopback."""
     hive = HivePlan(
         hive_id=hive_id,
         port=hive_port,
         models_dir=str(models_dir) if models_dir is not None else None,
+        memory_limit=memory_limit,
     )
     return UpPlan(
         port=port,
@@ -155,7 +161,10 @@ def from_file(
     token: str | None,
     port: int | None = None,
     ready_timeout_s: float = 300.0,
+    memory_limit: int | None = None,
 ) -> UpPlan:
+    """`memory_limit` (`rbee up --memory-limit`) is for the hives on this machine, over what
+    the file says for them."""
     hives = tuple(
         HivePlan(
             hive_id=h.hive_id or "",  # the loader filled every id in
@@ -167,6 +176,7 @@ def from_file(
             worker_ports=h.worker_ports,
             models_dir=h.models_dir,
             heartbeat_interval=h.heartbeat_interval or HIVE_HEARTBEAT_S,
+            memory_limit=memory_limit if memory_limit is not None and not h.ssh else h.memory_limit,
         )
         for h in cluster.hive
     )
@@ -209,6 +219,10 @@ def describe(plan: UpPlan) -> list[str]:
             f"  hive {hive.hive_id} on {hive.where}, listening on {hive.listen_host}:"
             f"{hive.port}, reached at {hive.url}"
         )
+        if hive.memory_limit is not None:
+            lines.append(
+                f"    its workers may take at most {format_size(hive.memory_limit)} per device"
+            )
         if hive.ssh:
             told = plan.queen_url_for_hives or (
                 f"the address its SSH connection comes from, port {plan.port}"

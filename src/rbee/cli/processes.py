@@ -20,6 +20,7 @@ import httpx
 import psutil
 
 from rbee.cli.context import CliError
+from rbee.common.sizes import format_size
 from rbee.contracts.workers import http_url
 
 HEALTH_POLL_S = 0.1
@@ -61,6 +62,7 @@ def hive_argv(
     models_dir: str | Path | None = None,
     worker_ports: str | None = None,
     heartbeat_interval: float | None = None,
+    memory_limit: int | None = None,
 ) -> list[str]:
     """rbee-hive's flags, as `hive start`, `hive service` and a start over SSH pass them. A value
     left None is left out (the hive's default); no queen URL: the caller adds its own."""
@@ -72,6 +74,7 @@ def hive_argv(
         ("--models-dir", models_dir),
         ("--worker-ports", worker_ports),
         ("--heartbeat-interval", heartbeat_interval),
+        ("--memory-limit", format_size(memory_limit) if memory_limit is not None else None),
     ):
         if value is not None:
             args += [flag, str(value)]

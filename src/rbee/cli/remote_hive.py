@@ -126,6 +126,7 @@ class RemoteHive:
     worker_ports: str | None = None
     models_dir: str | None = None
     heartbeat_interval: float | None = None
+    memory_limit: int | None = None  # bytes
 
     @property
     def id(self) -> str:
@@ -149,6 +150,7 @@ class RemoteHive:
             models_dir=self.models_dir,
             worker_ports=self.worker_ports,
             heartbeat_interval=self.heartbeat_interval,
+            memory_limit=self.memory_limit,
         )
 
     def start_script(self, cli_queen_url: str, token: str | None) -> str:

@@ -10,7 +10,8 @@ from pydantic import BaseModel
 from rich.table import Table
 
 from rbee.clients.queen import ModelEntry
-from rbee.contracts.hives import HiveView
+from rbee.common.sizes import format_size
+from rbee.contracts.hives import Device, HiveView
 from rbee.contracts.keys import ApiKeyInfo
 from rbee.contracts.workers import WorkerView
 
@@ -67,6 +68,17 @@ def workers_table(workers: Sequence[WorkerView]) -> Table:
     return table
 
 
+def device_text(device: Device) -> str:
+    """A device's id and, under a hive's --memory-limit, what rbee's workers hold of it."""
+    if device.memory_limit_bytes is None:
+        return device.id
+    return (
+        f"{device.id} (workers hold {human_bytes(device.rbee_used_bytes)} of "
+        f"{format_size(device.memory_limit_bytes)} allowed, "
+        f"{human_bytes(device.memory_free_bytes)} free for more)"
+    )
+
+
 def hives_table(hives: Sequence[HiveView]) -> Table:
     table = _table("HIVE", "STATUS", "URL", "DEVICES", "MODELS", "LAST SEEN")
     for h in hives:
@@ -74,7 +86,7 @@ def hives_table(hives: Sequence[HiveView]) -> Table:
             h.id,
             "online" if h.online else "offline",
             h.url,
-            ", ".join(d.id for d in h.devices) or "-",
+            ", ".join(device_text(d) for d in h.devices) or "-",
             str(len(h.models)),
             ago(h.last_seen_s),
         )

@@ -142,3 +142,19 @@ def test_a_file_without_hives_and_broken_toml_are_explained() -> None:
 def test_a_missing_file_says_so(tmp_path: Path) -> None:
     with pytest.raises(ClusterFileError, match="No such file"):
         load(tmp_path / "nope.toml", local_hive_id="here")
+
+
+def test_a_hive_memory_limit_is_read_in_binary_units_and_a_bad_one_is_named() -> None:
+    cluster = parse(
+        '[[hive]]\nmemory_limit = "8GiB"\n\n[[hive]]\nssh = "me@box2"\nmemory_limit = 536870912\n',
+        path="cluster.toml",
+        local_hive_id="here",
+    )
+    assert [h.memory_limit for h in cluster.hive] == [8 << 30, 512 << 20]
+    assert problem(
+        """
+        [[hive]]
+        memory_limit = "-2GiB"
+        """
+    ) == ("cluster.toml line 3: hive[1].memory_limit: '-2GiB': a size cannot be negative")
+    assert "unknown unit 'GB'" in problem('[[hive]]\nmemory_limit = "8GB"\n')

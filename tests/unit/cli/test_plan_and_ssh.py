@@ -156,3 +156,19 @@ async def test_when_one_hive_fails_to_start_the_others_stop_starting() -> None:
     with pytest.raises(CliError, match="Connection refused"):
         await all_or_none(fails(), slow())
     assert other_cancelled
+
+
+def test_the_memory_limit_reaches_each_hive_command_line() -> None:
+    text = '[[hive]]\nssh = "me@box2"\nmemory_limit = "4GiB"\n\n[[hive]]\nmemory_limit = "8GiB"\n'
+    cluster = parse(text, path="c.toml", local_hive_id="here")
+    remote, local = plan.from_file(cluster, Path("c.toml"), token="t").hives
+    assert remote.remote(None).hive_args()[-2:] == ["--memory-limit", "4GiB"]
+    assert local.local_args("http://q")[-2:] == ["--memory-limit", "8GiB"]
+    # `rbee up --memory-limit` is for this machine's hives; the file's other hives keep theirs.
+    remote, local = plan.from_file(cluster, Path("c.toml"), token="t", memory_limit=1 << 30).hives
+    assert (remote.memory_limit, local.memory_limit) == (4 << 30, 1 << 30)
+    assert "    its workers may take at most 1GiB per device" in plan.describe(
+        plan.from_file(cluster, Path("c.toml"), token="t", memory_limit=1 << 30)
+    )
+    flags = plan.from_flags(model="m", workers=1, port=1, hive_port=2, hive_id="h")
+    assert "--memory-limit" not in flags.hives[0].local_args("http://q")

@@ -8,7 +8,8 @@ import pytest
 
 from rbee.cli.commands.up import lan_urls, usage_text
 from rbee.cli.plan import UpPlan, from_flags
-from rbee.cli.render import ago, human_bytes
+from rbee.cli.render import ago, device_text, human_bytes
+from rbee.contracts.hives import Device
 
 
 @pytest.mark.parametrize(
@@ -79,3 +80,21 @@ def test_lan_urls_come_from_the_cluster_file_or_this_machines_addresses() -> Non
     assert lan_urls(told) == ["http://box0:7833"]
     found = lan_urls(replace(plan(), queen_host="0.0.0.0"))
     assert all(url.startswith("http://") and not url.startswith("http://127.") for url in found)
+
+
+def test_a_device_under_a_memory_limit_shows_what_workers_hold_of_it() -> None:
+    cpu = Device(
+        id="cpu:0", kind="cpu", name="x", memory_total_bytes=16 << 30, memory_free_bytes=8 << 30
+    )
+    assert device_text(cpu) == "cpu:0"
+    limited = cpu.model_copy(
+        update={
+            "memory_limit_bytes": 512 << 20,
+            "rbee_used_bytes": 260_000_000,
+            "memory_free_bytes": 276_870_912,
+        }
+    )
+    assert (
+        device_text(limited)
+        == "cpu:0 (workers hold 260.0 MB of 512MiB allowed, 276.9 MB free for more)"
+    )

@@ -22,6 +22,7 @@ from rbee.cli.context import Cli, CliError, advice, cli_of, device_option
 from rbee.cli.plan import UpPlan
 from rbee.clients.queen import QueenError
 from rbee.common.bundled import DEFAULT_MODEL, DEFAULT_SYSTEM_PROMPT
+from rbee.common.sizes import parse_size
 
 T = TypeVar("T")
 EXAMPLE_PROMPT = "What is the capital of France?"
@@ -154,6 +155,16 @@ def stop_signals() -> tuple[signal.Signals, ...]:
     return (signal.SIGINT, signal.SIGTERM, *hangup)
 
 
+def memory_limit_option(value: str | None) -> str | None:
+    """A malformed or negative `--memory-limit` is a usage error before anything starts."""
+    if value is not None:
+        try:
+            parse_size(value)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+    return value
+
+
 def up(
     ctx: typer.Context,
     model: Annotated[
@@ -197,6 +208,15 @@ def up(
     timeout: Annotated[
         float, typer.Option(min=1, help="Seconds to wait for the workers to be ready.")
     ] = 300,
+    memory_limit: Annotated[
+        str | None,
+        typer.Option(
+            callback=memory_limit_option,
+            metavar="SIZE",
+            help="Most memory the workers may take on each device of this machine's hive(s), "
+            "e.g. 512MiB or 8GiB (over the cluster file's memory_limit).",
+        ),
+    ] = None,
 ) -> None:
     """Start a queen, hives and workers; serve until Ctrl-C, then stop them all.
 
@@ -204,6 +224,7 @@ def up(
     or ~/.config/rbee/cluster.toml), the queen runs here and the hives where it says: here or
     on other machines over SSH."""
     cli = cli_of(ctx)
+    limit = parse_size(memory_limit) if memory_limit is not None else None
     path = config or default_path()
     if config is not None or path.is_file():
         flags = {
@@ -223,7 +244,14 @@ def up(
             cluster = load(path, local_hive_id=_local_hive_id())
         except ClusterFileError as exc:
             cli.fail(str(exc))
-        plan = plans.from_file(cluster, path, token=cli.token, port=port, ready_timeout_s=timeout)
+        plan = plans.from_file(
+            cluster,
+            path,
+            token=cli.token,
+            port=port,
+            ready_timeout_s=timeout,
+            memory_limit=limit,
+        )
     else:
         plan = plans.from_flags(
             model=model or DEFAULT_MODEL,
@@ -235,6 +263,7 @@ def up(
             device=device,
             models_dir=models_dir,
             ready_timeout_s=timeout,
+            memory_limit=limit,
         )
     if dry_run:
         for line in plans.describe(plan):
