@@ -7,7 +7,14 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from rbee.contracts.hives import Device
-from rbee.contracts.workers import DEFAULT_CTX_SIZE, DeviceId, KvCacheType, NonEmptyStr, Port
+from rbee.contracts.workers import (
+    DEFAULT_CTX_SIZE,
+    DeviceId,
+    KeepAliveField,
+    KvCacheType,
+    NonEmptyStr,
+    Port,
+)
 
 
 class SpawnRequest(BaseModel):
@@ -28,6 +35,11 @@ class SpawnRequest(BaseModel):
     )
     kv_cache_type: KvCacheType = Field(
         "auto", description="how it stores its KV cache (llm-worker-rbee --kv-cache-type)"
+    )
+    keep_alive_s: KeepAliveField = Field(
+        None,
+        description="seconds it may stay idle before the queen unloads it (llm-worker-rbee "
+        "--keep-alive); unset: pinned",
     )
 
 

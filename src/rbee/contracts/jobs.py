@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from rbee.contracts.workers import DeviceId, KvCacheType, NonEmptyStr
+from rbee.contracts.workers import DeviceId, KeepAliveField, KvCacheType, NonEmptyStr
 
 
 class ModelDownloadJob(BaseModel):
@@ -33,6 +33,11 @@ class WorkerSpawnJob(BaseModel):
     gpu_layers: Annotated[int, Field(ge=0)] | None = None
     kv_cache_type: KvCacheType = Field(
         "auto", description="how the worker stores its KV cache: auto, q8_0 or f16"
+    )
+    keep_alive: KeepAliveField = Field(
+        None,
+        description="how long it may stay idle before the queen unloads it: a duration such as "
+        '"10m", or seconds; unset or negative: pinned (never unloaded for idleness)',
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -14,6 +15,7 @@ from pydantic import (
     AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     field_serializer,
@@ -39,6 +41,52 @@ DeviceId = Annotated[str, AfterValidator(check_device_id)]
 KvCacheType = Literal["auto", "q8_0", "f16"]
 # Tokens of context per slot when nobody says otherwise (the worker's --ctx-size).
 DEFAULT_CTX_SIZE = 2048
+
+# A keep-alive as Ollama writes it: Go's duration syntax ("10m", "1h30m", "2.5s") or a number
+# of seconds; a negative one keeps the model loaded for good.
+_DURATION = re.compile(r"(-?)((?:(?:\d+\.?\d*|\.\d+)(?:ns|us|µs|ms|s|m|h))+)")
+_DURATION_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|ms|s|m|h)")
+_UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_keep_alive(value: object) -> float:
+    """Seconds from a keep-alive (`"10m"`, `"1h30m"`, `300`, `"300"`, `0`); `math.inf` for one
+    that keeps the model loaded for good (any negative value, as Ollama). Raises ValueError
+    naming what was given."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f'a keep-alive is a duration such as "10m" or seconds, not {value!r}')
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            number = float(text)
+        except ValueError:
+            match = _DURATION.fullmatch(text)
+            if match is None:
+                shown = text if len(text) <= 40 else text[:40] + "…"
+                raise ValueError(
+                    f'{shown!r} is not a duration; use e.g. "30s", "10m", "1h", a number '
+                    "of seconds, 0 (unload when idle) or -1 (keep loaded)"
+                ) from None
+            seconds = sum(float(n) * _UNIT_S[u] for n, u in _DURATION_PART.findall(match[2]))
+            number = -seconds if match[1] else seconds
+        value = number
+    if math.isnan(value) or math.isinf(value):
+        raise ValueError(f"a keep-alive must be a finite number of seconds, not {value!r}")
+    return math.inf if value < 0 else float(value)
+
+
+def keep_alive_wire(seconds: float) -> float | None:
+    """How a keep-alive travels in JSON: seconds, or None for one that never ends (pinned)."""
+    return None if math.isinf(seconds) else seconds
+
+
+def _keep_alive_field(value: object) -> float | None:
+    return None if value is None else keep_alive_wire(parse_keep_alive(value))
+
+
+# A keep-alive field of a request or job: written as a duration or seconds, held as seconds;
+# None (unset, or negative) = pinned, never unloaded for idleness.
+KeepAliveField = Annotated[float | None, BeforeValidator(_keep_alive_field)]
 
 
 def is_plain_host(host: str) -> bool:
@@ -83,6 +131,9 @@ class WorkerInfo(BaseModel):
     in_flight: Annotated[int, Field(ge=0)] = 0
     # Serves `/v1/embeddings` for its model, not chat and completions; the queen routes by it.
     embedding: bool = False
+    # How long it stays loaded once idle before the queen unloads it (--keep-alive); None:
+    # pinned, never unloaded for idleness. Carried here so that a restarted queen knows it.
+    keep_alive_s: Annotated[float, Field(ge=0)] | None = None
 
     @field_validator("host")
     @classmethod

@@ -282,6 +282,11 @@ class Supervisor:
             *(("--gpu-layers", str(request.gpu_layers)) if request.gpu_layers is not None else ()),
             *("--heartbeat-interval", str(s.heartbeat_interval)),
             *(["--embedding"] if request.embedding else []),
+            *(
+                ("--keep-alive", str(request.keep_alive_s))
+                if request.keep_alive_s is not None
+                else ()
+            ),
             # Its own cores, one thread each; spinning threads on shared cores starve each other.
             *("--cpu-set", format_cpu_set(cores.cpus)),
             *(("--wait-policy", "passive") if cores.shared else ()),

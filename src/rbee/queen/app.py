@@ -24,6 +24,7 @@ from rbee.queen.api import keys as keys_api
 from rbee.queen.api import observe as observe_api
 from rbee.queen.api import openai as openai_api
 from rbee.queen.api import workers as workers_api
+from rbee.queen.idle import idle_loop
 from rbee.queen.live import stats_loop
 from rbee.queen.registry import ChangeKind, RegistryChange
 from rbee.queen.settings import QueenSettings
@@ -117,6 +118,7 @@ def create_app(
             "offline": lambda: offline_watch(watch, min(1.0, settings.heartbeat_timeout / 4)),
             "stats": lambda: stats_loop(state, settings.stats_interval),
             "key-usage": lambda: flush_usage_loop(state),
+            "keep-alive": lambda: idle_loop(state.idle),
         }
         tasks = [
             asyncio.create_task(supervise(name, run, state.loop_errors), name=name)

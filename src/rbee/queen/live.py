@@ -22,6 +22,7 @@ from rbee.contracts.openai import ModelBackoff, ModelCard, ModelServing
 from rbee.contracts.workers import WorkerInfo
 from rbee.queen.registry import worker_view
 from rbee.queen.routing.router import SERVING
+from rbee.queen.scheduler.lifecycle import IdleSnapshot, keep_alive_left
 from rbee.queen.state import QueenState
 
 log = logging.getLogger("rbee.queen.live")
@@ -38,6 +39,10 @@ def model_entries(state: QueenState) -> list[dict[str, Any]]:
         if record.info.status in SERVING and state.registry.is_fresh(record, now):
             workers[record.info.model_id] += 1
             embedding[record.info.model_id] += record.info.embedding
+    idle: dict[str, list[IdleSnapshot]] = {}
+    for snap in state.idle.snapshots():
+        idle.setdefault(snap.model, []).append(snap)
+    queued = state.router.admission.waiting_by_model()
     hives: dict[str, list[str]] = {}
     for hive in state.hives.all():
         if hive.online:
@@ -54,11 +59,23 @@ def model_entries(state: QueenState) -> list[dict[str, Any]]:
                 embedding_workers=embedding[model],
                 hives=sorted(hives.get(model, [])),
                 backoff=backoff_of(state, model),
+                queued=queued.get(model, 0),
+                **keep_alive_of(idle.get(model, []), now),
             ),
         )
         for model in sorted(set(workers) | set(hives))
     ]
     return [card.model_dump(mode="json") for card in cards]
+
+
+def keep_alive_of(workers: list[IdleSnapshot], now: float) -> dict[str, Any]:
+    """A model's keep-alive figures over its loaded workers (see `ModelServing`)."""
+    if not workers:
+        return {}
+    pinned = any(w.pinned for w in workers)
+    left = None if pinned else round(max(keep_alive_left(w, now) for w in workers), 1)
+    ago = max(0.0, min(0.0 if w.busy else now - w.idle_since for w in workers))
+    return {"pinned": pinned, "keep_alive_left_s": left, "last_used_s_ago": round(ago, 1)}
 
 
 def backoff_of(state: QueenState, model: str) -> list[ModelBackoff]:

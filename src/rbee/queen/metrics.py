@@ -15,7 +15,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
 
 from rbee.common.metrics import LATENCY_BUCKETS, ScrapeCollector, gauge, new_registry
@@ -35,6 +35,8 @@ CLIENT_CLOSED = "499"
 # client, and a label per name would let anyone grow the queen's figures without bound.
 UNKNOWN_MODEL = "(unknown)"
 _BOUNDS = tuple(float(b) for b in LATENCY_BUCKETS)
+# Loading a model takes from a second (a small one, cached) to many minutes (a big one).
+LOAD_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 
 
 class Tally:
@@ -97,6 +99,25 @@ class QueenMetrics:
             ["model", "result"],
             registry=r,
         )
+        self.model_loads = Counter(
+            "rbee_model_loads",
+            "Workers loaded for a model, by reason (demand: a request needed it; manual)",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.model_unloads = Counter(
+            "rbee_model_unloads",
+            "Workers unloaded, by reason (idle: past their keep-alive; evicted; manual)",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.model_load_seconds = Histogram(
+            "rbee_model_load_seconds",
+            "Time from asking a hive to start a worker to the worker being ready",
+            ["model"],
+            buckets=LOAD_BUCKETS,
+            registry=r,
+        )
         r.register(ScrapeCollector(self.recorded))
         r.register(ScrapeCollector(self.live))
 
@@ -111,6 +132,14 @@ class QueenMetrics:
 
     def worker_started(self, model: str, result: str) -> None:
         self.worker_starts.labels(model, result).inc()
+
+    def model_loaded(self, model: str, reason: str, seconds: float) -> None:
+        """Only models a hive started, so only models the cluster knows, name a label."""
+        self.model_loads.labels(model, reason).inc()
+        self.model_load_seconds.labels(model).observe(seconds)
+
+    def model_unloaded(self, model: str, reason: str) -> None:
+        self.model_unloads.labels(model, reason).inc()
 
     def recorded(self) -> Iterable[Metric]:
         """The request path's tallies, as Prometheus counters and histograms."""

@@ -7,6 +7,7 @@ download progress is relayed event by event, and cancelling the queen's job canc
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -25,11 +26,14 @@ from rbee.contracts.jobs import (
     WorkerSpawnJob,
     WorkerStopJob,
 )
-from rbee.contracts.workers import DEFAULT_CTX_SIZE
+from rbee.contracts.workers import DEFAULT_CTX_SIZE, WorkerInfo
 from rbee.queen.hives import HiveRegistry
 from rbee.queen.registry import WorkerRegistry
 from rbee.queen.scheduler.placement import Demand
 from rbee.queen.scheduler.spawner import Spawner
+
+# Told of each worker stopped through its hive: (the worker, why: "idle", "manual", ...).
+UnloadedFn = Callable[[WorkerInfo, str], None]
 
 
 def hive_failure(exc: HiveError) -> RbeeError:
@@ -81,11 +85,13 @@ class Operations:
         hives: HiveRegistry,
         spawner: Spawner,
         clients: HiveClients,
+        on_unloaded: UnloadedFn = lambda info, reason: None,
     ) -> None:
         self.registry = registry
         self.hives = hives
         self.spawner = spawner
         self.clients = clients
+        self.on_unloaded = on_unloaded
 
     def _online_hive(self, hive_id: str) -> HiveView:
         hive = self.hives.get(hive_id)
@@ -129,7 +135,12 @@ class Operations:
             )
         )
         spawned, _ = await self.spawner.start(
-            placement, demand, embedding=bool(request.embedding), cores=request.cores
+            placement,
+            demand,
+            embedding=bool(request.embedding),
+            cores=request.cores,
+            reason="manual",
+            keep_alive_s=request.keep_alive,  # unset: pinned, as every explicit start
         )
         job.emit(JobEvent(type="log", message=f"worker {spawned.worker_id} is ready"))
         return {**spawned.model_dump(), "hive_id": hive.id, "device": placement.device_id}
@@ -140,6 +151,15 @@ class Operations:
             raise NotFound(
                 f"no worker {quote(request.worker_id)} in the registry", code="worker_not_found"
             )
+        return await self.stop_worker(
+            info, "manual", lambda message: job.emit(JobEvent(type="log", message=message))
+        )
+
+    async def stop_worker(
+        self, info: WorkerInfo, reason: str, say: Callable[[str], None] = lambda message: None
+    ) -> dict[str, Any]:
+        """Stop a worker through its hive (its process and llama-server exit, its memory is
+        free again), for `reason`: `manual` (someone asked), `idle` (past its keep-alive)."""
         if info.hive_id is None:
             raise BadRequest(
                 f"worker {info.id} was not started by a hive; stop it where it runs",
@@ -154,10 +174,11 @@ class Operations:
                     f"hive {info.hive_id} runs no process for worker {info.id}",
                     code="worker_not_found",
                 )
-            job.emit(JobEvent(type="log", message=f"stopping pid {pid} on {info.hive_id}"))
+            say(f"stopping pid {pid} on {info.hive_id}")
             await client.stop_worker(pid)
         except HiveError as exc:
             raise hive_failure(exc) from None
+        self.on_unloaded(info, reason)
         return {"worker_id": info.id, "pid": pid, "hive_id": info.hive_id}
 
     async def model_download(self, job: Job, request: ModelDownloadJob) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from rbee.common.errors import (
 from rbee.common.gate import API_KEY_SCOPE
 from rbee.common.tokens import auth_headers
 from rbee.contracts.errors import ErrorBody
+from rbee.contracts.workers import parse_keep_alive
 from rbee.queen.hives import HiveRegistry
 from rbee.queen.metrics import CLIENT_CLOSED, QueenMetrics, RequestTrack
 from rbee.queen.registry import WorkerRegistry
@@ -53,8 +54,10 @@ WORKER_HEADER = "x-rbee-worker-id"
 PASSED_REQUEST_HEADERS = ("content-type", "accept", "x-request-id")
 
 
-def parse_body(raw: bytes) -> tuple[str, bool]:
-    """The two fields the queen needs: `model` and `stream`. Everything else passes through."""
+def parse_body(raw: bytes) -> tuple[str, bool, float | None]:
+    """The fields the queen needs: `model`, `stream`, and `keep_alive` (seconds, math.inf to
+    keep the model loaded; None when not given). Everything passes through to the worker, which
+    keeps fields it does not know (llama.cpp ignores them)."""
     try:
         payload: Any = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -64,7 +67,15 @@ def parse_body(raw: bytes) -> tuple[str, bool]:
     model = payload.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequest("`model` is required and must be a non-empty string", code="missing_model")
-    return model, payload.get("stream") is True
+    keep_alive = payload.get("keep_alive")
+    if keep_alive is not None:
+        try:
+            keep_alive = parse_keep_alive(keep_alive)
+        except ValueError as exc:
+            raise BadRequest(
+                f"keep_alive: {exc}", code="invalid_keep_alive", param="keep_alive"
+            ) from None
+    return model, payload.get("stream") is True, keep_alive
 
 
 def sse_error(message: str) -> bytes:
@@ -200,12 +211,13 @@ class Proxy:
     async def forward(self, request: Request, path: str, *, embedding: bool = False) -> Response:
         """`embedding`: the request goes to the model's embedding workers (`/v1/embeddings`)."""
         raw = await request.body()
-        model, stream = parse_body(raw)
+        model, stream, keep_alive = parse_body(raw)
         track = self.metrics.track(model)
         track.streamed = stream
         try:
             return await unless_client_leaves(
-                request.receive, self._forward(model, track, path, raw, request, embedding)
+                request.receive,
+                self._forward(model, track, path, raw, request, embedding, keep_alive),
             )
         except ClientGone:
             track.refused(CLIENT_CLOSED)
@@ -225,6 +237,7 @@ class Proxy:
         raw: bytes,
         request: Request,
         embedding: bool,
+        keep_alive: float | None = None,
     ) -> Response:
         key: str | None = request.scope.get(API_KEY_SCOPE)
         keep_usage = True
@@ -238,6 +251,8 @@ class Proxy:
         lease = await self.lease(model, tried, embedding=embedding)
         while True:
             track.lease(lease.worker_id)
+            if keep_alive is not None:  # Ollama's meaning: the worker's keep-alive from now on
+                self.router.tracker.ask_keep_alive(lease.worker_id, keep_alive)
             try:
                 attempt = await self._attempt(lease, path, raw, headers, whole)
             except BaseException:

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Self
+from typing import Annotated, Literal, Self
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from rbee.common.settings import DaemonSettings, Seconds
+from rbee.contracts.workers import parse_keep_alive
 
 DATA_DIR = Path("~/.local/share/rbee/queen")
 DEFAULT_PORT = 7833
+
+
+# Seconds, from a duration ("5m") or a number; math.inf for a negative one (never unload).
+KeepAlive = Annotated[float, BeforeValidator(parse_keep_alive)]
 
 
 def default_data_dir(port: int) -> Path:
@@ -58,6 +63,16 @@ class QueenSettings(DaemonSettings):
     )
     retries: int = Field(2, ge=0, description="other workers tried after a worker fails")
     cooldown: Seconds = Field(10.0, description="how long a failed worker sits out")
+    keep_alive: KeepAlive = Field(
+        300.0,
+        description="how long a worker the queen started on demand stays loaded once idle "
+        "(a duration such as 5m or 1h, or seconds; 0: unload as soon as idle; -1: never)",
+    )
+    model_keep_alive: dict[str, KeepAlive] = Field(
+        default_factory=dict,
+        description="the keep-alive of one model's on-demand workers, as MODEL=DURATION "
+        '(repeatable; the cluster file\'s [models."ID"] keep_alive)',
+    )
 
     @field_validator("data_dir")
     @classmethod

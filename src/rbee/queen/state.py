@@ -13,8 +13,10 @@ from rbee.common.loops import LoopErrors
 from rbee.common.net import dead_peer_options
 from rbee.contracts.hive_api import WorkerStopped
 from rbee.contracts.hives import HiveView
+from rbee.contracts.workers import WorkerInfo
 from rbee.queen.events import EventBus
 from rbee.queen.hives import HiveRegistry
+from rbee.queen.idle import IdleWatch
 from rbee.queen.keys import KeyStore
 from rbee.queen.metrics import QueenMetrics
 from rbee.queen.operations import HiveClients, Operations
@@ -45,6 +47,7 @@ class QueenState:
     metrics: QueenMetrics
     keys: KeyStore
     loop_errors: LoopErrors
+    idle: IdleWatch
 
     async def aclose(self) -> None:
         await self.jobs.close()
@@ -81,7 +84,24 @@ def build_state(
         on_result=metrics.worker_started,
         stop=stop_worker,
         clock=clock,
+        on_loaded=metrics.model_loaded,
+        keep_alive=lambda model: settings.model_keep_alive.get(model, settings.keep_alive),
     )
+
+    def unloaded(info: WorkerInfo, reason: str) -> None:
+        metrics.model_unloaded(info.model_id, reason)
+        bus.publish(
+            "model",
+            {
+                "change": "unloaded",
+                "model": info.model_id,
+                "worker_id": info.id,
+                "hive_id": info.hive_id,
+                "reason": reason,
+            },
+        )
+
+    operations = Operations(registry, hives, spawner, clients, on_unloaded=unloaded)
     upstream = UpstreamClient(dead_peer_options())
     keys = KeyStore(settings.data_dir)
     proxy = Proxy(
@@ -104,12 +124,13 @@ def build_state(
         spawner=spawner,
         proxy=proxy,
         jobs=Jobs(clock=clock),
-        operations=Operations(registry, hives, spawner, clients),
+        operations=operations,
         hive_clients=clients,
         upstream=upstream,
         metrics=metrics,
         keys=keys,
         loop_errors=LoopErrors(metrics.registry),
+        idle=IdleWatch(registry, router, spawner, operations),
     )
 
 

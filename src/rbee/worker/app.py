@@ -70,6 +70,7 @@ def identity_from(settings: WorkerSettings) -> Identity:
         hive_id=settings.hive_id,
         slots=settings.slots,
         embedding=settings.embedding,
+        keep_alive_s=settings.keep_alive,
     )
 
 

@@ -9,7 +9,7 @@ from pydantic_settings import CliImplicitFlag, SettingsConfigDict
 
 from rbee.common.cpus import format_cpu_set, parse_cpu_set
 from rbee.common.settings import DaemonSettings, HttpUrl, Seconds
-from rbee.contracts.workers import DEFAULT_CTX_SIZE, DeviceId, KvCacheType
+from rbee.contracts.workers import DEFAULT_CTX_SIZE, DeviceId, KeepAliveField, KvCacheType
 from rbee.worker.engines.llama_process import default_binary
 
 
@@ -94,6 +94,11 @@ class WorkerSettings(DaemonSettings):
         "sends its requests elsewhere",
     )
     heartbeat_interval: Seconds = Field(30.0, description="seconds between heartbeats to the queen")
+    keep_alive: KeepAliveField = Field(
+        None,
+        description="how long this worker may stay idle before the queen unloads it (a "
+        "duration such as 5m, or seconds; reported in its heartbeat); unset: pinned",
+    )
     shutdown_grace: Seconds = Field(
         5.0, description="how long running requests may finish after SIGTERM"
     )

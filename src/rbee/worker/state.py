@@ -21,6 +21,7 @@ class Identity:
     # Serves embeddings, not chat and completions.
     embedding: bool = False
     scheme: str = "http"
+    keep_alive_s: float | None = None  # None: pinned
 
 
 class WorkerStatusBoard:
@@ -77,4 +78,5 @@ class WorkerStatusBoard:
             slots=i.slots,
             in_flight=self.in_flight,
             embedding=i.embedding,
+            keep_alive_s=i.keep_alive_s,
         )

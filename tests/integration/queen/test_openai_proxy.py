@@ -362,6 +362,11 @@ async def test_models_lists_loaded_and_startable(cluster: Cluster) -> None:
         "embedding_workers": 0,
         "hives": ["h1"],
         "backoff": [],
+        # A worker started without a keep-alive (as this one) is pinned.
+        "pinned": True,
+        "keep_alive_left_s": None,
+        "last_used_s_ago": 0.0,
+        "queued": 0,
     }
     assert by_id["cold"] == {
         "state": "available",
@@ -370,6 +375,10 @@ async def test_models_lists_loaded_and_startable(cluster: Cluster) -> None:
         "embedding_workers": 0,
         "hives": ["h1"],
         "backoff": [],
+        "pinned": False,
+        "keep_alive_left_s": None,
+        "last_used_s_ago": None,
+        "queued": 0,
     }
 
 
@@ -429,6 +438,7 @@ async def test_embeddings_for_a_model_a_hive_has_start_an_embedding_worker(
             "ctx_size": 2048,
             "embedding": True,
             "kv_cache_type": "auto",
+            "keep_alive_s": 300.0,  # started on demand: the queen's default keep-alive
         }
     ]
     assert {a.headers["x-rbee-worker-id"] for a in answers} == {"spawned-1"}

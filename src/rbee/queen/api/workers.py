@@ -46,7 +46,9 @@ def registry_changed(state: QueenState, change: RegistryChange) -> None:
     first byte go elsewhere, and an early death counts against on-demand starts."""
     publish_change(state, change)
     worker_id = change.worker.id
-    if change.kind is ChangeKind.OFFLINE:
+    if change.kind is ChangeKind.REGISTERED:
+        state.router.tracker.joined(worker_id)  # its keep-alive's clock starts
+    elif change.kind is ChangeKind.OFFLINE:
         state.router.depart(worker_id)
         state.spawner.worker_lost(worker_id, "stopped heartbeating")
     elif change.kind is ChangeKind.REMOVED:

@@ -15,7 +15,8 @@ class _Penalty:
 
 
 class LoadTracker:
-    """Counts requests in flight per worker and benches workers that just failed.
+    """Counts requests in flight per worker, remembers when each was last used and the
+    keep-alive its last request asked for, and benches workers that just failed.
 
     A benched worker returns after `cooldown_s`, or sooner if it heartbeats after the failure:
     a fresh heartbeat proves it is alive again.
@@ -31,17 +32,21 @@ class LoadTracker:
         self._in_flight: Counter[str] = Counter()
         self._benched: dict[str, _Penalty] = {}
         self._generations: Counter[str] = Counter()
+        self._used: dict[str, float] = {}
+        self._keep_alive: dict[str, float] = {}
 
     def in_flight(self, worker_id: str) -> int:
         return self._in_flight[worker_id]
 
     def begin(self, worker_id: str) -> int:
         self._in_flight[worker_id] += 1
+        self._used[worker_id] = self._clock()
         return self._generations[worker_id]
 
     def end(self, worker_id: str, generation: int) -> None:
         if generation != self._generations[worker_id]:
             return  # begun on a worker since removed
+        self._used[worker_id] = self._clock()  # the keep-alive's clock restarts here
         self._in_flight[worker_id] -= 1
         if self._in_flight[worker_id] <= 0:
             del self._in_flight[worker_id]
@@ -50,7 +55,28 @@ class LoadTracker:
         """The worker left the registry: nothing of it carries over to the next with its id."""
         self._in_flight.pop(worker_id, None)
         self._benched.pop(worker_id, None)
+        self._used.pop(worker_id, None)
+        self._keep_alive.pop(worker_id, None)
         self._generations[worker_id] += 1
+
+    def joined(self, worker_id: str) -> None:
+        """The worker registered: a worker never used is idle from now."""
+        self._used.setdefault(worker_id, self._clock())
+
+    def restart_idle(self, worker_id: str) -> None:
+        """Count the worker as used now (its unloading failed: it is tried again later)."""
+        self._used[worker_id] = self._clock()
+
+    def last_used(self, worker_id: str) -> float | None:
+        """When a request on the worker last began or ended, or else when it registered."""
+        return self._used.get(worker_id)
+
+    def ask_keep_alive(self, worker_id: str, seconds: float) -> None:
+        """A request's `keep_alive`: the worker's keep-alive from now on (math.inf: pinned)."""
+        self._keep_alive[worker_id] = seconds
+
+    def asked_keep_alive(self, worker_id: str) -> float | None:
+        return self._keep_alive.get(worker_id)
 
     def bench(self, worker_id: str) -> None:
         now = self._clock()

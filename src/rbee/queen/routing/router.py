@@ -51,6 +51,9 @@ class Router:
         self.admission = admission
         self._turns: dict[Pool, int] = {}
         self._departures: dict[str, asyncio.Future[None]] = {}
+        # Workers being unloaded: no new request goes to them, and a request for their model
+        # starts another worker rather than waiting for one that is going away.
+        self._retiring: set[str] = set()
 
     def candidates(
         self, model: str, exclude: Collection[str] = (), *, embedding: bool = False
@@ -62,6 +65,7 @@ class Router:
             if (
                 info.embedding is not embedding
                 or info.id in exclude
+                or info.id in self._retiring
                 or info.status not in SERVING
                 or not self.registry.is_fresh(record, now)
                 or self.tracker.is_benched(info.id, record.seen_at)
@@ -81,6 +85,7 @@ class Router:
         return any(
             r.info.embedding is embedding
             and r.info.id not in exclude
+            and r.info.id not in self._retiring
             and r.info.status in (*SERVING, WorkerStatus.STARTING)
             and self.registry.is_fresh(r, now)
             and not self.tracker.is_benched(r.info.id, r.seen_at)
@@ -130,6 +135,18 @@ class Router:
         """The worker left the registry: its waiting requests go elsewhere and its counts go."""
         self.depart(worker_id)
         self.tracker.forget(worker_id)
+        self._retiring.discard(worker_id)
+
+    def retire(self, worker_id: str) -> None:
+        """The worker is about to be unloaded: lease it no more."""
+        self._retiring.add(worker_id)
+
+    def unretire(self, worker_id: str) -> None:
+        """Its unloading failed: it serves again."""
+        self._retiring.discard(worker_id)
+
+    def retiring(self, worker_id: str) -> bool:
+        return worker_id in self._retiring
 
     def fail(self, lease: Lease) -> None:
         """The worker failed before answering: bench it, free the lease."""

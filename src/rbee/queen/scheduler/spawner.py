@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ from rbee.common.clock import Clock, monotonic
 from rbee.common.errors import NotFound, RbeeError, Unavailable, quote
 from rbee.contracts.hive_api import SpawnRequest, SpawnResponse
 from rbee.contracts.hives import HiveView
-from rbee.contracts.workers import DEFAULT_CTX_SIZE, WorkerInfo
+from rbee.contracts.workers import DEFAULT_CTX_SIZE, WorkerInfo, keep_alive_wire
 from rbee.queen.events import EventBus
 from rbee.queen.hives import HiveRegistry
 from rbee.queen.registry import WorkerRegistry
@@ -34,6 +35,10 @@ SpawnFn = Callable[[HiveView, SpawnRequest], Awaitable[SpawnResponse]]
 StopFn = Callable[[HiveView, int], Awaitable[object]]
 # Told how each start ended: (model, "ready" | "timeout" | "failed").
 ResultFn = Callable[[str, str], None]
+# Told of each worker loaded: (model, reason: "demand" | "manual", seconds it took).
+LoadedFn = Callable[[str, str, float], None]
+# The keep-alive (seconds; math.inf: pinned) of a worker started on demand for a model.
+KeepAliveFn = Callable[[str], float]
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +71,8 @@ class Spawner:
         stop: StopFn,
         backoff: StartBackoff | None = None,
         clock: Clock = monotonic,
+        on_loaded: LoadedFn = lambda model, reason, seconds: None,
+        keep_alive: KeepAliveFn = lambda model: math.inf,
     ) -> None:
         self.registry = registry
         self.hives = hives
@@ -74,6 +81,8 @@ class Spawner:
         self.stop = stop
         self.timeout_s = timeout_s
         self.on_result = on_result
+        self.on_loaded = on_loaded
+        self.keep_alive = keep_alive
         self._clock = clock
         self.backoff = backoff or StartBackoff(clock=clock)
         self._starting: dict[tuple[str, bool], asyncio.Task[WorkerInfo]] = {}
@@ -101,8 +110,12 @@ class Spawner:
         *,
         embedding: bool = False,
         cores: int | None = None,
+        reason: str = "manual",
+        keep_alive_s: float | None = None,
     ) -> tuple[SpawnResponse, WorkerInfo]:
-        """Ask the hive to start a worker, then wait until it heartbeats `ready`.
+        """Ask the hive to start a worker, then wait until it heartbeats `ready`. `reason`:
+        why it loads (`demand`: a request needs it; `manual`: someone asked); `keep_alive_s`:
+        how long it may stay idle (None: pinned).
 
         The worker's estimated memory counts as taken on its device until a hive heartbeat
         lists the worker (its figures then show the memory the worker really took), so
@@ -119,7 +132,9 @@ class Spawner:
             embedding=embedding,
             cores=cores,
             kv_cache_type=demand.kv_cache_type,
+            keep_alive_s=keep_alive_s,
         )
+        began = self._clock()
         need = placement.estimate.total if placement.estimate else 0
         reservation = self.reservations.hold(placement.hive.id, placement.device_id, need)
         try:
@@ -142,6 +157,20 @@ class Spawner:
             self.on_result(model, "failed")
             raise
         self.on_result(model, "ready")
+        seconds = self._clock() - began
+        self.on_loaded(model, reason, seconds)
+        self.bus.publish(
+            "model",
+            {
+                "change": "loaded",
+                "model": model,
+                "worker_id": spawned.worker_id,
+                "hive_id": placement.hive.id,
+                "reason": reason,
+                "load_s": round(seconds, 3),
+                "keep_alive_s": keep_alive_s,
+            },
+        )
         return spawned, ready
 
     async def _stop_unready(self, hive: HiveView, spawned: SpawnResponse) -> None:
@@ -212,7 +241,11 @@ class Spawner:
             log.info("no live worker for %s: starting one on %s", model, hive.id)
             try:
                 _, info = await self.start(
-                    placement, Demand(model=model, ctx_size=DEFAULT_CTX_SIZE), embedding=embedding
+                    placement,
+                    Demand(model=model, ctx_size=DEFAULT_CTX_SIZE),
+                    embedding=embedding,
+                    reason="demand",
+                    keep_alive_s=keep_alive_wire(self.keep_alive(model)),
                 )
             except RbeeError as exc:
                 last = exc
