@@ -67,7 +67,11 @@ def start_hive(queen: Daemon, hub: Daemon, tmp_path: Path) -> Iterator[HiveStart
     first = free_port()
 
     def start(
-        *, hive_id: str | None = None, port: int | None = None, env: dict[str, str] | None = None
+        *,
+        hive_id: str | None = None,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+        flags: tuple[str, ...] = (),
     ) -> HiveProc:
         hive_id = hive_id or f"e2e-{secrets.token_hex(3)}"
         port = port or free_port()
@@ -78,6 +82,7 @@ def start_hive(queen: Daemon, hub: Daemon, tmp_path: Path) -> Iterator[HiveStart
             *("--models-dir", str(tmp_path / "models"), "--log-dir", str(tmp_path / "logs")),
             *("--worker-ports", f"{first}-{min(first + 40, 65535)}"),
             *("--heartbeat-interval", "1", "--stop-grace", "10"),
+            *flags,
         ]
         proc = ServerProcess(
             args, health_url=f"{url}/health", env={"HF_ENDPOINT": hub.url, **(env or {})}
