@@ -16,6 +16,9 @@ and what is wrong.
     [[worker]]
     model = "smollm2-135m-instruct"
     count = 2                         # spread over the hives unless `hive` names one
+
+    [models."qwen2.5-coder-7b"]       # a model the queen starts on demand...
+    keep_alive = "30m"                # ...stays this long once idle ([queen] keep_alive: all)
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from pydantic import (
 
 from rbee.cli.ssh import SshTarget
 from rbee.common.sizes import ByteSize
+from rbee.contracts.workers import parse_keep_alive
 
 CONFIG_ENV = "RBEE_CONFIG"
 HIVE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -92,6 +96,15 @@ Port = Annotated[int, Field(ge=1, le=65535)]
 PositiveSeconds = Annotated[float, Field(gt=0)]
 
 
+def _keep_alive(value: str | int | float) -> str:
+    parse_keep_alive(value)  # checked here, so a bad one is an error naming its line
+    return str(value)
+
+
+# A keep-alive as written ("30m", 600, -1), passed on to queen-rbee as it is.
+KeepAliveText = Annotated[str | int | float, AfterValidator(_keep_alive)]
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -107,13 +120,14 @@ class QueenSection(Strict):
     spawn_timeout: PositiveSeconds | None = None
     retries: Annotated[int, Field(ge=0)] | None = None
     cooldown: PositiveSeconds | None = None
+    keep_alive: KeepAliveText | None = None
 
     def flags(self) -> list[str]:
         """The queen-rbee flags for the settings given here (host and port are set apart)."""
         args: list[str] = []
         for name in ("heartbeat_timeout", "routing_policy", "queue_size", "queue_timeout"):
             args += _flag(name, getattr(self, name))
-        for name in ("spawn_timeout", "retries", "cooldown"):
+        for name in ("spawn_timeout", "retries", "cooldown", "keep_alive"):
             args += _flag(name, getattr(self, name))
         return args
 
@@ -149,10 +163,25 @@ class WorkerSection(Strict):
     device: Annotated[str, Field(min_length=1)] | None = None
 
 
+class ModelSection(Strict):
+    """`[models."ID"]`: how the queen treats one model it starts on demand."""
+
+    keep_alive: KeepAliveText | None = None
+
+
 class ClusterFile(Strict):
     queen: QueenSection = QueenSection()
     hive: Annotated[list[HiveSection], Field(min_length=1)]
     worker: list[WorkerSection] = Field(default_factory=list)
+    models: dict[str, ModelSection] = Field(default_factory=dict)
+
+    def model_flags(self) -> list[str]:
+        """The queen-rbee flags for the `[models."ID"]` tables."""
+        args: list[str] = []
+        for model, section in self.models.items():
+            if section.keep_alive is not None:
+                args += ["--model-keep-alive", f"{model}={section.keep_alive}"]
+        return args
 
 
 class ClusterFileError(ValueError):
@@ -193,6 +222,7 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "queen": QueenSection,
     "hive": HiveSection,
     "worker": WorkerSection,
+    "models": ModelSection,
 }
 
 

@@ -93,11 +93,41 @@ def hives_table(hives: Sequence[HiveView]) -> Table:
     return table
 
 
+def duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.0f}h"
+
+
+def keep_alive_cell(m: ModelEntry) -> str:
+    """How long the model stays loaded if no request comes."""
+    if m.rbee.state != "loaded":
+        return "-"
+    if m.rbee.pinned:
+        return "pinned"
+    left = m.rbee.keep_alive_left_s
+    return "?" if left is None else duration(left)
+
+
 def models_table(models: Sequence[ModelEntry]) -> Table:
-    table = _table("MODEL", "STATE", "WORKERS", "HIVES THAT CAN START IT")
+    table = _table(
+        "MODEL", "STATE", "WORKERS", "QUEUED", "KEEP-ALIVE LEFT", "LAST USE",
+        "HIVES THAT CAN START IT",
+    )  # fmt: skip
     for m in models:
         state = f"{m.rbee.state} (embeddings)" if m.rbee.embedding else m.rbee.state
-        table.add_row(m.id, state, str(m.rbee.workers), ", ".join(m.rbee.hives) or "-")
+        used = m.rbee.last_used_s_ago
+        table.add_row(
+            m.id,
+            state,
+            str(m.rbee.workers),
+            str(m.rbee.queued),
+            keep_alive_cell(m),
+            "-" if used is None else ("now" if used == 0 else ago(used)),
+            ", ".join(m.rbee.hives) or "-",
+        )
     return table
 
 

@@ -59,6 +59,10 @@ class ModelStatus(BaseModel):
     workers: int = 0
     hives: list[str] = Field(default_factory=list)
     backoff: list[ModelBackoff] = Field(default_factory=list)
+    pinned: bool = False
+    keep_alive_left_s: float | None = None
+    last_used_s_ago: float | None = None
+    queued: int = 0
 
 
 class ModelEntry(BaseModel):

@@ -158,3 +158,21 @@ def test_a_hive_memory_limit_is_read_in_binary_units_and_a_bad_one_is_named() ->
         """
     ) == ("cluster.toml line 3: hive[1].memory_limit: '-2GiB': a size cannot be negative")
     assert "unknown unit 'GB'" in problem('[[hive]]\nmemory_limit = "8GB"\n')
+
+
+def test_keep_alives_reach_the_queen_for_all_models_and_per_model() -> None:
+    cluster = parse(
+        '[queen]\nkeep_alive = "10m"\n\n[[hive]]\n\n'
+        '[models."qwen2.5-coder-7b"]\nkeep_alive = "30m"\n\n[models.small]\nkeep_alive = -1\n',
+        path="cluster.toml",
+        local_hive_id="here",
+    )
+    assert cluster.queen.flags() == ["--keep-alive", "10m"]
+    assert cluster.model_flags() == [
+        "--model-keep-alive", "qwen2.5-coder-7b=30m",
+        "--model-keep-alive", "small=-1",
+    ]  # fmt: skip
+    bad = problem('[[hive]]\n\n[models.m]\nkeep_alive = "banana"\n')
+    assert "models.m.keep_alive" in bad
+    assert "'banana' is not a duration" in bad
+    assert "unknown key (allowed: keep_alive)" in problem("[[hive]]\n\n[models.m]\nttl = 5\n")

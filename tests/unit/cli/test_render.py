@@ -98,3 +98,47 @@ def test_a_device_under_a_memory_limit_shows_what_workers_hold_of_it() -> None:
         device_text(limited)
         == "cpu:0 (workers hold 260.0 MB of 512MiB allowed, 276.9 MB free for more)"
     )
+
+
+def test_rbee_models_shows_keep_alive_left_last_use_and_queue() -> None:
+    from rich.console import Console
+
+    from rbee.cli.render import models_table
+    from rbee.clients.queen import ModelEntry
+
+    entries = [
+        ModelEntry.model_validate(
+            {
+                "id": "a",
+                "rbee": {
+                    "state": "loaded",
+                    "workers": 1,
+                    "keep_alive_left_s": 100,
+                    "last_used_s_ago": 100,
+                    "queued": 2,
+                },
+            }
+        ),
+        ModelEntry.model_validate(
+            {
+                "id": "b",
+                "rbee": {"state": "loaded", "workers": 1, "pinned": True, "last_used_s_ago": 0},
+            }
+        ),
+        ModelEntry.model_validate({"id": "c", "rbee": {"state": "available"}}),
+    ]
+    console = Console(width=200, record=True)
+    console.print(models_table(entries))
+    lines = console.export_text().splitlines()
+    assert lines[0].split()[:7] == [
+        "MODEL",
+        "STATE",
+        "WORKERS",
+        "QUEUED",
+        "KEEP-ALIVE",
+        "LEFT",
+        "LAST",
+    ]
+    assert lines[1].split()[:6] == ["a", "loaded", "1", "2", "100s", "100s"]
+    assert lines[2].split()[:6] == ["b", "loaded", "1", "0", "pinned", "now"]
+    assert lines[3].split()[:6] == ["c", "available", "0", "0", "-", "-"]

@@ -8,6 +8,7 @@ import json
 import signal
 import socket
 from collections.abc import Coroutine
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -23,6 +24,7 @@ from rbee.cli.plan import UpPlan
 from rbee.clients.queen import QueenError
 from rbee.common.bundled import DEFAULT_MODEL, DEFAULT_SYSTEM_PROMPT
 from rbee.common.sizes import parse_size
+from rbee.contracts.workers import parse_keep_alive
 
 T = TypeVar("T")
 EXAMPLE_PROMPT = "What is the capital of France?"
@@ -165,6 +167,16 @@ def memory_limit_option(value: str | None) -> str | None:
     return value
 
 
+def keep_alive_option(value: str | None) -> str | None:
+    """A keep-alive that is not a duration is a usage error before anything starts."""
+    if value is not None:
+        try:
+            parse_keep_alive(value)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+    return value
+
+
 def up(
     ctx: typer.Context,
     model: Annotated[
@@ -217,6 +229,15 @@ def up(
             "e.g. 512MiB or 8GiB (over the cluster file's memory_limit).",
         ),
     ] = None,
+    keep_alive: Annotated[
+        str | None,
+        typer.Option(
+            callback=keep_alive_option,
+            metavar="DURATION",
+            help="How long a worker the queen starts on demand stays loaded once idle, e.g. "
+            "30s, 10m, 1h; 0: unload when idle; -1: never [5m] (over the cluster file's).",
+        ),
+    ] = None,
 ) -> None:
     """Start a queen, hives and workers; serve until Ctrl-C, then stop them all.
 
@@ -252,6 +273,7 @@ def up(
             ready_timeout_s=timeout,
             memory_limit=limit,
         )
+        plan = replace(plan, queen_args=(*plan.queen_args, *cluster.model_flags()))
     else:
         plan = plans.from_flags(
             model=model or DEFAULT_MODEL,
@@ -265,6 +287,8 @@ def up(
             ready_timeout_s=timeout,
             memory_limit=limit,
         )
+    if keep_alive is not None:  # the last of a flag given twice wins: over the cluster file's
+        plan = replace(plan, queen_args=(*plan.queen_args, "--keep-alive", keep_alive))
     if dry_run:
         for line in plans.describe(plan):
             cli.out.print(line, markup=False, highlight=False, soft_wrap=True)

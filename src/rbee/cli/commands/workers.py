@@ -11,7 +11,7 @@ from rbee.cli.context import cli_of, device_option
 from rbee.cli.render import to_json, workers_table
 from rbee.clients.queen import QueenClient
 from rbee.contracts.jobs import WorkerSpawnJob, WorkerStopJob
-from rbee.contracts.workers import KvCacheType, WorkerView
+from rbee.contracts.workers import KvCacheType, WorkerView, keep_alive_wire, parse_keep_alive
 
 app = typer.Typer(help="Worker processes: start, list, stop.", no_args_is_help=True)
 
@@ -54,10 +54,23 @@ def spawn(
             "(q8_0 with several slots, f16 with one). A model that cannot take q8_0 keeps f16.",
         ),
     ] = "auto",
+    keep_alive: Annotated[
+        str | None,
+        typer.Option(
+            "--keep-alive",
+            metavar="DURATION",
+            help="Unload it once idle this long, e.g. 30s, 10m, 1h (default: pinned, never "
+            "unloaded for idleness).",
+        ),
+    ] = None,
 ) -> None:
     """Start a worker for a model on a hive; returns once it is ready (the queen's spawn job
     waits for that, bounded by the queen's --spawn-timeout)."""
     cli = cli_of(ctx)
+    try:
+        keep_alive_s = None if keep_alive is None else keep_alive_wire(parse_keep_alive(keep_alive))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--keep-alive") from None
     request = WorkerSpawnJob(
         operation="worker_spawn",
         model=model,
@@ -68,6 +81,7 @@ def spawn(
         cores=cores,
         gpu_layers=gpu_layers,
         kv_cache_type=kv_cache_type,
+        keep_alive=keep_alive_s,
     )
 
     async def work(client: QueenClient) -> WorkerView:
