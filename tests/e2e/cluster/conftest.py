@@ -55,7 +55,9 @@ class Cluster:
             self.run_job({"operation": "worker_stop", "worker_id": worker["id"]})
 
 
-def start_cluster(tmp: Path, *queen_flags: str) -> Iterator[Cluster]:
+def start_cluster(
+    tmp: Path, *queen_flags: str, hive_flags: tuple[str, ...] = ()
+) -> Iterator[Cluster]:
     queen_port, hive_port = free_port(), free_port()
     first = random.randrange(20000, 40000)
     queen_url = f"http://127.0.0.1:{queen_port}"
@@ -75,6 +77,7 @@ def start_cluster(tmp: Path, *queen_flags: str) -> Iterator[Cluster]:
             "--log-dir", str(tmp / "logs"),
             "--worker-ports", f"{first}-{first + 50}",
             "--heartbeat-interval", "1",
+            *hive_flags,
         ],
         health_url=f"{hive_url}/health",
     )  # fmt: skip
