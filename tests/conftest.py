@@ -48,6 +48,8 @@ def started_during(survivor: Survivor) -> str:
     return "before the first test"
 
 
+# Last: an interrupted run tears its fixtures down in pytest's own pytest_sessionfinish.
+@pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session) -> None:
     grace_s = session.config.getoption("leak_grace")
     survivors = end_marked_processes(RUN_MARKER, os.environ[RUN_MARKER], wait_s=grace_s)

@@ -18,13 +18,22 @@ from rbee.testing.processes import DAEMON_MARKER, ServerProcess, free_port, mark
 CONFTEST = Path(__file__).parents[2] / "conftest.py"
 
 
-def run_pytest(folder: Path, test_source: str) -> subprocess.CompletedProcess[str]:
+def run_pytest(folder: Path, test_source: str, *options: str) -> subprocess.CompletedProcess[str]:
     """pytest on one test file, in a folder of its own, with the suite's conftest."""
     shutil.copy(CONFTEST, folder / "conftest.py")
     (folder / "pytest.ini").write_text("[pytest]\n")
     (folder / "test_it.py").write_text(textwrap.dedent(test_source))
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--leak-grace=1", "test_it.py"],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "--leak-grace=1",
+            *options,
+            "test_it.py",
+        ],
         cwd=folder,
         capture_output=True,
         text=True,
@@ -94,6 +103,32 @@ def test_a_run_that_stops_what_it_started_passes_and_others_processes_are_left_a
     finally:
         other.kill()
         other.wait()
+
+
+def test_what_a_run_stopped_early_still_tears_down_is_no_leak(tmp_path: Path) -> None:
+    # Interrupted (Ctrl-C), the session's fixtures are torn down only as the session finishes.
+    done = run_pytest(
+        tmp_path,
+        """
+        import subprocess
+        import pytest
+
+        @pytest.fixture(scope="session")
+        def daemon():
+            proc = subprocess.Popen(["sleep", "60"])
+            yield proc
+            proc.terminate()
+            proc.wait()
+
+        def test_interrupted(daemon):
+            raise KeyboardInterrupt
+
+        def test_never_runs(daemon):
+            pass
+        """,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "outlived" not in done.stdout
 
 
 @pytest.mark.parametrize("status", [1, 2])
