@@ -57,7 +57,12 @@ WORKER_ENV_NAMES = frozenset(
     {"PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "PYTHONPATH"}
     | {"VIRTUAL_ENV", "LD_LIBRARY_PATH", "SSL_CERT_FILE", "SSL_CERT_DIR"}
 )
-WORKER_ENV_PREFIXES = ("LC_", "OMP_", "GGML_", "LLAMA_", "CUDA_", "HIP_", "ROCR_", "RBEE_WORKER_")
+# RBEE_TEST_: the marks the test suite gives every process it starts, so that its check for
+# leftover processes sees the workers a hive started too.
+WORKER_ENV_PREFIXES = (
+    *("LC_", "OMP_", "GGML_", "LLAMA_", "CUDA_", "HIP_", "ROCR_"),
+    *("RBEE_WORKER_", "RBEE_TEST_"),
+)
 
 
 def worker_env(parent: Mapping[str, str], hive_id: str, token: str | None) -> dict[str, str]:

@@ -62,6 +62,7 @@ def test_a_spawned_worker_gets_only_what_it_needs() -> None:
         "AWS_SECRET_ACCESS_KEY": "aws",
         "RBEE_HIVE_PORT": "7835",
         "RBEE_TOKEN": "old",
+        "RBEE_TEST_RUN": "run-1",  # the test suite's mark: its leak check sees the workers
     }
     env = worker_env(parent, "hive-a", "cluster")
     assert env == {
@@ -70,6 +71,7 @@ def test_a_spawned_worker_gets_only_what_it_needs() -> None:
         "LC_ALL": "C.UTF-8",
         "SSL_CERT_FILE": "/ca.pem",
         "OMP_NUM_THREADS": "2",
+        "RBEE_TEST_RUN": "run-1",
         SPAWN_MARKER: "hive-a",
         "RBEE_TOKEN": "cluster",
     }
