@@ -35,9 +35,11 @@ async def test_a_line_of_300_kb_is_cut_and_the_script_is_read_to_its_exit(ssh: S
         "exit 3\n"
     )
     seen: list[str] = []
+    before = set(psutil.Process().children(recursive=True))  # other fixtures' servers
     result = await ssh.stream(script, seen.append, timeout_s=60)
     assert result.code == 3
     assert error_of(result.out) == "compiling llama.cpp failed"
     assert seen[0] == "building"
     assert seen[1] == "x" * MAX_LINE_BYTES + f" …[{300_000 - MAX_LINE_BYTES} more bytes]"
-    assert not [p for p in psutil.Process().children(recursive=True) if p.is_running()]
+    started = set(psutil.Process().children(recursive=True)) - before
+    assert not [p for p in started if p.is_running()], "the ssh process is gone"
