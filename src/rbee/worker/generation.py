@@ -95,6 +95,10 @@ class Generation:
         """Wait until the engine took the prompt; raises what it raised instead (e.g.
         PromptError for a prompt that does not fit)."""
         if await self._queue.get() is _END:
+            if self._task.cancelled():  # aborted: the worker stops and its engine hangs
+                raise Unavailable(
+                    "the worker shut down before the answer began", code="worker_stopping"
+                )
             self._task.result()
             raise RuntimeError("generation ended before its prompt was accepted")
 
@@ -107,13 +111,25 @@ class Generation:
         return self._cancelled.is_set()
 
     def cancel(self) -> None:
+        """Ask the engine to stop; it looks at each token, so it stops within one."""
         self._cancelled.set()
+
+    def abort(self) -> None:
+        """Stop it from outside: for an engine that sends no token any more (hung), so never
+        sees `cancel`. Its request to the engine is closed and its slot freed at once."""
+        self._cancelled.set()
+        self._task.cancel()
 
     async def pieces(self) -> AsyncIterator[Piece]:
         try:
             while (item := await self._queue.get()) is not _END:
                 assert isinstance(item, tuple)
                 yield item
+            if self._task.cancelled():
+                # Aborted (the worker stopping gave up on a hung engine): cut short, as a
+                # cancelled answer is.
+                self.outcome = Outcome(0, 0, "stop", cancelled=True)
+                return
             try:
                 self.outcome = self._task.result()
             except PromptError as exc:

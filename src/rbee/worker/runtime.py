@@ -34,6 +34,9 @@ T = TypeVar("T")
 # failure: a signal to the process group (Ctrl-C, systemd's stop) reaches both at once, and
 # the engine may exit before the worker has handled its copy.
 SIGNAL_SETTLE_S = 1.0
+# A cancelled generation stops within a token; one still running this long after is on an
+# engine that has stopped answering, and is aborted (well within the hive's stop grace).
+ABORT_AFTER_CUT_S = 1.0
 
 
 class WorkerRuntime:
@@ -201,8 +204,18 @@ class WorkerRuntime:
         running = [g for g in self._generations if not g.cancelled]
         if running:
             log.warning("cancelling %d generation(s) still running", len(running))
+            asyncio.get_running_loop().call_later(ABORT_AFTER_CUT_S, self._abort_running)
         for generation in running:
             generation.cancel()
+
+    def _abort_running(self) -> None:
+        """Generations the cut did not stop: their engine sends no token (it hangs), so they
+        are aborted, freeing their slots, and the worker's stop is not held up by them."""
+        stuck = [g for g in self._generations if not g.done]
+        if stuck:
+            log.warning("aborting %d generation(s) whose engine does not answer", len(stuck))
+        for generation in stuck:
+            generation.abort()
 
     async def finish(self) -> None:
         """Let running generations end (bounded), cancel the rest, free the engines."""

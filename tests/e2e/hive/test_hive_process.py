@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +19,7 @@ import pytest
 from rbee.clients.hive import HiveClient, HiveError
 from rbee.common.bundled import DEFAULT_MODEL
 from rbee.common.cpus import parse_cpu_set, usable_cpus
+from rbee.worker.engines.llama_process import DIR_PREFIX
 
 from .conftest import Daemon, HiveStarter
 
@@ -228,3 +231,38 @@ async def test_a_cancelled_download_leaves_nothing(
     assert missing.value.status == 404
     models_dir = tmp_path / "models"
     assert [p for p in models_dir.rglob("*") if p.is_file()] == []
+
+
+def test_a_worker_whose_engine_hangs_stops_by_itself_well_within_the_stop_grace(
+    queen: Daemon, start_hive: HiveStarter
+) -> None:
+    """A worker's llama-server stops answering (frozen) while it serves a request; the hive
+    stops the worker. The worker aborts the stuck answer and ends its engine itself, before
+    the hive's SIGKILL (10 s): the stop says SIGTERM and the engine's socket folder is gone."""
+    hive = start_hive()
+    spawned = spawn(hive.url, slots=1)
+    wait_for("the worker to answer", lambda: serves(spawned["url"]), timeout_s=120)
+    [engine] = psutil.Process(spawned["pid"]).children()
+    folders = list(Path(tempfile.gettempdir()).glob(f"{DIR_PREFIX}{spawned['pid']}-*"))
+    assert len(folders) == 1, folders
+    engine.suspend()
+    chat = {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    answers: list[httpx.Response] = []
+    asking = threading.Thread(
+        target=lambda: answers.append(
+            httpx.post(f"{spawned['url']}/v1/chat/completions", json=chat, timeout=120)
+        ),
+        daemon=True,
+    )
+    asking.start()
+    wait_for(
+        "the request to take the slot",
+        lambda: httpx.get(f"{spawned['url']}/health", timeout=5).json().get("in_flight") == 1,
+    )
+    stopped = httpx.post(f"{hive.url}/v1/workers/{spawned['pid']}/stop", json={}, timeout=60)
+    assert stopped.json()["signal"] == "SIGTERM", stopped.text
+    asking.join(60)
+    assert answers, "the client got an answer"
+    assert answers[0].status_code == 503, answers[0].text
+    assert not engine.is_running() or engine.status() == psutil.STATUS_ZOMBIE
+    assert not folders[0].exists(), "the engine's socket folder is removed"

@@ -387,6 +387,9 @@ class LlamaServer:
         if proc is not None and proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.terminate()
+                # A stopped server (SIGSTOP, a debugger) only gets its SIGTERM once it runs
+                # again, as systemd does it.
+                proc.send_signal(signal.SIGCONT)
             try:
                 await asyncio.wait_for(proc.wait(), STOP_GRACE_S)
             except TimeoutError:
