@@ -111,6 +111,11 @@ class QueenMetrics:
             ["model", "reason"],
             registry=r,
         )
+        self.model_swaps = Counter(
+            "rbee_model_swaps",
+            "Evictions done to load another model (a model that fit nowhere took their room)",
+            registry=r,
+        )
         self.model_load_seconds = Histogram(
             "rbee_model_load_seconds",
             "Time from asking a hive to start a worker to the worker being ready",
@@ -140,6 +145,9 @@ class QueenMetrics:
 
     def model_unloaded(self, model: str, reason: str) -> None:
         self.model_unloads.labels(model, reason).inc()
+
+    def model_swapped(self) -> None:
+        self.model_swaps.inc()
 
     def recorded(self) -> Iterable[Metric]:
         """The request path's tallies, as Prometheus counters and histograms."""

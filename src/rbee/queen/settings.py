@@ -61,6 +61,12 @@ class QueenSettings(DaemonSettings):
     spawn_timeout: Seconds = Field(
         300.0, description="longest to wait for a hive to start a worker and for it to be ready"
     )
+    swap_max_wait: Seconds = Field(
+        30.0,
+        description="longest a model that fits nowhere waits for busy workers of other models "
+        "to go idle; then they are evicted once their requests in flight end (no thrash: "
+        "before that, a loaded model serves its queued requests first)",
+    )
     retries: int = Field(2, ge=0, description="other workers tried after a worker fails")
     cooldown: Seconds = Field(10.0, description="how long a failed worker sits out")
     keep_alive: KeepAlive = Field(

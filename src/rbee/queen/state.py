@@ -26,6 +26,7 @@ from rbee.queen.routing.admission import AdmissionQueue
 from rbee.queen.routing.load import LoadTracker
 from rbee.queen.routing.policies import POLICIES
 from rbee.queen.routing.router import Router
+from rbee.queen.scheduler.room import Room
 from rbee.queen.scheduler.spawner import Spawner
 from rbee.queen.settings import QueenSettings
 from rbee.queen.upstream import UpstreamClient
@@ -48,8 +49,11 @@ class QueenState:
     keys: KeyStore
     loop_errors: LoopErrors
     idle: IdleWatch
+    room: Room | None = None  # makes room for models that fit nowhere
 
     async def aclose(self) -> None:
+        if self.room is not None:
+            await self.room.aclose()
         await self.jobs.close()
         await self.hive_clients.aclose()
         await self.upstream.aclose()
@@ -115,7 +119,7 @@ def build_state(
         metrics=metrics,
         usage=keys.count_tokens,
     )
-    return QueenState(
+    state = QueenState(
         settings=settings,
         registry=registry,
         hives=hives,
@@ -132,6 +136,15 @@ def build_state(
         loop_errors=LoopErrors(metrics.registry),
         idle=IdleWatch(registry, router, spawner, operations),
     )
+    room = Room(
+        state.idle,
+        wait_s=settings.queue_timeout,
+        swap_max_wait_s=settings.swap_max_wait,
+        on_swap=metrics.model_swapped,
+    )
+    spawner.make_room = room.make_room
+    state.room = room
+    return state
 
 
 def get_state(request: Request) -> QueenState:

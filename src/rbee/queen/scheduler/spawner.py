@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from rbee.common.clock import Clock, monotonic
-from rbee.common.errors import NotFound, RbeeError, Unavailable, quote
+from rbee.common.errors import InsufficientMemory, NotFound, RbeeError, Unavailable, quote
 from rbee.contracts.hive_api import SpawnRequest, SpawnResponse
 from rbee.contracts.hives import HiveView
 from rbee.contracts.workers import DEFAULT_CTX_SIZE, WorkerInfo, keep_alive_wire
@@ -39,6 +39,9 @@ ResultFn = Callable[[str, str], None]
 LoadedFn = Callable[[str, str, float], None]
 # The keep-alive (seconds; math.inf: pinned) of a worker started on demand for a model.
 KeepAliveFn = Callable[[str], float]
+# Makes room for a demand that fits nowhere (evicting idle workers, or waiting for some to go
+# idle): its placement then, or the refusal again (`rbee.queen.scheduler.room`).
+MakeRoomFn = Callable[[Demand, frozenset[str], InsufficientMemory], Awaitable[Placement]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +90,7 @@ class Spawner:
         self.backoff = backoff or StartBackoff(clock=clock)
         self._starting: dict[tuple[str, bool], asyncio.Task[WorkerInfo]] = {}
         self._started: dict[str, Started] = {}
+        self.make_room: MakeRoomFn | None = None  # None: a start that does not fit is refused
         # A hive heartbeats right after a spawn; one heartbeat timeout is ample for it.
         self.reservations = Reservations(registry.timeout_s, clock)
 
@@ -227,6 +231,11 @@ class Spawner:
             exclude = frozenset(tried | self.backoff.held_hives(model))
             try:
                 placement = self.place(Demand(model=model, ctx_size=DEFAULT_CTX_SIZE), exclude)
+            except InsufficientMemory as refused:
+                if self.make_room is None:
+                    raise
+                demand = Demand(model=model, ctx_size=DEFAULT_CTX_SIZE)
+                placement = await self.make_room(demand, exclude, refused)
             except NotFound:
                 again = tried - self.backoff.held_hives(model)
                 if last is not None and again and not second_round:
@@ -273,6 +282,12 @@ class Spawner:
         )
         if hold is not None:
             log.warning("%s", hold.reason)
+
+    def ready_at(self, worker_id: str) -> float | None:
+        """When a worker the queen started on demand became ready (None: not one of those, or
+        long since)."""
+        started = self._started.get(worker_id)
+        return None if started is None else started.ready_at
 
     def worker_stopped(self, worker_id: str) -> None:
         """A worker said it stopped (asked to, or shut down): not a failure."""

@@ -1,0 +1,245 @@
+"""Making room for a model that fits nowhere: evict idle workers, or wait for one to go idle.
+
+The choice is `scheduler.eviction.choose_eviction`; this module feeds it snapshots of the
+loaded workers, carries it out and waits. A start for a model that does not fit (placement
+raises `InsufficientMemory` with a `Retry-After`: it would fit on an emptier device) waits
+here, within the queen's queue timeout, while:
+- workers chosen for eviction are retired at once (no request takes them any more), stopped
+  through their hive once the requests in flight on them have ended (never cut off), and their
+  memory counts as coming back until the hive's heartbeat no longer lists them: the hive's
+  figures then show the room, and nothing is evicted twice for it;
+- with nothing to evict (every worker there busy or pinned), it waits for a change: a worker
+  going idle, a heartbeat, a keep-alive unload.
+No thrash: a busy worker (a request in flight or queued for its model) is never evicted, so a
+loaded model serves its queue before it is swapped out; but once a model has waited for room
+for the swap wait (`--swap-max-wait`), busy workers may be chosen too (drained: retired, stopped
+once their requests in flight end), so the other model cannot starve it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from rbee.common.errors import InsufficientMemory, RbeeError
+from rbee.contracts.workers import DEFAULT_CTX_SIZE, WorkerInfo
+from rbee.queen.idle import IdleWatch
+from rbee.queen.routing.router import SERVING, pool_of
+from rbee.queen.scheduler.eviction import Resident, choose_eviction
+from rbee.queen.scheduler.placement import RETRY_AFTER_S, Demand, Placement, estimate_for
+from rbee.queen.scheduler.reservations import DeviceKey
+
+log = logging.getLogger("rbee.queen.room")
+POLL_S = 0.25  # how often a wait for room or for a drained worker looks again
+# A model that asks again within this long after its wait for room ran out keeps its place
+# in time (a client retrying as Retry-After says): its swap wait is not restarted.
+HUNGER_GAP_S = 2.0 * RETRY_AFTER_S
+# A worker just loaded is left alone this long (queen's clock): the requests it was loaded for
+# take it in the moments after, and another model's wait must not evict it first.
+HANDOVER_S = 2.0
+
+
+@dataclass(slots=True)
+class _Freeing:
+    hive_id: str
+    device_id: str
+    bytes: int
+    for_model: str  # the room is kept for it while it waits
+    stopped_at: float | None = None  # registry clock; None: still draining or stopping
+
+
+class Room:
+    def __init__(
+        self,
+        watch: IdleWatch,
+        *,
+        wait_s: float,
+        swap_max_wait_s: float,
+        on_swap: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.watch = watch
+        self.registry = watch.registry
+        self.router = watch.router
+        self.spawner = watch.spawner
+        self.wait_s = wait_s
+        self.swap_max_wait_s = swap_max_wait_s
+        self.on_swap = on_swap
+        self._evicting: dict[str, _Freeing] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._hunger: dict[str, tuple[float, float]] = {}  # model: (waiting since, last seen)
+        # Room made by evictions, kept for the model they were for while it waits for it.
+        self._earmarks: dict[DeviceKey, str] = {}
+
+    def residents(self) -> list[Resident]:
+        """The loaded workers that could make room (serving, heard from, not going away)."""
+        registry, router = self.registry, self.router
+        hives = {h.id: h for h in self.spawner.hives.all()}
+        now = registry.now()
+        found = []
+        for record in registry.records():
+            info = record.info
+            hive = hives.get(info.hive_id or "")
+            if (
+                hive is None
+                or info.status not in SERVING
+                or not registry.is_fresh(record, now)
+                or router.retiring(info.id)
+                or self._handing_over(info, now)
+            ):
+                continue
+            device = next((d for d in hive.devices if d.id == info.device), None)
+            demand = Demand(model=info.model_id, ctx_size=DEFAULT_CTX_SIZE, slots=info.slots)
+            estimate = estimate_for(hive, device, demand) if device else None
+            used = router.tracker.last_used(info.id)
+            found.append(
+                Resident(
+                    worker_id=info.id,
+                    model=info.model_id,
+                    hive_id=hive.id,
+                    device_id=info.device,
+                    bytes=estimate.total if estimate else 0,
+                    pinned=math.isinf(self.watch.keep_alive_s(info)),
+                    in_flight=router.tracker.in_flight(info.id),
+                    queued=router.admission.waiting(pool_of(info)),
+                    last_used=now if used is None else used,
+                )
+            )
+        return found
+
+    def _handing_over(self, info: WorkerInfo, now: float) -> bool:
+        """Just loaded (or its start still finishing): the requests it was loaded for have
+        yet to take it."""
+        if (info.model_id, info.embedding) in self.spawner._starting:  # the start is finishing
+            return True
+        return now - (self.spawner.ready_at(info.id) or -math.inf) < HANDOVER_S
+
+    def freeing(self) -> dict[DeviceKey, int]:
+        """Memory of evicted workers that their hive's figures do not show free yet."""
+        hives = {h.id: h for h in self.spawner.hives.all()}
+        now = self.registry.now()
+        coming: dict[DeviceKey, int] = {}
+        for worker_id, f in list(self._evicting.items()):
+            hive = hives.get(f.hive_id)
+            if f.stopped_at is not None and (
+                hive is None
+                or worker_id not in hive.workers
+                or now - f.stopped_at > self.registry.timeout_s  # a hive that never says
+            ):
+                del self._evicting[worker_id]
+                continue
+            key = (f.hive_id, f.device_id)
+            coming[key] = coming.get(key, 0) + f.bytes
+        return coming
+
+    def evict(self, chosen: Sequence[Resident], for_model: str) -> None:
+        for resident in chosen:
+            info = self.registry.get_worker(resident.worker_id)
+            if info is None:
+                continue
+            # At once, before anything awaits: no request may take it from here on.
+            self.router.retire(info.id)
+            self.spawner.worker_stopped(info.id)  # on purpose: not an early death
+            self._evicting[info.id] = _Freeing(
+                resident.hive_id, resident.device_id, resident.bytes, for_model
+            )
+            self._earmarks[(resident.hive_id, resident.device_id)] = for_model
+            log.info(
+                "evicting worker %s (%s, last used %.0fs ago) to load %s",
+                *(info.id, info.model_id, self.registry.now() - resident.last_used, for_model),
+            )
+            task = asyncio.create_task(self._evict(info), name=f"evict-{info.id}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _evict(self, info: WorkerInfo) -> None:
+        # Never cut a request off: a drained worker stops once its requests in flight end.
+        while self.router.tracker.in_flight(info.id) > 0:
+            if self.registry.get_worker(info.id) is None:
+                break
+            await asyncio.sleep(POLL_S)
+        try:
+            await self.watch.operations.stop_worker(info, "evicted")
+        except RbeeError as exc:
+            log.warning("could not evict worker %s: %s", info.id, exc.message)
+            self._evicting.pop(info.id, None)
+            self.router.tracker.restart_idle(info.id)
+            self.router.unretire(info.id)
+            return
+        freeing = self._evicting.get(info.id)
+        if freeing is not None:
+            freeing.stopped_at = self.registry.now()
+
+    async def make_room(
+        self, demand: Demand, exclude: frozenset[str], refused: InsufficientMemory
+    ) -> Placement:
+        """A placement for `demand` once room is made, or `refused` again (503
+        insufficient_memory, Retry-After) when none came within the wait. A model bigger than
+        any device, even an empty one, is refused at once."""
+        if refused.retry_after_s is None:
+            raise refused
+        model = demand.model
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        since, last = self._hunger.get(model, (now, now))
+        if now - last > HUNGER_GAP_S:
+            since = now
+        deadline = now + self.wait_s
+        try:
+            return await self._wait_for_room(demand, exclude, refused, since, deadline)
+        finally:
+            self._earmarks = {k: m for k, m in self._earmarks.items() if m != model}
+
+    async def _wait_for_room(
+        self,
+        demand: Demand,
+        exclude: frozenset[str],
+        refused: InsufficientMemory,
+        since: float,
+        deadline: float,
+    ) -> Placement:
+        model = demand.model
+        loop = asyncio.get_running_loop()
+        async with self.spawner.bus.subscribe() as changes:
+            while True:
+                now = loop.time()
+                self._hunger[model] = (since, now)
+                try:
+                    placement = self.spawner.place(demand, exclude)
+                except InsufficientMemory as exc:
+                    refused = exc
+                else:
+                    key = (placement.hive.id, placement.device_id)
+                    if self._earmarks.get(key, model) == model:
+                        self._hunger.pop(model, None)
+                        return placement
+                    # Room another model's evictions made, for it: this one waits its turn.
+                if refused.retry_after_s is None:
+                    raise refused
+                all_hives = self.spawner.hives.all()
+                residents = self.residents()
+                choice = choose_eviction(
+                    [h for h in all_hives if h.id not in exclude],
+                    demand,
+                    residents,
+                    self.spawner.reservations.taken(all_hives),
+                    self.freeing(),
+                    drain=now - since >= self.swap_max_wait_s,
+                )
+                if choice is not None and choice.worker_ids:
+                    self.evict([r for r in residents if r.worker_id in choice.worker_ids], model)
+                    self.on_swap()
+                    continue
+                remaining = deadline - now
+                if remaining <= 0:
+                    raise refused
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changes.get(), min(remaining, POLL_S))
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

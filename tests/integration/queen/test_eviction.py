@@ -1,0 +1,346 @@
+"""Eviction on an in-process queen: a model that fits nowhere takes the room of the least
+recently used idle worker; busy and pinned workers are never evicted; a loaded model serves
+its queue before it is swapped out, and the swap wait keeps the other model from starving.
+
+The hive is played by an injected transport that keeps the books of a device with a memory
+limit (what its workers hold is taken from the limit, given back when they stop) and
+heartbeats as a real hive does after each spawn and stop; workers are loopback servers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from rbee.common.model_memory import estimate_memory
+from rbee.contracts.hives import ModelFootprint
+from rbee.contracts.workers import DEFAULT_CTX_SIZE
+from rbee.queen.app import create_app
+from rbee.queen.settings import QueenSettings
+from rbee.queen.state import QueenState
+from rbee.testing.clock import FakeClock
+from rbee.testing.worker_servers import Handler, WorkerServers, worker_beat
+
+GIB = 1 << 30
+FOOTPRINT = ModelFootprint(
+    weights_bytes=GIB, layers=16, kv_bytes_per_token=16 << 10, vocab_size=32000, head_count=16
+)
+NEED = estimate_memory(FOOTPRINT, ctx_size=DEFAULT_CTX_SIZE, slots=1).total
+MODELS = ("a", "b", "c")
+
+
+async def answer(request: httpx.Request) -> httpx.Response:
+    body = json.loads(request.content)
+    return httpx.Response(200, json={"object": "chat.completion", "model": body["model"]})
+
+
+class Gate:
+    """A worker answer held until released, to keep a request in flight."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+        self.count = 0
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.count += 1
+        self.started.set()
+        await self.release.wait()
+        return await answer(request)
+
+
+class MemoryCluster:
+    def __init__(self, fits: int, **settings: Any) -> None:
+        self.clock = FakeClock()
+        self.limit = fits * NEED + NEED // 2  # room for `fits` workers, not one more
+        self.workers: dict[str, Handler] = {}
+        self.servers = WorkerServers(self.workers.get)
+        self.running: dict[int, tuple[str, str]] = {}  # pid: (worker id, model)
+        self.spawns: list[str] = []  # models, in order
+        self.stops: list[str] = []  # worker ids, in order
+        self.log: list[str] = []  # what happened, in order: "stop <id>", "answer <model>"
+        self.app = create_app(
+            QueenSettings.model_validate(
+                {"heartbeat_timeout": 10**6, "spawn_timeout": 10, "queue_timeout": 10, **settings}
+            ),
+            clock=self.clock,
+            transport=httpx.MockTransport(self.hive),
+        )
+        self.client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=self.app, raise_app_exceptions=False),
+            base_url="http://127.0.0.1:9",
+            timeout=60,
+        )
+
+    @property
+    def state(self) -> QueenState:
+        state: QueenState = self.app.state.queen
+        return state
+
+    async def hive_heartbeat(self) -> None:
+        free = max(0, self.limit - NEED * len(self.running))
+        cpu = {
+            "id": "cpu:0",
+            "kind": "cpu",
+            "name": "cpu",
+            "memory_total_bytes": 64 * GIB,
+            "memory_free_bytes": free,
+            "memory_limit_bytes": self.limit,
+            "rbee_used_bytes": NEED * len(self.running),
+        }
+        beat = {
+            "hive": {"id": "h1", "url": "http://hive.test:7835", "version": "1"},
+            "devices": [cpu],
+            "models": list(MODELS),
+            "footprints": {m: FOOTPRINT.model_dump() for m in MODELS},
+            "workers": [w for w, _ in self.running.values()],
+        }
+        (await self.client.post("/v1/hive-heartbeat", json=beat)).raise_for_status()
+
+    async def hive(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path == "/v1/workers/spawn":
+            spec = json.loads(request.content)
+            model = spec["model"]
+            assert self.limit - NEED * len(self.running) >= NEED, "the hive was double-booked"
+            self.spawns.append(model)
+            worker_id = f"w{len(self.spawns)}-{model}"
+            pid = 100 + len(self.spawns)
+            self.running[pid] = (worker_id, model)
+            self.workers.setdefault(worker_id, answer)
+            await self.heartbeat(worker_id, model, keep_alive_s=spec.get("keep_alive_s"))
+            await self.hive_heartbeat()
+            url = f"http://{worker_id}:8080"
+            return httpx.Response(
+                201, json={"worker_id": worker_id, "pid": pid, "port": 8080, "url": url}
+            )
+        if path == "/v1/workers" and request.method == "GET":
+            processes = [
+                {"pid": p, "worker_id": w, "model": m, "port": 1, "uptime_s": 1, "memory_bytes": 1}
+                for p, (w, m) in self.running.items()
+            ]
+            return httpx.Response(200, json={"workers": processes})
+        if path.endswith("/stop"):
+            pid = int(path.split("/")[-2])
+            worker_id, model = self.running.pop(pid)
+            self.stops.append(worker_id)
+            self.log.append(f"stop {worker_id}")
+            await self.heartbeat(worker_id, model, "stopped")
+            await self.hive_heartbeat()
+            return httpx.Response(
+                200, json={"pid": pid, "worker_id": worker_id, "signal": "SIGTERM"}
+            )
+        raise AssertionError(f"unexpected hive call {request.method} {path}")
+
+    async def heartbeat(
+        self, worker_id: str, model: str, status: str = "ready", **extra: Any
+    ) -> None:
+        port = await self.servers.port(worker_id)
+        body = worker_beat(worker_id, port, model, status, hive_id="h1", **extra)
+        (await self.client.post("/v1/worker-heartbeat", json=body)).raise_for_status()
+
+    async def chat(self, model: str) -> httpx.Response:
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+        response = await self.client.post("/v1/chat/completions", json=body)
+        if response.status_code == 200:
+            self.log.append(f"answer {model}")
+        return response
+
+    def worker_of(self, model: str) -> str:
+        return next(w for w, m in self.running.values() if m == model)
+
+    async def metrics(self) -> str:
+        return (await self.client.get("/metrics")).text
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+        await self.state.aclose()
+        await self.servers.aclose()
+
+
+async def open_cluster(fits: int, **settings: Any) -> MemoryCluster:
+    cluster = MemoryCluster(fits, **settings)
+    await cluster.hive_heartbeat()
+    return cluster
+
+
+@pytest.fixture
+async def one() -> AsyncIterator[MemoryCluster]:
+    """Room for one worker; the swap wait is long, so busy workers are never drained."""
+    c = await open_cluster(1, swap_max_wait=3600, queue_timeout=1)
+    yield c
+    await c.aclose()
+
+
+def drain(events: asyncio.Queue[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
+    found = []
+    while not events.empty():
+        found.append(events.get_nowait())
+    return found
+
+
+async def test_the_least_recently_used_idle_worker_makes_room_for_a_new_model() -> None:
+    cluster = await open_cluster(2)
+    try:
+        assert (await cluster.chat("a")).status_code == 200
+        cluster.clock.advance(10)
+        assert (await cluster.chat("b")).status_code == 200
+        cluster.clock.advance(10)
+        assert (await cluster.chat("a")).status_code == 200  # a is used last: b is the LRU
+        cluster.clock.advance(10)
+        async with cluster.state.bus.subscribe() as events:
+            assert (await cluster.chat("c")).status_code == 200
+            unloads = [d for e, d in drain(events) if e == "model" and d["change"] == "unloaded"]
+        assert cluster.spawns == ["a", "b", "c"]
+        assert cluster.stops == ["w2-b"], "only the least recently used worker goes"
+        assert unloads == [
+            {
+                "change": "unloaded",
+                "model": "b",
+                "worker_id": "w2-b",
+                "hive_id": "h1",
+                "reason": "evicted",
+            }
+        ]
+        metrics = await cluster.metrics()
+        assert 'rbee_model_unloads_total{model="b",reason="evicted"} 1.0' in metrics
+        assert "rbee_model_swaps_total 1.0" in metrics
+        # a still serves without a new start.
+        assert (await cluster.chat("a")).status_code == 200
+        assert len(cluster.spawns) == 3
+    finally:
+        await cluster.aclose()
+
+
+async def test_a_busy_worker_is_never_evicted_the_request_waits_then_gets_503(
+    one: MemoryCluster,
+) -> None:
+    assert (await one.chat("a")).status_code == 200
+    gate = Gate()
+    one.workers[one.worker_of("a")] = gate
+    generating = asyncio.create_task(one.chat("a"))
+    await asyncio.wait_for(gate.started.wait(), 10)
+    one.clock.advance(10)
+    began = time.monotonic()
+    refused = await one.chat("b")
+    waited = time.monotonic() - began
+    assert refused.status_code == 503, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "insufficient_memory"
+    assert error["needed_bytes"] == NEED
+    assert error["largest_free_bytes"] < NEED
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert waited >= 0.9, "it waited for a worker to go idle, within the queue timeout"
+    assert one.stops == []
+    gate.release.set()
+    assert (await generating).status_code == 200
+    assert "rbee_model_swaps_total 0.0" in await one.metrics()
+
+
+async def test_a_request_waiting_for_room_gets_it_when_the_busy_worker_goes_idle() -> None:
+    cluster = await open_cluster(1, swap_max_wait=3600, queue_timeout=30)
+    try:
+        assert (await cluster.chat("a")).status_code == 200
+        gate = Gate()
+        cluster.workers[cluster.worker_of("a")] = gate
+        generating = asyncio.create_task(cluster.chat("a"))
+        await asyncio.wait_for(gate.started.wait(), 10)
+        cluster.clock.advance(10)
+        waiting = asyncio.create_task(cluster.chat("b"))
+        await asyncio.sleep(1.0)
+        assert not waiting.done()
+        assert cluster.stops == [], "a request in flight is never cut off"
+        gate.release.set()
+        assert (await generating).status_code == 200
+        assert (await waiting).status_code == 200
+        assert cluster.log == ["answer a", "answer a", "stop w1-a", "answer b"]
+    finally:
+        await cluster.aclose()
+
+
+async def test_a_pinned_worker_is_never_evicted(one: MemoryCluster) -> None:
+    job = {"operation": "worker_spawn", "model": "a"}
+    created = await one.client.post("/v1/jobs", json=job)
+    assert created.status_code == 201, created.text
+    events = (await one.client.get(created.json()["sse_url"])).text
+    assert '"type":"done"' in events.replace(" ", ""), events
+    one.clock.advance(3600)
+    refused = await one.chat("b")
+    assert refused.status_code == 503, refused.text
+    assert refused.json()["error"]["code"] == "insufficient_memory"
+    assert one.stops == []
+    assert (await one.chat("a")).status_code == 200
+
+
+async def test_a_model_bigger_than_the_device_is_refused_at_once() -> None:
+    cluster = await open_cluster(0, queue_timeout=30)  # the limit is half a worker
+    try:
+        began = time.monotonic()
+        refused = await cluster.chat("a")
+        assert refused.status_code == 503
+        assert refused.json()["error"]["needed_bytes"] == NEED
+        assert "Retry-After" not in refused.headers
+        assert time.monotonic() - began < 10, "no wait for room that can never come"
+    finally:
+        await cluster.aclose()
+
+
+async def test_the_loaded_model_serves_its_queue_before_it_is_swapped_out() -> None:
+    cluster = await open_cluster(1, swap_max_wait=3600, queue_timeout=30)
+    try:
+        assert (await cluster.chat("a")).status_code == 200
+        gate = Gate()
+        cluster.workers[cluster.worker_of("a")] = gate
+        first = asyncio.create_task(cluster.chat("a"))
+        await asyncio.wait_for(gate.started.wait(), 10)
+        queued = asyncio.create_task(cluster.chat("a"))  # waits in a's queue (1 slot)
+        await asyncio.sleep(0.3)
+        cluster.clock.advance(10)
+        for_b = asyncio.create_task(cluster.chat("b"))
+        await asyncio.sleep(0.5)
+        gate.release.set()
+        for task in (first, queued, for_b):
+            assert (await task).status_code == 200
+        # Both of a's requests before a is swapped out, then b: one swap, not a thrash.
+        assert cluster.log == ["answer a", "answer a", "answer a", "stop w1-a", "answer b"]
+        assert gate.count == 2
+        assert "rbee_model_swaps_total 1.0" in await cluster.metrics()
+    finally:
+        await cluster.aclose()
+
+
+async def test_the_swap_wait_keeps_the_other_model_from_starving() -> None:
+    cluster = await open_cluster(1, swap_max_wait=1, queue_timeout=30)
+    try:
+        assert (await cluster.chat("a")).status_code == 200
+        gate = Gate()
+        cluster.workers[cluster.worker_of("a")] = gate
+        generating = asyncio.create_task(cluster.chat("a"))
+        await asyncio.wait_for(gate.started.wait(), 10)
+        cluster.clock.advance(10)
+        async with cluster.state.bus.subscribe() as events:
+            for_b = asyncio.create_task(cluster.chat("b"))
+            await asyncio.sleep(2.0)  # past the swap wait: a drains, no request goes to it
+            late_a = asyncio.create_task(cluster.chat("a"))
+            await asyncio.sleep(0.5)
+            assert gate.count == 1, "a draining worker takes no new request"
+            assert cluster.stops == [], "nor is its request in flight cut off"
+            gate.release.set()
+            assert (await generating).status_code == 200, "it completes in full"
+            assert (await for_b).status_code == 200
+            unloads = [d for e, d in drain(events) if e == "model" and d["change"] == "unloaded"]
+        assert cluster.log[:3] == ["answer a", "answer a", "stop w1-a"]
+        assert cluster.log[3] == "answer b"
+        assert [u["reason"] for u in unloads] == ["evicted"]
+        # a's late request waits for its turn: b goes idle, a comes back in b's place.
+        cluster.clock.advance(10)
+        assert (await late_a).status_code == 200
+        assert cluster.spawns == ["a", "b", "a"]
+        assert "rbee_model_swaps_total 2.0" in await cluster.metrics()
+    finally:
+        await cluster.aclose()
