@@ -19,6 +19,8 @@ and what is wrong.
 
     [models."qwen2.5-coder-7b"]       # a model the queen starts on demand...
     keep_alive = "30m"                # ...stays this long once idle ([queen] keep_alive: all)
+    max_replicas = 3                  # workers it gets at most while requests wait for it
+    min_replicas = 1                  # workers it keeps however long they idle
 """
 
 from __future__ import annotations
@@ -121,6 +123,9 @@ class QueenSection(Strict):
     retries: Annotated[int, Field(ge=0)] | None = None
     cooldown: PositiveSeconds | None = None
     keep_alive: KeepAliveText | None = None
+    replica_after: PositiveSeconds | None = None
+    max_replicas: Annotated[int, Field(ge=1)] | None = None
+    min_replicas: Annotated[int, Field(ge=0)] | None = None
 
     def flags(self) -> list[str]:
         """The queen-rbee flags for the settings given here (host and port are set apart)."""
@@ -128,6 +133,8 @@ class QueenSection(Strict):
         for name in ("heartbeat_timeout", "routing_policy", "queue_size", "queue_timeout"):
             args += _flag(name, getattr(self, name))
         for name in ("spawn_timeout", "retries", "cooldown", "keep_alive"):
+            args += _flag(name, getattr(self, name))
+        for name in ("replica_after", "max_replicas", "min_replicas"):
             args += _flag(name, getattr(self, name))
         return args
 
@@ -167,6 +174,8 @@ class ModelSection(Strict):
     """`[models."ID"]`: how the queen treats one model it starts on demand."""
 
     keep_alive: KeepAliveText | None = None
+    max_replicas: Annotated[int, Field(ge=1)] | None = None
+    min_replicas: Annotated[int, Field(ge=0)] | None = None
 
 
 class ClusterFile(Strict):
@@ -181,6 +190,10 @@ class ClusterFile(Strict):
         for model, section in self.models.items():
             if section.keep_alive is not None:
                 args += ["--model-keep-alive", f"{model}={section.keep_alive}"]
+            if section.max_replicas is not None:
+                args += ["--model-max-replicas", f"{model}={section.max_replicas}"]
+            if section.min_replicas is not None:
+                args += ["--model-min-replicas", f"{model}={section.min_replicas}"]
         return args
 
 

@@ -108,12 +108,22 @@ def keep_alive_cell(m: ModelEntry) -> str:
     if m.rbee.pinned:
         return "pinned"
     left = m.rbee.keep_alive_left_s
+    if left is None and m.rbee.min_replicas:
+        return f"kept (min {m.rbee.min_replicas})"  # its last workers never unload
     return "?" if left is None else duration(left)
+
+
+def replicas_cell(m: ModelEntry) -> str:
+    """Its loaded workers, and the bounds the queen keeps them within when set."""
+    bounds = [f"min {m.rbee.min_replicas}"] if m.rbee.min_replicas else []
+    if m.rbee.max_replicas is not None:
+        bounds.append(f"max {m.rbee.max_replicas}")
+    return f"{m.rbee.workers} ({', '.join(bounds)})" if bounds else str(m.rbee.workers)
 
 
 def models_table(models: Sequence[ModelEntry]) -> Table:
     table = _table(
-        "MODEL", "STATE", "WORKERS", "QUEUED", "KEEP-ALIVE LEFT", "LAST USE",
+        "MODEL", "STATE", "REPLICAS", "QUEUED", "KEEP-ALIVE LEFT", "LAST USE",
         "HIVES THAT CAN START IT",
     )  # fmt: skip
     for m in models:
@@ -122,7 +132,7 @@ def models_table(models: Sequence[ModelEntry]) -> Table:
         table.add_row(
             m.id,
             state,
-            str(m.rbee.workers),
+            replicas_cell(m),
             str(m.rbee.queued),
             keep_alive_cell(m),
             "-" if used is None else ("now" if used == 0 else ago(used)),

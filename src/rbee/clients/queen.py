@@ -63,6 +63,8 @@ class ModelStatus(BaseModel):
     keep_alive_left_s: float | None = None
     last_used_s_ago: float | None = None
     queued: int = 0
+    max_replicas: int | None = None
+    min_replicas: int = 0
 
 
 class ModelEntry(BaseModel):

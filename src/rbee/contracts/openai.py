@@ -380,6 +380,10 @@ class ModelServing(BaseModel):
     last_used_s_ago: float | None = None
     # Requests waiting in the queen's queue for a worker of it.
     queued: int = 0
+    # Replicas: `workers` are loaded; the queen adds more while requests wait, up to
+    # `max_replicas` (None: as many as fit), and keeps `min_replicas` however long they idle.
+    max_replicas: int | None = None
+    min_replicas: int = 0
 
 
 class ModelCard(BaseModel):

@@ -27,6 +27,7 @@ from rbee.queen.api import workers as workers_api
 from rbee.queen.idle import idle_loop
 from rbee.queen.live import stats_loop
 from rbee.queen.registry import ChangeKind, RegistryChange
+from rbee.queen.replicas_loop import replica_loop, replica_watch
 from rbee.queen.settings import QueenSettings
 from rbee.queen.state import QueenState, build_state
 
@@ -113,12 +114,14 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         watch = OfflineWatch(state)
+        replicas = replica_watch(state)
         loops: dict[str, Callable[[], Awaitable[None]]] = {
             "cleanup": lambda: cleanup_loop(state, watch),
             "offline": lambda: offline_watch(watch, min(1.0, settings.heartbeat_timeout / 4)),
             "stats": lambda: stats_loop(state, settings.stats_interval),
             "key-usage": lambda: flush_usage_loop(state),
             "keep-alive": lambda: idle_loop(state.idle),
+            "replicas": lambda: replica_loop(replicas),
         }
         tasks = [
             asyncio.create_task(supervise(name, run, state.loop_errors), name=name)

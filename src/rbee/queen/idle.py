@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import Callable
 
 from rbee.common.errors import RbeeError
 from rbee.contracts.workers import WorkerInfo
@@ -33,11 +34,13 @@ class IdleWatch:
         router: Router,
         spawner: Spawner,
         operations: Operations,
+        min_replicas: Callable[[str], int] = lambda model: 0,
     ) -> None:
         self.registry = registry
         self.router = router
         self.spawner = spawner
         self.operations = operations
+        self.min_replicas = min_replicas  # workers of a model kept however long they idle
 
     def keep_alive_s(self, info: WorkerInfo) -> float:
         if info.keep_alive_s is None:
@@ -74,7 +77,7 @@ class IdleWatch:
 
     async def unload_expired(self) -> list[str]:
         """Unload every worker idle past its keep-alive; returns their ids."""
-        expired = idle_expired(self.snapshots(), self.registry.now())
+        expired = idle_expired(self.snapshots(), self.registry.now(), self.min_replicas)
         infos = [info for w in expired if (info := self.registry.get_worker(w)) is not None]
         for info in infos:
             # At once, before anything awaits: no request may take it from here on, and one

@@ -60,7 +60,9 @@ def model_entries(state: QueenState) -> list[dict[str, Any]]:
                 hives=sorted(hives.get(model, [])),
                 backoff=backoff_of(state, model),
                 queued=queued.get(model, 0),
-                **keep_alive_of(idle.get(model, []), now),
+                max_replicas=state.settings.max_replicas_of(model),
+                min_replicas=state.settings.min_replicas_of(model),
+                **keep_alive_of(idle.get(model, []), now, state.settings.min_replicas_of(model)),
             ),
         )
         for model in sorted(set(workers) | set(hives))
@@ -68,12 +70,16 @@ def model_entries(state: QueenState) -> list[dict[str, Any]]:
     return [card.model_dump(mode="json") for card in cards]
 
 
-def keep_alive_of(workers: list[IdleSnapshot], now: float) -> dict[str, Any]:
-    """A model's keep-alive figures over its loaded workers (see `ModelServing`)."""
+def keep_alive_of(
+    workers: list[IdleSnapshot], now: float, min_replicas: int = 0
+) -> dict[str, Any]:
+    """A model's keep-alive figures over its loaded workers (see `ModelServing`); with
+    `min_replicas` its last workers never unload, so no time is left to show."""
     if not workers:
         return {}
     pinned = any(w.pinned for w in workers)
-    left = None if pinned else round(max(keep_alive_left(w, now) for w in workers), 1)
+    kept = pinned or min_replicas > 0
+    left = None if kept else round(max(keep_alive_left(w, now) for w in workers), 1)
     ago = max(0.0, min(0.0 if w.busy else now - w.idle_since for w in workers))
     return {"pinned": pinned, "keep_alive_left_s": left, "last_used_s_ago": round(ago, 1)}
 

@@ -80,6 +80,34 @@ class QueenSettings(DaemonSettings):
         '(repeatable; the cluster file\'s [models."ID"] keep_alive)',
     )
 
+    replica_after: Seconds = Field(
+        2.0,
+        description="when a model's workers are all busy and a request has waited this long, "
+        "another worker of it starts where there is room",
+    )
+    max_replicas: int | None = Field(
+        None, ge=1, description="most workers of one model (default: as many as fit)"
+    )
+    min_replicas: int = Field(
+        0, ge=0, description="workers of one model that are never unloaded for idleness"
+    )
+    model_max_replicas: dict[str, Annotated[int, Field(ge=1)]] = Field(
+        default_factory=dict,
+        description="most workers of one model, as MODEL=N (repeatable; the cluster file's "
+        '[models."ID"] max_replicas)',
+    )
+    model_min_replicas: dict[str, Annotated[int, Field(ge=0)]] = Field(
+        default_factory=dict,
+        description="workers of one model never unloaded for idleness, as MODEL=N "
+        '(repeatable; the cluster file\'s [models."ID"] min_replicas)',
+    )
+
+    def max_replicas_of(self, model: str) -> int | None:
+        return self.model_max_replicas.get(model, self.max_replicas)
+
+    def min_replicas_of(self, model: str) -> int:
+        return self.model_min_replicas.get(model, self.min_replicas)
+
     @field_validator("data_dir")
     @classmethod
     def _expand(cls, value: Path) -> Path:

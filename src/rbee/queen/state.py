@@ -71,7 +71,7 @@ def build_state(
     hives = HiveRegistry(settings.heartbeat_timeout, clock, settings.hive_forget_after)
     bus = EventBus()
     tracker = LoadTracker(settings.cooldown, clock)
-    admission = AdmissionQueue(settings.queue_size, settings.queue_timeout)
+    admission = AdmissionQueue(settings.queue_size, settings.queue_timeout, clock)
     router = Router(registry, tracker, POLICIES[settings.routing_policy], admission)
     metrics = QueenMetrics(registry, hives, tracker, admission)
     clients = HiveClients(settings.token, transport, settings.spawn_timeout)
@@ -134,7 +134,7 @@ def build_state(
         metrics=metrics,
         keys=keys,
         loop_errors=LoopErrors(metrics.registry),
-        idle=IdleWatch(registry, router, spawner, operations),
+        idle=IdleWatch(registry, router, spawner, operations, settings.min_replicas_of),
     )
     room = Room(
         state.idle,

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from rbee.cli.clusterfile import ClusterFileError, load, parse
+from rbee.common.serve import parse_settings
+from rbee.queen.settings import QueenSettings
 
 GOOD = """
 [queen]
@@ -175,4 +177,29 @@ def test_keep_alives_reach_the_queen_for_all_models_and_per_model() -> None:
     bad = problem('[[hive]]\n\n[models.m]\nkeep_alive = "banana"\n')
     assert "models.m.keep_alive" in bad
     assert "'banana' is not a duration" in bad
-    assert "unknown key (allowed: keep_alive)" in problem("[[hive]]\n\n[models.m]\nttl = 5\n")
+    assert "unknown key (allowed: keep_alive, max_replicas, min_replicas)" in problem(
+        "[[hive]]\n\n[models.m]\nttl = 5\n"
+    )
+
+
+def test_replica_bounds_reach_the_queen_for_all_models_and_per_model() -> None:
+    cluster = parse(
+        "[queen]\nreplica_after = 5\nmax_replicas = 4\n\n[[hive]]\n\n"
+        '[models."qwen2.5-coder-7b"]\nmax_replicas = 2\nmin_replicas = 1\n',
+        path="cluster.toml",
+        local_hive_id="here",
+    )
+    assert cluster.queen.flags() == ["--replica-after", "5.0", "--max-replicas", "4"]
+    assert cluster.model_flags() == [
+        "--model-max-replicas", "qwen2.5-coder-7b=2",
+        "--model-min-replicas", "qwen2.5-coder-7b=1",
+    ]  # fmt: skip
+    flags = [*cluster.queen.flags(), *cluster.model_flags()]
+    settings = parse_settings(QueenSettings, "queen-rbee", flags)
+    assert settings.replica_after == 5.0
+    assert settings.min_replicas_of("qwen2.5-coder-7b") == 1
+    assert settings.max_replicas_of("qwen2.5-coder-7b") == 2
+    assert settings.max_replicas_of("other") == 4
+    bad = problem("[[hive]]\n\n[models.m]\nmax_replicas = 0\n")
+    assert "models.m.max_replicas" in bad
+    assert "greater than or equal to 1" in bad

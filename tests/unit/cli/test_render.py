@@ -133,7 +133,7 @@ def test_rbee_models_shows_keep_alive_left_last_use_and_queue() -> None:
     assert lines[0].split()[:7] == [
         "MODEL",
         "STATE",
-        "WORKERS",
+        "REPLICAS",
         "QUEUED",
         "KEEP-ALIVE",
         "LEFT",
@@ -142,3 +142,26 @@ def test_rbee_models_shows_keep_alive_left_last_use_and_queue() -> None:
     assert lines[1].split()[:6] == ["a", "loaded", "1", "2", "100s", "100s"]
     assert lines[2].split()[:6] == ["b", "loaded", "1", "0", "pinned", "now"]
     assert lines[3].split()[:6] == ["c", "available", "0", "0", "-", "-"]
+
+
+def test_rbee_models_shows_replicas_with_their_bounds() -> None:
+    from rich.console import Console
+
+    from rbee.cli.render import models_table
+    from rbee.clients.queen import ModelEntry
+
+    def entry(model: str, **serving: object) -> ModelEntry:
+        serving = {"state": "loaded", "keep_alive_left_s": 30, "last_used_s_ago": 0, **serving}
+        return ModelEntry.model_validate({"id": model, "rbee": serving})
+
+    entries = [
+        entry("a", workers=3, max_replicas=4, queued=5),
+        entry("b", workers=1, min_replicas=1, max_replicas=2, keep_alive_left_s=None),
+        entry("c", workers=2),
+    ]
+    console = Console(width=200, record=True)
+    console.print(models_table(entries))
+    lines = console.export_text().splitlines()
+    assert lines[1].split()[:5] == ["a", "loaded", "3", "(max", "4)"]
+    assert lines[2].split()[:9] == ["b", "loaded", "1", "(min", "1,", "max", "2)", "0", "kept"]
+    assert lines[3].split()[:4] == ["c", "loaded", "2", "0"]

@@ -7,6 +7,8 @@ from collections import deque
 from collections.abc import Callable, Hashable
 from typing import TypeVar
 
+from rbee.common.clock import Clock, monotonic
+
 T = TypeVar("T")
 
 
@@ -23,10 +25,12 @@ class AdmissionQueue:
     `notify(model)` wakes the head whenever a slot may have freed (a request ended, a
     heartbeat arrived, a worker joined)."""
 
-    def __init__(self, max_waiting: int, max_wait_s: float) -> None:
+    def __init__(self, max_waiting: int, max_wait_s: float, clock: Clock = monotonic) -> None:
         self.max_waiting = max_waiting
         self.max_wait_s = max_wait_s
+        self._clock = clock
         self._queues: dict[Hashable, deque[asyncio.Event]] = {}
+        self._since: dict[asyncio.Event, float] = {}  # when each waiting request came
 
     def waiting(self, model: Hashable) -> int:
         return len(self._queues.get(model, ()))
@@ -38,6 +42,16 @@ class AdmissionQueue:
             model = str(key[0] if isinstance(key, tuple) else key)
             counts[model] = counts.get(model, 0) + len(queue)
         return counts
+
+    def longest_waits(self) -> dict[Hashable, tuple[int, float]]:
+        """For each pool with requests waiting: how many, and how long (seconds, by the queue's
+        clock) the first of them has waited."""
+        now = self._clock()
+        return {
+            pool: (len(queue), now - self._since[queue[0]])
+            for pool, queue in list(self._queues.items())
+            if queue
+        }
 
     def notify(self, model: Hashable) -> None:
         queue = self._queues.get(model)
@@ -52,6 +66,7 @@ class AdmissionQueue:
             raise QueueFull(model)
         me = asyncio.Event()
         queue.append(me)
+        self._since[me] = self._clock()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.max_wait_s
         try:
@@ -68,6 +83,7 @@ class AdmissionQueue:
                     raise WaitExpired(model) from None
         finally:
             queue.remove(me)
+            del self._since[me]
             if not queue:
                 self._queues.pop(model, None)
             else:

@@ -3,13 +3,15 @@
 A pure decision over snapshots; `rbee.queen.idle` builds the snapshots and stops the workers.
 Idle means nothing in flight on the worker and nothing waiting in its pool's queue; the clock
 restarts when each request on it ends. A pinned worker (keep-alive `math.inf`: started
-explicitly without `--keep-alive`, or kept by a request's `keep_alive: -1`) never expires.
+explicitly without `--keep-alive`, or kept by a request's `keep_alive: -1`) never expires, and
+a model keeps at least its `min_replicas` loaded workers (its least recently used go first).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 
@@ -36,10 +38,22 @@ def keep_alive_left(worker: IdleSnapshot, now: float) -> float:
     return max(0.0, worker.keep_alive_s - (now - worker.idle_since))
 
 
-def idle_expired(workers: Iterable[IdleSnapshot], now: float) -> list[str]:
-    """The workers to unload now: idle, and idle for at least their keep-alive."""
-    return [
-        w.worker_id
-        for w in workers
-        if not w.busy and not w.pinned and now - w.idle_since >= w.keep_alive_s
+def idle_expired(
+    workers: Iterable[IdleSnapshot],
+    now: float,
+    min_replicas: Callable[[str], int] = lambda model: 0,
+) -> list[str]:
+    """The workers to unload now: idle, and idle for at least their keep-alive, as long as
+    their model keeps `min_replicas(model)` of its loaded workers (in the order given)."""
+    workers = list(workers)
+    expired = [
+        w for w in workers if not w.busy and not w.pinned and now - w.idle_since >= w.keep_alive_s
     ]
+    loaded = Counter(w.model for w in workers)
+    may_go = {model: max(0, n - min_replicas(model)) for model, n in loaded.items()}
+    chosen = set()
+    for w in sorted(expired, key=lambda w: w.idle_since):
+        if may_go[w.model] > 0:
+            may_go[w.model] -= 1
+            chosen.add(w.worker_id)
+    return [w.worker_id for w in expired if w.worker_id in chosen]

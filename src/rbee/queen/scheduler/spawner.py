@@ -188,9 +188,11 @@ class Spawner:
         else:
             log.info("stopped worker %s on %s: it did not start", spawned.worker_id, hive.id)
 
-    async def ensure_worker(self, model: str, *, embedding: bool = False) -> WorkerInfo:
+    async def ensure_worker(
+        self, model: str, *, embedding: bool = False, reason: str = "demand"
+    ) -> WorkerInfo:
         """Start one worker for a model without a live one (for embeddings, or for chat and
-        completions); concurrent callers share the start.
+        completions), or one more (`reason` "replica"); concurrent callers share the start.
 
         Raises `Unavailable` (with the reason) while every hive that has the model is on hold."""
         key = (model, embedding)
@@ -199,11 +201,15 @@ class Spawner:
             self._forget_stable()
             self._raise_if_all_held(model)
             task = asyncio.create_task(
-                self._start_somewhere(model, embedding), name=f"spawn-{model}"
+                self._start_somewhere(model, embedding, reason), name=f"spawn-{model}"
             )
             self._starting[key] = task
             task.add_done_callback(lambda _: self._starting.pop(key, None))
         return await asyncio.shield(task)
+
+    def starting(self, model: str, embedding: bool = False) -> bool:
+        """A start for the model's workers (of this kind) is under way."""
+        return (model, embedding) in self._starting
 
     def _raise_if_all_held(self, model: str) -> None:
         held = self.backoff.held_hives(model)
@@ -220,7 +226,7 @@ class Spawner:
             headers={"Retry-After": str(max(1, round(remaining)))},
         )
 
-    async def _start_somewhere(self, model: str, embedding: bool) -> WorkerInfo:
+    async def _start_somewhere(self, model: str, embedding: bool, reason: str) -> WorkerInfo:
         """Try the best hive not on hold; if the start fails there, the next one. When every
         hive has been tried, those the back-off does not hold yet get another go (a first
         failure, such as a new worker killed while loading, is retried at once), once."""
@@ -253,7 +259,7 @@ class Spawner:
                     placement,
                     Demand(model=model, ctx_size=DEFAULT_CTX_SIZE),
                     embedding=embedding,
-                    reason="demand",
+                    reason=reason,
                     keep_alive_s=keep_alive_wire(self.keep_alive(model)),
                 )
             except RbeeError as exc:
