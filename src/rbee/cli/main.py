@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 
 from rbee import __version__
-from rbee.cli.commands import daemons, infer, keys, models, status, up, workers
+from rbee.cli.commands import daemons, infer, keys, load, models, status, up, workers
 from rbee.cli.context import Cli, ClientFactory, default_client
 from rbee.cli.urls import check_queen_url
 from rbee.clients.queen import DEFAULT_QUEEN_URL
@@ -86,6 +86,7 @@ def build_app(make_client: ClientFactory = default_client) -> typer.Typer:
     up.register(app)
     status.register(app)
     infer.register(app)
+    load.register(app)
     app.add_typer(models.app, name="model")
     app.add_typer(workers.app, name="worker")
     app.add_typer(keys.app, name="key")

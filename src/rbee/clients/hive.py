@@ -99,7 +99,11 @@ class HiveClient(OwnedHttpClient):
     async def spawn(self, request: SpawnRequest) -> SpawnResponse:
         """Start a worker; returns once it is ready (the hive waits for its model to load)."""
         response = await self._request(
-            "POST", "/v1/workers/spawn", body=request, wait_s=self.spawn_timeout
+            "POST",
+            "/v1/workers/spawn",
+            body=request,
+            # The hive answers once the model is loaded: wait as long as its deadline allows.
+            wait_s=max(self.spawn_timeout, (request.load_timeout_s or 0) + 30),
         )
         return SpawnResponse.model_validate_json(response.content)
 

@@ -41,6 +41,11 @@ class SpawnRequest(BaseModel):
         description="seconds it may stay idle before the queen unloads it (llm-worker-rbee "
         "--keep-alive); unset: pinned",
     )
+    load_timeout_s: Annotated[float, Field(gt=0)] | None = Field(
+        None,
+        description="longest the model may take to load (the queen's deadline for its size); "
+        "unset: the hive's --spawn-timeout",
+    )
 
 
 class SpawnResponse(BaseModel):

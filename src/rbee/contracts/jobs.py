@@ -63,8 +63,40 @@ class ModelDeleteJob(BaseModel):
     hive_id: NonEmptyStr | None = None
 
 
+class ModelLoadJob(BaseModel):
+    """Start a worker for a model where the queen would start one on demand (`rbee load`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    operation: Literal["model_load"]
+    model: NonEmptyStr
+    hive_id: NonEmptyStr | None = None
+    keep_alive: KeepAliveField = Field(
+        None,
+        description="how long it may stay idle before the queen unloads it; unset or "
+        "negative: pinned, as every worker started by hand",
+    )
+
+
+class ModelUnloadJob(BaseModel):
+    """Stop a model's workers (`rbee unload`): no new request goes to them, those in flight
+    finish (`now`: are cut, each client gets a 503 `worker_stopping`), then they stop."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    operation: Literal["model_unload"]
+    model: NonEmptyStr
+    now: bool = False
+
+
 JobRequest = Annotated[
-    ModelDownloadJob | WorkerSpawnJob | WorkerStopJob | ModelListJob | ModelDeleteJob,
+    ModelDownloadJob
+    | WorkerSpawnJob
+    | WorkerStopJob
+    | ModelListJob
+    | ModelDeleteJob
+    | ModelLoadJob
+    | ModelUnloadJob,
     Field(discriminator="operation"),
 ]
 

@@ -363,7 +363,8 @@ class ModelBackoff(BaseModel):
 class ModelServing(BaseModel):
     """rbee's own block in a model card: where the model stands in the cluster."""
 
-    state: Literal["loaded", "available"]
+    # `loading`: no worker serves it yet, one is being started (a request waits for it).
+    state: Literal["loaded", "loading", "available"]
     # True when a worker serving it answers `/v1/embeddings` (started with --embedding or an
     # embedding model); chat and completions go to the other workers of the model.
     embedding: bool = False

@@ -226,7 +226,8 @@ class Supervisor:
         try:
             popen, log_path = self._start(worker_id, model, port, request, cores)
             try:
-                await self._wait_ready(popen, port, log_path)
+                timeout_s = request.load_timeout_s or self.settings.spawn_timeout
+                await self._wait_ready(popen, port, log_path, timeout_s)
             except asyncio.CancelledError:
                 # Whoever asked left (the queen gave up waiting): a worker nobody waits for
                 # must not keep running, or the model ends up started twice.
@@ -331,9 +332,12 @@ class Supervisor:
         self._children[popen.pid] = popen
         return popen, log_path
 
-    async def _wait_ready(self, popen: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
+    async def _wait_ready(
+        self, popen: subprocess.Popen[bytes], port: int, log_path: Path, timeout_s: float
+    ) -> None:
+        """`timeout_s`: the queen's load deadline for the model's size, or --spawn-timeout."""
         health = f"{self.settings.scheme}://{self.settings.local_host}:{port}/health"
-        deadline = self._clock() + self.settings.spawn_timeout
+        deadline = self._clock() + timeout_s
         while True:
             code = popen.poll()
             if code is not None:
@@ -349,8 +353,8 @@ class Supervisor:
                     os.killpg(popen.pid, signal.SIGKILL)
                 await asyncio.to_thread(popen.wait)
                 raise WorkerStartFailed(
-                    f"the worker was not ready after {self.settings.spawn_timeout:g}s and was "
-                    f"stopped (raise --spawn-timeout for big models); its last output:\n"
+                    f"the worker was not ready after {timeout_s:g}s and was stopped (raise the "
+                    f"queen's --spawn-timeout or --load-timeout-per-gib); its last output:\n"
                     f"{output_tail(log_path)}"
                 )
             await asyncio.sleep(0.1)

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from rbee.clients.worker import WorkerClient
 from rbee.contracts.openai import ModelBackoff, ModelCard, ModelServing
-from rbee.contracts.workers import WorkerInfo
+from rbee.contracts.workers import WorkerInfo, WorkerStatus
 from rbee.queen.registry import worker_view
 from rbee.queen.routing.router import SERVING
 from rbee.queen.scheduler.lifecycle import IdleSnapshot, keep_alive_left
@@ -30,15 +30,21 @@ WORKER_SCRAPE_TIMEOUT_S = 1.0
 
 
 def model_entries(state: QueenState) -> list[dict[str, Any]]:
-    """Models an online worker serves (`loaded`) and models a live hive could start
-    (`available`); `embedding` says a worker of the model answers `/v1/embeddings`."""
+    """Models an online worker serves (`loaded`), models a worker is being started for while
+    none serves yet (`loading`), and models a live hive could start (`available`);
+    `embedding` says a worker of the model answers `/v1/embeddings`."""
     now = state.registry.now()
     workers: Counter[str] = Counter()
     embedding: Counter[str] = Counter()
+    loading = set(state.spawner.loading)
     for record in state.registry.records():
-        if record.info.status in SERVING and state.registry.is_fresh(record, now):
+        if not state.registry.is_fresh(record, now):
+            continue
+        if record.info.status in SERVING:
             workers[record.info.model_id] += 1
             embedding[record.info.model_id] += record.info.embedding
+        elif record.info.status is WorkerStatus.STARTING:
+            loading.add(record.info.model_id)
     idle: dict[str, list[IdleSnapshot]] = {}
     for snap in state.idle.snapshots():
         idle.setdefault(snap.model, []).append(snap)
@@ -53,7 +59,9 @@ def model_entries(state: QueenState) -> list[dict[str, Any]]:
             id=model,
             created=0,
             rbee=ModelServing(
-                state="loaded" if workers[model] else "available",
+                state=(
+                    "loaded" if workers[model] else "loading" if model in loading else "available"
+                ),
                 embedding=embedding[model] > 0,
                 workers=workers[model],
                 embedding_workers=embedding[model],

@@ -2,6 +2,11 @@
 
 Hive work is forwarded to the hive's registered URL with the typed hive client; the hive's own
 download progress is relayed event by event, and cancelling the queen's job cancels the hive's.
+
+Loading and unloading a model by hand (`rbee load`, `rbee unload`) are jobs too: a load starts
+a worker where the queen would start one on demand (pinned unless given a keep-alive, as every
+explicit start); an unload stops leasing the model's workers, lets the requests in flight on
+them finish (or, `now`, cuts them: each client gets 503 `worker_stopping`), then stops them.
 """
 
 from __future__ import annotations
@@ -20,20 +25,29 @@ from rbee.contracts.hive_api import SpawnRequest, SpawnResponse
 from rbee.contracts.hives import HiveView
 from rbee.contracts.jobs import (
     JobEvent,
+    JobRequest,
     ModelDeleteJob,
     ModelDownloadJob,
     ModelListJob,
+    ModelLoadJob,
+    ModelUnloadJob,
     WorkerSpawnJob,
     WorkerStopJob,
 )
 from rbee.contracts.workers import DEFAULT_CTX_SIZE, WorkerInfo
 from rbee.queen.hives import HiveRegistry
 from rbee.queen.registry import WorkerRegistry
-from rbee.queen.scheduler.placement import Demand
+from rbee.queen.routing.router import Router
+from rbee.queen.scheduler.placement import Demand, hives_with_model
 from rbee.queen.scheduler.spawner import Spawner
 
 # Told of each worker stopped through its hive: (the worker, why: "idle", "manual", ...).
 UnloadedFn = Callable[[WorkerInfo, str], None]
+# Told of each worker about to be stopped while requests may still run on it.
+CutFn = Callable[[str], None]
+DRAIN_TIMEOUT_S = 600.0  # longest an unload waits for the requests in flight to finish
+DRAIN_POLL_S = 0.1
+LOADING_NEWS_S = 5.0  # how often a load job says it is still loading
 
 
 def hive_failure(exc: HiveError) -> RbeeError:
@@ -86,12 +100,49 @@ class Operations:
         spawner: Spawner,
         clients: HiveClients,
         on_unloaded: UnloadedFn = lambda info, reason: None,
+        *,
+        router: Router,
+        cut: CutFn = lambda worker_id: None,
+        drain_timeout_s: float = DRAIN_TIMEOUT_S,
     ) -> None:
         self.registry = registry
         self.hives = hives
         self.spawner = spawner
         self.clients = clients
         self.on_unloaded = on_unloaded
+        self.router = router
+        self.cut = cut
+        self.drain_timeout_s = drain_timeout_s
+
+    def check(self, request: JobRequest) -> None:
+        """Refuse at once, before a job starts and with nothing changed, a load of a model no
+        online hive has or an unload of a model no worker serves."""
+        if isinstance(request, ModelLoadJob) and not hives_with_model(
+            self.hives.all(), request.model
+        ):
+            served = {m for h in self.hives.all() if h.online for m in h.models}
+            known = ", ".join(sorted(served)) or "none"
+            raise NotFound(
+                f"unknown model {quote(request.model)}: no online hive has it (models: {known})",
+                code="model_not_found",
+                param="model",
+            )
+        if isinstance(request, ModelUnloadJob) and not self._workers_of(request.model):
+            loaded = ", ".join(sorted(self.registry.models())) or "none"
+            raise NotFound(
+                f"model {quote(request.model)} is not loaded: no worker serves it "
+                f"(loaded: {loaded})",
+                code="model_not_loaded",
+                param="model",
+            )
+
+    def _workers_of(self, model: str) -> list[WorkerInfo]:
+        """The model's workers that a hive started (and so can stop), not already going."""
+        return [
+            w
+            for w in self.registry.find_workers_by_model(model)
+            if w.hive_id is not None and not self.router.retiring(w.id)
+        ]
 
     def _online_hive(self, hive_id: str) -> HiveView:
         hive = self.hives.get(hive_id)
@@ -144,6 +195,88 @@ class Operations:
         )
         job.emit(JobEvent(type="log", message=f"worker {spawned.worker_id} is ready"))
         return {**spawned.model_dump(), "hive_id": hive.id, "device": placement.device_id}
+
+    async def model_load(self, job: Job, request: ModelLoadJob) -> dict[str, Any]:
+        """One more worker for the model, placed as an on-demand start would be."""
+        self.check(request)
+        spawn = WorkerSpawnJob(
+            operation="worker_spawn",
+            model=request.model,
+            hive_id=request.hive_id,
+            keep_alive=request.keep_alive,
+        )
+        began = asyncio.get_running_loop().time()
+
+        async def news() -> None:
+            while True:
+                await asyncio.sleep(LOADING_NEWS_S)
+                waited = asyncio.get_running_loop().time() - began
+                job.emit(JobEvent(type="log", message=f"loading {request.model}… {waited:.0f}s"))
+
+        ticker = asyncio.create_task(news())
+        try:
+            return await self.worker_spawn(job, spawn)
+        finally:
+            ticker.cancel()
+
+    async def model_unload(self, job: Job, request: ModelUnloadJob) -> dict[str, Any]:
+        """Stop the model's workers: no new request goes to them from now on (a request for the
+        model starts another worker), those in flight finish first unless `now`."""
+        self.check(request)
+        workers = self._workers_of(request.model)
+        for info in workers:
+            self.router.retire(info.id)
+            self.spawner.worker_stopped(info.id)  # on purpose: not an early death
+
+        def say(message: str) -> None:
+            job.emit(JobEvent(type="log", message=message))
+
+        try:
+            if not request.now:
+                await self._drain(workers, say)
+        except BaseException:
+            for info in workers:  # cancelled while waiting: they serve on
+                self.router.unretire(info.id)
+            raise
+        for info in workers:
+            self.cut(info.id)
+        results = await asyncio.gather(
+            *(self.stop_worker(info, "manual", say) for info in workers), return_exceptions=True
+        )
+        failed = [
+            (info, r)
+            for info, r in zip(workers, results, strict=True)
+            if isinstance(r, BaseException)
+        ]
+        for info, _ in failed:
+            self.router.unretire(info.id)
+        if failed:
+            error = failed[0][1]
+            if isinstance(error, RbeeError):
+                raise error
+            raise BadGateway(f"could not stop worker {failed[0][0].id}: {error}")
+        stopped = [r for r in results if isinstance(r, dict)]
+        return {"model": request.model, "now": request.now, "workers": stopped}
+
+    async def _drain(self, workers: list[WorkerInfo], say: Callable[[str], None]) -> None:
+        """Wait until no request runs on the workers (bounded: past the drain timeout, the
+        workers' own shutdown ends what still runs)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.drain_timeout_s
+        told = -1
+        while True:
+            in_flight = sum(self.router.tracker.in_flight(w.id) for w in workers)
+            if not in_flight:
+                return
+            if in_flight != told:
+                told = in_flight
+                say(f"waiting for {in_flight} request(s) in flight to finish")
+            if loop.time() >= deadline:
+                say(
+                    f"{in_flight} request(s) still running after {self.drain_timeout_s:.0f}s: stopping anyway"
+                )
+                return
+            await asyncio.sleep(DRAIN_POLL_S)
 
     async def worker_stop(self, job: Job, request: WorkerStopJob) -> dict[str, Any]:
         info = self.registry.get_worker(request.worker_id)

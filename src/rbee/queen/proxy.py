@@ -7,6 +7,11 @@ still go elsewhere: a worker that fails, vanishes (found dead by TCP, or declare
 the registry) or answers 5xx is benched and the request retried; a worker whose own queue is
 full (429) hands the request to one with room. After the first byte the client gets an error
 event and the stream ends. A client that leaves frees its place in line and its worker slot.
+
+One exception: a streaming request that must wait for its model to load (a cold start) gets
+its SSE headers (200) and a comment line (`: loading MODEL`) every few seconds while it waits,
+so that clients and proxies between do not time out; then the worker's stream follows, or, if
+the start fails, an SSE error event.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ import contextlib
 import errno
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Collection
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +45,7 @@ from rbee.common.tokens import auth_headers
 from rbee.contracts.errors import ErrorBody
 from rbee.contracts.workers import parse_keep_alive
 from rbee.queen.hives import HiveRegistry
+from rbee.queen.loading import loading_stream, sse_data
 from rbee.queen.metrics import CLIENT_CLOSED, QueenMetrics, RequestTrack
 from rbee.queen.registry import WorkerRegistry
 from rbee.queen.routing.admission import QueueFull, WaitExpired
@@ -51,6 +58,8 @@ from rbee.queen.usage import metered_stream, request_usage, total_tokens
 
 log = logging.getLogger("rbee.queen.proxy")
 WORKER_HEADER = "x-rbee-worker-id"
+LOADING_COMMENT_S = 3.0  # how often a request waiting for its model to load hears so
+CUT_MEMORY_S = 300.0  # how long a worker stopped by `rbee unload --now` is remembered as such
 PASSED_REQUEST_HEADERS = ("content-type", "accept", "x-request-id")
 
 
@@ -80,7 +89,7 @@ def parse_body(raw: bytes) -> tuple[str, bool, float | None]:
 
 def sse_error(message: str) -> bytes:
     body = ErrorBody.of(message, "server_error", "worker_failed").model_dump()
-    return f"data: {json.dumps(body)}\n\n".encode()
+    return sse_data(body)
 
 
 @dataclass
@@ -147,6 +156,22 @@ class Proxy:
         self.retries = retries
         self.metrics = metrics
         self.usage = usage  # tokens served to an API key
+        self.loading_comment_s = LOADING_COMMENT_S
+        # Workers stopped by `rbee unload --now`, and when: their requests are not retried.
+        self._cut: dict[str, float] = {}
+
+    def cut(self, worker_id: str) -> None:
+        """The worker is being stopped by hand (`rbee unload --now`): a request it fails gets
+        503 `worker_stopping`, not another worker (the model is going away on purpose)."""
+        now = time.monotonic()
+        self._cut = {w: t for w, t in self._cut.items() if now - t < CUT_MEMORY_S}
+        self._cut[worker_id] = now
+
+    def cold(self, model: str, embedding: bool) -> bool:
+        """No worker of the model serves yet: a request for it waits for a load."""
+        if self.spawner.loading.get(model):
+            return not self.router.candidates(model, embedding=embedding)
+        return not self.router.has_live_worker(model, embedding=embedding)
 
     def known_models(self) -> list[str]:
         served = set(self.registry.models())
@@ -215,10 +240,10 @@ class Proxy:
         track = self.metrics.track(model)
         track.streamed = stream
         try:
-            return await unless_client_leaves(
-                request.receive,
-                self._forward(model, track, path, raw, request, embedding, keep_alive),
-            )
+            work = self._forward(model, track, path, raw, request, embedding, keep_alive)
+            if stream and self.cold(model, embedding):
+                return await self._while_loading(request, model, track, work)
+            return await unless_client_leaves(request.receive, work)
         except ClientGone:
             track.refused(CLIENT_CLOSED)
             return Response(status_code=CLIENT_CLOSED_REQUEST)
@@ -228,6 +253,33 @@ class Proxy:
         except BaseException:
             track.refused(CLIENT_CLOSED)
             raise
+
+    async def _while_loading(
+        self,
+        request: Request,
+        model: str,
+        track: RequestTrack,
+        work: Awaitable[Response],
+    ) -> Response:
+        """A streaming request for a model being loaded: answered as usual if it is quick
+        (errors keep their status), else streamed at once, with comments until the answer."""
+        task = asyncio.ensure_future(work)
+
+        async def first_wait() -> None:
+            await asyncio.wait({task}, timeout=self.loading_comment_s)
+
+        try:
+            await unless_client_leaves(request.receive, first_wait())
+        except BaseException:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise
+        if task.done():
+            return task.result()
+        return StreamingResponse(
+            loading_stream(task, model, track, self.loading_comment_s),
+            media_type="text/event-stream",
+        )
 
     async def _forward(
         self,
@@ -264,6 +316,14 @@ class Proxy:
                 failures += 1
             step = next_step(attempt.outcome, failures, self.retries)
             tried.append(lease.worker_id)
+            if step not in (Step.RELAY, Step.OVERFLOW) and lease.worker_id in self._cut:
+                # Unloaded by hand with --now: the client hears so, no other worker starts.
+                self.router.release(lease)
+                raise Unavailable(
+                    f"worker {lease.worker_id} was stopped while answering: model "
+                    f"{quote(model)} was unloaded (rbee unload --now)",
+                    code="worker_stopping",
+                )
             if step is Step.RELAY:
                 return self._answer(lease, attempt, track, key, keep_usage)
             if step is Step.OVERFLOW:

@@ -59,7 +59,14 @@ class QueenSettings(DaemonSettings):
     )
     queue_timeout: Seconds = Field(30.0, description="longest a request waits for a free worker")
     spawn_timeout: Seconds = Field(
-        300.0, description="longest to wait for a hive to start a worker and for it to be ready"
+        300.0,
+        description="the base of a worker's load deadline: longest to wait for a hive to start "
+        "a worker and for it to be ready, plus --load-timeout-per-gib for each GiB of its model",
+    )
+    load_timeout_per_gib: Annotated[float, Field(ge=0)] = Field(
+        60.0,
+        description="seconds added to a worker's load deadline (--spawn-timeout) for each GiB "
+        "of memory its model needs, so big models are never cut off by a short fixed timeout",
     )
     swap_max_wait: Seconds = Field(
         30.0,

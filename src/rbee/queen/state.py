@@ -86,6 +86,7 @@ def build_state(
         clients.spawn,
         settings.spawn_timeout,
         on_result=metrics.worker_started,
+        timeout_per_gib_s=settings.load_timeout_per_gib,
         stop=stop_worker,
         clock=clock,
         on_loaded=metrics.model_loaded,
@@ -105,7 +106,6 @@ def build_state(
             },
         )
 
-    operations = Operations(registry, hives, spawner, clients, on_unloaded=unloaded)
     upstream = UpstreamClient(dead_peer_options())
     keys = KeyStore(settings.data_dir)
     proxy = Proxy(
@@ -118,6 +118,9 @@ def build_state(
         retries=settings.retries,
         metrics=metrics,
         usage=keys.count_tokens,
+    )
+    operations = Operations(
+        registry, hives, spawner, clients, on_unloaded=unloaded, router=router, cut=proxy.cut
     )
     state = QueenState(
         settings=settings,

@@ -439,6 +439,7 @@ async def test_embeddings_for_a_model_a_hive_has_start_an_embedding_worker(
             "embedding": True,
             "kv_cache_type": "auto",
             "keep_alive_s": 300.0,  # started on demand: the queen's default keep-alive
+            "load_timeout_s": 5.0,  # the base of the load deadline: no footprint known
         }
     ]
     assert {a.headers["x-rbee-worker-id"] for a in answers} == {"spawned-1"}

@@ -15,6 +15,8 @@ from rbee.contracts.jobs import (
     ModelDeleteJob,
     ModelDownloadJob,
     ModelListJob,
+    ModelLoadJob,
+    ModelUnloadJob,
     WorkerSpawnJob,
     WorkerStopJob,
 )
@@ -41,10 +43,15 @@ def _work(state: QueenState, request: JobRequest) -> Callable[[Job], Awaitable[d
             return lambda job: ops.model_list(job, request)
         case ModelDeleteJob():
             return lambda job: ops.model_delete(job, request)
+        case ModelLoadJob():
+            return lambda job: ops.model_load(job, request)
+        case ModelUnloadJob():
+            return lambda job: ops.model_unload(job, request)
 
 
 @router.post("/v1/jobs", status_code=201)
 async def create_job(request: Annotated[JobRequest, Body()], state: State) -> JSONResponse:
+    state.operations.check(request)  # a model nobody knows: 404 now, and no job
     job = state.jobs.start(request.operation, _work(state, request))
     created = JobCreated(job_id=job.id, sse_url=f"/v1/jobs/{job.id}/stream")
     return JSONResponse(created.model_dump(), status_code=201)

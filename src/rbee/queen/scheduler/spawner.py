@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -42,6 +43,12 @@ KeepAliveFn = Callable[[str], float]
 # Makes room for a demand that fits nowhere (evicting idle workers, or waiting for some to go
 # idle): its placement then, or the refusal again (`rbee.queen.scheduler.room`).
 MakeRoomFn = Callable[[Demand, frozenset[str], InsufficientMemory], Awaitable[Placement]]
+
+
+def load_deadline_s(base_s: float, per_gib_s: float, needed_bytes: int) -> float:
+    """How long a worker may take to load: a base plus seconds per GiB its model needs, so a
+    big or slow load is never cut off by a fixed short timeout."""
+    return base_s + per_gib_s * max(0, needed_bytes) / (1 << 30)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,13 +83,17 @@ class Spawner:
         clock: Clock = monotonic,
         on_loaded: LoadedFn = lambda model, reason, seconds: None,
         keep_alive: KeepAliveFn = lambda model: math.inf,
+        timeout_per_gib_s: float = 0.0,
     ) -> None:
         self.registry = registry
         self.hives = hives
         self.bus = bus
         self.spawn = spawn
         self.stop = stop
-        self.timeout_s = timeout_s
+        self.timeout_s = timeout_s  # the base of the load deadline
+        self.timeout_per_gib_s = timeout_per_gib_s
+        # Models with a worker being started (on demand or by job): `/v1/models` says loading.
+        self.loading: Counter[str] = Counter()
         self.on_result = on_result
         self.on_loaded = on_loaded
         self.keep_alive = keep_alive
@@ -127,6 +138,8 @@ class Spawner:
         report ready in time is stopped, so a later start cannot leave the model running twice.
         """
         model = demand.model
+        need = placement.estimate.total if placement.estimate else 0
+        deadline_s = load_deadline_s(self.timeout_s, self.timeout_per_gib_s, need)
         request = SpawnRequest(
             model=model,
             device=placement.device_id,
@@ -137,10 +150,11 @@ class Spawner:
             cores=cores,
             kv_cache_type=demand.kv_cache_type,
             keep_alive_s=keep_alive_s,
+            load_timeout_s=deadline_s,
         )
         began = self._clock()
-        need = placement.estimate.total if placement.estimate else 0
         reservation = self.reservations.hold(placement.hive.id, placement.device_id, need)
+        self.loading[model] += 1
         try:
             try:
                 spawned = await self.spawn(placement.hive, request)
@@ -149,7 +163,7 @@ class Spawner:
                 raise
             self.reservations.started(reservation, spawned.worker_id)
             try:
-                ready = await self.wait_ready(spawned.worker_id)
+                ready = await self.wait_ready(spawned.worker_id, deadline_s)
             except Exception:
                 await self._stop_unready(placement.hive, spawned)
                 self.reservations.release(reservation)
@@ -160,6 +174,10 @@ class Spawner:
         except Exception:
             self.on_result(model, "failed")
             raise
+        finally:
+            self.loading[model] -= 1
+            if self.loading[model] <= 0:
+                del self.loading[model]
         self.on_result(model, "ready")
         seconds = self._clock() - began
         self.on_loaded(model, reason, seconds)
@@ -306,14 +324,15 @@ class Spawner:
                 self.backoff.stable(started.model, started.hive_id)
                 del self._started[worker_id]
 
-    async def wait_ready(self, worker_id: str) -> WorkerInfo:
+    async def wait_ready(self, worker_id: str, timeout_s: float | None = None) -> WorkerInfo:
         """Wait until the worker reports that it serves (`ready`, or `busy`: requests that
         arrived while it started may take it before this wait sees it ready, and a loaded
         worker kept busy might never say `ready` again). The hive answers only once the worker
         is up, so a worker that goes offline or stays silent for a heartbeat timeout after that
         has died: waiting out the whole spawn timeout for it would hold every request up."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout_s
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        deadline = loop.time() + timeout_s
         silent_until = loop.time() + self.registry.timeout_s
         async with self.bus.subscribe() as changes:
             while True:
@@ -329,7 +348,7 @@ class Spawner:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     raise Unavailable(
-                        f"worker {worker_id} did not report ready within {self.timeout_s:.0f}s",
+                        f"worker {worker_id} did not report ready within {timeout_s:.0f}s",
                         code="worker_start_timeout",
                     )
                 try:

@@ -1,0 +1,87 @@
+"""`rbee load`, `rbee unload`: load and unload models by hand, through the queen's jobs API."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from rbee.cli import jobs
+from rbee.cli.context import cli_of
+from rbee.clients.queen import QueenClient
+from rbee.contracts.jobs import ModelLoadJob, ModelUnloadJob
+from rbee.contracts.workers import keep_alive_wire, parse_keep_alive
+
+
+def load(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="Model id, as `rbee models`.")],
+    hive: Annotated[
+        str | None,
+        typer.Option("--hive", help="Hive id (default: where the queen would start it on demand)."),
+    ] = None,
+    keep_alive: Annotated[
+        str | None,
+        typer.Option(
+            "--keep-alive",
+            metavar="DURATION",
+            help="Unload it once idle this long, e.g. 30s, 10m, 1h (default: pinned, never "
+            "unloaded for idleness, as `rbee worker spawn`).",
+        ),
+    ] = None,
+) -> None:
+    """Load a model: start a worker for it and follow its progress until it is ready (bounded
+    by the queen's load deadline, which grows with the model's size)."""
+    cli = cli_of(ctx)
+    try:
+        keep_alive_s = None if keep_alive is None else keep_alive_wire(parse_keep_alive(keep_alive))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--keep-alive") from None
+    request = ModelLoadJob(
+        operation="model_load", model=model, hive_id=hive, keep_alive=keep_alive_s
+    )
+
+    async def work(client: QueenClient) -> dict[str, Any]:
+        return await jobs.run_job(client, request, cli.err)
+
+    result = cli.run(work)
+    cli.out.print(
+        f"loaded {model}: worker {result.get('worker_id')} on hive {result.get('hive_id')} "
+        f"({result.get('device')})",
+        markup=False,
+        highlight=False,
+    )
+
+
+def unload(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="Model id, as `rbee models`.")],
+    now: Annotated[
+        bool,
+        typer.Option(
+            "--now",
+            help="Cut the requests in flight (each client gets a 503 worker_stopping error) "
+            "instead of letting them finish.",
+        ),
+    ] = False,
+) -> None:
+    """Unload a model: no new request goes to its workers, those in flight finish (unless
+    --now), then its workers stop and their memory is free again."""
+    cli = cli_of(ctx)
+
+    async def work(client: QueenClient) -> dict[str, Any]:
+        request = ModelUnloadJob(operation="model_unload", model=model, now=now)
+        return await jobs.run_job(client, request, cli.err)
+
+    result = cli.run(work)
+    stopped = [w.get("worker_id") for w in result.get("workers", []) if isinstance(w, dict)]
+    cli.out.print(
+        f"unloaded {model}: stopped {', '.join(str(w) for w in stopped) or 'no worker'}",
+        markup=False,
+        highlight=False,
+    )
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(load)
+    app.command()(unload)
