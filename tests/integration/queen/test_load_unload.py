@@ -342,3 +342,22 @@ async def test_a_streaming_request_for_an_unknown_model_keeps_its_404(
     response = await cluster.chat(model="banana", stream=True)
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "model_not_found"
+
+
+async def test_the_hive_is_given_a_load_deadline_that_grows_with_the_model(
+    cluster: LoadCluster,
+) -> None:
+    beat = hive_beat(["big"])
+    beat["devices"][0].update(memory_total_bytes=64 << 30, memory_free_bytes=64 << 30)
+    footprint = {
+        "weights_bytes": 4 << 30,
+        "layers": 32,
+        "kv_bytes_per_token": 0,
+        "vocab_size": 0,
+        "head_count": 0,
+    }
+    beat["footprints"] = {"big": footprint}
+    (await cluster.client.post("/v1/hive-heartbeat", json=beat)).raise_for_status()
+    assert (await cluster.job(operation="model_load", model="big"))[-1]["type"] == "done"
+    # --spawn-timeout 30 (the base) + 60 s for each of the 4 GiB the model needs.
+    assert cluster.spawns[0]["load_timeout_s"] == pytest.approx(30 + 60 * 4, abs=1)
