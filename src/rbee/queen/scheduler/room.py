@@ -113,7 +113,7 @@ class Room:
     def _handing_over(self, info: WorkerInfo, now: float) -> bool:
         """Just loaded (or its start still finishing): the requests it was loaded for have
         yet to take it."""
-        if (info.model_id, info.embedding) in self.spawner._starting:  # the start is finishing
+        if self.spawner.starting(info.model_id, info.embedding):  # its start is finishing
             return True
         return now - (self.spawner.ready_at(info.id) or -math.inf) < HANDOVER_S
 

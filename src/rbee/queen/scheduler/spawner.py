@@ -256,7 +256,7 @@ class Spawner:
             try:
                 placement = self.place(Demand(model=model, ctx_size=DEFAULT_CTX_SIZE), exclude)
             except InsufficientMemory as refused:
-                if self.make_room is None:
+                if self.make_room is None or reason != "demand":  # a replica evicts nothing
                     raise
                 demand = Demand(model=model, ctx_size=DEFAULT_CTX_SIZE)
                 placement = await self.make_room(demand, exclude, refused)
