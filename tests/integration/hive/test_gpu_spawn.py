@@ -128,3 +128,8 @@ async def test_the_queen_sees_footprints_and_the_memory_a_new_worker_took_at_onc
         await hive.client.spawn(SpawnRequest(model=MODEL, device="cuda:0"))
         # The heartbeat interval here is 60 s: the hive beats after a spawn by itself.
         await until(reported, lambda h: h["devices"][1]["memory_free_bytes"] == 15 * GIB)
+        # And after a stop: the memory is back at once for a model waiting for it.
+        [worker] = await hive.client.workers()
+        gpu.free_bytes = 20 * GIB
+        await hive.client.stop_worker(worker.pid)
+        await until(reported, lambda h: h["devices"][1]["memory_free_bytes"] == 20 * GIB)

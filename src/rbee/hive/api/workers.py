@@ -38,4 +38,9 @@ async def list_workers(state: State) -> WorkerProcessList:
 
 @router.post("/v1/workers/{pid}/stop")
 async def stop(pid: int, state: State) -> WorkerStopped:
-    return await state.supervisor.stop(pid)
+    try:
+        return await state.supervisor.stop(pid)
+    finally:
+        # The worker's memory is free again: the queen learns it now, not at the next beat
+        # (a model waiting for that room, evicting for it, would wait a whole interval).
+        state.changed.set()
