@@ -19,8 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from rbee.clients.worker import WorkerClient
 from rbee.contracts.openai import ModelBackoff, ModelCard, ModelServing
-from rbee.contracts.workers import WorkerInfo, WorkerStatus
-from rbee.queen.registry import worker_view
+from rbee.contracts.workers import WorkerInfo, WorkerStatus, WorkerView
+from rbee.queen.registry import WorkerRecord, worker_view
 from rbee.queen.routing.router import SERVING
 from rbee.queen.scheduler.lifecycle import IdleSnapshot, keep_alive_left
 from rbee.queen.state import QueenState
@@ -78,9 +78,7 @@ def model_entries(state: QueenState) -> list[dict[str, Any]]:
     return [card.model_dump(mode="json") for card in cards]
 
 
-def keep_alive_of(
-    workers: list[IdleSnapshot], now: float, min_replicas: int = 0
-) -> dict[str, Any]:
+def keep_alive_of(workers: list[IdleSnapshot], now: float, min_replicas: int = 0) -> dict[str, Any]:
     """A model's keep-alive figures over its loaded workers (see `ModelServing`); with
     `min_replicas` its last workers never unload, so no time is left to show."""
     if not workers:
@@ -106,19 +104,28 @@ def backoff_of(state: QueenState, model: str) -> list[ModelBackoff]:
     ]
 
 
+def queen_view(state: QueenState, record: WorkerRecord, now: float) -> WorkerView:
+    """A worker as the queen shows it: one being unloaded (no new requests, those in flight
+    finishing) is `stopping` before the worker itself says so."""
+    view = worker_view(state.registry, record, now)
+    if state.router.retiring(view.id) and view.status in SERVING:
+        return view.model_copy(update={"status": WorkerStatus.STOPPING, "available": False})
+    return view
+
+
 def worker_json(state: QueenState, info: WorkerInfo) -> dict[str, Any]:
     """A worker as `/v1/workers` shows it; one already removed shows its last known fields."""
     record = state.registry.get_record(info.id)
     if record is None:
         return {**info.model_dump(mode="json"), "online": False, "available": False}
-    return worker_view(state.registry, record, state.registry.now()).model_dump(mode="json")
+    return queen_view(state, record, state.registry.now()).model_dump(mode="json")
 
 
 def snapshot(state: QueenState) -> dict[str, Any]:
     """The `summary` event: counts (as before), plus every worker, hive and model."""
     registry = state.registry
     now = registry.now()
-    workers = [worker_view(registry, r, now) for r in registry.records()]
+    workers = [queen_view(state, r, now) for r in registry.records()]
     hives = state.hives.all()
     return {
         "total": len(workers),

@@ -216,6 +216,10 @@ async def test_unload_lets_the_request_in_flight_finish_then_stops_the_worker(
     await asyncio.sleep(0.3)  # the job waits for the request: nothing is stopped meanwhile
     assert cluster.stops == []
     assert not job.done()
+    # `rbee status` and the dashboard show it unloading.
+    view = (await cluster.client.get("/v1/workers/spawned-1")).json()
+    assert view["status"] == "stopping"
+    assert view["available"] is False
     # A new request for the model no longer goes to the worker being unloaded: another starts.
     cluster.workers["spawned-2"] = answer
     fresh = await cluster.chat()

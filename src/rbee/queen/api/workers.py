@@ -14,8 +14,8 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from rbee.common.errors import NotFound, quote
 from rbee.contracts.workers import HeartbeatAck, WorkerHeartbeat, WorkerView
-from rbee.queen.live import snapshot, worker_json
-from rbee.queen.registry import ChangeKind, RegistryChange, worker_view
+from rbee.queen.live import queen_view, snapshot, worker_json
+from rbee.queen.registry import ChangeKind, RegistryChange
 from rbee.queen.routing.router import pool_of
 from rbee.queen.state import QueenState, get_state
 
@@ -94,7 +94,7 @@ async def list_workers(
     available: bool | None = None,
 ) -> dict[str, list[WorkerView]]:
     now = state.registry.now()
-    views = [worker_view(state.registry, r, now) for r in state.registry.records()]
+    views = [queen_view(state, r, now) for r in state.registry.records()]
     if model_id is not None:
         views = [v for v in views if v.model_id == model_id]
     if available is not None:
@@ -107,7 +107,7 @@ async def get_worker(worker_id: str, state: State) -> WorkerView:
     record = state.registry.get_record(worker_id)
     if record is None:
         raise NotFound(f"no worker {quote(worker_id)} in the registry", code="worker_not_found")
-    return worker_view(state.registry, record, state.registry.now())
+    return queen_view(state, record, state.registry.now())
 
 
 @router.delete("/v1/workers/{worker_id}")
