@@ -319,10 +319,14 @@ function render() {
 
   // A model's state follows the workers the page sees, so it changes as fast as they do.
   const serving = new Map();
+  // Loading: the queen says so (a request waits for a start), or a worker of it is starting.
+  const loading = new Set(cluster.models.filter((m) => m.rbee.state === "loading").map((m) => m.id));
   for (const entry of workers) {
     const status = workerStatus(entry);
     if (status === "ready" || status === "busy") {
       serving.set(entry.view.model_id, (serving.get(entry.view.model_id) || 0) + 1);
+    } else if (status === "starting") {
+      loading.add(entry.view.model_id);
     }
   }
   const models = new Map(cluster.models.map((m) => [m.id, m.rbee.hives || []]));
@@ -338,7 +342,7 @@ function render() {
           "tr",
           { "data-model-id": id },
           el("td", {}, el("code", {}, id)),
-          statusCell(count ? "loaded" : "available"),
+          statusCell(count ? "loaded" : loading.has(id) ? "loading" : "available"),
           el("td", {}, String(count)),
           el("td", {}, hiveIds.join(", ") || "–"),
         );
