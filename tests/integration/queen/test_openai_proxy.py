@@ -367,6 +367,8 @@ async def test_models_lists_loaded_and_startable(cluster: Cluster) -> None:
         "keep_alive_left_s": None,
         "last_used_s_ago": 0.0,
         "queued": 0,
+        "max_replicas": None,  # as many as fit
+        "min_replicas": 0,
     }
     assert by_id["cold"] == {
         "state": "available",
@@ -379,6 +381,8 @@ async def test_models_lists_loaded_and_startable(cluster: Cluster) -> None:
         "keep_alive_left_s": None,
         "last_used_s_ago": None,
         "queued": 0,
+        "max_replicas": None,
+        "min_replicas": 0,
     }
 
 
