@@ -33,8 +33,8 @@ from pathlib import Path
 import httpx
 
 from rbee.common.bundled import DEFAULT_MODEL
-from rbee.testing import netns
-from rbee.testing.lan_cluster import LanCluster
+from rbee_testing import netns
+from rbee_testing.lan_cluster import LanCluster
 
 BOXES = ("box1", "box2")
 QUEEN_FLAGS = (

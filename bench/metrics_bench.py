@@ -27,7 +27,7 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).parent))
 import proxy_bench  # the sibling benchmark's client and set-up
-from rbee.testing.processes import ServerProcess, console_script, free_port
+from rbee_testing.processes import ServerProcess, console_script, free_port
 
 # A queen whose per-request recording is switched off; everything else is the real daemon.
 UNRECORDED_QUEEN = """

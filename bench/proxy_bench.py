@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/proxy_bench.py [--rounds 5] [--requests 200] [--seconds 2] [--clients 32]
 
-Starts one worker whose engine costs nothing (`rbee.testing.fake_worker`, 32 slots), a queen
+Starts one worker whose engine costs nothing (`rbee_testing.fake_worker`, 32 slots), a queen
 it heartbeats to, and nginx from Debian as a keep-alive reverse proxy of the same worker (when
 `nginx` is installed). The same chat completion is sent straight to the worker, through nginx
 and through the queen, whole and streamed (time to first byte), by 1 client and by `--clients`
@@ -40,7 +40,7 @@ import httpx
 import psutil
 import uvloop
 
-from rbee.testing.processes import ServerProcess, console_script, free_port
+from rbee_testing.processes import ServerProcess, console_script, free_port
 
 MODEL = "bench-model"
 SLOTS = 32
@@ -252,7 +252,7 @@ def cluster(token: str) -> Iterator[list[Target]]:
                 [
                     console_script("python"),
                     "-m",
-                    "rbee.testing.fake_worker",
+                    "rbee_testing.fake_worker",
                     "--model",
                     "fake",
                     "--model-id",

@@ -24,7 +24,7 @@ from rbee.queen.routing.admission import AdmissionQueue
 from rbee.queen.routing.load import LoadTracker
 from rbee.queen.routing.policies import least_loaded
 from rbee.queen.routing.router import Router
-from rbee.testing.processes import ServerProcess, console_script, free_port
+from rbee_testing.processes import ServerProcess, console_script, free_port
 
 
 def heartbeat_body(i: int) -> bytes:

@@ -52,8 +52,8 @@ from pathlib import Path
 import httpx
 
 from rbee.common.bundled import BUNDLED_MODELS, DEFAULT_MODEL, GEMMA_MODEL
-from rbee.testing.metrics import has, parse_samples, value
-from rbee.testing.processes import ServerProcess, console_script, free_port
+from rbee_testing.metrics import has, parse_samples, value
+from rbee_testing.processes import ServerProcess, console_script, free_port
 
 LLAMA_SERVER = Path(sys.executable).parent / "llama-server"
 COPY = "smollm2-copy"

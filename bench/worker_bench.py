@@ -39,8 +39,8 @@ import httpx
 import psutil
 
 from rbee.common.cpus import usable_cpus
-from rbee.testing.processes import ServerProcess, console_script, free_port
 from rbee.worker.app import resolve_model
+from rbee_testing.processes import ServerProcess, console_script, free_port
 
 MODEL = "smollm2-135m-instruct"
 # llama.cpp's KV cache settings tried for the baseline: its default, and the worker's.

@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from rbee.testing.processes import RUN_MARKER, Survivor, end_marked_processes, process_clock
+from rbee_testing.processes import RUN_MARKER, Survivor, end_marked_processes, process_clock
 
 # When each test so far started (its setup), on process_clock(): which test started a process
 # that survived.

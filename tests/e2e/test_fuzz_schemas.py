@@ -17,8 +17,8 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 
-from rbee.testing.gguf import write_tiny_gguf
-from rbee.testing.processes import ServerProcess, console_script, free_port
+from rbee_testing.gguf import write_tiny_gguf
+from rbee_testing.processes import ServerProcess, console_script, free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -24,10 +24,10 @@ from rbee.queen.access import QUEEN_ACCESS
 from rbee.queen.app import create_app as create_queen
 from rbee.queen.settings import QueenSettings
 from rbee.queen.state import QueenState
-from rbee.testing.fake_engine import FakeEngine
 from rbee.worker.access import WORKER_ACCESS
 from rbee.worker.app import create_app as create_worker
 from rbee.worker.settings import WorkerSettings
+from rbee_testing.fake_engine import FakeEngine
 
 TOKEN = "cluster-s3cret"
 

@@ -18,9 +18,9 @@ from rbee.queen.metrics import QueenMetrics
 from rbee.queen.registry import WorkerRegistry
 from rbee.queen.routing.admission import AdmissionQueue
 from rbee.queen.routing.load import LoadTracker
-from rbee.testing.metrics import parse_samples
 from rbee.worker.metrics import WorkerMetrics
 from rbee.worker.state import Identity, WorkerStatusBoard
+from rbee_testing.metrics import parse_samples
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "rbee-dashboard.json"
 

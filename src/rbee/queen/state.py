@@ -66,7 +66,7 @@ def build_state(
 ) -> QueenState:
     """Wire the queen's parts. `transport` replaces the network to hives in tests; proxied
     inference always goes over real sockets (`UpstreamClient`; tests run fake workers on
-    loopback ports, see `rbee.testing.worker_servers`)."""
+    loopback ports, see `rbee_testing.worker_servers`)."""
     registry = WorkerRegistry(settings.heartbeat_timeout, clock)
     hives = HiveRegistry(settings.heartbeat_timeout, clock, settings.hive_forget_after)
     bus = EventBus()

@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from rbee.testing.processes import console_script
+from rbee_testing.processes import console_script
 
 RBEE = console_script("rbee")
 Run = Callable[..., subprocess.CompletedProcess[str]]

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from rbee.cli import processes
-from rbee.testing.processes import free_port
+from rbee_testing.processes import free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from rbee.testing.processes import ServerProcess, console_script, free_port
+from rbee_testing.processes import ServerProcess, console_script, free_port
 
 from .conftest import Run
 

@@ -3,7 +3,7 @@ start a queen that answers and a hive that joins it, the token stays in a 0600 f
 restart leaves its workers running (`KillMode=process`), and after a power cut a fresh manager
 starts both units by itself and the hive rejoins the queen.
 
-The manager runs in a private mount namespace (see `rbee.testing.user_systemd`); the network is
+The manager runs in a private mount namespace (see `rbee_testing.user_systemd`); the network is
 this machine's, so the test talks to the daemons on loopback.
 """
 
@@ -20,9 +20,9 @@ import httpx
 import pytest
 
 from rbee.common.bundled import DEFAULT_MODEL
-from rbee.testing import user_systemd
-from rbee.testing.processes import console_script, free_port, processes_with_in_argv
-from rbee.testing.user_systemd import UserManager
+from rbee_testing import user_systemd
+from rbee_testing.processes import console_script, free_port, processes_with_in_argv
+from rbee_testing.user_systemd import UserManager
 
 pytestmark = pytest.mark.e2e
 RBEE = console_script("rbee")

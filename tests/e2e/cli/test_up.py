@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from rbee.cli import processes
-from rbee.testing.processes import free_port
+from rbee_testing.processes import free_port
 
 from .conftest import RBEE, processes_mentioning
 

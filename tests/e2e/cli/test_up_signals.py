@@ -15,7 +15,7 @@ import httpx
 import psutil
 import pytest
 
-from rbee.testing.processes import free_port
+from rbee_testing.processes import free_port
 
 from .conftest import RBEE
 from .test_up import READY_LINE

@@ -15,7 +15,7 @@ import pytest
 from httpx_sse import connect_sse
 
 from rbee.common.bundled import DEFAULT_MODEL
-from rbee.testing.processes import ServerProcess, console_script, free_port
+from rbee_testing.processes import ServerProcess, console_script, free_port
 
 
 @dataclass

@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from rbee.common.bundled import DEFAULT_MODEL
-from rbee.testing.metrics import parse_samples, value
+from rbee_testing.metrics import parse_samples, value
 
 from .conftest import Cluster, start_cluster
 

@@ -18,8 +18,8 @@ import psutil
 import pytest
 
 from rbee.common.bundled import DEFAULT_MODEL
-from rbee.testing.metrics import parse_samples, value
-from rbee.testing.processes import console_script
+from rbee_testing.metrics import parse_samples, value
+from rbee_testing.processes import console_script
 
 from .conftest import Cluster, start_cluster
 

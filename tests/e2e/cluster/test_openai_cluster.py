@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from rbee.common.bundled import DEFAULT_MODEL, DEFAULT_SYSTEM_PROMPT
-from rbee.testing.metrics import parse_samples, value
+from rbee_testing.metrics import parse_samples, value
 
 from .conftest import Cluster, start_cluster
 

@@ -16,8 +16,8 @@ import httpx
 import pytest
 
 from rbee.common.bundled import DEFAULT_MODEL
-from rbee.testing.metrics import parse_samples, value
-from rbee.testing.processes import ServerProcess, console_script, free_port
+from rbee_testing.metrics import parse_samples, value
+from rbee_testing.processes import ServerProcess, console_script, free_port
 
 T = TypeVar("T")
 

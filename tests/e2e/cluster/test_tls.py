@@ -21,7 +21,7 @@ import pytest
 from httpx_sse import connect_sse
 
 from rbee.common.bundled import DEFAULT_MODEL, DEFAULT_SYSTEM_PROMPT
-from rbee.testing.processes import ServerProcess, console_script, free_port
+from rbee_testing.processes import ServerProcess, console_script, free_port
 
 pytestmark = pytest.mark.e2e
 TOKEN = "tls-cluster-s3cret"

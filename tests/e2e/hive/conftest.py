@@ -1,7 +1,7 @@
 """Real processes: a queen, hives started against it, the real llm-worker-rbee, a stand-in Hub.
 
 Workers live in their own sessions and outlive a killed hive by design; a hive's teardown ends
-whatever it started (rbee.testing.processes.ServerProcess).
+whatever it started (rbee_testing.processes.ServerProcess).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from rbee.testing.processes import ServerProcess, console_script, free_port
+from rbee_testing.processes import ServerProcess, console_script, free_port
 
 STANDIN_HUB = Path(__file__).parent / "standin_hub.py"
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from rbee.common.bundled import DEFAULT_MODEL, bundled_model_path
-from rbee.testing.processes import ServerProcess, console_script, free_port
+from rbee_testing.processes import ServerProcess, console_script, free_port
 
 from .conftest import Daemon, HiveProc, HiveStarter
 from .test_memory_limit import SECOND, hive_view, wait_for

@@ -12,7 +12,7 @@ import pytest
 
 from rbee.common.bundled import DEFAULT_MODEL
 from rbee.common.gpu import build_gpu_backend, device_problem, nvidia_gpu_count, parse_device
-from rbee.testing.processes import console_script, free_port
+from rbee_testing.processes import console_script, free_port
 
 from .conftest import Daemon, HiveStarter
 

@@ -19,7 +19,7 @@ from rbee.common.bundled import DEFAULT_MODEL, bundled_model_path
 from rbee.common.model_memory import estimate_memory
 from rbee.contracts.workers import DEFAULT_CTX_SIZE
 from rbee.hive.footprints import read_footprint
-from rbee.testing.processes import console_script, free_port
+from rbee_testing.processes import console_script, free_port
 
 from .conftest import Daemon, HiveStarter
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from rbee.testing import netns
-from rbee.testing.lan_cluster import LanCluster
+from rbee_testing import netns
+from rbee_testing.lan_cluster import LanCluster
 
 # Short heartbeat interval and timeout, so the faults play out in seconds, not minutes.
 QUEEN_FLAGS = (

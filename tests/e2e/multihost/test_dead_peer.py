@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from rbee.common.net import DEAD_PEER_S, dead_peer_options
-from rbee.testing import netns
+from rbee_testing import netns
 
 pytestmark = pytest.mark.e2e
 

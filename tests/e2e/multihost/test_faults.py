@@ -22,9 +22,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from rbee.common.bundled import DEFAULT_MODEL
-from rbee.testing import netns
-from rbee.testing.lan_cluster import LanCluster
-from rbee.testing.processes import console_script
+from rbee_testing import netns
+from rbee_testing.lan_cluster import LanCluster
+from rbee_testing.processes import console_script
 
 pytestmark = pytest.mark.e2e
 

@@ -9,8 +9,8 @@ import time
 import httpx
 import pytest
 
-from rbee.testing import netns
-from rbee.testing.processes import free_port
+from rbee_testing import netns
+from rbee_testing.processes import free_port
 
 pytestmark = pytest.mark.e2e
 

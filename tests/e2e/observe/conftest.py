@@ -16,8 +16,8 @@ import pytest
 from httpx_sse import connect_sse
 
 from rbee.common.bundled import DEFAULT_MODEL
-from rbee.testing.metrics import Samples, parse_samples
-from rbee.testing.processes import ServerProcess, console_script, free_port
+from rbee_testing.metrics import Samples, parse_samples
+from rbee_testing.processes import ServerProcess, console_script, free_port
 
 ARTIFACTS = Path(__file__).resolve().parents[3] / ".rbee-run" / "artifacts"
 

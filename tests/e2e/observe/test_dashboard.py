@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from rbee.testing.processes import ServerProcess, console_script, free_port
+from rbee_testing.processes import ServerProcess, console_script, free_port
 
 from .conftest import ARTIFACTS, Cluster, start_cluster
 

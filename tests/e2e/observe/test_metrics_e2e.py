@@ -11,7 +11,7 @@ import pytest
 
 from rbee.common.bundled import DEFAULT_MODEL
 from rbee.queen.metrics import UNKNOWN_MODEL
-from rbee.testing.metrics import value
+from rbee_testing.metrics import value
 
 from .conftest import Cluster
 

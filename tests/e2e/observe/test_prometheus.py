@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from rbee.testing.processes import ServerProcess, free_port
+from rbee_testing.processes import ServerProcess, free_port
 
 from .conftest import Cluster
 

@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from rbee.testing.processes import ServerProcess, console_script, free_port
+from rbee_testing.processes import ServerProcess, console_script, free_port
 
 pytestmark = pytest.mark.e2e
 

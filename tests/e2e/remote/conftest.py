@@ -21,9 +21,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from rbee.testing import netns, user_systemd
-from rbee.testing.processes import console_script, run_mark
-from rbee.testing.user_systemd import UserManager
+from rbee_testing import netns, user_systemd
+from rbee_testing.processes import console_script, run_mark
+from rbee_testing.user_systemd import UserManager
 
 SSHD = "/usr/sbin/sshd"
 
@@ -95,7 +95,7 @@ def box(tmp_path: Path) -> Iterator[Box]:
 @pytest.fixture
 def systemd_box(tmp_path: Path) -> Iterator[Box]:
     """The box with a real systemd user manager: its sshd and the manager share a private
-    mount namespace (see `rbee.testing.user_systemd`), so `systemctl --user` over SSH works."""
+    mount namespace (see `rbee_testing.user_systemd`), so `systemctl --user` over SSH works."""
     if reason := unavailable() or user_systemd.unavailable_reason():
         pytest.skip(reason)
     with open_box(tmp_path, systemd=True) as opened:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from rbee.common.bundled import DEFAULT_MODEL
-from rbee.testing.processes import (
+from rbee_testing.processes import (
     RUN_MARKER,
     ServerProcess,
     console_script,

@@ -13,7 +13,7 @@ import pytest
 
 from rbee.cli import processes
 from rbee.common.bundled import DEFAULT_MODEL
-from rbee.testing.processes import free_port
+from rbee_testing.processes import free_port
 
 from .conftest import Box, remote_hive_command
 from .test_remote_hive import RBEE, processes_with_in_argv, rbee_env, run

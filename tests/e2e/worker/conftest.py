@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from rbee.testing.gguf import write_tiny_gguf
-from rbee.testing.processes import ServerProcess, console_script, free_port
+from rbee_testing.gguf import write_tiny_gguf
+from rbee_testing.processes import ServerProcess, console_script, free_port
 
 SMOLLM = "smollm2-135m-instruct"
 

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from rbee.testing.gguf import write_tiny_gguf
 from rbee.worker.app import resolve_model
 from rbee.worker.engines.base import Message, SamplingParams
 from rbee.worker.engines.llama_process import LlamaServer, ServerConfig, default_binary
 from rbee.worker.engines.llama_server import GENERATION_TIMEOUT, LlamaServerEngine
+from rbee_testing.gguf import write_tiny_gguf
 
 from .conftest import SMOLLM
 

@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
-from rbee.testing.gguf import write_tiny_gguf
+from rbee_testing.gguf import write_tiny_gguf
 
 pytestmark = pytest.mark.e2e
 

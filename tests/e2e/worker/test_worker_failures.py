@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
-from rbee.testing.gguf import write_garbage_gguf, write_truncated_gguf
+from rbee_testing.gguf import write_garbage_gguf, write_truncated_gguf
 
 from .conftest import SMOLLM
 

@@ -89,7 +89,7 @@ def test_queen_restarted_on_the_same_port_sees_the_worker_within_one_interval(
 
 
 def test_worker_started_before_its_queen_registers_when_the_queen_arrives(cluster: Any) -> None:
-    from rbee.testing.processes import free_port
+    from rbee_testing.processes import free_port
 
     port = free_port()
     worker = cluster.worker(f"http://127.0.0.1:{port}", "--heartbeat-interval", "1")

@@ -20,7 +20,7 @@ import httpx
 import psutil
 import pytest
 
-from rbee.testing.processes import free_port
+from rbee_testing.processes import free_port
 
 from .conftest import SMOLLM, worker_args
 

@@ -28,7 +28,7 @@ from rbee.hive.settings import HiveSettings
 from rbee.hive.state import HiveState
 from rbee.queen.app import create_app as create_queen
 from rbee.queen.settings import QueenSettings
-from rbee.testing.processes import ServerProcess, free_port
+from rbee_testing.processes import ServerProcess, free_port
 
 # Unique per test run: a hive finds (and the fixture stops) its workers by this id across the
 # whole machine, so two runs sharing one id would stop each other's workers.

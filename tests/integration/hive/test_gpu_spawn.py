@@ -13,8 +13,8 @@ import psutil
 
 from rbee.common.gpu import REBUILD
 from rbee.contracts.hive_api import SpawnRequest
-from rbee.testing.gguf import write_tiny_gguf
-from rbee.testing.gpus import GIB, FakeGpu, FakeNvml, fake_llama_server
+from rbee_testing.gguf import write_tiny_gguf
+from rbee_testing.gpus import GIB, FakeGpu, FakeNvml, fake_llama_server
 
 from .conftest import HiveFactory
 

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from rbee.contracts.hive_api import SpawnRequest
-from rbee.testing.metrics import Samples, parse_samples, value
+from rbee_testing.metrics import Samples, parse_samples, value
 
 from .conftest import Hive, HiveFactory, publish
 

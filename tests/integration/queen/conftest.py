@@ -7,7 +7,7 @@ import pytest
 
 from rbee.queen.app import create_app
 from rbee.queen.settings import QueenSettings
-from rbee.testing.clock import FakeClock
+from rbee_testing.clock import FakeClock
 
 ClientFactory = Callable[..., httpx.AsyncClient]
 

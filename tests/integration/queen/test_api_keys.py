@@ -22,7 +22,7 @@ from rbee.queen.api import keys as keys_api
 from rbee.queen.app import create_app
 from rbee.queen.settings import QueenSettings
 from rbee.queen.state import QueenState
-from rbee.testing.worker_servers import WorkerServers
+from rbee_testing.worker_servers import WorkerServers
 
 TOKEN = "cluster-s3cret"
 OPERATOR = {"authorization": f"Bearer {TOKEN}"}

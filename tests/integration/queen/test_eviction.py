@@ -23,8 +23,8 @@ from rbee.contracts.workers import DEFAULT_CTX_SIZE
 from rbee.queen.app import create_app
 from rbee.queen.settings import QueenSettings
 from rbee.queen.state import QueenState
-from rbee.testing.clock import FakeClock
-from rbee.testing.worker_servers import Handler, WorkerServers, worker_beat
+from rbee_testing.clock import FakeClock
+from rbee_testing.worker_servers import Handler, WorkerServers, worker_beat
 
 GIB = 1 << 30
 FOOTPRINT = ModelFootprint(

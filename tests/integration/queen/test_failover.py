@@ -1,5 +1,5 @@
 """Failover in the queen's request path, in-process. Each worker is a small HTTP server on a
-loopback port (`rbee.testing.worker_servers`); a dead worker is a port nothing listens on; the
+loopback port (`rbee_testing.worker_servers`); a dead worker is a port nothing listens on; the
 hive is played by an injected transport."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from rbee.queen.app import create_app
 from rbee.queen.proxy import connection_refused
 from rbee.queen.settings import QueenSettings
 from rbee.queen.upstream import UpstreamClient, UpstreamError
-from rbee.testing.processes import free_port
-from rbee.testing.worker_servers import Handler, WorkerServers, hive_beat, worker_beat
+from rbee_testing.processes import free_port
+from rbee_testing.worker_servers import Handler, WorkerServers, hive_beat, worker_beat
 
 # A worker factory: a name gives a handler, or None for a worker that dies at once.
 NewWorker = Callable[[str], Handler | None]

@@ -17,7 +17,7 @@ import pytest
 
 from rbee.queen.app import create_app
 from rbee.queen.settings import QueenSettings
-from rbee.testing.clock import FakeClock
+from rbee_testing.clock import FakeClock
 
 BAD_TIME = "9999-12-31T23:59:59-05:00"
 MODEL = "acme/tiny-GGUF:tiny.Q4_0.gguf"

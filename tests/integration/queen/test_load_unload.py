@@ -18,8 +18,8 @@ import pytest
 from rbee.queen.app import create_app
 from rbee.queen.settings import QueenSettings
 from rbee.queen.state import QueenState
-from rbee.testing.clock import FakeClock
-from rbee.testing.worker_servers import Handler, WorkerServers, hive_beat, worker_beat
+from rbee_testing.clock import FakeClock
+from rbee_testing.worker_servers import Handler, WorkerServers, hive_beat, worker_beat
 
 
 async def sse_chunks(n: int) -> AsyncIterator[bytes]:

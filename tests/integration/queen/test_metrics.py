@@ -14,8 +14,8 @@ import pytest
 from rbee.queen.app import create_app
 from rbee.queen.metrics import UNKNOWN_MODEL
 from rbee.queen.settings import QueenSettings
-from rbee.testing.metrics import Samples, has, parse_samples, value
-from rbee.testing.worker_servers import Handler, WorkerServers, worker_beat
+from rbee_testing.metrics import Samples, has, parse_samples, value
+from rbee_testing.worker_servers import Handler, WorkerServers, worker_beat
 
 
 async def stream_body() -> AsyncIterator[bytes]:

@@ -15,7 +15,7 @@ import pytest
 from rbee.queen.app import create_app
 from rbee.queen.settings import QueenSettings
 from rbee.queen.upstream import UpstreamResponse
-from rbee.testing.worker_servers import Handler, WorkerServers, hive_beat, worker_beat
+from rbee_testing.worker_servers import Handler, WorkerServers, hive_beat, worker_beat
 
 
 def completion(worker: str, body: dict[str, Any]) -> httpx.Response:

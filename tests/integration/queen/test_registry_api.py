@@ -7,7 +7,7 @@ from typing import Any
 import httpx
 import pytest
 
-from rbee.testing.clock import FakeClock
+from rbee_testing.clock import FakeClock
 
 from .conftest import ClientFactory
 

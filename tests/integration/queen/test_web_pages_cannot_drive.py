@@ -13,9 +13,9 @@ import pytest
 
 from rbee.hive.app import create_app as create_hive
 from rbee.hive.settings import HiveSettings
-from rbee.testing.fake_engine import FakeEngine
 from rbee.worker.app import create_app as create_worker
 from rbee.worker.settings import WorkerSettings
+from rbee_testing.fake_engine import FakeEngine
 
 from .conftest import ClientFactory
 

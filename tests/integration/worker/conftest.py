@@ -15,13 +15,13 @@ import uvicorn
 from fastapi import FastAPI
 
 from rbee.contracts.workers import WorkerHeartbeat, WorkerStatus
-from rbee.testing.fake_engine import FakeEngine
-from rbee.testing.processes import free_port
-from rbee.testing.queen_catcher import QueenCatcher
 from rbee.worker.app import create_app
 from rbee.worker.engines.base import Engine
 from rbee.worker.runtime import WorkerRuntime
 from rbee.worker.settings import WorkerSettings
+from rbee_testing.fake_engine import FakeEngine
+from rbee_testing.processes import free_port
+from rbee_testing.queen_catcher import QueenCatcher
 
 MODEL = "fake-model"
 

@@ -6,7 +6,7 @@ import json
 import threading
 from typing import Any
 
-from rbee.testing.fake_engine import FakeEngine
+from rbee_testing.fake_engine import FakeEngine
 
 MODEL = "fake-model"  # the conftest's worker serves it under this name
 

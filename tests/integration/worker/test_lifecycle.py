@@ -12,10 +12,10 @@ import pytest
 from fastapi import FastAPI
 
 from rbee.contracts.workers import WorkerStatus
-from rbee.testing.fake_engine import FakeEngine
 from rbee.worker.engines.base import EngineError
 from rbee.worker.responses import EventStream
 from rbee.worker.runtime import SIGNAL_SETTLE_S
+from rbee_testing.fake_engine import FakeEngine
 
 MODEL = "fake-model"  # the conftest's worker serves it under this name
 READY, BUSY = WorkerStatus.READY, WorkerStatus.BUSY

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from rbee.testing.fake_engine import FakeEngine
-from rbee.testing.metrics import Samples, parse_samples, value
+from rbee_testing.fake_engine import FakeEngine
+from rbee_testing.metrics import Samples, parse_samples, value
 
 MODEL = "fake-model"
 

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from rbee.contracts.openai import MAX_SCHEMA_BYTES, MAX_STOP_CHARS, MAX_TOOLS
-from rbee.testing.fake_engine import FakeEngine
 from rbee.worker.engines.base import Emit, Outcome, Prompt, SamplingParams
+from rbee_testing.fake_engine import FakeEngine
 
 from .test_api import MODEL, assert_openai_error, chat_body, sse_data
 

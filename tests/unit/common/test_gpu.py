@@ -16,7 +16,7 @@ from rbee.common.gpu import (
     nvidia_gpu_count,
     parse_device,
 )
-from rbee.testing.gpus import Build, FakeGpu, FakeNvml, fake_llama_server
+from rbee_testing.gpus import Build, FakeGpu, FakeNvml, fake_llama_server
 
 CUDA0 = DeviceRef("cuda", 0)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from rbee.testing.processes import DAEMON_MARKER, ServerProcess, free_port, marked_processes
+from rbee_testing.processes import DAEMON_MARKER, ServerProcess, free_port, marked_processes
 
 CONFTEST = Path(__file__).parents[2] / "conftest.py"
 

@@ -14,7 +14,7 @@ from rbee.common.gguf_header import GgufHeaderError
 from rbee.common.model_memory import BATCH_TOKENS, estimate_memory
 from rbee.contracts.hive_api import CatalogModel
 from rbee.hive.footprints import FootprintCache, read_footprint
-from rbee.testing.gguf import (
+from rbee_testing.gguf import (
     N_EMBD,
     N_FF,
     N_HEAD,

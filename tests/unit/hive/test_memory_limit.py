@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from rbee.contracts.hives import Device
 from rbee.hive.devices import DeviceProbe, limit_problem, within_limit
 from rbee.hive.settings import HiveSettings
-from rbee.testing.gpus import FakeGpu, FakeNvml
+from rbee_testing.gpus import FakeGpu, FakeNvml
 
 GIB = 1 << 30
 

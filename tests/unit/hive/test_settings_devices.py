@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from rbee.hive.devices import DeviceProbe
 from rbee.hive.settings import HiveSettings
-from rbee.testing.gpus import fake_llama_server
+from rbee_testing.gpus import fake_llama_server
 
 
 def test_flags_and_defaults(monkeypatch: pytest.MonkeyPatch) -> None:

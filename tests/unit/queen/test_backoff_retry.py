@@ -8,7 +8,7 @@ from rbee.contracts.hives import HiveHeartbeat, HiveInfo
 from rbee.queen.hives import HiveRegistry
 from rbee.queen.routing.retry import Outcome, Step, classify, next_step
 from rbee.queen.scheduler.backoff import StartBackoff, delay_after
-from rbee.testing.clock import FakeClock
+from rbee_testing.clock import FakeClock
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from rbee.queen.scheduler.lifecycle import IdleSnapshot, idle_expired, keep_alive_left
-from rbee.testing.clock import FakeClock
+from rbee_testing.clock import FakeClock
 
 
 def worker(

@@ -10,8 +10,8 @@ from rbee.queen.metrics import UNKNOWN_MODEL, QueenMetrics, Tally
 from rbee.queen.registry import WorkerRegistry
 from rbee.queen.routing.admission import AdmissionQueue
 from rbee.queen.routing.load import LoadTracker
-from rbee.testing.metrics import parse_samples, value
-from rbee.testing.worker_servers import hive_beat
+from rbee_testing.metrics import parse_samples, value
+from rbee_testing.worker_servers import hive_beat
 
 
 def test_buckets_are_cumulative_and_include_their_bound() -> None:

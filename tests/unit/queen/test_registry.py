@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 from rbee.contracts.workers import WorkerHeartbeat, WorkerInfo, WorkerStatus
 from rbee.queen.registry import ChangeKind, WorkerRegistry
-from rbee.testing.clock import FakeClock
+from rbee_testing.clock import FakeClock
 
 
 def worker(

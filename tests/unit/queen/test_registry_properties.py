@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from rbee.contracts.workers import WorkerHeartbeat, WorkerInfo, WorkerStatus
 from rbee.queen.registry import WorkerRegistry
-from rbee.testing.clock import FakeClock
+from rbee_testing.clock import FakeClock
 
 TIMEOUT = 30.0
 ids = st.sampled_from([f"w{i}" for i in range(8)])

@@ -8,7 +8,7 @@ import math
 from rbee.queen.routing.admission import AdmissionQueue
 from rbee.queen.scheduler.lifecycle import IdleSnapshot, idle_expired
 from rbee.queen.scheduler.replicas import PoolLoad, wants_replica
-from rbee.testing.clock import FakeClock
+from rbee_testing.clock import FakeClock
 
 
 def pool(**fields: object) -> PoolLoad:

@@ -12,7 +12,7 @@ from rbee.queen.routing.admission import AdmissionQueue, QueueFull, WaitExpired
 from rbee.queen.routing.load import LoadTracker
 from rbee.queen.routing.policies import Candidate, least_loaded, round_robin
 from rbee.queen.routing.router import Router
-from rbee.testing.clock import FakeClock
+from rbee_testing.clock import FakeClock
 
 
 def cand(worker_id: str, in_flight: int = 0, slots: int = 1) -> Candidate:

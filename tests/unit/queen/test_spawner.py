@@ -14,7 +14,7 @@ from rbee.queen.hives import HiveRegistry
 from rbee.queen.registry import WorkerRegistry
 from rbee.queen.scheduler.placement import Demand
 from rbee.queen.scheduler.spawner import Spawner
-from rbee.testing.clock import FakeClock
+from rbee_testing.clock import FakeClock
 
 GIB = 1 << 30
 MODEL = "org/repo:model.gguf"

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from rbee.common.serve import parse_settings
-from rbee.testing.gpus import FakeGpu, FakeNvml, fake_llama_server
 from rbee.worker.app import llama_server
 from rbee.worker.device import prepare_device
 from rbee.worker.settings import WorkerSettings
+from rbee_testing.gpus import FakeGpu, FakeNvml, fake_llama_server
 
 
 def settings_for(*flags: str, model: str = "m.gguf") -> WorkerSettings:

@@ -14,8 +14,8 @@ import pytest
 
 from rbee.common.net import dead_peer_options
 from rbee.contracts.workers import WorkerInfo, WorkerStatus
-from rbee.testing.queen_catcher import QueenCatcher
 from rbee.worker.heartbeat import Heartbeater, queen_session
+from rbee_testing.queen_catcher import QueenCatcher
 
 
 class Status:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from rbee.testing.gguf import write_tiny_gguf
 from rbee.worker.app import kv_cache_type, resolve_model
 from rbee.worker.engines.base import EngineError, Prompt, PromptError, PromptTooLong, SamplingParams
 from rbee.worker.engines.gguf import read_model_facts
@@ -22,6 +21,7 @@ from rbee.worker.engines.llama_server import (
     scored_tokens,
 )
 from rbee.worker.settings import WorkerSettings
+from rbee_testing.gguf import write_tiny_gguf
 
 
 def test_a_request_carries_its_prompt_and_every_sampling_setting() -> None:

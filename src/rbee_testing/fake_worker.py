@@ -1,6 +1,6 @@
 """A real llm-worker-rbee process whose engine costs nothing: for benchmarks of what sits in front.
 
-    python -m rbee.testing.fake_worker --model fake --port PORT --queen-url URL [--slots 32]
+    python -m rbee_testing.fake_worker --model fake --port PORT --queen-url URL [--slots 32]
 
 It takes the worker's own flags and serves the worker's own app (heartbeats, slots, OpenAI
 routes) with `FakeEngine` in place of llama.cpp, so the time a request takes is the HTTP path
@@ -12,9 +12,9 @@ from __future__ import annotations
 import sys
 
 from rbee.common.serve import parse_settings, serve
-from rbee.testing.fake_engine import FakeEngine
 from rbee.worker.app import create_app
 from rbee.worker.settings import WorkerSettings
+from rbee_testing.fake_engine import FakeEngine
 
 PROG = "rbee-fake-worker"
 

@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
-from rbee.testing.processes import run_mark
+from rbee_testing.processes import run_mark
 
 SYSTEMD = "/lib/systemd/systemd"
 RUNTIME_DIR = "/run/systemd/rbee-user"  # on the namespace's private tmpfs

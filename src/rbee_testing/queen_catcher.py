@@ -14,8 +14,8 @@ from typing import Self
 from aiohttp import web
 
 from rbee.contracts.workers import WorkerHeartbeat, WorkerStatus
-from rbee.testing.processes import free_port
 from rbee.worker.heartbeat import HEARTBEAT_PATH
+from rbee_testing.processes import free_port
 
 
 class QueenCatcher:

@@ -1,5 +1,5 @@
 """A cluster spread over machines for tests and benchmarks: a queen on one network namespace of
-a test LAN (`rbee.testing.netns`), one hive on each of the others, real processes throughout.
+a test LAN (`rbee_testing.netns`), one hive on each of the others, real processes throughout.
 
 The test process talks to every daemon over the LAN, as an operator's laptop would, with the
 cluster token that a non-loopback daemon requires. Process output goes to files under `logs`.
@@ -21,8 +21,8 @@ import httpx
 from httpx_sse import connect_sse
 
 from rbee.common.bundled import DEFAULT_MODEL
-from rbee.testing import netns
-from rbee.testing.processes import console_script, run_mark
+from rbee_testing import netns
+from rbee_testing.processes import console_script, run_mark
 
 # Each daemon has a machine to itself, so fixed ports cannot collide with anything.
 QUEEN_PORT = 17833
