@@ -48,7 +48,7 @@ from rbee.queen.hives import HiveRegistry
 from rbee.queen.loading import loading_stream, sse_data
 from rbee.queen.metrics import CLIENT_CLOSED, QueenMetrics, RequestTrack
 from rbee.queen.registry import WorkerRegistry
-from rbee.queen.routing.admission import QueueFull, WaitExpired
+from rbee.queen.routing.admission import NothingToWaitFor, QueueFull, WaitExpired
 from rbee.queen.routing.retry import Outcome, Step, classify, next_step
 from rbee.queen.routing.router import Lease, Router
 from rbee.queen.scheduler.placement import hives_with_model
@@ -219,6 +219,9 @@ class Proxy:
         admission = self.router.admission
         try:
             return await self.router.acquire(model, embedding=embedding)
+        except NothingToWaitFor:
+            # Its workers went (unloaded, evicted, gone) while it waited: start one.
+            return await self.lease(model, failed, embedding=embedding)
         except QueueFull:
             raise TooManyRequests(
                 f"all workers for {quote(model)} are busy and {admission.max_waiting} requests "

@@ -365,3 +365,39 @@ async def test_the_hive_is_given_a_load_deadline_that_grows_with_the_model(
     assert (await cluster.job(operation="model_load", model="big"))[-1]["type"] == "done"
     # --spawn-timeout 30 (the base) + 60 s for each of the 4 GiB the model needs.
     assert cluster.spawns[0]["load_timeout_s"] == pytest.approx(30 + 60 * 4, abs=1)
+
+
+async def test_a_request_waiting_in_line_when_its_model_is_unloaded_gets_a_new_worker(
+    cluster: LoadCluster,
+) -> None:
+    """Its only worker is busy, then unloaded: the request waiting for it would wait for
+    nothing (and end in a 429 at the queue timeout); it starts a worker instead."""
+    assert (await cluster.job(operation="model_load", model="cold"))[-1]["type"] == "done"
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        started.set()
+        await release.wait()
+        return await answer(request)
+
+    cluster.workers["spawned-1"] = slow  # one slot
+    in_flight = asyncio.create_task(cluster.chat())
+    await asyncio.wait_for(started.wait(), 20)
+    waiting = asyncio.create_task(cluster.chat())
+    admission = cluster.state.router.admission
+    await until(lambda: _is(admission.waiting(("cold", False)) == 1))
+    created = await cluster.client.post(
+        "/v1/jobs", json={"operation": "model_unload", "model": "cold"}
+    )
+    assert created.status_code == 201, created.text
+    served = await asyncio.wait_for(waiting, 20)
+    assert served.status_code == 200, served.text
+    assert served.headers["x-rbee-worker-id"] == "spawned-2"
+    release.set()
+    assert (await in_flight).status_code == 200
+    events = await asyncio.wait_for(cluster.events(created.json()["sse_url"]), 20)
+    assert events[-1]["type"] == "done", events
+
+
+async def _is(value: bool) -> bool:
+    return value

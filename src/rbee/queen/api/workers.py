@@ -50,9 +50,11 @@ def registry_changed(state: QueenState, change: RegistryChange) -> None:
         state.router.tracker.joined(worker_id)  # its keep-alive's clock starts
     elif change.kind is ChangeKind.OFFLINE:
         state.router.depart(worker_id)
+        state.router.lost(change.worker)
         state.spawner.worker_lost(worker_id, "stopped heartbeating")
     elif change.kind is ChangeKind.REMOVED:
         state.router.forget(worker_id)
+        state.router.lost(change.worker)
         state.spawner.worker_stopped(worker_id)
 
 

@@ -20,6 +20,11 @@ class WaitExpired(Exception):
     """No worker freed up within the longest allowed wait."""
 
 
+class NothingToWaitFor(Exception):
+    """The pool has no worker left that could free up (all unloading, gone or failed): the
+    request should start one rather than wait."""
+
+
 class AdmissionQueue:
     """One FIFO per pool of workers (a model, for chat or for embeddings). Only the head of a queue may take a worker, so order is kept;
     `notify(model)` wakes the head whenever a slot may have freed (a request ended, a
@@ -58,7 +63,20 @@ class AdmissionQueue:
         if queue:
             queue[0].set()
 
-    async def acquire(self, model: Hashable, try_take: Callable[[], T | None]) -> T:
+    def notify_all(self, model: Hashable) -> None:
+        """Wake every request waiting for the pool: it lost a worker, so each looks again
+        whether there is still one to wait for."""
+        for waiting in self._queues.get(model, ()):
+            waiting.set()
+
+    async def acquire(
+        self,
+        model: Hashable,
+        try_take: Callable[[], T | None],
+        hopeless: Callable[[], bool] = lambda: False,
+    ) -> T:
+        """A worker from `try_take`, now or in turn; `hopeless()` says the pool has no worker
+        left to wait for (raises NothingToWaitFor)."""
         queue = self._queues.setdefault(model, deque())
         if not queue and (taken := try_take()) is not None:
             return taken
@@ -73,6 +91,8 @@ class AdmissionQueue:
             while True:
                 if queue[0] is me and (taken := try_take()) is not None:
                     return taken
+                if hopeless():
+                    raise NothingToWaitFor(model)
                 me.clear()
                 remaining = deadline - loop.time()
                 if remaining <= 0:

@@ -109,7 +109,9 @@ class Router:
         self, model: str, exclude: Collection[str] = (), *, embedding: bool = False
     ) -> Lease:
         return await self.admission.acquire(
-            (model, embedding), lambda: self.try_take(model, exclude, embedding=embedding)
+            (model, embedding),
+            lambda: self.try_take(model, exclude, embedding=embedding),
+            lambda: not self.has_live_worker(model, exclude, embedding=embedding),
         )
 
     def release(self, lease: Lease) -> None:
@@ -131,6 +133,11 @@ class Router:
         if gone is not None and not gone.done():
             gone.set_result(None)
 
+    def lost(self, info: WorkerInfo) -> None:
+        """The worker will serve no more (unloading, offline, gone): requests waiting in line
+        for its pool look again whether another can free up, else start one."""
+        self.admission.notify_all(pool_of(info))
+
     def forget(self, worker_id: str) -> None:
         """The worker left the registry: its waiting requests go elsewhere and its counts go."""
         self.depart(worker_id)
@@ -140,6 +147,8 @@ class Router:
     def retire(self, worker_id: str) -> None:
         """The worker is about to be unloaded: lease it no more."""
         self._retiring.add(worker_id)
+        if (info := self.registry.get_worker(worker_id)) is not None:
+            self.lost(info)
 
     def unretire(self, worker_id: str) -> None:
         """Its unloading failed: it serves again."""
