@@ -1,5 +1,7 @@
 """`rbee-hive --memory-limit` with real processes: a real hive whose limit holds one SmolLM2
-worker (its llm-worker-rbee and llama-server) but not two, behind a real queen."""
+worker (its llm-worker-rbee and llama-server) but not two, behind a real queen. The worker
+that fits is pinned (a request's `keep_alive: -1`), so nothing can be evicted for the second
+(eviction has tests of its own)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import json
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ from rbee.common.bundled import DEFAULT_MODEL, bundled_model_path
 from rbee.common.model_memory import estimate_memory
 from rbee.contracts.workers import DEFAULT_CTX_SIZE
 from rbee.hive.footprints import read_footprint
-from rbee_testing.processes import console_script, free_port
+from rbee_testing.processes import ServerProcess, console_script, free_port
 
 from .conftest import Daemon, HiveStarter
 
@@ -27,6 +29,20 @@ pytestmark = pytest.mark.e2e
 
 LIMIT = 400 << 20  # SmolLM2's estimate is about 270 MiB: one fits, a second does not
 SECOND = "smollm2-copy.gguf"  # the same weights under another name: a second model
+
+
+QUEUE_TIMEOUT_S = 5  # how long the second model waits for room before its 503
+
+
+@pytest.fixture
+def queen() -> Iterator[Daemon]:
+    """The queen of this module's hives, with a short wait for room."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    args = [console_script("queen-rbee"), "--port", str(port)]
+    args += ["--queue-timeout", str(QUEUE_TIMEOUT_S)]
+    with ServerProcess(args, health_url=f"{url}/health") as proc:
+        yield Daemon(proc, url)
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout_s: float = 60.0) -> Any:
@@ -43,8 +59,9 @@ def hive_view(queen: Daemon, hive_id: str) -> dict[str, Any] | None:
     return next((h for h in hives if h["id"] == hive_id), None)
 
 
-def chat(queen: Daemon, model: str) -> httpx.Response:
-    body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+def chat(queen: Daemon, model: str, **extra: Any) -> httpx.Response:
+    messages = [{"role": "user", "content": "Hi"}]
+    body = {"model": model, "messages": messages, "max_tokens": 4, **extra}
     return httpx.post(f"{queen.url}/v1/chat/completions", json=body, timeout=300)
 
 
@@ -83,7 +100,8 @@ def check_one_fits_not_two(queen: Daemon, hive_url: str, hive_id: str) -> None:
         ),
     )
 
-    first = chat(queen, DEFAULT_MODEL)  # started on demand: it fits in the empty limit
+    # Started on demand (it fits in the empty limit), kept for good: never evicted.
+    first = chat(queen, DEFAULT_MODEL, keep_alive=-1)
     assert first.status_code == 200, first.text
 
     # Once the hive reports the worker, what it holds is taken from the limit.
@@ -99,7 +117,8 @@ def check_one_fits_not_two(queen: Daemon, hive_url: str, hive_id: str) -> None:
 
     footprint = read_footprint(Path(bundled_model_path(DEFAULT_MODEL)))
     needed = estimate_memory(footprint, ctx_size=DEFAULT_CTX_SIZE, slots=1).total
-    refused = chat(queen, SECOND)  # another model, on demand: no room left under the limit
+    # Another model, on demand: no room left under the limit, and none to be made.
+    refused = chat(queen, SECOND)
     assert refused.status_code == 503, refused.text
     error = refused.json()["error"]
     assert error["code"] == "insufficient_memory"
