@@ -56,7 +56,7 @@ from rbee_testing.metrics import has, parse_samples, value
 from rbee_testing.processes import ServerProcess, console_script, free_port
 
 LLAMA_SERVER = Path(sys.executable).parent / "llama-server"
-COPY = "smollm2-copy"
+COPY = "smollm2-copy.gguf"  # a hive names a model file it finds by its file name
 CTX_SIZE = 2048  # an on-demand rbee worker's (DEFAULT_CTX_SIZE), given to the router too
 PROMPT = "The capital of France is"
 REQUEST_TIMEOUT_S = 600.0  # patient: a swap under load on two busy cores can take a while
@@ -103,6 +103,10 @@ class System:
 
     def check(self, response: httpx.Response) -> None:
         """Raise on an answer that ends the benchmark rather than counting as a failure."""
+
+    def model_id(self, model: str) -> str:
+        """What this system calls the model (rbee: the hive's catalog id)."""
+        return model
 
 
 # -- rbee ----------------------------------------------------------------------------------
@@ -206,6 +210,10 @@ class Router(System):
             assert time.monotonic() < deadline, "the router never unloaded its models"
             time.sleep(0.2)
 
+    def model_id(self, model: str) -> str:
+        # It names a model by its file name up to the first dot.
+        return model.removesuffix(".gguf")
+
     def swaps(self) -> int:
         # Each model process it starts is a load; with --models-max 1 every one after the
         # first evicts the other model.
@@ -227,7 +235,9 @@ def body(model: str, max_tokens: int, stream: bool = False) -> dict[str, object]
 
 def complete(system: System, model: str, max_tokens: int) -> None:
     with httpx.Client(timeout=REQUEST_TIMEOUT_S) as client:
-        answer = client.post(f"{system.url}/v1/completions", json=body(model, max_tokens))
+        answer = client.post(
+            f"{system.url}/v1/completions", json=body(system.model_id(model), max_tokens)
+        )
     system.check(answer)
     answer.raise_for_status()
 
@@ -238,7 +248,9 @@ def first_token_s(system: System, model: str, max_tokens: int) -> float:
     with (
         httpx.Client(timeout=REQUEST_TIMEOUT_S) as client,
         client.stream(
-            "POST", f"{system.url}/v1/completions", json=body(model, max_tokens, True)
+            "POST",
+            f"{system.url}/v1/completions",
+            json=body(system.model_id(model), max_tokens, True),
         ) as answer,
     ):
         if answer.status_code != 200:
@@ -275,7 +287,9 @@ async def alternating(
             model = (a, b)[(index + n) % 2]
             started = time.perf_counter()
             try:
-                answer = await http.post("/v1/completions", json=body(model, max_tokens))
+                answer = await http.post(
+                    "/v1/completions", json=body(system.model_id(model), max_tokens)
+                )
             except httpx.HTTPError as e:
                 load.failed.append(f"{model}: {type(e).__name__}")
                 continue
@@ -327,10 +341,11 @@ def models_dirs(tmp: Path) -> Iterator[tuple[Path, Path]]:
     if smollm is None or gemma is None:
         raise SystemExit("the bundled models are not installed: run ./dev install")
     # A copy, not a link: the hive never follows a link out of its models dir.
-    shutil.copy(smollm, hive_dir / f"{COPY}.gguf")
+    shutil.copy(smollm, hive_dir / COPY)
     for model_id, path in ((DEFAULT_MODEL, smollm), (GEMMA_MODEL, gemma)):
         (router_dir / f"{model_id}.gguf").symlink_to(path)
-    (router_dir / f"{COPY}.gguf").symlink_to(hive_dir / f"{COPY}.gguf")
+    # The router names a model by its file name less `.gguf`: the same id as the hive's.
+    (router_dir / f"{COPY}.gguf").symlink_to(hive_dir / COPY)
     yield hive_dir, router_dir
 
 
@@ -402,15 +417,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="rbee-swap-bench-") as tmp_name:
         tmp = Path(tmp_name)
         with models_dirs(tmp) as (hive_dir, router_dir):
-            all_results = {
-                pair: run_pair(pair, hive_dir, router_dir, tmp, args) for pair in args.pairs
-            }
-    print(
-        f"\nswap_bench: {args.clients} clients, {args.requests} requests alternating A/B, "
-        f"/v1/completions, {args.max_tokens} tokens, greedy"
-    )
-    for pair, results in all_results.items():
-        report(pair, results, args)
+            print(
+                f"swap_bench: {args.clients} clients, {args.requests} requests alternating "
+                f"A/B, /v1/completions, {args.max_tokens} tokens, greedy"
+            )
+            for pair in args.pairs:  # each reported as soon as it is measured
+                report(pair, run_pair(pair, hive_dir, router_dir, tmp, args), args)
+                sys.stdout.flush()
 
 
 if __name__ == "__main__":
