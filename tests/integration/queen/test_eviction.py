@@ -59,11 +59,13 @@ class MemoryCluster:
         self.clock = FakeClock()
         self.limit = fits * NEED + NEED // 2  # room for `fits` workers, not one more
         self.workers: dict[str, Handler] = {}
-        self.servers = WorkerServers(self.workers.get)
+        self.servers = WorkerServers(self.route)
         self.running: dict[int, tuple[str, str]] = {}  # pid: (worker id, model)
         self.spawns: list[str] = []  # models, in order
         self.stops: list[str] = []  # worker ids, in order
-        self.log: list[str] = []  # what happened, in order: "stop <id>", "answer <model>"
+        # What happened, in order: "stop <id>", and "answer <model>" as a worker answers (the
+        # client may resume only after the queen has already stopped that worker).
+        self.log: list[str] = []
         self.app = create_app(
             QueenSettings.model_validate(
                 {"heartbeat_timeout": 10**6, "spawn_timeout": 10, "queue_timeout": 10, **settings}
@@ -76,6 +78,20 @@ class MemoryCluster:
             base_url="http://127.0.0.1:9",
             timeout=60,
         )
+
+    def route(self, worker_id: str) -> Handler | None:
+        handler = self.workers.get(worker_id)
+        if handler is None:
+            return None
+        found = handler
+
+        async def logged(request: httpx.Request) -> httpx.Response:
+            response = await found(request)
+            if response.status_code == 200:
+                self.log.append(f"answer {json.loads(request.content)['model']}")
+            return response
+
+        return logged
 
     @property
     def state(self) -> QueenState:
@@ -146,10 +162,7 @@ class MemoryCluster:
 
     async def chat(self, model: str) -> httpx.Response:
         body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
-        response = await self.client.post("/v1/chat/completions", json=body)
-        if response.status_code == 200:
-            self.log.append(f"answer {model}")
-        return response
+        return await self.client.post("/v1/chat/completions", json=body)
 
     def worker_of(self, model: str) -> str:
         return next(w for w, m in self.running.values() if m == model)
