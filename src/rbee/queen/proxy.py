@@ -215,9 +215,12 @@ class Proxy:
                 code="queue_timeout",
             ) from None
 
-    async def forward(self, request: Request, path: str, *, embedding: bool = False) -> Response:
-        """`embedding`: the request goes to the model's embedding workers (`/v1/embeddings`)."""
-        raw = await request.body()
+    async def forward(
+        self, request: Request, path: str, *, embedding: bool = False, body: bytes | None = None
+    ) -> Response:
+        """`embedding`: the request goes to the model's embedding workers (`/v1/embeddings`).
+        `body`: what to send instead of the request's own (an API translated to OpenAI's)."""
+        raw = await request.body() if body is None else body
         model, stream, keep_alive = parse_body(raw)
         track = self.metrics.track(model)
         track.streamed = stream
