@@ -252,6 +252,10 @@ async def test_a_busy_worker_is_never_evicted_the_request_waits_then_gets_503(
     assert one.stops == []
     gate.release.set()
     assert (await generating).status_code == 200
+    # Nothing waits for room any more: a keeps serving, with no new start.
+    assert (await one.chat("a")).status_code == 200
+    assert one.stops == []
+    assert one.spawns == ["a"]
     assert "rbee_model_swaps_total 0.0" in await one.metrics()
 
 
@@ -327,8 +331,8 @@ async def test_the_loaded_model_serves_its_queue_before_it_is_swapped_out() -> N
         await cluster.aclose()
 
 
-async def test_the_swap_wait_keeps_the_other_model_from_starving() -> None:
-    cluster = await open_cluster(1, swap_max_wait=1, queue_timeout=30)
+async def test_requests_that_come_after_the_other_model_asked_wait_for_their_turn() -> None:
+    cluster = await open_cluster(1, swap_max_wait=3600, queue_timeout=30)
     try:
         assert (await cluster.chat("a")).status_code == 200
         gate = Gate()
@@ -338,22 +342,49 @@ async def test_the_swap_wait_keeps_the_other_model_from_starving() -> None:
         cluster.clock.advance(10)
         async with cluster.state.bus.subscribe() as events:
             for_b = asyncio.create_task(cluster.chat("b"))
-            await asyncio.sleep(2.0)  # past the swap wait: a drains, no request goes to it
-            late_a = asyncio.create_task(cluster.chat("a"))
             await asyncio.sleep(0.5)
-            assert gate.count == 1, "a draining worker takes no new request"
-            assert cluster.stops == [], "nor is its request in flight cut off"
+            cluster.clock.advance(1)
+            late_a = asyncio.create_task(cluster.chat("a"))  # after b asked
+            await asyncio.sleep(0.5)
+            assert cluster.stops == [], "a request in flight is never cut off"
             gate.release.set()
             assert (await generating).status_code == 200, "it completes in full"
             assert (await for_b).status_code == 200
             unloads = [d for e, d in drain(events) if e == "model" and d["change"] == "unloaded"]
-        assert cluster.log[:3] == ["answer a", "answer a", "stop w1-a"]
-        assert cluster.log[3] == "answer b"
+        # The late request for a did not keep a loaded: b got its turn as a's answer ended.
+        assert cluster.log[:4] == ["answer a", "answer a", "stop w1-a", "answer b"]
+        assert gate.count == 1, "a draining worker takes no new request"
         assert [u["reason"] for u in unloads] == ["evicted"]
         # a's late request waits for its turn: b goes idle, a comes back in b's place.
         cluster.clock.advance(10)
         assert (await late_a).status_code == 200
         assert cluster.spawns == ["a", "b", "a"]
         assert "rbee_model_swaps_total 2.0" in await cluster.metrics()
+    finally:
+        await cluster.aclose()
+
+
+async def test_the_swap_wait_keeps_the_other_model_from_starving() -> None:
+    cluster = await open_cluster(1, swap_max_wait=1, queue_timeout=30)
+    try:
+        assert (await cluster.chat("a")).status_code == 200
+        gate = Gate()
+        cluster.workers[cluster.worker_of("a")] = gate
+        generating = asyncio.create_task(cluster.chat("a"))
+        await asyncio.wait_for(gate.started.wait(), 10)
+        queued_a = asyncio.create_task(cluster.chat("a"))  # waits in a's queue (1 slot)
+        await asyncio.sleep(0.3)
+        cluster.clock.advance(10)
+        for_b = asyncio.create_task(cluster.chat("b"))
+        await asyncio.sleep(2.0)  # past the swap wait: a drains despite its queue
+        assert cluster.stops == [], "its request in flight is never cut off"
+        gate.release.set()
+        assert (await generating).status_code == 200, "it completes in full"
+        assert (await for_b).status_code == 200
+        assert cluster.log[:4] == ["answer a", "answer a", "stop w1-a", "answer b"]
+        assert gate.count == 1, "the queued request did not go to the draining worker"
+        cluster.clock.advance(10)
+        assert (await queued_a).status_code == 200
+        assert cluster.spawns == ["a", "b", "a"]
     finally:
         await cluster.aclose()

@@ -126,11 +126,10 @@ def test_only_workers_on_the_device_that_makes_room_go() -> None:
     assert (choice.device_id, choice.worker_ids) == ("cuda:0", ("gpu-newer",))
 
 
-def test_pinned_and_busy_workers_never_go() -> None:
+def test_pinned_workers_and_workers_with_a_queue_from_before_never_go() -> None:
     hives = [hive("h", device(free_gib=0.1))]
     residents = [
         resident("pinned", last_used=1, pinned=True),
-        resident("generating", last_used=2, in_flight=1),
         resident("queued-for", last_used=3, queued=2),
     ]
     assert choose_eviction(hives, DEMAND, residents) is None
@@ -139,11 +138,22 @@ def test_pinned_and_busy_workers_never_go() -> None:
     assert ids(choice) == ("idle",)
 
 
+def test_a_worker_with_only_requests_in_flight_is_drained_after_the_idle_ones() -> None:
+    hives = [hive("h", device(free_gib=0.1))]
+    residents = [resident("generating", last_used=2, in_flight=1)]
+    assert ids(choose_eviction(hives, DEMAND, residents)) == ("generating",)
+    residents.append(resident("idle", last_used=50))
+    assert ids(choose_eviction(hives, DEMAND, residents)) == ("idle",)
+    # Requests that waited for its model before the asking model did keep it.
+    residents = [resident("generating", last_used=2, in_flight=1, queued=1)]
+    assert choose_eviction(hives, DEMAND, residents) is None
+
+
 def test_draining_may_choose_a_busy_worker_but_never_a_pinned_one() -> None:
     hives = [hive("h", device(free_gib=0.1))]
     residents = [
         resident("pinned", last_used=1, pinned=True),
-        resident("generating", last_used=2, in_flight=1),
+        resident("generating", last_used=2, in_flight=1, queued=3),
     ]
     choice = choose_eviction(hives, DEMAND, residents, drain=True)
     assert ids(choice) == ("generating",)

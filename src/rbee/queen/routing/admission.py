@@ -40,6 +40,10 @@ class AdmissionQueue:
     def waiting(self, model: Hashable) -> int:
         return len(self._queues.get(model, ()))
 
+    def waiting_since(self, model: Hashable, when: float) -> int:
+        """Requests waiting for the pool that came at or before `when` (the queue's clock)."""
+        return sum(1 for waiting in self._queues.get(model, ()) if self._since[waiting] <= when)
+
     def waiting_by_model(self) -> dict[str, int]:
         """Requests waiting per model name, whatever pool of its workers they wait for."""
         counts: dict[str, int] = {}

@@ -7,10 +7,12 @@ until the device's free memory (less what starts in flight will take, plus what 
 evicted already give back) holds the model. The device that needs the fewest evictions wins;
 then a GPU before the CPU, then the device whose evicted workers were used longest ago.
 
-A pinned worker never goes. A busy one (a request in flight, or waiting for its model) never
-goes either, unless the model asking has waited past the swap wait (`drain`): then a busy
-worker may be chosen too, idle ones first, and it is retired at once and stopped only once the
-requests in flight on it have ended, never cut off.
+A pinned worker never goes. Nor does one whose model had requests waiting when the model
+asking began to wait: a loaded model serves the queue it had first (no thrash), unless the
+model asking has waited past the swap wait (`drain`). A worker with requests in flight but no
+such queue may be chosen, after the idle ones: it takes no new request from then on and is
+stopped once the requests in flight on it have ended, never cut off; requests for its model
+that came later wait for their model's next turn, as the asking model waited for this one.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ class Resident:
     bytes: int  # the memory it holds (its model's estimate)
     pinned: bool
     in_flight: int  # requests on it now
-    queued: int  # requests waiting for its model's workers
+    queued: int  # requests waiting for its model's workers since before the model asking
     last_used: float  # when a request on it last began or ended, queen's clock
 
     @property
@@ -85,7 +87,7 @@ def choose_eviction(
                     if (r.hive_id, r.device_id) == key
                     and not r.pinned
                     and r.bytes > 0
-                    and (drain or not r.busy)
+                    and (drain or r.queued == 0)
                 ),
                 key=lambda r: (r.busy, r.last_used, r.worker_id),
             )

@@ -10,16 +10,20 @@ here, within the queen's queue timeout, while:
   figures then show the room, and nothing is evicted twice for it;
 - with nothing to evict (every worker there busy or pinned), it waits for a change: a worker
   going idle, a heartbeat, a keep-alive unload.
-No thrash: a busy worker (a request in flight or queued for its model) is never evicted, so a
-loaded model serves its queue before it is swapped out; but once a model has waited for room
-for the swap wait (`--swap-max-wait`), busy workers may be chosen too (drained: retired, stopped
-once their requests in flight end), so the other model cannot starve it.
+No thrash: a worker whose model had requests waiting when the model asking began to wait is
+not evicted, so a loaded model serves that queue before it is swapped out; requests for it
+that come later wait for its next turn. A worker with only requests in flight is drained:
+retired, stopped once they end. Once a model has waited for room for the swap wait
+(`--swap-max-wait`), any unpinned worker may be drained, so the other model cannot starve.
+A drain that nobody waits for any more (the asking requests got room elsewhere, gave up or
+left) is called off before its stop: the worker serves again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -49,6 +53,7 @@ class _Freeing:
     device_id: str
     bytes: int
     for_model: str  # the room is kept for it while it waits
+    stopping: bool = False  # its stop has begun: it can no longer be called off
     stopped_at: float | None = None  # registry clock; None: still draining or stopping
 
 
@@ -69,13 +74,16 @@ class Room:
         self.swap_max_wait_s = swap_max_wait_s
         self.on_swap = on_swap
         self._evicting: dict[str, _Freeing] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._hunger: dict[str, tuple[float, float]] = {}  # model: (waiting since, last seen)
+        self._tasks: dict[str, asyncio.Task[None]] = {}  # worker id: its eviction
+        # model: (waiting since, last seen) by the event loop's clock, and since by the queen's
+        self._hunger: dict[str, tuple[float, float, float]] = {}
+        self._asking: dict[str, int] = {}  # model: requests waiting for room for it now
         # Room made by evictions, kept for the model they were for while it waits for it.
         self._earmarks: dict[DeviceKey, str] = {}
 
-    def residents(self) -> list[Resident]:
-        """The loaded workers that could make room (serving, heard from, not going away)."""
+    def residents(self, asked_at: float | None = None) -> list[Resident]:
+        """The loaded workers that could make room (serving, heard from, not going away);
+        their queues count the requests that came by `asked_at` (queen's clock), all if None."""
         registry, router = self.registry, self.router
         hives = {h.id: h for h in self.spawner.hives.all()}
         now = registry.now()
@@ -92,7 +100,7 @@ class Room:
             ):
                 continue
             device = next((d for d in hive.devices if d.id == info.device), None)
-            demand = Demand(model=info.model_id, ctx_size=DEFAULT_CTX_SIZE, slots=info.slots)
+            demand = Demand(info.model_id, info.ctx_size or DEFAULT_CTX_SIZE, info.slots)
             estimate = estimate_for(hive, device, demand) if device else None
             used = router.tracker.last_used(info.id)
             found.append(
@@ -104,7 +112,11 @@ class Room:
                     bytes=estimate.total if estimate else 0,
                     pinned=math.isinf(self.watch.keep_alive_s(info)),
                     in_flight=router.tracker.in_flight(info.id),
-                    queued=router.admission.waiting(pool_of(info)),
+                    queued=(
+                        router.admission.waiting(pool_of(info))
+                        if asked_at is None
+                        else router.admission.waiting_since(pool_of(info), asked_at)
+                    ),
                     last_used=now if used is None else used,
                 )
             )
@@ -142,7 +154,6 @@ class Room:
                 continue
             # At once, before anything awaits: no request may take it from here on.
             self.router.retire(info.id)
-            self.spawner.worker_stopped(info.id)  # on purpose: not an early death
             self._evicting[info.id] = _Freeing(
                 resident.hive_id, resident.device_id, resident.bytes, for_model
             )
@@ -152,8 +163,26 @@ class Room:
                 *(info.id, info.model_id, self.registry.now() - resident.last_used, for_model),
             )
             task = asyncio.create_task(self._evict(info), name=f"evict-{info.id}")
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._tasks[info.id] = task
+            task.add_done_callback(functools.partial(self._evicted, info.id))
+
+    def _evicted(self, worker_id: str, task: asyncio.Task[None]) -> None:
+        if self._tasks.get(worker_id) is task:
+            del self._tasks[worker_id]
+
+    def _call_off(self, model: str) -> None:
+        """Nobody waits for room for `model` any more: drains for it that have not begun to
+        stop their worker are called off, and those workers serve again."""
+        for worker_id, freeing in list(self._evicting.items()):
+            if freeing.for_model != model or freeing.stopping:
+                continue
+            task = self._tasks.pop(worker_id, None)
+            if task is not None:
+                task.cancel()
+            del self._evicting[worker_id]
+            self.router.tracker.restart_idle(worker_id)
+            self.router.unretire(worker_id)
+            log.info("kept worker %s: nothing waits for room for %s any more", worker_id, model)
 
     async def _evict(self, info: WorkerInfo) -> None:
         # Never cut a request off: a drained worker stops once its requests in flight end.
@@ -161,6 +190,10 @@ class Room:
             if self.registry.get_worker(info.id) is None:
                 break
             await asyncio.sleep(POLL_S)
+        freeing = self._evicting.get(info.id)
+        if freeing is not None:
+            freeing.stopping = True
+        self.spawner.worker_stopped(info.id)  # on purpose: not an early death
         try:
             await self.watch.operations.stop_worker(info, "evicted")
         except RbeeError as exc:
@@ -184,29 +217,35 @@ class Room:
         model = demand.model
         loop = asyncio.get_running_loop()
         now = loop.time()
-        since, last = self._hunger.get(model, (now, now))
+        since, last, asked_at = self._hunger.get(model, (now, now, self.registry.now()))
         if now - last > HUNGER_GAP_S:
-            since = now
+            since, asked_at = now, self.registry.now()
         deadline = now + self.wait_s
+        self._asking[model] = self._asking.get(model, 0) + 1
         try:
-            return await self._wait_for_room(demand, exclude, refused, since, deadline)
+            return await self._wait_for_room(demand, exclude, refused, (since, asked_at), deadline)
         finally:
-            self._earmarks = {k: m for k, m in self._earmarks.items() if m != model}
+            self._asking[model] -= 1
+            if not self._asking[model]:
+                del self._asking[model]
+                self._earmarks = {k: m for k, m in self._earmarks.items() if m != model}
+                self._call_off(model)
 
     async def _wait_for_room(
         self,
         demand: Demand,
         exclude: frozenset[str],
         refused: InsufficientMemory,
-        since: float,
+        hungry: tuple[float, float],  # since when the model waits: loop's clock, queen's clock
         deadline: float,
     ) -> Placement:
         model = demand.model
+        since, asked_at = hungry
         loop = asyncio.get_running_loop()
         async with self.spawner.bus.subscribe() as changes:
             while True:
                 now = loop.time()
-                self._hunger[model] = (since, now)
+                self._hunger[model] = (since, now, asked_at)
                 try:
                     placement = self.spawner.place(demand, exclude)
                 except InsufficientMemory as exc:
@@ -215,12 +254,14 @@ class Room:
                     key = (placement.hive.id, placement.device_id)
                     if self._earmarks.get(key, model) == model:
                         self._hunger.pop(model, None)
+                        if key in self._earmarks:
+                            self.on_swap()  # it loads where another model was evicted for it
                         return placement
                     # Room another model's evictions made, for it: this one waits its turn.
                 if refused.retry_after_s is None:
                     raise refused
                 all_hives = self.spawner.hives.all()
-                residents = self.residents()
+                residents = self.residents(asked_at)
                 choice = choose_eviction(
                     [h for h in all_hives if h.id not in exclude],
                     demand,
@@ -231,7 +272,6 @@ class Room:
                 )
                 if choice is not None and choice.worker_ids:
                     self.evict([r for r in residents if r.worker_id in choice.worker_ids], model)
-                    self.on_swap()
                     continue
                 remaining = deadline - now
                 if remaining <= 0:
@@ -240,6 +280,7 @@ class Room:
                     await asyncio.wait_for(changes.get(), min(remaining, POLL_S))
 
     async def aclose(self) -> None:
-        for task in list(self._tasks):
+        tasks = list(self._tasks.values())
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
