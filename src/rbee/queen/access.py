@@ -23,6 +23,19 @@ QUEEN_ACCESS: Mapping[str, Audience] = {
     "POST /v1/chat/completions": INFERENCE,
     "POST /v1/completions": INFERENCE,
     "POST /v1/embeddings": INFERENCE,  # inference too, though issue 10 predates it
+    "POST /v1/messages": INFERENCE,  # Anthropic Messages
+    "POST /v1/messages/count_tokens": INFERENCE,
+    "POST /v1/responses": INFERENCE,  # OpenAI Responses
+    "POST /v1/responses/input_tokens": INFERENCE,
+    # Ollama's API (issue 25): inference, like the OpenAI API it is translated to.
+    "GET /api/tags": INFERENCE,
+    "GET /api/ps": INFERENCE,
+    "GET /api/version": INFERENCE,
+    "POST /api/show": INFERENCE,
+    "POST /api/chat": INFERENCE,
+    "POST /api/generate": INFERENCE,
+    "POST /api/embed": INFERENCE,
+    "POST /api/embeddings": INFERENCE,
     # The cluster's own traffic and the operator's controls.
     "POST /v1/worker-heartbeat": CLUSTER,
     "POST /v1/hive-heartbeat": CLUSTER,

@@ -22,6 +22,7 @@ from rbee.queen.api import hives as hives_api
 from rbee.queen.api import jobs as jobs_api
 from rbee.queen.api import keys as keys_api
 from rbee.queen.api import observe as observe_api
+from rbee.queen.api import ollama as ollama_api
 from rbee.queen.api import openai as openai_api
 from rbee.queen.api import workers as workers_api
 from rbee.queen.idle import idle_loop
@@ -147,6 +148,7 @@ def create_app(
         app.include_router(module.router)
     # First in line: the router tries routes in order, and these carry nearly all the traffic.
     app.router.routes[:0] = openai_api.proxy_routes()
+    app.router.routes.extend(ollama_api.routes())  # Ollama's API, routed like chat
     # Prometheus sends the cluster token as its bearer token when one is set.
     app.include_router(observe_api.router)
     app.include_router(metrics_router(state.metrics.registry))
