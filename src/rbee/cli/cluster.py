@@ -26,7 +26,7 @@ from rbee.common.worker_command import worker_command_flags
 from rbee.contracts.jobs import WorkerSpawnJob, WorkerStopJob
 from rbee.contracts.workers import WorkerView
 
-LOCK = "up"
+LOCK = "up"  # the default cluster's state file (another cluster's: up-NAME)
 WATCH_POLL_S = 0.5
 
 
@@ -40,14 +40,27 @@ def worker_processes(queen_url: str) -> list[psutil.Process]:
     return found
 
 
+def lock_name(plan: UpPlan) -> str:
+    """The state file of this cluster: `up` for the default one, `up-NAME` for another."""
+    return state.cluster_prefix(plan.name)
+
+
+def log_path(plan: UpPlan, daemon: str) -> Path:
+    """The log of one of its daemons here: `queen` or `hive-ID`."""
+    return state.log_path(f"{lock_name(plan)}-{daemon}")
+
+
 def check_free(plan: UpPlan) -> None:
-    """Refuse clearly when another `rbee up` runs, or when our ports here are taken."""
-    running = state.load_running(state.pid_path(LOCK))
+    """Refuse clearly when this cluster already runs, or when our ports here are taken."""
+    running = state.load_running(state.pid_path(lock_name(plan)))
     if running is not None and running[0].pid != os.getpid():
         other = running[0]
+        named = "" if plan.name == state.DEFAULT_CLUSTER else f" --name {plan.name}"
         raise CliError(
-            f"rbee up is already running (pid {other.pid}) with its OpenAI API at {other.url}/v1 "
-            f"— stop it with Ctrl-C in its terminal or `kill {other.pid}`"
+            f"rbee up{named} is already running (pid {other.pid}) with its OpenAI API at "
+            f"{other.url}/v1 — stop it with `rbee{' --cluster ' + plan.name if named else ''} "
+            f"down` or Ctrl-C in its terminal; another cluster beside it needs its own "
+            "--name and --port"
         )
     local_hive_flag = "--hive-port" if plan.config is None else "a different hive port"
     ports = [(plan.queen_host, plan.port, "--port")]
@@ -87,7 +100,7 @@ class Cluster:
     def _record(self) -> None:
         me = psutil.Process()
         lock = processes.Started(
-            "rbee up", me.pid, me.create_time(), self.plan.queen_url, state.log_path("up-queen")
+            "rbee up", me.pid, me.create_time(), self.plan.queen_url, log_path(self.plan, "queen")
         )
         children = [
             {"name": c.name, "pid": c.pid, "create_time": c.create_time}
@@ -101,18 +114,25 @@ class Cluster:
             for h in self.remote_hives.values()
             if h.ssh is not None
         ]
-        state.save(state.pid_path(LOCK), lock, children=children, remote=remote)
+        state.save(
+            state.pid_path(lock_name(self.plan)),
+            lock,
+            children=children,
+            remote=remote,
+            cluster=self.plan.name,
+        )
 
     async def start(self) -> list[WorkerView]:
         """Queen, hives, workers, in that order. Call `check_free` first."""
         plan = self.plan
+        state.save_token(lock_name(plan), plan.token)  # for the commands that talk to it
         self._record()
         queen_args = ["--host", plan.queen_host, "--port", str(plan.port), *plan.queen_args]
         self.queen = processes.spawn(
             "queen-rbee",
             [processes.find_program("queen-rbee"), *queen_args],
             url=plan.queen_url,
-            log=state.log_path("up-queen"),
+            log=log_path(plan, "queen"),
             env=self._env(),
         )
         self._record()
@@ -131,7 +151,7 @@ class Cluster:
         if hive.ssh is not None:
             await self._start_remote_hive(client, hive)
             return
-        log = state.log_path(f"up-hive-{hive.hive_id}")
+        log = log_path(self.plan, f"hive-{hive.hive_id}")
         started = processes.spawn(
             "rbee-hive",
             [processes.find_program("rbee-hive"), *hive.local_args(self.plan.queen_url)],
@@ -228,9 +248,11 @@ class Cluster:
             self.say(f"could not stop hive {hive.hive_id} on {hive.ssh}: {exc or 'timeout'}")
 
     def _release(self) -> None:
-        lock = state.load(state.pid_path(LOCK))
+        name = lock_name(self.plan)
+        lock = state.load(state.pid_path(name))
         if lock is not None and lock[0].pid == os.getpid():
-            state.pid_path(LOCK).unlink(missing_ok=True)
+            state.pid_path(name).unlink(missing_ok=True)
+            state.save_token(name, None)
 
     async def _stop_workers(self) -> None:
         if not self.owns_queen_url:
@@ -272,10 +294,11 @@ async def all_or_none(*work: Coroutine[Any, Any, None]) -> None:
         raise
 
 
-def clean_stale_lock(token: str | None = None) -> list[str]:
-    """Stop what a previous `rbee up` left behind when it was killed without a chance to clean:
-    its daemons and workers here, and its hives over SSH with their workers."""
-    path = state.pid_path(LOCK)
+def clean_stale_lock(token: str | None = None, name: str = state.DEFAULT_CLUSTER) -> list[str]:
+    """Stop what a previous `rbee up` (of the cluster `name`) left behind when it was killed
+    without a chance to clean: its daemons and workers here, and its hives over SSH with their
+    workers."""
+    path = state.pid_path(state.cluster_prefix(name))
     found = state.load(path)
     if found is None or found[0].alive():
         return []
@@ -301,6 +324,7 @@ def clean_stale_lock(token: str | None = None) -> list[str]:
             if asyncio.run(_stop_stale_remote(hive, token)):
                 stopped.append(f"hive {hive['hive_id']} on {hive['ssh']}")
     path.unlink(missing_ok=True)
+    state.save_token(path.stem, None)
     return stopped
 
 

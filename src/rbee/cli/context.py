@@ -100,6 +100,12 @@ class Cli:
     out: Console
     err: Console
     out_gone: bool = field(default=False, repr=False)
+    # What the user gave (flags, environment), before a running cluster filled the gaps: `rbee
+    # up` starts its cluster with the token given, never with another cluster's.
+    given_url: str | None = None
+    given_token: str | None = None
+    cluster: str | None = None  # the name of the cluster found (or asked for with --cluster)
+    problem: str | None = None  # why no queen can be chosen (several clusters run): said on use
 
     def say(self, line: str) -> None:
         """One plain line (or block) for the person running a long command (`rbee up`). On
@@ -117,6 +123,8 @@ class Cli:
         _write_line(self.err.file, f"rbee: {message}")
 
     def client(self) -> QueenClient:
+        if self.problem is not None:
+            raise CliError(self.problem)
         return self.make_client(self.queen_url, self.token)
 
     def fail(self, message: str, code: int = 1) -> NoReturn:

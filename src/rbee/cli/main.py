@@ -10,7 +10,8 @@ import typer
 from rich.console import Console
 
 from rbee import __version__
-from rbee.cli.commands import daemons, infer, keys, load, models, status, up, workers
+from rbee.cli import state
+from rbee.cli.commands import daemons, down, infer, keys, load, models, status, up, workers
 from rbee.cli.context import Cli, ClientFactory, default_client
 from rbee.cli.urls import check_queen_url
 from rbee.clients.queen import DEFAULT_QUEEN_URL
@@ -55,11 +56,23 @@ def build_app(make_client: ClientFactory = default_client) -> typer.Typer:
     def root(
         ctx: typer.Context,
         queen_url: Annotated[
-            str,
+            str | None,
             typer.Option(
-                envvar="RBEE_QUEEN_URL", help="Where the queen answers.", callback=check_queen_url
+                envvar="RBEE_QUEEN_URL",
+                help="Where the queen answers (default: the cluster `rbee up` runs here, else "
+                f"{DEFAULT_QUEEN_URL}).",
+                callback=check_queen_url,
+                show_default=False,
             ),
-        ] = DEFAULT_QUEEN_URL,
+        ] = None,
+        cluster: Annotated[
+            str | None,
+            typer.Option(
+                envvar="RBEE_CLUSTER",
+                help="Which cluster started with `rbee up --name NAME` to talk to, when several "
+                "run here.",
+            ),
+        ] = None,
         token_file: Annotated[
             Path | None,
             typer.Option(
@@ -75,15 +88,29 @@ def build_app(make_client: ClientFactory = default_client) -> typer.Typer:
             ),
         ] = False,
     ) -> None:
+        token = read_token(token_file)
+        given_url = queen_url.rstrip("/") if queen_url else None
+        target = state.choose(
+            url=given_url,
+            token=token,
+            cluster=cluster,
+            default_url=DEFAULT_QUEEN_URL,
+            running=state.running_clusters(),
+        )
         ctx.obj = Cli(
-            queen_url=queen_url.rstrip("/"),
-            token=read_token(token_file),
+            queen_url=target.url.rstrip("/"),
+            token=target.token,
             make_client=make_client,
             out=console(stderr=False),
             err=console(stderr=True),
+            given_url=given_url,
+            given_token=token,
+            cluster=target.cluster,
+            problem=target.problem,
         )
 
     up.register(app)
+    down.register(app)
     status.register(app)
     infer.register(app)
     load.register(app)

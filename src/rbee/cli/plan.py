@@ -98,6 +98,8 @@ class UpPlan:
     config: Path | None = None
     ready_timeout_s: float = 300.0
     start_timeout_s: float = 60.0
+    # Its name among the clusters of this machine (`rbee up --name`): its state files and logs.
+    name: str = "default"
 
     @property
     def queen_url(self) -> str:

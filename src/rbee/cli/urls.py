@@ -6,8 +6,10 @@ import httpx
 import typer
 
 
-def check_queen_url(value: str) -> str:
+def check_queen_url(value: str | None) -> str | None:
     """A bad --queen-url is a usage error, not a traceback from deep inside the HTTP client."""
+    if value is None:
+        return None
     try:
         url = httpx.URL(value)
         port = url.port  # parsed: out-of-range ports raise here

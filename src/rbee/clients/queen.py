@@ -6,9 +6,11 @@ Pass `transport=` (an `httpx.ASGITransport` or `httpx.MockTransport`) to talk to
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncGenerator, Mapping
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -218,25 +220,68 @@ class QueenClient(OwnedHttpClient):
 
     # -- inference -------------------------------------------------------------------------
 
-    async def chat(self, model: str, messages: list[dict[str, str]], **params: Any) -> str:
+    async def chat(
+        self,
+        model: str,
+        messages: list[dict[str, str]],
+        *,
+        stats: AnswerStats | None = None,
+        **params: Any,
+    ) -> str:
         body = {"model": model, "messages": messages, "stream": False, **params}
         data = await self._request("POST", "/v1/chat/completions", json=body)
+        if stats is not None:
+            stats.note(data)
         try:
             return str(data["choices"][0]["message"]["content"] or "")
         except (KeyError, IndexError, TypeError) as exc:
             raise QueenError("the queen's answer has no message in it") from exc
 
     async def chat_stream(
-        self, model: str, messages: list[dict[str, str]], **params: Any
+        self,
+        model: str,
+        messages: list[dict[str, str]],
+        *,
+        stats: AnswerStats | None = None,
+        **params: Any,
     ) -> AsyncGenerator[str, None]:
-        """The answer's text as it is generated, piece by piece."""
+        """The answer's text as it is generated, piece by piece; with `stats`, its token counts
+        (the usage chunk, asked for) and why it ended are noted there."""
         body = {"model": model, "messages": messages, "stream": True, **params}
+        if stats is not None:
+            body["stream_options"] = {"include_usage": True}
         async with aclosing(self._stream("POST", "/v1/chat/completions", body)) as stream:
             async for response, data in stream:
                 if data.strip() == "[DONE]":
                     return
-                for text in _chunk_texts(response, data):
+                texts = _chunk_texts(response, data)
+                if stats is not None:
+                    with contextlib.suppress(ValueError):
+                        stats.note(json.loads(data))
+                for text in texts:
                     yield text
+
+
+@dataclass
+class AnswerStats:
+    """What an answer says about itself: its tokens (`usage`) and why it ended."""
+
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    finish_reason: str | None = None
+
+    def note(self, data: Any) -> None:
+        """Take what a whole answer, or one chunk of a stream, says."""
+        if not isinstance(data, dict):
+            return
+        usage = data.get("usage")
+        if isinstance(usage, dict):
+            for name in ("prompt_tokens", "completion_tokens"):
+                if isinstance(usage.get(name), int):
+                    setattr(self, name, usage[name])
+        for choice in data.get("choices") or []:
+            if isinstance(choice, dict) and isinstance(choice.get("finish_reason"), str):
+                self.finish_reason = choice["finish_reason"]
 
 
 def _chunk_texts(response: httpx.Response, data: str) -> list[str]:

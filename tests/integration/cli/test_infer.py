@@ -22,7 +22,9 @@ def test_infer_streams_the_answer_to_stdout(rbee: Any, queen: Any) -> None:
         {"role": "user", "content": "What is the capital of France?"},
     ]
     assert sent["temperature"] == 0.0  # the same question gets the same answer
-    assert "max_tokens" not in sent
+    assert sent["max_tokens"] == 512  # a rambling model ends within the minute
+    assert sent["stream_options"] == {"include_usage": True}  # for the tokens/s line
+    assert "tokens/s" in result.stderr, result.stderr
 
 
 def test_infer_system_message_can_be_changed_or_dropped(rbee: Any, queen: Any) -> None:

@@ -152,7 +152,8 @@ def test_a_second_rbee_up_is_refused_clearly(sleeper: processes.Started) -> None
         cluster.check_free(plan(1, 2))
     assert str(raised.value) == (
         f"rbee up is already running (pid {sleeper.pid}) with its OpenAI API at "
-        f"http://127.0.0.1:7833/v1 — stop it with Ctrl-C in its terminal or `kill {sleeper.pid}`"
+        "http://127.0.0.1:7833/v1 — stop it with `rbee down` or Ctrl-C in its terminal; "
+        "another cluster beside it needs its own --name and --port"
     )
 
 

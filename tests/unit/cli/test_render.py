@@ -47,20 +47,21 @@ def test_banner_gives_the_openai_url_and_ready_to_paste_examples() -> None:
     assert "curl http://127.0.0.1:7833/v1/chat/completions" in text
     assert '"model": "smollm2-135m-instruct"' in text
     assert 'OpenAI(base_url="http://127.0.0.1:7833/v1", api_key="not-needed")' in text
-    assert 'rbee infer "What is the capital of France?"\n' in text
+    assert 'rbee infer "What is the capital of France?"   (and: rbee chat, status, down)\n' in text
     assert "Authorization" not in text
     assert "import os" not in text
 
 
 def test_banner_on_other_ports_with_a_token_never_prints_the_token() -> None:
-    text = usage_text(plan(port=9100, token="s3cret", workers=2))
+    text = usage_text(replace(plan(port=9100, token="s3cret", workers=2), name="port-9100"))
 
     assert "2 workers serving" in text
     assert "http://127.0.0.1:9100/v1" in text
     assert '-H "Authorization: Bearer $RBEE_TOKEN"' in text
     assert 'api_key=os.environ["RBEE_TOKEN"]' in text
     assert "  import os\n  from openai import OpenAI\n" in text
-    assert 'rbee --queen-url http://127.0.0.1:9100 infer "What is' in text
+    # Other commands find the cluster by its name (`rbee up --name`, or port-PORT).
+    assert 'rbee --cluster port-9100 infer "What is' in text
     assert "s3cret" not in text
 
 

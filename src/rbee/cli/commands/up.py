@@ -18,6 +18,7 @@ import typer
 from rbee.cli import plan as plans
 from rbee.cli import processes, state
 from rbee.cli.cluster import Cluster, check_free, clean_stale_lock
+from rbee.cli.cluster import log_path as cluster_log_path
 from rbee.cli.clusterfile import ClusterFileError, default_path, load
 from rbee.cli.context import Cli, CliError, advice, cli_of, device_option
 from rbee.cli.plan import UpPlan
@@ -60,10 +61,11 @@ def usage_text(plan: UpPlan, lan: list[str] | None = None) -> str:
     models = ", ".join(dict.fromkeys(w.model for w in plan.workers)) or "nothing yet"
     workers = f"{count} worker{'s' if count != 1 else ''}"
     elsewhere = "".join(f"From other machines: {url}/v1\n" for url in lan or [])
-    logs = [str(state.log_path("up-queen"))]
+    cluster_flag = "" if plan.name == state.DEFAULT_CLUSTER else f" --cluster {plan.name}"
+    logs = [str(cluster_log_path(plan, "queen"))]
     for hive in plan.hives:
         if hive.ssh is None:
-            logs.append(str(state.log_path(f"up-hive-{hive.hive_id}")))
+            logs.append(str(cluster_log_path(plan, f"hive-{hive.hive_id}")))
         else:
             logs.append(f"`rbee hive logs --ssh {hive.ssh} --port {hive.port}`")
     return f"""
@@ -89,7 +91,7 @@ Python (pip install openai):
   )
   print(reply.choices[0].message.content)
 
-Or: rbee{" --queen-url " + plan.queen_url if plan.port != 7833 else ""} infer "{EXAMPLE_PROMPT}"
+Or: rbee{cluster_flag} infer "{EXAMPLE_PROMPT}"   (and: rbee{cluster_flag} chat, status, down)
 Logs: {", ".join(logs)}
 Press Ctrl-C to stop everything.
 """
@@ -181,7 +183,7 @@ def up(
     ctx: typer.Context,
     model: Annotated[
         str | None,
-        typer.Option("-m", "--model", help=f"Model the workers serve [{DEFAULT_MODEL}]."),
+        typer.Option("-m", "--model", help=f"Model the workers serve (default: {DEFAULT_MODEL})."),
     ] = None,
     workers: Annotated[
         int | None, typer.Option(min=1, max=64, help="How many workers [1].")
@@ -190,7 +192,8 @@ def up(
         int | None, typer.Option(min=1, max=65535, help="The queen's port [7833].")
     ] = None,
     hive_port: Annotated[
-        int | None, typer.Option(min=1, max=65535, help="The hive's port [7835].")
+        int | None,
+        typer.Option(min=1, max=65535, help="The hive's port [7835; with --port P: P+2]."),
     ] = None,
     hive_id: Annotated[
         str | None, typer.Option(help="Id of this machine's hive (default: hostname).")
@@ -238,6 +241,15 @@ def up(
             "30s, 10m, 1h; 0: unload when idle; -1: never [5m] (over the cluster file's).",
         ),
     ] = None,
+    name: Annotated[
+        str | None,
+        typer.Option(
+            callback=cluster_name_option,
+            help="This cluster's name, for running several side by side (each on its own "
+            "--port): other commands pick it with --cluster NAME (default: 'default' on port "
+            "7833, else port-PORT).",
+        ),
+    ] = None,
 ) -> None:
     """Start a queen, hives and workers; serve until Ctrl-C, then stop them all.
 
@@ -268,25 +280,29 @@ def up(
         plan = plans.from_file(
             cluster,
             path,
-            token=cli.token,
+            token=cli.given_token,
             port=port,
             ready_timeout_s=timeout,
             memory_limit=limit,
         )
         plan = replace(plan, queen_args=(*plan.queen_args, *cluster.model_flags()))
+        plan = replace(plan, name=name or default_cluster_name(plan.port))
     else:
+        queen_port = port or 7833
+        cluster_name = name or default_cluster_name(queen_port)
         plan = plans.from_flags(
             model=model or DEFAULT_MODEL,
             workers=workers or 1,
-            port=port or 7833,
-            hive_port=hive_port or 7835,
-            hive_id=hive_id or _local_hive_id(),
-            token=cli.token,
+            port=queen_port,
+            hive_port=hive_port or default_hive_port(queen_port),
+            hive_id=hive_id or _local_hive_id(cluster_name),
+            token=cli.given_token,
             device=device,
             models_dir=models_dir,
             ready_timeout_s=timeout,
             memory_limit=limit,
         )
+        plan = replace(plan, name=cluster_name)
     if keep_alive is not None:  # the last of a flag given twice wins: over the cluster file's
         plan = replace(plan, queen_args=(*plan.queen_args, "--keep-alive", keep_alive))
     if dry_run:
@@ -297,7 +313,7 @@ def up(
         return
     if problem := plan.problem():
         cli.fail(problem)
-    for leftover in clean_stale_lock(cli.token):
+    for leftover in clean_stale_lock(cli.given_token, plan.name):
         cli.err.print(f"stopped {leftover}, left by an earlier `rbee up`", markup=False)
     try:
         check_free(plan)
@@ -306,8 +322,30 @@ def up(
     raise typer.Exit(asyncio.run(run_cluster(cli, plan)))
 
 
-def _local_hive_id() -> str:
-    return socket.gethostname() or "local"
+def _local_hive_id(cluster: str = state.DEFAULT_CLUSTER) -> str:
+    """The host name; with the cluster's name after it for a cluster other than the default,
+    so that two clusters' hives on one machine never take each other's workers for their own."""
+    host = socket.gethostname() or "local"
+    return host if cluster == state.DEFAULT_CLUSTER else f"{host}-{cluster}"[:128]
+
+
+def default_cluster_name(port: int) -> str:
+    """`default` on the default port; `port-PORT` for a cluster on another port."""
+    return state.DEFAULT_CLUSTER if port == 7833 else f"port-{port}"
+
+
+def default_hive_port(queen_port: int) -> int:
+    """7835 beside the default queen port; two above another queen port (so a second cluster
+    started with only --port finds its hive's port free too)."""
+    if queen_port == 7833:
+        return 7835
+    return queen_port + 2 if queen_port <= 65533 else queen_port - 2
+
+
+def cluster_name_option(value: str | None) -> str | None:
+    if value is not None and not state.CLUSTER_NAME.match(value):
+        raise typer.BadParameter("use letters, digits, '.', '_' and '-' (at most 64)")
+    return value
 
 
 def register(app: typer.Typer) -> None:
