@@ -188,6 +188,8 @@ class Cluster:
                 model=worker.model,
                 hive_id=hive_id,
                 device=worker.device,
+                ctx_size=worker.ctx_size,
+                slots=worker.slots,
                 # A hive on this machine: its cores shared out evenly among the workers planned
                 # for it (a remote hive takes its own even share of its free cores).
                 cores=max(1, len(usable_cpus()) // len(workers)) if local else None,

@@ -4,6 +4,7 @@ and what is wrong.
 
     [queen]
     port = 7833                       # host defaults to 0.0.0.0 when a hive is over SSH
+    # routing_policy = "prefix"       # or least-loaded, round-robin
     # url = "http://10.0.0.5:7833"    # how hives reach it (default: the address each hive's
     #                                 # SSH connection comes from; loopback for local hives)
 
@@ -16,11 +17,15 @@ and what is wrong.
     [[worker]]
     model = "smollm2-135m-instruct"
     count = 2                         # spread over the hives unless `hive` names one
+    # ctx_size = 8192                 # tokens of context per slot (default: the model's own,
+    # slots = 4                       # as memory allows) and requests served at once
 
     [models."qwen2.5-coder-7b"]       # a model the queen starts on demand...
     keep_alive = "30m"                # ...stays this long once idle ([queen] keep_alive: all)
     max_replicas = 3                  # workers it gets at most while requests wait for it
     min_replicas = 1                  # workers it keeps however long they idle
+    ctx_size = 8192                   # tokens of context per slot of its workers
+    slots = 4                         # requests each of them serves at once
 """
 
 from __future__ import annotations
@@ -116,7 +121,8 @@ class QueenSection(Strict):
     port: Port = 7833
     url: Annotated[str, AfterValidator(_http_url)] | None = None
     heartbeat_timeout: PositiveSeconds | None = None
-    routing_policy: Literal["least-loaded", "round-robin"] | None = None
+    routing_policy: Literal["prefix", "least-loaded", "round-robin"] | None = None
+    prefix_load_margin: Annotated[float, Field(ge=0)] | None = None
     queue_size: Annotated[int, Field(ge=0)] | None = None
     queue_timeout: PositiveSeconds | None = None
     spawn_timeout: PositiveSeconds | None = None
@@ -136,6 +142,7 @@ class QueenSection(Strict):
             args += _flag(name, getattr(self, name))
         for name in ("replica_after", "max_replicas", "min_replicas"):
             args += _flag(name, getattr(self, name))
+        args += _flag("prefix_load_margin", self.prefix_load_margin)
         return args
 
 
@@ -163,11 +170,17 @@ class HiveSection(Strict):
         return value
 
 
+CtxSize = Annotated[int, Field(ge=16, le=1 << 20)]
+Slots = Annotated[int, Field(ge=1, le=64)]
+
+
 class WorkerSection(Strict):
     model: Annotated[str, Field(min_length=1)]
     count: Annotated[int, Field(ge=1, le=64)] = 1
     hive: HiveId | None = None
     device: Annotated[str, Field(min_length=1)] | None = None
+    ctx_size: CtxSize | None = None
+    slots: Slots | None = None
 
 
 class ModelSection(Strict):
@@ -176,6 +189,8 @@ class ModelSection(Strict):
     keep_alive: KeepAliveText | None = None
     max_replicas: Annotated[int, Field(ge=1)] | None = None
     min_replicas: Annotated[int, Field(ge=0)] | None = None
+    ctx_size: CtxSize | None = None
+    slots: Slots | None = None
 
 
 class ClusterFile(Strict):
@@ -194,6 +209,10 @@ class ClusterFile(Strict):
                 args += ["--model-max-replicas", f"{model}={section.max_replicas}"]
             if section.min_replicas is not None:
                 args += ["--model-min-replicas", f"{model}={section.min_replicas}"]
+            if section.ctx_size is not None:
+                args += ["--model-ctx-size", f"{model}={section.ctx_size}"]
+            if section.slots is not None:
+                args += ["--model-slots", f"{model}={section.slots}"]
         return args
 
 

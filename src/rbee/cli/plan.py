@@ -7,7 +7,7 @@ model) and a cluster file. `describe` is what `--dry-run` prints.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rbee.cli import processes
@@ -84,6 +84,8 @@ class WorkerPlan:
     model: str
     hive_id: str
     device: str | None = None
+    ctx_size: int | None = None  # None: the model's default where it is placed
+    slots: int | None = None
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,8 @@ def from_flags(
     models_dir: Path | None = None,
     ready_timeout_s: float = 300.0,
     memory_limit: int | None = None,
+    ctx_size: int | None = None,
+    slots: int | None = None,
 ) -> UpPlan:
     """`rbee up` without a cluster file: everything on this machine, on loopback."""
     hive = HivePlan(
@@ -150,7 +154,7 @@ def from_flags(
     return UpPlan(
         port=port,
         hives=(hive,),
-        workers=tuple(WorkerPlan(model, hive_id, device) for _ in range(workers)),
+        workers=tuple(WorkerPlan(model, hive_id, device, ctx_size, slots) for _ in range(workers)),
         token=token,
         ready_timeout_s=ready_timeout_s,
     )
@@ -204,7 +208,9 @@ def spread(cluster: ClusterFile, hive_ids: list[str]) -> tuple[WorkerPlan, ...]:
     for worker in cluster.worker:
         for _ in range(worker.count):
             hive_id = worker.hive or next(turns)
-            placed.append(WorkerPlan(worker.model, hive_id, worker.device))
+            placed.append(
+                WorkerPlan(worker.model, hive_id, worker.device, worker.ctx_size, worker.slots)
+            )
     return tuple(placed)
 
 
@@ -230,14 +236,30 @@ def describe(plan: UpPlan) -> list[str]:
                 f"the address its SSH connection comes from, port {plan.port}"
             )
             lines.append(f"    reports to the queen at {told}")
-    for (model, hive_id, device), group in itertools.groupby(
-        plan.workers, key=lambda w: (w.model, w.hive_id, w.device)
-    ):
+    for worker, group in itertools.groupby(plan.workers):
         count = len(list(group))
-        on_device = f" on {device}" if device else ""
+        on_device = f" on {worker.device}" if worker.device else ""
+        sizing = [f"{worker.ctx_size} tokens"] if worker.ctx_size else []
+        sizing += [f"{worker.slots} slot{'s' if worker.slots != 1 else ''}"] if worker.slots else []
+        sized = f" ({', '.join(sizing)})" if sizing else ""
         lines.append(
-            f"  {count} worker{'s' if count != 1 else ''} of {model} on hive {hive_id}{on_device}"
+            f"  {count} worker{'s' if count != 1 else ''} of {worker.model} on hive "
+            f"{worker.hive_id}{on_device}{sized}"
         )
     if not plan.workers:
         lines.append("  no workers (add [[worker]] tables to start some)")
     return lines
+
+
+def sized(plan: UpPlan, ctx_size: int | None, slots: int | None) -> UpPlan:
+    """`rbee up --ctx-size/--slots`: for the workers it starts that do not say otherwise (the
+    cluster file's own), and for those the queen starts on demand."""
+    workers = tuple(
+        replace(w, ctx_size=w.ctx_size or ctx_size, slots=w.slots or slots) for w in plan.workers
+    )
+    flags = [*_flag("--ctx-size", ctx_size), *_flag("--slots", slots)]
+    return replace(plan, workers=workers, queen_args=(*plan.queen_args, *flags))
+
+
+def _flag(name: str, value: int | None) -> list[str]:
+    return [] if value is None else [name, str(value)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -52,14 +53,23 @@ def _table(*columns: str) -> Table:
     return table
 
 
+def context_text(worker: WorkerView) -> str:
+    """`8192 tokens x 2 slots`: what one request may hold, and how many are served at once."""
+    slots = f"{worker.slots} slot{'s' if worker.slots != 1 else ''}"
+    return f"{worker.ctx_size} tokens x {slots}" if worker.ctx_size else slots
+
+
 def workers_table(workers: Sequence[WorkerView]) -> Table:
-    table = _table("WORKER", "MODEL", "STATUS", "LOAD", "ADDRESS", "HIVE", "DEVICE", "LAST SEEN")
+    table = _table(
+        "WORKER", "MODEL", "STATUS", "LOAD", "CONTEXT", "ADDRESS", "HIVE", "DEVICE", "LAST SEEN"
+    )
     for w in workers:
         table.add_row(
             w.id,
             w.model_id,
             worker_state(w),
             f"{w.in_flight}/{w.slots}",
+            str(w.ctx_size or "-"),
             worker_address(w),
             w.hive_id or "-",
             w.device,
@@ -121,10 +131,16 @@ def replicas_cell(m: ModelEntry) -> str:
     return f"{m.rbee.workers} ({', '.join(bounds)})" if bounds else str(m.rbee.workers)
 
 
+def contexts_cell(m: ModelEntry) -> str:
+    """Each worker's context and slots, alike ones counted once: `8192x2`, `2x 4096x1`."""
+    found = Counter(f"{w.ctx_size or '?'}x{w.slots}" for w in m.rbee.worker_contexts)
+    return ", ".join(k if n == 1 else f"{n}x {k}" for k, n in found.items()) or "-"
+
+
 def models_table(models: Sequence[ModelEntry]) -> Table:
     table = _table(
         "MODEL", "STATE", "REPLICAS", "QUEUED", "KEEP-ALIVE LEFT", "LAST USE",
-        "HIVES THAT CAN START IT",
+        "HIVES THAT CAN START IT", "CONTEXT x SLOTS",
     )  # fmt: skip
     for m in models:
         state = f"{m.rbee.state} (embeddings)" if m.rbee.embedding else m.rbee.state
@@ -137,6 +153,7 @@ def models_table(models: Sequence[ModelEntry]) -> Table:
             keep_alive_cell(m),
             "-" if used is None else ("now" if used == 0 else ago(used)),
             ", ".join(m.rbee.hives) or "-",
+            contexts_cell(m),
         )
     return table
 

@@ -22,7 +22,7 @@ from rbee.contracts.errors import read_error
 from rbee.contracts.hives import HiveView
 from rbee.contracts.jobs import JobCreated, JobEvent, JobRequest
 from rbee.contracts.keys import ApiKeyInfo, KeyCreate, KeyCreated, KeyList
-from rbee.contracts.openai import ModelBackoff
+from rbee.contracts.openai import ModelBackoff, WorkerContext
 from rbee.contracts.workers import WorkerView
 
 DEFAULT_QUEEN_URL = "http://127.0.0.1:7833"
@@ -67,6 +67,7 @@ class ModelStatus(BaseModel):
     queued: int = 0
     max_replicas: int | None = None
     min_replicas: int = 0
+    worker_contexts: list[WorkerContext] = Field(default_factory=list)
 
 
 class ModelEntry(BaseModel):

@@ -14,10 +14,11 @@ It is an estimate for placement (will it fit, and where is there most room), not
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from rbee.contracts.hives import ModelFootprint
-from rbee.contracts.workers import KvCacheType
+from rbee.contracts.workers import DEFAULT_CTX_SIZE, KvCacheType
 
 BATCH_TOKENS = 512  # llama.cpp's default micro-batch (n_ubatch)
 F32 = 4
@@ -90,3 +91,66 @@ def estimate_memory(
         slots=slots,
         kv_type=kv_type,
     )
+
+
+# The default context and slots of a worker (`default_sizing`). The longest context per slot a
+# worker gets unless asked for more: on a CPU, reading 8k tokens of prompt already takes long
+# (SmolLM2-135M: ~10 s on two cores; a 7B model: minutes), so more is for those who ask; a GPU
+# reads them fast enough to give a model up to 32k of its trained context.
+MAX_DEFAULT_CTX = {"cpu": 8192, "cuda": 32768, "metal": 32768}
+# A default context is never cut below this (nor above the model's own), however little room:
+# a model that does not fit at it waits for room or is refused, with the numbers.
+MIN_DEFAULT_CTX = DEFAULT_CTX_SIZE
+# Slots by default where memory allows: a second client is served at once, not queued.
+DEFAULT_SLOTS = 2
+# A model whose header does not say how long its context is.
+UNKNOWN_TRAINED_CTX = 4096
+
+
+def default_sizing(
+    footprint: ModelFootprint,
+    room_bytes: int,
+    *,
+    device_kind: str = "cpu",
+    ctx_size: int | None = None,
+    slots: int | None = None,
+    gpu_layers: int | None = None,
+    kv_cache_setting: KvCacheType = "auto",
+) -> MemoryEstimate:
+    """The context and slots of a new worker, as the estimate of the memory it needs (its
+    `ctx_size` and `slots` are what to start it with). What the caller fixed stays; the rest is
+    the model's trained context capped at `MAX_DEFAULT_CTX` of the device kind, with
+    `DEFAULT_SLOTS` slots: the first that fits in `room_bytes`, trying the context halved down
+    to `MIN_DEFAULT_CTX` (or the trained context if shorter), then one slot. When nothing
+    fits: the smallest of them (placement refuses it, or makes room for it)."""
+
+    def estimate(ctx: int, n: int) -> MemoryEstimate:
+        return estimate_memory(
+            footprint,
+            ctx_size=ctx,
+            slots=n,
+            gpu_layers=gpu_layers,
+            kv_cache_setting=kv_cache_setting,
+        )
+
+    contexts = (
+        [ctx_size] if ctx_size is not None else list(_default_contexts(footprint, device_kind))
+    )
+    counts = [slots] if slots is not None else [DEFAULT_SLOTS, 1]
+    for n in counts:
+        for ctx in contexts:
+            found = estimate(ctx, n)
+            if found.total <= room_bytes:
+                return found
+    return estimate(contexts[-1], counts[-1])
+
+
+def _default_contexts(footprint: ModelFootprint, device_kind: str) -> Iterator[int]:
+    """The trained context up to the device's cap, then halved down to the floor."""
+    trained = footprint.context_length or UNKNOWN_TRAINED_CTX
+    ctx = min(trained, MAX_DEFAULT_CTX.get(device_kind, MAX_DEFAULT_CTX["cpu"]))
+    floor = min(MIN_DEFAULT_CTX, ctx)
+    while ctx > floor:
+        yield ctx
+        ctx = max(floor, ctx // 2)
+    yield floor

@@ -54,6 +54,12 @@ class ModelFootprint(BaseModel):
         description="every attention head is whole q8_0 blocks, so a worker with several "
         "slots stores its KV cache as q8_0 (about half of f16)",
     )
+    context_length: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="the context the model was trained for (GGUF <arch>.context_length)"
+    )
+    quantization: str | None = Field(
+        None, description="how its weights are stored, e.g. Q4_K_M (GGUF general.file_type)"
+    )
 
 
 class HiveInfo(BaseModel):

@@ -8,6 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from rbee.contracts.workers import DeviceId, KeepAliveField, KvCacheType, NonEmptyStr
 
+CtxSize = Annotated[int, Field(ge=16, le=1 << 20)]
+
 
 class ModelDownloadJob(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -24,7 +26,14 @@ class WorkerSpawnJob(BaseModel):
     model: NonEmptyStr
     hive_id: NonEmptyStr | None = None
     device: DeviceId | None = None
-    slots: Annotated[int, Field(ge=1, le=64)] = 1
+    slots: Annotated[int, Field(ge=1, le=64)] | None = Field(
+        None, description="requests served at once (default: 2 where memory allows, else 1)"
+    )
+    ctx_size: CtxSize | None = Field(
+        None,
+        description="tokens of context per slot (default: the model's trained context, up to "
+        "8192 on a CPU and 32768 on a GPU, as far as the device's memory allows)",
+    )
     # True: serve `/v1/embeddings`. Unset: as the model file says (embedding models embed).
     embedding: bool | None = None
     cores: Annotated[int, Field(ge=1, le=4096)] | None = Field(
@@ -71,6 +80,12 @@ class ModelLoadJob(BaseModel):
     operation: Literal["model_load"]
     model: NonEmptyStr
     hive_id: NonEmptyStr | None = None
+    slots: Annotated[int, Field(ge=1, le=64)] | None = Field(
+        None, description="requests served at once (default: the queen's for the model)"
+    )
+    ctx_size: CtxSize | None = Field(
+        None, description="tokens of context per slot (default: the queen's for the model)"
+    )
     keep_alive: KeepAliveField = Field(
         None,
         description="how long it may stay idle before the queen unloads it; unset or "

@@ -360,6 +360,16 @@ class ModelBackoff(BaseModel):
     retry_in_s: float
 
 
+class WorkerContext(BaseModel):
+    """One worker of a model: the tokens of context each request may hold (prompt and answer)
+    and how many requests it serves at once."""
+
+    worker_id: str
+    hive_id: str | None = None
+    ctx_size: int | None = None  # None: a worker that does not say
+    slots: int
+
+
 class ModelServing(BaseModel):
     """rbee's own block in a model card: where the model stands in the cluster."""
 
@@ -385,6 +395,8 @@ class ModelServing(BaseModel):
     # `max_replicas` (None: as many as fit), and keeps `min_replicas` however long they idle.
     max_replicas: int | None = None
     min_replicas: int = 0
+    # Each serving worker's context and slots (rbee up/worker spawn/load --ctx-size, --slots).
+    worker_contexts: list[WorkerContext] = Field(default_factory=list)
 
 
 class ModelCard(BaseModel):

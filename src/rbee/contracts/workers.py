@@ -39,7 +39,9 @@ DeviceId = Annotated[str, AfterValidator(check_device_id)]
 # How a worker stores its KV cache (llm-worker-rbee --kv-cache-type): auto is q8_0 for several
 # slots, f16 for one; a model whose heads are not whole q8_0 blocks keeps f16 whatever is asked.
 KvCacheType = Literal["auto", "q8_0", "f16"]
-# Tokens of context per slot when nobody says otherwise (the worker's --ctx-size).
+# Tokens of context per slot of a worker started without one (llm-worker-rbee --ctx-size), and
+# of one whose model's memory is unknown; the queen picks each model's own otherwise
+# (`rbee.common.model_memory.default_sizing`).
 DEFAULT_CTX_SIZE = 2048
 
 # A keep-alive as Ollama writes it: Go's duration syntax ("10m", "1h30m", "2.5s") or a number
@@ -128,6 +130,8 @@ class WorkerInfo(BaseModel):
     scheme: Literal["http", "https"] = "http"  # https when the worker serves TLS
     hive_id: NonEmptyStr | None = None
     slots: Annotated[int, Field(ge=1)] = 1
+    # Tokens of context per slot (--ctx-size); None from a worker that does not say.
+    ctx_size: Annotated[int, Field(ge=1)] | None = None
     in_flight: Annotated[int, Field(ge=0)] = 0
     # Serves `/v1/embeddings` for its model, not chat and completions; the queen routes by it.
     embedding: bool = False

@@ -11,6 +11,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import gguf
+
 from rbee.common.gguf_header import GgufHeader, GgufHeaderError
 from rbee.common.model_memory import F16, Q8_0_BLOCK
 from rbee.contracts.hive_api import CatalogModel
@@ -47,6 +49,7 @@ def read_footprint(path: Path) -> ModelFootprint:
         kv_elements += kv_heads * (key + value)
         head_sizes |= {key, value}
     vocab = hparam("vocab_size") or header.lengths.get("tokenizer.ggml.tokens", 0)
+    trained = hparam("context_length")
     return ModelFootprint(
         weights_bytes=header.tensor_bytes,
         layers=layers,
@@ -54,7 +57,17 @@ def read_footprint(path: Path) -> ModelFootprint:
         vocab_size=vocab,
         head_count=max(per_layer_q),
         kv_quantizable=all(size > 0 and size % Q8_0_BLOCK == 0 for size in head_sizes),
+        context_length=int(trained) if isinstance(trained, int) and trained > 0 else None,
+        quantization=quantization(values.get("general.file_type")),
     )
+
+
+def quantization(file_type: Any) -> str | None:
+    """`Q4_K_M` for GGUF's general.file_type 15 (gguf's LlamaFileType, less its MOSTLY_)."""
+    try:
+        return gguf.LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_")
+    except (TypeError, ValueError):
+        return None
 
 
 def _per_layer(value: Any, layers: int) -> list[int]:

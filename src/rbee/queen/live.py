@@ -18,7 +18,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from rbee.clients.worker import WorkerClient
-from rbee.contracts.openai import ModelBackoff, ModelCard, ModelServing
+from rbee.contracts.openai import ModelBackoff, ModelCard, ModelServing, WorkerContext
 from rbee.contracts.workers import WorkerInfo, WorkerStatus, WorkerView
 from rbee.queen.registry import WorkerRecord, worker_view
 from rbee.queen.routing.router import SERVING
@@ -37,10 +37,20 @@ def model_entries(state: QueenState) -> list[dict[str, Any]]:
     workers: Counter[str] = Counter()
     embedding: Counter[str] = Counter()
     loading = set(state.spawner.loading)
+    contexts: dict[str, list[WorkerContext]] = {}
     for record in state.registry.records():
         if not state.registry.is_fresh(record, now):
             continue
         if record.info.status in SERVING:
+            info = record.info
+            contexts.setdefault(info.model_id, []).append(
+                WorkerContext(
+                    worker_id=info.id,
+                    hive_id=info.hive_id,
+                    ctx_size=info.ctx_size,
+                    slots=info.slots,
+                )
+            )
             workers[record.info.model_id] += 1
             embedding[record.info.model_id] += record.info.embedding
         elif record.info.status is WorkerStatus.STARTING:
@@ -70,6 +80,7 @@ def model_entries(state: QueenState) -> list[dict[str, Any]]:
                 queued=queued.get(model, 0),
                 max_replicas=state.settings.max_replicas_of(model),
                 min_replicas=state.settings.min_replicas_of(model),
+                worker_contexts=contexts.get(model, []),
                 **keep_alive_of(idle.get(model, []), now, state.settings.min_replicas_of(model)),
             ),
         )

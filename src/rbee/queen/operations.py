@@ -34,7 +34,7 @@ from rbee.contracts.jobs import (
     WorkerSpawnJob,
     WorkerStopJob,
 )
-from rbee.contracts.workers import DEFAULT_CTX_SIZE, WorkerInfo
+from rbee.contracts.workers import WorkerInfo
 from rbee.queen.hives import HiveRegistry
 from rbee.queen.registry import WorkerRegistry
 from rbee.queen.routing.router import Router
@@ -167,10 +167,11 @@ class Operations:
         raise BadRequest(f"several hives are online ({names}): say which", code="hive_required")
 
     async def worker_spawn(self, job: Job, request: WorkerSpawnJob) -> dict[str, Any]:
+        asked_ctx, asked_slots = self.spawner.sizing(request.model)
         demand = Demand(
             model=request.model,
-            ctx_size=DEFAULT_CTX_SIZE,
-            slots=request.slots,
+            ctx_size=request.ctx_size or asked_ctx,
+            slots=request.slots or asked_slots,
             gpu_layers=request.gpu_layers,
             device=request.device,
             hive_id=request.hive_id,
@@ -178,7 +179,11 @@ class Operations:
         )
         placement = self.spawner.place(demand)
         hive = placement.hive
-        needs = f", needs {placement.estimate.describe()}" if placement.estimate else ""
+        needs = (
+            f", needs {placement.estimate.describe()}"
+            if placement.estimate
+            else f", {placement.ctx_size} tokens x {placement.slots} slot(s)"
+        )
         job.emit(
             JobEvent(
                 type="log",
@@ -194,7 +199,13 @@ class Operations:
             keep_alive_s=request.keep_alive,  # unset: pinned, as every explicit start
         )
         job.emit(JobEvent(type="log", message=f"worker {spawned.worker_id} is ready"))
-        return {**spawned.model_dump(), "hive_id": hive.id, "device": placement.device_id}
+        return {
+            **spawned.model_dump(),
+            "hive_id": hive.id,
+            "device": placement.device_id,
+            "ctx_size": placement.ctx_size,
+            "slots": placement.slots,
+        }
 
     async def model_load(self, job: Job, request: ModelLoadJob) -> dict[str, Any]:
         """One more worker for the model, placed as an on-demand start would be."""
@@ -204,6 +215,8 @@ class Operations:
             model=request.model,
             hive_id=request.hive_id,
             keep_alive=request.keep_alive,
+            ctx_size=request.ctx_size,
+            slots=request.slots,
         )
         began = asyncio.get_running_loop().time()
 

@@ -15,10 +15,9 @@ import logging
 from collections.abc import Callable
 
 from rbee.common.errors import RbeeError
-from rbee.contracts.workers import DEFAULT_CTX_SIZE, WorkerStatus
+from rbee.contracts.workers import WorkerStatus
 from rbee.queen.registry import WorkerRegistry
 from rbee.queen.routing.router import SERVING, Pool, Router, pool_of
-from rbee.queen.scheduler.placement import Demand
 from rbee.queen.scheduler.replicas import PoolLoad, wants_replica
 from rbee.queen.scheduler.spawner import Spawner
 from rbee.queen.state import QueenState
@@ -111,7 +110,7 @@ class ReplicaWatch:
         back on): a replica is never worth unloading anything for."""
         held = frozenset(self.spawner.backoff.held_hives(load.model))
         try:
-            self.spawner.place(Demand(model=load.model, ctx_size=DEFAULT_CTX_SIZE), held)
+            self.spawner.place(self.spawner.demand(load.model), held)
         except RbeeError as exc:
             log.debug("no replica for %s: %s", load.model, exc.message)
             return False

@@ -109,6 +109,38 @@ class QueenSettings(DaemonSettings):
         '(repeatable; the cluster file\'s [models."ID"] min_replicas)',
     )
 
+    ctx_size: int | None = Field(
+        None,
+        ge=16,
+        le=1 << 20,
+        description="tokens of context per slot of the workers it starts on demand (default: "
+        "each model's trained context, up to 8192 on a CPU and 32768 on a GPU, as far as the "
+        "device's memory allows)",
+    )
+    slots: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="requests each worker it starts on demand serves at once (default: 2 "
+        "where memory allows, else 1)",
+    )
+    model_ctx_size: dict[str, Annotated[int, Field(ge=16, le=1 << 20)]] = Field(
+        default_factory=dict,
+        description="the context of one model's on-demand workers, as MODEL=TOKENS "
+        '(repeatable; the cluster file\'s [models."ID"] ctx_size)',
+    )
+    model_slots: dict[str, Annotated[int, Field(ge=1, le=64)]] = Field(
+        default_factory=dict,
+        description="the slots of one model's on-demand workers, as MODEL=N (repeatable; the "
+        'cluster file\'s [models."ID"] slots)',
+    )
+
+    def sizing_of(self, model: str) -> tuple[int | None, int | None]:
+        """(ctx_size, slots) of the model's workers started on demand; None: its default."""
+        return self.model_ctx_size.get(model, self.ctx_size), self.model_slots.get(
+            model, self.slots
+        )
+
     def max_replicas_of(self, model: str) -> int | None:
         return self.model_max_replicas.get(model, self.max_replicas)
 

@@ -91,6 +91,7 @@ def build_state(
         clock=clock,
         on_loaded=metrics.model_loaded,
         keep_alive=lambda model: settings.model_keep_alive.get(model, settings.keep_alive),
+        sizing=settings.sizing_of,
     )
 
     def unloaded(info: WorkerInfo, reason: str) -> None:

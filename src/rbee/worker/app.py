@@ -71,6 +71,7 @@ def identity_from(settings: WorkerSettings) -> Identity:
         slots=settings.slots,
         embedding=settings.embedding,
         keep_alive_s=settings.keep_alive,
+        ctx_size=settings.ctx_size,
     )
 
 
@@ -167,6 +168,7 @@ def create_app(
             "worker_id": runtime.identity.worker_id,
             "model": runtime.model_id,
             "slots": runtime.identity.slots,
+            "ctx_size": runtime.identity.ctx_size,
             "in_flight": board.in_flight,
             "waiting": runtime.pool.waiting if runtime.pool else 0,
             "version": __version__,

@@ -22,6 +22,7 @@ class Identity:
     embedding: bool = False
     scheme: str = "http"
     keep_alive_s: float | None = None  # None: pinned
+    ctx_size: int | None = None  # tokens of context per slot
 
 
 class WorkerStatusBoard:
@@ -76,6 +77,7 @@ class WorkerStatusBoard:
             scheme="https" if i.scheme == "https" else "http",
             hive_id=i.hive_id,
             slots=i.slots,
+            ctx_size=i.ctx_size,
             in_flight=self.in_flight,
             embedding=i.embedding,
             keep_alive_s=i.keep_alive_s,

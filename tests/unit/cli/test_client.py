@@ -125,7 +125,7 @@ async def test_run_job_sends_only_set_fields_and_returns_the_result() -> None:
 
     assert result == {"worker_id": "w"}
     assert bodies == [
-        {"operation": "worker_spawn", "model": "m", "slots": 1, "kv_cache_type": "auto"}
+        {"operation": "worker_spawn", "model": "m", "kv_cache_type": "auto"}
     ]
 
 

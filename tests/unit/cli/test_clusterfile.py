@@ -177,7 +177,7 @@ def test_keep_alives_reach_the_queen_for_all_models_and_per_model() -> None:
     bad = problem('[[hive]]\n\n[models.m]\nkeep_alive = "banana"\n')
     assert "models.m.keep_alive" in bad
     assert "'banana' is not a duration" in bad
-    assert "unknown key (allowed: keep_alive, max_replicas, min_replicas)" in problem(
+    assert "unknown key (allowed: keep_alive, max_replicas, min_replicas, ctx_size, slots)" in problem(
         "[[hive]]\n\n[models.m]\nttl = 5\n"
     )
 

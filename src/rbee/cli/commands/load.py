@@ -29,6 +29,25 @@ def load(
             "unloaded for idleness, as `rbee worker spawn`).",
         ),
     ] = None,
+    ctx_size: Annotated[
+        int | None,
+        typer.Option(
+            "--ctx-size",
+            min=16,
+            max=1 << 20,
+            help="Tokens of context per slot (default: the queen's for the model, else the "
+            "model's trained context as far as memory allows).",
+        ),
+    ] = None,
+    slots: Annotated[
+        int | None,
+        typer.Option(
+            "--slots",
+            min=1,
+            max=64,
+            help="Requests served at once (default: 2 where memory allows).",
+        ),
+    ] = None,
 ) -> None:
     """Load a model: start a worker for it and follow its progress until it is ready (bounded
     by the queen's load deadline, which grows with the model's size)."""
@@ -38,7 +57,12 @@ def load(
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--keep-alive") from None
     request = ModelLoadJob(
-        operation="model_load", model=model, hive_id=hive, keep_alive=keep_alive_s
+        operation="model_load",
+        model=model,
+        hive_id=hive,
+        keep_alive=keep_alive_s,
+        ctx_size=ctx_size,
+        slots=slots,
     )
 
     async def work(client: QueenClient) -> dict[str, Any]:
@@ -47,7 +71,8 @@ def load(
     result = cli.run(work)
     cli.out.print(
         f"loaded {model}: worker {result.get('worker_id')} on hive {result.get('hive_id')} "
-        f"({result.get('device')})",
+        f"({result.get('device')}, {result.get('ctx_size')} tokens x {result.get('slots')} "
+        "slot(s))",
         markup=False,
         highlight=False,
     )

@@ -232,6 +232,26 @@ def up(
             "e.g. 512MiB or 8GiB (over the cluster file's memory_limit).",
         ),
     ] = None,
+    ctx_size: Annotated[
+        int | None,
+        typer.Option(
+            "--ctx-size",
+            min=16,
+            max=1 << 20,
+            help="Tokens of context per slot of every worker, those started on demand too "
+            "(default: the model's trained context, up to 8192 on a CPU and 32768 on a GPU, "
+            "as far as the device's memory allows).",
+        ),
+    ] = None,
+    slots: Annotated[
+        int | None,
+        typer.Option(
+            "--slots",
+            min=1,
+            max=64,
+            help="Requests each worker serves at once (default: 2 where memory allows).",
+        ),
+    ] = None,
     keep_alive: Annotated[
         str | None,
         typer.Option(
@@ -305,6 +325,7 @@ def up(
         plan = replace(plan, name=cluster_name)
     if keep_alive is not None:  # the last of a flag given twice wins: over the cluster file's
         plan = replace(plan, queen_args=(*plan.queen_args, "--keep-alive", keep_alive))
+    plan = plans.sized(plan, ctx_size, slots)
     if dry_run:
         for line in plans.describe(plan):
             cli.out.print(line, markup=False, highlight=False, soft_wrap=True)

@@ -8,7 +8,7 @@ import typer
 
 from rbee.cli import jobs
 from rbee.cli.context import cli_of, device_option
-from rbee.cli.render import to_json, workers_table
+from rbee.cli.render import context_text, to_json, workers_table
 from rbee.clients.queen import QueenClient
 from rbee.contracts.jobs import WorkerSpawnJob, WorkerStopJob
 from rbee.contracts.workers import KvCacheType, WorkerView, keep_alive_wire, parse_keep_alive
@@ -32,7 +32,22 @@ def spawn(
             "with room for the model).",
         ),
     ] = None,
-    slots: Annotated[int, typer.Option(min=1, max=64, help="Requests served at once.")] = 1,
+    slots: Annotated[
+        int | None,
+        typer.Option(
+            min=1, max=64, help="Requests served at once (default: 2 where memory allows)."
+        ),
+    ] = None,
+    ctx_size: Annotated[
+        int | None,
+        typer.Option(
+            "--ctx-size",
+            min=16,
+            max=1 << 20,
+            help="Tokens of context per slot (default: the model's trained context, up to 8192 "
+            "on a CPU and 32768 on a GPU, as far as the device's memory allows).",
+        ),
+    ] = None,
     embedding: Annotated[
         bool, typer.Option("--embedding", help="Serve POST /v1/embeddings for the model.")
     ] = False,
@@ -77,6 +92,7 @@ def spawn(
         hive_id=hive,
         device=device,
         slots=slots,
+        ctx_size=ctx_size,
         embedding=embedding or None,
         cores=cores,
         gpu_layers=gpu_layers,
@@ -91,7 +107,7 @@ def spawn(
     result = cli.run(work)
     cli.out.print(
         f"worker {result.id} ready: {result.model_id} at {result.url}"
-        f" (hive {result.hive_id or '-'}, {result.device}"
+        f" (hive {result.hive_id or '-'}, {result.device}, {context_text(result)}"
         f"{', embeddings' if result.embedding else ''})",
         markup=False,
         highlight=False,

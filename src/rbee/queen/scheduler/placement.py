@@ -4,17 +4,21 @@ The stages, in order: hives that are online and have the model → their devices
 for, if any) that can run workers → those with room for the model's estimated memory (free
 memory less what spawns still in flight will take) → the best: a GPU before the CPU, then the
 most free memory, then the hive id (so equal hives are chosen the same way every time).
+
+A demand that leaves the context or the slots open gets, on each device, the model's own
+default for the room there (`model_memory.default_sizing`); the placement carries the values
+chosen, and the worker is started with exactly those.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from rbee.common.errors import BadRequest, InsufficientMemory, NotFound, quote
-from rbee.common.model_memory import MemoryEstimate, estimate_memory, gib
+from rbee.common.model_memory import MemoryEstimate, default_sizing, gib
 from rbee.contracts.hives import Device, HiveView
-from rbee.contracts.workers import KvCacheType
+from rbee.contracts.workers import DEFAULT_CTX_SIZE, KvCacheType
 
 # When a model does not fit now but would on an emptier device: how soon to ask again (workers
 # stop, or the memory their starts reserved is seen as really taken, within a few heartbeats).
@@ -28,15 +32,19 @@ class Placement:
     # None when the hive did not list the device: the hive itself then says why it cannot.
     device: Device | None = None
     estimate: MemoryEstimate | None = None
+    # What to start the worker with: the demand's, or the defaults chosen for the device.
+    ctx_size: int = DEFAULT_CTX_SIZE
+    slots: int = 1
 
 
 @dataclass(frozen=True)
 class Demand:
-    """What the new worker asks for; `device`/`hive_id` None: placement chooses."""
+    """What the new worker asks for; `device`/`hive_id` None: placement chooses; `ctx_size`/
+    `slots` None: the model's default on the device chosen."""
 
     model: str
-    ctx_size: int
-    slots: int = 1
+    ctx_size: int | None = None
+    slots: int | None = None
     gpu_layers: int | None = None
     device: str | None = None
     hive_id: str | None = None
@@ -47,18 +55,33 @@ def hives_with_model(hives: Sequence[HiveView], model: str) -> list[HiveView]:
     return [h for h in hives if h.online and model in h.models]
 
 
-def estimate_for(hive: HiveView, device: Device, demand: Demand) -> MemoryEstimate | None:
+def estimate_for(
+    hive: HiveView, device: Device, demand: Demand, room_bytes: int = 0
+) -> MemoryEstimate | None:
+    """The memory of the worker the demand would start on the device (what it leaves open
+    chosen for `room_bytes`; with no room, the smallest default: what making room aims at).
+    None when the hive could not read the model's header."""
     footprint = hive.footprints.get(demand.model)
     if footprint is None:
         return None
-    gpu_layers = demand.gpu_layers if device.kind != "cpu" else None
-    return estimate_memory(
+    return default_sizing(
         footprint,
+        room_bytes,
+        device_kind=device.kind,
         ctx_size=demand.ctx_size,
         slots=demand.slots,
-        gpu_layers=gpu_layers,
+        gpu_layers=demand.gpu_layers if device.kind != "cpu" else None,
         kv_cache_setting=demand.kv_cache_type,
     )
+
+
+def sized(placement: Placement, demand: Demand) -> Placement:
+    """The placement with the context and slots to start the worker with: the estimate's, else
+    (no estimate) the demand's, else the defaults of a model whose memory is unknown."""
+    estimate = placement.estimate
+    if estimate is not None:
+        return replace(placement, ctx_size=estimate.ctx_size, slots=estimate.slots)
+    return replace(placement, ctx_size=demand.ctx_size or DEFAULT_CTX_SIZE, slots=demand.slots or 1)
 
 
 def place(
@@ -86,7 +109,7 @@ def place(
     if not pairs:
         if len(candidates) == 1 and demand.device is not None:
             # The hive knows why it lacks the device (no such GPU, no driver): let it answer.
-            return Placement(candidates[0], demand.device)
+            return sized(Placement(candidates[0], demand.device), demand)
         listed = "; ".join(f"{h.id}: {', '.join(d.id for d in h.devices)}" for h in candidates)
         raise BadRequest(
             f"no online hive with model {quote(demand.model)} has device {quote(demand.device)} ({listed})",
@@ -98,8 +121,8 @@ def place(
         raise BadRequest(f"no worker can run on {reasons}", code="device_unusable")
     options = []
     for hive, device in usable:
-        estimate = estimate_for(hive, device, demand)
         free = device.memory_free_bytes - reserved.get((hive.id, device.id), 0)
+        estimate = estimate_for(hive, device, demand, free)
         options.append((hive, device, estimate, free))
     fitting = [o for o in options if o[2] is None or o[2].total <= o[3]]
     if not fitting:
@@ -107,7 +130,7 @@ def place(
     hive, device, estimate, _ = max(
         fitting, key=lambda o: (o[1].kind != "cpu", o[3], o[0].id, o[1].id)
     )
-    return Placement(hive, device.id, device, estimate)
+    return sized(Placement(hive, device.id, device, estimate), demand)
 
 
 def capacity(device: Device) -> int:

@@ -19,7 +19,7 @@ from rbee.common.clock import Clock, monotonic
 from rbee.common.errors import InsufficientMemory, NotFound, RbeeError, Unavailable, quote
 from rbee.contracts.hive_api import SpawnRequest, SpawnResponse
 from rbee.contracts.hives import HiveView
-from rbee.contracts.workers import DEFAULT_CTX_SIZE, WorkerInfo, keep_alive_wire
+from rbee.contracts.workers import WorkerInfo, keep_alive_wire
 from rbee.queen.events import EventBus
 from rbee.queen.hives import HiveRegistry
 from rbee.queen.registry import WorkerRegistry
@@ -40,6 +40,9 @@ ResultFn = Callable[[str, str], None]
 LoadedFn = Callable[[str, str, float], None]
 # The keep-alive (seconds; math.inf: pinned) of a worker started on demand for a model.
 KeepAliveFn = Callable[[str], float]
+# The context and slots of a model's workers started on demand, as the queen was told
+# (--ctx-size/--slots, per model --model-ctx-size/--model-slots); None: the model's default.
+SizingFn = Callable[[str], tuple[int | None, int | None]]
 # Makes room for a demand that fits nowhere (evicting idle workers, or waiting for some to go
 # idle): its placement then, or the refusal again (`rbee.queen.scheduler.room`).
 MakeRoomFn = Callable[[Demand, frozenset[str], InsufficientMemory], Awaitable[Placement]]
@@ -84,6 +87,7 @@ class Spawner:
         on_loaded: LoadedFn = lambda model, reason, seconds: None,
         keep_alive: KeepAliveFn = lambda model: math.inf,
         timeout_per_gib_s: float = 0.0,
+        sizing: SizingFn = lambda model: (None, None),
     ) -> None:
         self.registry = registry
         self.hives = hives
@@ -97,6 +101,7 @@ class Spawner:
         self.on_result = on_result
         self.on_loaded = on_loaded
         self.keep_alive = keep_alive
+        self.sizing = sizing
         self._clock = clock
         self.backoff = backoff or StartBackoff(clock=clock)
         self._starting: dict[tuple[str, bool], asyncio.Task[WorkerInfo]] = {}
@@ -104,6 +109,11 @@ class Spawner:
         self.make_room: MakeRoomFn | None = None  # None: a start that does not fit is refused
         # A hive heartbeats right after a spawn; one heartbeat timeout is ample for it.
         self.reservations = Reservations(registry.timeout_s, clock)
+
+    def demand(self, model: str) -> Demand:
+        """What a worker of the model started on demand (or as a replica) asks for."""
+        ctx_size, slots = self.sizing(model)
+        return Demand(model=model, ctx_size=ctx_size, slots=slots)
 
     def place(self, demand: Demand, exclude: frozenset[str] = frozenset()) -> Placement:
         """Where a new worker goes: the hive asked for must be online; the rest is placement's
@@ -143,8 +153,8 @@ class Spawner:
         request = SpawnRequest(
             model=model,
             device=placement.device_id,
-            slots=demand.slots,
-            ctx_size=demand.ctx_size,
+            slots=placement.slots,
+            ctx_size=placement.ctx_size,
             gpu_layers=demand.gpu_layers,
             embedding=embedding,
             cores=cores,
@@ -253,12 +263,12 @@ class Spawner:
         second_round = False
         while True:
             exclude = frozenset(tried | self.backoff.held_hives(model))
+            demand = self.demand(model)
             try:
-                placement = self.place(Demand(model=model, ctx_size=DEFAULT_CTX_SIZE), exclude)
+                placement = self.place(demand, exclude)
             except InsufficientMemory as refused:
                 if self.make_room is None or reason != "demand":  # a replica evicts nothing
                     raise
-                demand = Demand(model=model, ctx_size=DEFAULT_CTX_SIZE)
                 placement = await self.make_room(demand, exclude, refused)
             except NotFound:
                 again = tried - self.backoff.held_hives(model)
@@ -275,7 +285,7 @@ class Spawner:
             try:
                 _, info = await self.start(
                     placement,
-                    Demand(model=model, ctx_size=DEFAULT_CTX_SIZE),
+                    demand,
                     embedding=embedding,
                     reason=reason,
                     keep_alive_s=keep_alive_wire(self.keep_alive(model)),

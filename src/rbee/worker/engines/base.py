@@ -36,11 +36,18 @@ class PromptError(Exception):
         self.param = param
 
 
+# What the error of a prompt longer than the context says raises the limit.
+RAISE_CONTEXT = (
+    "A longer context per slot: --ctx-size on rbee up, rbee worker spawn or rbee load, or "
+    'ctx_size in the cluster file ([[worker]], or [models."ID"] for workers started on demand).'
+)
+
+
 class PromptTooLong(PromptError):
     def __init__(self, prompt_tokens: int, context_size: int) -> None:
         super().__init__(
             f"This model's maximum context length is {context_size} tokens, but the prompt is "
-            f"{prompt_tokens} tokens long. Please shorten the prompt.",
+            f"{prompt_tokens} tokens long. Please shorten the prompt. {RAISE_CONTEXT}",
             code="context_length_exceeded",
         )
         self.prompt_tokens = prompt_tokens
@@ -120,6 +127,9 @@ class Outcome:
     finish_reason: FinishReason
     cancelled: bool = False
     extra: dict[str, float] = field(default_factory=dict)
+    # Of the prompt tokens, those the engine found in its KV cache (a prefix it had already
+    # computed) rather than computed again.
+    cached_tokens: int = 0
 
 
 class Engine(Protocol):

@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 
 from rbee.worker.engines.base import (
+    RAISE_CONTEXT,
     Candidate,
     Embeddings,
     Emit,
@@ -140,7 +141,7 @@ class LlamaServerEngine:
             if count > self.context_size:
                 raise PromptError(
                     f"This model's maximum context length is {self.context_size} tokens, but "
-                    f"input {i} is {count} tokens long. Please shorten it.",
+                    f"input {i} is {count} tokens long. Please shorten it. {RAISE_CONTEXT}",
                     code="context_length_exceeded",
                     param=f"input[{i}]",
                 )
