@@ -179,4 +179,13 @@ def test_an_api_key_reaches_only_inference_on_the_queen() -> None:
         "POST /v1/completions",
         "POST /v1/embeddings",
         "GET /v1/models",
+        # Ollama's API (issue 25)
+        "GET /api/tags",
+        "GET /api/ps",
+        "GET /api/version",
+        "POST /api/show",
+        "POST /api/chat",
+        "POST /api/generate",
+        "POST /api/embed",
+        "POST /api/embeddings",
     }
