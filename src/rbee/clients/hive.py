@@ -26,6 +26,7 @@ from rbee.contracts.hive_api import (
     WorkerStopped,
 )
 from rbee.contracts.jobs import JobCreated, JobEvent, JobInfo, ModelDownloadJob
+from rbee.contracts.rpc import RpcServerInfo, RpcServerList, RpcServerRequest, RpcServerStopped
 
 DEFAULT_HIVE_URL = "http://127.0.0.1:7835"
 
@@ -111,9 +112,29 @@ class HiveClient(OwnedHttpClient):
         response = await self._request("GET", "/v1/workers")
         return WorkerProcessList.model_validate_json(response.content).workers
 
+    async def worker_log(self, worker_id: str, lines: int = 200) -> str:
+        """The end of a worker's log, running or stopped."""
+        response = await self._request("GET", f"/v1/workers/{worker_id}/log?lines={lines}")
+        return response.text
+
     async def stop_worker(self, pid: int) -> WorkerStopped:
         response = await self._request("POST", f"/v1/workers/{pid}/stop", wait_s=60.0)
         return WorkerStopped.model_validate_json(response.content)
+
+    async def start_rpc_server(self, request: RpcServerRequest) -> RpcServerInfo:
+        """Lend devices to a split worker: an RPC server behind the hive's authenticated
+        tunnel; returns once the tunnel listens (its `endpoint` goes to the worker)."""
+        response = await self._request("POST", "/v1/rpc-servers", body=request, wait_s=90.0)
+        return RpcServerInfo.model_validate_json(response.content)
+
+    async def rpc_servers(self) -> list[RpcServerInfo]:
+        response = await self._request("GET", "/v1/rpc-servers")
+        return RpcServerList.model_validate_json(response.content).rpc_servers
+
+    async def stop_rpc_server(self, key: str) -> RpcServerStopped:
+        """Stop an RPC server by its pid or its id (`WORKER@HIVE`)."""
+        response = await self._request("POST", f"/v1/rpc-servers/{key}/stop", wait_s=60.0)
+        return RpcServerStopped.model_validate_json(response.content)
 
     async def models(self) -> list[CatalogModel]:
         response = await self._request("GET", "/v1/models")

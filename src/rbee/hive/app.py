@@ -24,6 +24,7 @@ from rbee.common.tokens import auth_headers
 from rbee.hive.access import HIVE_ACCESS
 from rbee.hive.api import jobs as jobs_api
 from rbee.hive.api import models as models_api
+from rbee.hive.api import rpc as rpc_api
 from rbee.hive.api import system as system_api
 from rbee.hive.api import workers as workers_api
 from rbee.hive.catalog import Catalog
@@ -78,6 +79,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(state.devices.open)
         await asyncio.to_thread(catalog.prepare)  # joins bundled models: seconds, once
+        await rpc_api.servers(app).sweep()  # RPC servers an earlier run left that nobody uses
         beat = asyncio.create_task(
             supervise("hive-heartbeat", lambda: heartbeat_loop(state, queen), loop_errors),
             name="hive-heartbeat",
@@ -100,7 +102,7 @@ def create_app(
     async def health() -> dict[str, str]:
         return {"status": "ok", "version": __version__, "hive_id": settings.hive_id}
 
-    for module in (system_api, workers_api, models_api, jobs_api):
+    for module in (system_api, workers_api, models_api, jobs_api, rpc_api):
         app.include_router(module.router)
     # Listing processes takes a while: collected in a thread, off the event loop.
     app.include_router(metrics_router(metrics.registry, in_thread=True))
