@@ -14,6 +14,7 @@ from rbee.contracts.workers import (
     KvCacheType,
     NonEmptyStr,
     Port,
+    WorkerPart,
 )
 
 
@@ -45,6 +46,19 @@ class SpawnRequest(BaseModel):
         None,
         description="longest the model may take to load (the queen's deadline for its size); "
         "unset: the hive's --spawn-timeout",
+    )
+    rpc_tunnels: list[NonEmptyStr] = Field(
+        default_factory=list,
+        description="a split worker's RPC servers on helper hives (their `endpoint`s), in "
+        "`tensor_split` order",
+    )
+    tensor_split: list[Annotated[float, Field(ge=0)]] = Field(
+        default_factory=list,
+        description="a split worker's share of the model per device: the RPC servers' first, "
+        "then this hive's GPUs (llama.cpp's --tensor-split)",
+    )
+    parts: list[WorkerPart] = Field(
+        default_factory=list, description="a split worker's parts, for its heartbeats"
     )
 
 

@@ -76,13 +76,3 @@ class RpcServerStopped(BaseModel):
     pid: int
     rpc_id: str
     signal: Literal["SIGTERM", "SIGKILL"]
-
-
-class WorkerPart(BaseModel):
-    """One part of a split worker: the device it holds and the memory given to it there."""
-
-    model_config = ConfigDict(frozen=True)
-
-    hive_id: NonEmptyStr
-    device: DeviceId
-    bytes: Annotated[int, Field(ge=0)]

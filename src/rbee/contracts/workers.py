@@ -114,6 +114,17 @@ class WorkerStatus(StrEnum):
     STOPPED = "stopped"
 
 
+class WorkerPart(BaseModel):
+    """One part of a worker split over several machines: a device it holds part of its model
+    on, and the memory given to it there (issue 24)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    hive_id: NonEmptyStr
+    device: NonEmptyStr
+    bytes: Annotated[int, Field(ge=0)]
+
+
 class WorkerInfo(BaseModel):
     """One worker process serving one model. Field names follow the TEAM-270 seed."""
 
@@ -138,6 +149,9 @@ class WorkerInfo(BaseModel):
     # How long it stays loaded once idle before the queen unloads it (--keep-alive); None:
     # pinned, never unloaded for idleness. Carried here so that a restarted queen knows it.
     keep_alive_s: Annotated[float, Field(ge=0)] | None = None
+    # A split worker's parts, on its own hive and on the helpers lending it devices; empty for
+    # a worker on one device.
+    parts: list[WorkerPart] = Field(default_factory=list)
 
     @field_validator("host")
     @classmethod

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import re
@@ -75,6 +76,18 @@ def worker_env(parent: Mapping[str, str], hive_id: str, token: str | None) -> di
     if token:  # in the environment, so it never shows in `ps`
         env["RBEE_TOKEN"] = token
     return env
+
+
+def split_flags(request: SpawnRequest) -> list[str]:
+    """A split worker's flags: its RPC servers, its shares and its parts (issue 24)."""
+    if not request.rpc_tunnels:
+        return []
+    parts = json.dumps([p.model_dump(mode="json") for p in request.parts], separators=(",", ":"))
+    return [
+        *("--rpc-tunnels", ",".join(request.rpc_tunnels)),
+        *("--tensor-split", ",".join(f"{share:g}" for share in request.tensor_split)),
+        *("--parts", parts),
+    ]
 
 
 class WorkerStartFailed(RbeeError):
@@ -300,6 +313,7 @@ class Supervisor:
             *(("--tls-cert", str(s.tls[0]), "--tls-key", str(s.tls[1])) if s.tls else ()),
             # And they answer to the same host names as the hive.
             *(arg for host in s.allowed_host for arg in ("--allowed-host", host)),
+            *split_flags(request),
         ]
 
     def _start(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -22,7 +23,7 @@ from rbee.common.gpu import gpu_layers_for, parse_device
 from rbee.common.loops import supervise
 from rbee.common.metrics import metrics_router
 from rbee.common.serve import daemon_app
-from rbee.contracts.workers import WorkerStatus
+from rbee.contracts.workers import WorkerPart, WorkerStatus
 from rbee.worker.access import WORKER_ACCESS
 from rbee.worker.api import openai as openai_api
 from rbee.worker.engines.base import Engine, EngineError, EngineHost
@@ -31,6 +32,7 @@ from rbee.worker.engines.llama_server import LlamaServerEngine
 from rbee.worker.heartbeat import Heartbeater, queen_session
 from rbee.worker.runtime import WorkerRuntime
 from rbee.worker.settings import WorkerSettings
+from rbee.worker.split import SplitLlamaServer
 from rbee.worker.state import Identity, WorkerStatusBoard
 
 log = logging.getLogger("rbee.worker")
@@ -72,6 +74,7 @@ def identity_from(settings: WorkerSettings) -> Identity:
         embedding=settings.embedding,
         keep_alive_s=settings.keep_alive,
         ctx_size=settings.ctx_size,
+        parts=tuple(WorkerPart.model_validate(p) for p in json.loads(settings.parts or "[]")),
     )
 
 
@@ -95,6 +98,16 @@ def llama_server(settings: WorkerSettings, *, pooled: bool = True) -> LlamaServe
         binary=settings.llama_server,
         gpu_layers=gpu_layers_for(parse_device(settings.device), settings.gpu_layers),
     )
+    if settings.rpc_tunnels:
+        # A split worker: part of the model on other hives' devices, through rbee's tunnels.
+        return SplitLlamaServer(
+            config,
+            tunnels=settings.rpc_tunnels.split(","),
+            tensor_split=[float(s) for s in (settings.tensor_split or "").split(",") if s],
+            token=settings.token or "",
+            load_timeout_s=settings.load_timeout,
+            stall_timeout_s=settings.stall_timeout,
+        )
     return LlamaServer(
         config, load_timeout_s=settings.load_timeout, stall_timeout_s=settings.stall_timeout
     )

@@ -102,6 +102,17 @@ class WorkerSettings(DaemonSettings):
     shutdown_grace: Seconds = Field(
         5.0, description="how long running requests may finish after SIGTERM"
     )
+    rpc_tunnels: str | None = Field(
+        None,
+        description="a split worker's RPC servers on other hives, comma-separated, each "
+        "rbee[+tls]://HOST:PORT/NAME (reached through rbee's tunnel with the cluster token)",
+    )
+    tensor_split: str | None = Field(
+        None, description="a split worker's share of the model per device (llama.cpp's)"
+    )
+    parts: str | None = Field(
+        None, description='a split worker\'s parts, as JSON: [{"hive_id", "device", "bytes"}]'
+    )
 
     @field_validator("cpu_set")
     @classmethod

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from rbee import __version__
-from rbee.contracts.workers import WorkerInfo, WorkerStatus
+from rbee.contracts.workers import WorkerInfo, WorkerPart, WorkerStatus
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,7 @@ class Identity:
     scheme: str = "http"
     keep_alive_s: float | None = None  # None: pinned
     ctx_size: int | None = None  # tokens of context per slot
+    parts: tuple[WorkerPart, ...] = ()  # a split worker's devices, on several hives
 
 
 class WorkerStatusBoard:
@@ -81,4 +82,5 @@ class WorkerStatusBoard:
             in_flight=self.in_flight,
             embedding=i.embedding,
             keep_alive_s=i.keep_alive_s,
+            parts=list(i.parts),
         )

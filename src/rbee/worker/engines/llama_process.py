@@ -67,6 +67,8 @@ class ServerConfig:
     # llama.cpp's layers on the GPU: -1 all, 0 none. The worker is pinned to its one GPU
     # (CUDA_VISIBLE_DEVICES) before the server starts, so that GPU is the only one it sees.
     gpu_layers: int = 0
+    # More of llama-server's flags (a split worker's `--rpc` and `--tensor-split`).
+    extra_args: tuple[str, ...] = ()
 
     def args(self, socket_path: Path) -> list[str]:
         args = [
@@ -85,6 +87,7 @@ class ServerConfig:
             # Our heartbeats and /health say how the worker is; its own loading log is noise.
             *("--log-verbosity", "2"),
         ]
+        args += self.extra_args
         if self.passive_wait:
             # Threads that share their cores with another worker must not spin while waiting.
             args += ["--poll", "0"]

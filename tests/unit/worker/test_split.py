@@ -1,0 +1,53 @@
+"""A split worker's llama-server reaches its RPC servers through the tunnels' loopback ends."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rbee.contracts.hive_api import SpawnRequest
+from rbee.contracts.workers import WorkerPart
+from rbee.hive.supervisor import split_flags
+from rbee.worker.engines.llama_process import ServerConfig
+from rbee.worker.split import TunnelEndpoint, parse_endpoint, rpc_args
+
+
+def test_endpoints_as_hives_report_them() -> None:
+    assert parse_endpoint("rbee://198.18.0.3:8100/w1@b") == TunnelEndpoint(
+        "198.18.0.3", 8100, "w1@b", tls=False
+    )
+    assert parse_endpoint("rbee+tls://box.lan:8100/w1@b").tls
+    for bad in ("tcp://h:1/n", "rbee://h/n", "rbee://h:1/", "rbee://h:99999/n"):
+        with pytest.raises(ValueError, match="not an RPC tunnel endpoint"):
+            parse_endpoint(bad)
+
+
+def test_llama_server_gets_rpc_and_tensor_split_on_loopback_only() -> None:
+    config = ServerConfig(
+        model=Path("m.gguf"),
+        ctx_size=2048,
+        slots=1,
+        threads=2,
+        extra_args=tuple(rpc_args([41001, 41002], [0.25, 0.25, 0.5])),
+    )
+    args = config.args(Path("/tmp/s.sock"))
+    rpc = args[args.index("--rpc") + 1]
+    assert rpc == "127.0.0.1:41001,127.0.0.1:41002"
+    assert args[args.index("--tensor-split") + 1] == "0.25,0.25,0.5"
+
+
+def test_the_hive_hands_a_split_workers_tunnels_shares_and_parts_to_it() -> None:
+    request = SpawnRequest(
+        model="m",
+        rpc_tunnels=["rbee://198.18.0.3:8100/w1@b"],
+        tensor_split=[0.5],
+        parts=[
+            WorkerPart(hive_id="a", device="cpu:0", bytes=10),
+            WorkerPart(hive_id="b", device="cpu:0", bytes=20),
+        ],
+    )
+    flags = split_flags(request)
+    assert flags[flags.index("--rpc-tunnels") + 1] == "rbee://198.18.0.3:8100/w1@b"
+    assert '"hive_id":"b"' in flags[flags.index("--parts") + 1]
+    assert split_flags(SpawnRequest(model="m")) == []
