@@ -179,6 +179,11 @@ def test_an_api_key_reaches_only_inference_on_the_queen() -> None:
         "POST /v1/completions",
         "POST /v1/embeddings",
         "GET /v1/models",
+        # Anthropic Messages and OpenAI Responses (issue 25)
+        "POST /v1/messages",
+        "POST /v1/messages/count_tokens",
+        "POST /v1/responses",
+        "POST /v1/responses/input_tokens",
         # Ollama's API (issue 25)
         "GET /api/tags",
         "GET /api/ps",

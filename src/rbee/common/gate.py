@@ -7,10 +7,12 @@ In order, it refuses:
 - a foreign `Origin` on anything but GET/HEAD, CORS preflights included (403): browsers send
   `Origin` on cross-site requests, and no CORS header is ever sent back;
 - a caller without the credential the route's audience needs (401, or 403 for an API key
-  outside inference);
+  outside inference). The credential comes as `Authorization: Bearer <secret>`, or, as
+  Anthropic's clients send it, `x-api-key: <secret>`: the same secrets, the same roles;
 - a POST/PUT/PATCH whose body is not `application/json` (415): a cross-site `text/plain`
   POST needs no preflight, so accepting it would let any web page drive the daemon.
-Body size limits are FastAPI's own (`max_body_size`), set by each app factory.
+Body size limits are FastAPI's own (`max_body_size`), set by each app factory. Refusals on
+Anthropic's paths (`/v1/messages...`) are in Anthropic's error shape, others in OpenAI's.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from urllib.parse import urlsplit
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from rbee.common import anthropic
 from rbee.common.access import UNDECIDED, Audience, Caller, decide, endpoints
 from rbee.common.errors import RbeeError
 from rbee.common.tokens import is_loopback
@@ -68,6 +71,10 @@ def _split_host(value: str, default_port: int) -> tuple[str, int] | None:
 
 def _refusal(status: int, message: str, type_: str, code: str) -> tuple[int, bytes]:
     return status, json.dumps(ErrorBody.of(message, type_, code).model_dump()).encode()
+
+
+def _anthropic_refusal(status: int, message: str, type_: str, code: str) -> tuple[int, bytes]:
+    return status, json.dumps(anthropic.error_body(status, message, code)).encode()
 
 
 class Gate:
@@ -143,11 +150,18 @@ class Gate:
         served = _split_host(host.decode("latin-1"), DEFAULT_PORTS.get(scheme, 0))
         return parts.scheme == scheme and served == (origin_host, origin_port)
 
-    def _identify(self, authorization: bytes | None) -> tuple[Caller, str | None]:
-        if self._token is None or authorization is None:
+    def _identify(
+        self, authorization: bytes | None, api_key: bytes | None = None
+    ) -> tuple[Caller, str | None]:
+        if self._token is None:
             return Caller.NOBODY, None
-        scheme, _, given = authorization.partition(b" ")
-        if scheme.lower() != b"bearer":
+        if authorization is not None:
+            scheme, _, given = authorization.partition(b" ")
+            if scheme.lower() != b"bearer":
+                return Caller.NOBODY, None
+        elif api_key is not None:
+            given = api_key  # Anthropic's header
+        else:
             return Caller.NOBODY, None
         given = given.strip()
         if secrets.compare_digest(given, self._token):
@@ -158,7 +172,7 @@ class Gate:
 
     def check(self, scope: Scope) -> tuple[int, bytes] | None:
         """The refusal for this request (status, JSON body), or None to let it through."""
-        host = origin = content_type = authorization = None
+        host = origin = content_type = authorization = api_key = None
         for name, value in scope["headers"]:
             if name == b"host":
                 host = value
@@ -168,10 +182,15 @@ class Gate:
                 content_type = value
             elif name == b"authorization":
                 authorization = value
+            elif name == b"x-api-key":
+                api_key = value
         method: str = scope["method"]
+        refusal = _refusal
+        if anthropic.is_anthropic_path(scope["path"]):
+            refusal = _anthropic_refusal
         if self._token is None and not self._host_ok(host):
             shown = host.decode("latin-1") if host else "(none)"
-            return _refusal(
+            return refusal(
                 421,
                 f"Host {shown!r} is not served here: without a cluster token this daemon "
                 "answers only to loopback names (add others with --allowed-host)",
@@ -183,25 +202,25 @@ class Gate:
             and method not in SAFE_METHODS
             and not self._same_origin(origin, host, scope.get("scheme", "http"))
         ):
-            return _refusal(
+            return refusal(
                 403,
                 f"requests from the web origin {origin.decode('latin-1')!r} are refused",
                 "permission_error",
                 "foreign_origin",
             )
-        caller, key = self._identify(authorization)
+        caller, key = self._identify(authorization, api_key)
         audience = self.audience(method, scope["path"])
         status = decide(audience, caller, token_set=self._token is not None)
         if status == 401:
-            return _refusal(
+            return refusal(
                 401,
                 "missing or wrong bearer token or API key (set RBEE_TOKEN, or use a key "
-                "from `rbee key create`)",
+                "from `rbee key create`, as `Authorization: Bearer` or `x-api-key`)",
                 "authentication_error",
                 "invalid_token",
             )
         if status == 403:
-            return _refusal(
+            return refusal(
                 403,
                 "an API key may only run inference (chat, completions, embeddings, models); "
                 "this needs the cluster token",
@@ -211,7 +230,7 @@ class Gate:
         if method in BODY_METHODS:
             media = (content_type or b"").partition(b";")[0].strip().lower()
             if media != b"application/json":
-                return _refusal(
+                return refusal(
                     415,
                     f"{method} needs Content-Type: application/json",
                     "invalid_request_error",
@@ -222,13 +241,16 @@ class Gate:
             scope[API_KEY_SCOPE] = key
         return None
 
-    async def _load_keys(self) -> tuple[int, bytes] | None:
+    async def _load_keys(self, scope_path: str = "") -> tuple[int, bytes] | None:
         """Once per process, at the first request with an API key: read the store in a thread
         (never the disk on the event loop). A store that cannot be read is that request's 503."""
         assert self._keys is not None
         try:
             await self._keys.load()
         except RbeeError as exc:
+            if anthropic.is_anthropic_path(scope_path):
+                body = anthropic.error_body(exc.status_code, exc.message, exc.code)
+                return exc.status_code, json.dumps(body).encode()
             return exc.status_code, json.dumps(exc.body()).encode()
         return None
 
@@ -239,7 +261,7 @@ class Gate:
         try:
             refusal = self.check(scope)
         except KeysNotLoaded:
-            refusal = await self._load_keys()
+            refusal = await self._load_keys(scope["path"])
             if refusal is None:
                 refusal = self.check(scope)
         if refusal is None:

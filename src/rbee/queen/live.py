@@ -18,6 +18,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from rbee.clients.worker import WorkerClient
+from rbee.contracts.apis import served_apis
 from rbee.contracts.openai import ModelBackoff, ModelCard, ModelServing, WorkerContext
 from rbee.contracts.workers import WorkerInfo, WorkerStatus, WorkerView
 from rbee.queen.registry import WorkerRecord, worker_view
@@ -27,6 +28,13 @@ from rbee.queen.state import QueenState
 
 log = logging.getLogger("rbee.queen.live")
 WORKER_SCRAPE_TIMEOUT_S = 1.0
+
+
+def apis_of(workers: int, embedding_workers: int) -> list[str]:
+    """A loaded model's APIs are its workers'; one not loaded yet may be started for any."""
+    if not workers:
+        return served_apis(chat=True, embedding=True)
+    return served_apis(chat=workers > embedding_workers, embedding=embedding_workers > 0)
 
 
 def model_entries(state: QueenState) -> list[dict[str, Any]]:
@@ -76,6 +84,7 @@ def model_entries(state: QueenState) -> list[dict[str, Any]]:
                 workers=workers[model],
                 embedding_workers=embedding[model],
                 hives=sorted(hives.get(model, [])),
+                apis=apis_of(workers[model], embedding[model]),
                 backoff=backoff_of(state, model),
                 queued=queued.get(model, 0),
                 max_replicas=state.settings.max_replicas_of(model),

@@ -19,6 +19,10 @@ WORKER_ACCESS: Mapping[str, Audience] = {
     "POST /v1/chat/completions": CLUSTER,
     "POST /v1/completions": CLUSTER,
     "POST /v1/embeddings": CLUSTER,
+    "POST /v1/messages": CLUSTER,
+    "POST /v1/messages/count_tokens": CLUSTER,
+    "POST /v1/responses": CLUSTER,
+    "POST /v1/responses/input_tokens": CLUSTER,
     # Prometheus scrapes with the cluster token as its bearer token.
     "GET /metrics": CLUSTER,
 }

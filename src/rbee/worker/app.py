@@ -26,6 +26,7 @@ from rbee.common.serve import daemon_app
 from rbee.contracts.workers import WorkerPart, WorkerStatus
 from rbee.worker.access import WORKER_ACCESS
 from rbee.worker.api import openai as openai_api
+from rbee.worker.api import passthrough
 from rbee.worker.engines.base import Engine, EngineError, EngineHost
 from rbee.worker.engines.llama_process import LlamaServer, ServerConfig
 from rbee.worker.engines.llama_server import LlamaServerEngine
@@ -185,10 +186,12 @@ def create_app(
             "in_flight": board.in_flight,
             "waiting": runtime.pool.waiting if runtime.pool else 0,
             "version": __version__,
+            "tool_calls": passthrough.tool_method(runtime),  # native (the template's) or grammar
         }
         return JSONResponse(body)
 
     app.include_router(openai_api.router)
+    app.include_router(passthrough.router)  # Anthropic Messages, OpenAI Responses
     app.include_router(metrics_router(runtime.metrics.registry))
     install_gate(app, WORKER_ACCESS, token=settings.token, allowed_hosts=settings.allowed_host)
     return app

@@ -9,6 +9,8 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from rbee.common.errors import NotFound, quote
+from rbee.queen.api import anthropic as anthropic_api
 from rbee.queen.live import model_entries
 from rbee.queen.state import QueenState, get_state
 
@@ -21,6 +23,20 @@ async def list_models(state: State) -> dict[str, Any]:
     """Models an online worker serves (`loaded`) and models a live hive could start
     (`available`); `rbee.embedding` says which answer `/v1/embeddings`."""
     return {"object": "list", "data": model_entries(state)}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def get_model(model_id: str, state: State) -> dict[str, Any]:
+    """One model, as in `/v1/models` (OpenAI's retrieve-model); 404 `model_not_found` in
+    OpenAI's shape for a model no worker serves and no hive has."""
+    for entry in model_entries(state):
+        if entry.get("id") == model_id:
+            return entry
+    raise NotFound(
+        f"The model {quote(model_id)} does not exist (GET /v1/models lists those that do)",
+        code="model_not_found",
+        param="model",
+    )
 
 
 # Path → whether it goes to embedding workers.
@@ -44,7 +60,11 @@ def proxy_routes() -> list[Route]:
 
         return forward
 
-    return [
+    routes = [
         Route(path, endpoint(path, embedding), methods=["POST"])
         for path, embedding in PROXIED_PATHS.items()
     ]
+    # Anthropic Messages and OpenAI Responses, routed the same way (rbee.queen.api.anthropic).
+    for path in (*anthropic_api.MESSAGES_PATHS, *anthropic_api.RESPONSES_PATHS):
+        routes.append(Route(path, anthropic_api.endpoint(path), methods=["POST"]))
+    return routes

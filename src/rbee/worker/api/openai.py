@@ -8,8 +8,10 @@ from collections.abc import Awaitable
 from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
 
 from rbee.common.errors import BadRequest, Unavailable
+from rbee.contracts.apis import served_apis
 from rbee.contracts.embeddings import EmbeddingList, EmbeddingRequest
 from rbee.contracts.openai import (
     ChatCompletion,
@@ -20,6 +22,7 @@ from rbee.contracts.openai import (
     ModelList,
     ModelServing,
 )
+from rbee.worker.api import passthrough
 from rbee.worker.capabilities import check_chat, check_completion
 from rbee.worker.embeddings import embed
 from rbee.worker.engines.base import (
@@ -33,7 +36,7 @@ from rbee.worker.engines.base import (
 from rbee.worker.generation import Generation
 from rbee.worker.responses import ChatAnswer, EventStream, TextAnswer, sampling_params
 from rbee.worker.runtime import WorkerRuntime, get_runtime
-from rbee.worker.structured import plan_chat
+from rbee.worker.structured import plan_chat, tool_choice
 
 router = APIRouter()
 T = TypeVar("T")
@@ -45,7 +48,11 @@ Runtime = Annotated[WorkerRuntime, Depends(get_runtime)]
 async def list_models(runtime: Runtime) -> ModelList:
     embedding = runtime.identity.embedding
     serving = ModelServing(
-        state="loaded", embedding=embedding, workers=1, embedding_workers=int(embedding)
+        state="loaded",
+        embedding=embedding,
+        workers=1,
+        embedding_workers=int(embedding),
+        apis=served_apis(chat=not embedding, embedding=embedding),
     )
     return ModelList(
         data=[ModelCard(id=runtime.model_id, created=runtime.started_at, rbee=serving)]
@@ -98,10 +105,26 @@ async def _unless_client_leaves(http: Request, generation: Generation, whole: Aw
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(
     request: ChatCompletionRequest, runtime: Runtime, http: Request
-) -> ChatCompletion | EventStream:
+) -> ChatCompletion | EventStream | Response:
+    return await answer_chat(request, runtime, http)
+
+
+async def answer_chat(
+    request: ChatCompletionRequest, runtime: WorkerRuntime, http: Request, *, native: bool = True
+) -> ChatCompletion | EventStream | Response:
+    """`native`: tools may go to the model's own chat template, where it knows them (llama.cpp
+    then formats and parses the calls); otherwise, and always with `native` False, they use the
+    grammar-and-system-message fallback (`rbee.worker.structured`)."""
     runtime.check_model(request.model)
     _generating(runtime)
     check_chat(request)
+    tools = bool(request.tools) and tool_choice(request) != "none"
+    if tools and native and passthrough.tool_method(runtime) == passthrough.NATIVE:
+        headers = {passthrough.TOOL_CALLS_HEADER: passthrough.NATIVE}
+        raw = await http.body()
+        return await passthrough.relay(
+            runtime, passthrough.CHAT, raw, passthrough.CHAT, stream=request.stream, headers=headers
+        )
     plan = plan_chat(request)
 
     async def prepare(engine: Engine) -> Prompt:
@@ -111,8 +134,18 @@ async def chat_completions(
     generation = await _start(runtime, prepare, sampling_params(request, plan), schema_from)
     answer = ChatAnswer(runtime.model_id, generation, plan, logprobs=bool(request.logprobs))
     if request.stream:
-        return EventStream(answer.chunks(request.include_usage_in_stream))
-    return await _unless_client_leaves(http, generation, answer.whole())
+        stream = EventStream(answer.chunks(request.include_usage_in_stream))
+        if tools:
+            stream.headers[passthrough.TOOL_CALLS_HEADER] = passthrough.GRAMMAR
+        return stream
+    whole = await _unless_client_leaves(http, generation, answer.whole())
+    if tools and native:
+        # Said in a header as the native answer says it (the fallback's callers say it themselves).
+        return JSONResponse(
+            whole.model_dump(mode="json", exclude_none=False),
+            headers={passthrough.TOOL_CALLS_HEADER: passthrough.GRAMMAR},
+        )
+    return whole
 
 
 @router.post("/v1/completions", response_model=None)

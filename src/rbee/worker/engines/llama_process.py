@@ -83,6 +83,10 @@ class ServerConfig:
             *("--kv-unified-per-slot", str(self.ctx_size)),
             *("--threads", str(self.threads), "--threads-batch", str(self.threads)),
             "--no-webui",
+            # Chats go through the model's own Jinja chat template, which is what lets llama.cpp
+            # format and parse tool calls the way the model was trained to (where the template
+            # knows tools) on /v1/chat/completions, /v1/messages and /v1/responses.
+            "--jinja",
             *("--n-gpu-layers", "all" if self.gpu_layers < 0 else str(self.gpu_layers)),
             # Our heartbeats and /health say how the worker is; its own loading log is noise.
             *("--log-verbosity", "2"),
@@ -191,6 +195,9 @@ class LlamaServer:
         self.embedding_size = 0
         # The model's chat template when the worker renders it as llama.cpp does, else None.
         self.chat_template: ChatTemplate | None = None
+        # The chat template knows tools (llama.cpp's `chat_template_caps.supports_tools`): tool
+        # calls then go through it, in the model's own format, parsed back by llama.cpp.
+        self.native_tools = False
 
     @property
     def pid(self) -> int | None:
@@ -241,7 +248,7 @@ class LlamaServer:
             if not self.config.embedding:
                 self.chat_template = await self._own_template(http, props)
         log.info(
-            "llama-server (pid %d) serves %s: %d slot(s) of %d tokens, %d thread(s)%s%s",
+            "llama-server (pid %d) serves %s: %d slot(s) of %d tokens, %d thread(s)%s%s%s",
             self._proc.pid,
             self.config.model.name,
             self.config.slots,
@@ -249,6 +256,7 @@ class LlamaServer:
             self.config.threads,
             ", passive waiting" if self.config.passive_wait else "",
             ", chat template rendered by the worker" if self.chat_template else "",
+            ", tool calls in the model's own format" if self.native_tools else "",
         )
 
     async def _read_output(self) -> None:
@@ -306,6 +314,8 @@ class LlamaServer:
             meta = (await get("/v1/models"))["data"][0]["meta"]
             self.vocab_size = int(meta["n_vocab"])
             self.embedding_size = int(meta["n_embd"])
+            caps = props.get("chat_template_caps")
+            self.native_tools = isinstance(caps, dict) and caps.get("supports_tools") is True
             return dict(props)
         except (*NETWORK_ERRORS, KeyError, IndexError, TypeError, ValueError) as exc:
             raise EngineError(f"llama.cpp's server does not describe its model: {exc!r}") from None

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterable, Callable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from typing import Any
 
 import aiohttp
@@ -58,6 +58,28 @@ class LlamaServerEngine:
     @property
     def embedding_size(self) -> int:
         return self._server.embedding_size
+
+    @property
+    def native_tools(self) -> bool:
+        """The model's chat template knows tools: llama.cpp formats and parses tool calls."""
+        return self._server.native_tools
+
+    async def relay(self, path: str, body: bytes) -> Relayed:
+        """Send a request of one of llama.cpp's own APIs (`/v1/messages`, `/v1/responses`, ...)
+        as it is; returns once its answer's head is in. On a connection of its own, so that
+        a request that takes no slot (counting tokens) never waits behind a generation."""
+        http = self._server.client(GENERATION_TIMEOUT)
+        try:
+            response = await http.post(
+                path, data=body, headers={"Content-Type": "application/json"}
+            )
+        except NETWORK_ERRORS as exc:
+            await http.close()
+            raise EngineError(f"llama.cpp's server is not answering: {exc!r}") from None
+        except BaseException:
+            await http.close()
+            raise
+        return Relayed(http, response)
 
     async def _post(self, path: str, body: dict[str, Any]) -> Any:
         try:
@@ -157,6 +179,41 @@ class LlamaServerEngine:
         return Embeddings(vectors=vectors, prompt_tokens=tokens)
 
     async def close(self) -> None:
+        await self._http.close()
+
+
+class Relayed:
+    """llama.cpp's answer to a relayed request: its status and type, then its body, whole or
+    event by event. `close` before the end is what stops llama.cpp generating."""
+
+    def __init__(self, http: aiohttp.ClientSession, response: aiohttp.ClientResponse) -> None:
+        self._http = http
+        self._response = response
+        self.status = response.status
+        self.content_type = response.headers.get("Content-Type", "application/json")
+
+    async def read(self) -> bytes:
+        try:
+            return await self._response.read()
+        except NETWORK_ERRORS as exc:
+            raise EngineError(f"llama.cpp's server broke off the answer: {exc!r}") from None
+
+    async def events(self) -> AsyncIterator[bytes]:
+        """The body as server-sent events, each with its blank line, as they arrive."""
+        pending = b""
+        try:
+            async for chunk in self._response.content.iter_any():
+                pending += chunk
+                while (end := pending.find(b"\n\n")) >= 0:
+                    yield pending[: end + 2]
+                    pending = pending[end + 2 :]
+        except NETWORK_ERRORS as exc:
+            raise EngineError(f"llama.cpp's server broke off the answer: {exc!r}") from None
+        if pending.strip():
+            yield pending
+
+    async def close(self) -> None:
+        self._response.close()
         await self._http.close()
 
 
