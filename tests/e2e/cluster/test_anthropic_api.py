@@ -53,24 +53,35 @@ def client(cluster: Cluster) -> Iterator[anthropic.Anthropic]:
 
 def test_messages_create_answers_in_anthropic_shape(client: anthropic.Anthropic) -> None:
     message = client.messages.create(
-        model=DEFAULT_MODEL, max_tokens=24, messages=QUESTION, extra_body=COLD  # type: ignore[arg-type]
+        model=DEFAULT_MODEL,
+        max_tokens=24,
+        messages=QUESTION,
+        extra_body=COLD,  # type: ignore[arg-type]
     )
-    assert message.type == "message" and message.role == "assistant"
+    assert message.type == "message"
+    assert message.role == "assistant"
     assert message.model == DEFAULT_MODEL, "named by the model id, not llama.cpp's file path"
-    assert message.content and message.content[0].type == "text"
+    assert message.content
+    assert message.content[0].type == "text"
     assert message.content[0].text.strip()
     assert message.stop_reason in ("end_turn", "max_tokens")
-    assert message.usage.input_tokens > 0 and 0 < message.usage.output_tokens <= 24
+    assert message.usage.input_tokens > 0
+    assert 0 < message.usage.output_tokens <= 24
 
 
 def test_a_streamed_message_arrives_event_by_event(client: anthropic.Anthropic) -> None:
     with client.messages.stream(
-        model=DEFAULT_MODEL, max_tokens=24, messages=QUESTION, extra_body=COLD  # type: ignore[arg-type]
+        model=DEFAULT_MODEL,
+        max_tokens=24,
+        messages=QUESTION,
+        extra_body=COLD,  # type: ignore[arg-type]
     ) as stream:
         kinds = [event.type for event in stream]
         final = stream.get_final_message()
-    assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
-    assert "content_block_delta" in kinds and "message_delta" in kinds
+    assert kinds[0] == "message_start"
+    assert kinds[-1] == "message_stop"
+    assert "content_block_delta" in kinds
+    assert "message_delta" in kinds
     text = "".join(block.text for block in final.content if block.type == "text")
     assert text.strip(), final
     assert final.usage.output_tokens > 0
@@ -96,7 +107,8 @@ def test_a_forced_tool_call_is_a_tool_use_block_that_fits_the_schema(
     assert message.stop_reason == "tool_use"
     uses = [block for block in message.content if block.type == "tool_use"]
     assert len(uses) == 1, message.content
-    assert uses[0].name == "get_weather" and uses[0].id
+    assert uses[0].name == "get_weather"
+    assert uses[0].id
     jsonschema.validate(uses[0].input, WEATHER["input_schema"])
 
 
@@ -126,7 +138,8 @@ def test_a_tool_result_turn_is_answered(client: anthropic.Anthropic) -> None:
             },
         ],
     )
-    assert message.content and message.stop_reason in ("end_turn", "max_tokens", "tool_use")
+    assert message.content
+    assert message.stop_reason in ("end_turn", "max_tokens", "tool_use")
 
 
 def test_count_tokens_counts_the_prompt(client: anthropic.Anthropic) -> None:
@@ -142,7 +155,8 @@ def test_an_unknown_model_is_the_sdks_not_found_error(client: anthropic.Anthropi
     with pytest.raises(anthropic.NotFoundError) as caught:
         client.messages.create(model="no-such-model", max_tokens=5, messages=QUESTION)  # type: ignore[arg-type]
     body = caught.value.body
-    assert isinstance(body, dict) and body["type"] == "error"
+    assert isinstance(body, dict)
+    assert body["type"] == "error"
     assert body["error"]["type"] == "not_found_error"
     assert "no-such-model" in body["error"]["message"]
 
@@ -183,13 +197,17 @@ def guarded_queen(tmp_path: Path) -> Iterator[str]:
 
 
 def test_a_bad_key_is_the_sdks_authentication_error(guarded_queen: str) -> None:
-    with anthropic.Anthropic(base_url=guarded_queen, api_key="wrong", max_retries=0) as sdk:
-        with pytest.raises(anthropic.AuthenticationError) as caught:
-            sdk.messages.create(model=DEFAULT_MODEL, max_tokens=5, messages=QUESTION)  # type: ignore[arg-type]
+    with (
+        anthropic.Anthropic(base_url=guarded_queen, api_key="wrong", max_retries=0) as sdk,
+        pytest.raises(anthropic.AuthenticationError) as caught,
+    ):
+        sdk.messages.create(model=DEFAULT_MODEL, max_tokens=5, messages=QUESTION)  # type: ignore[arg-type]
     assert caught.value.body["error"]["type"] == "authentication_error"  # type: ignore[index]
     # The cluster token as x-api-key passes the gate: the model is then simply not there.
-    with anthropic.Anthropic(
-        base_url=guarded_queen, api_key="e2e-anthropic-token", max_retries=0
-    ) as sdk:
-        with pytest.raises(anthropic.NotFoundError):
-            sdk.messages.create(model=DEFAULT_MODEL, max_tokens=5, messages=QUESTION)  # type: ignore[arg-type]
+    with (
+        anthropic.Anthropic(
+            base_url=guarded_queen, api_key="e2e-anthropic-token", max_retries=0
+        ) as sdk,
+        pytest.raises(anthropic.NotFoundError),
+    ):
+        sdk.messages.create(model=DEFAULT_MODEL, max_tokens=5, messages=QUESTION)  # type: ignore[arg-type]
