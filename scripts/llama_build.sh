@@ -11,7 +11,9 @@
 #   llama_build_dir VERSION ARGS   where that build is cached: one folder per version and
 #                         arguments, so CPU and CUDA builds never mix
 #   llama_ensure PYTHON LOCK   prints the cached build's folder (bin/llama-server,
-#                         bin/llama-batched-bench), compiling it first if it is not there: the
+#                         bin/llama-batched-bench, bin/ggml-rpc-server: the RPC backend's server
+#                         that lends this machine's devices to a worker split over several
+#                         machines), compiling it first if it is not there: the
 #                         sources are the llama-cpp-python sdist that LOCK pins with its hash,
 #                         fetched with PYTHON's pip (PIP_FIND_LINKS etc. apply)
 #
@@ -21,7 +23,10 @@
 # ends with exit 3 and one line naming what to install; a failed build with exit 1 and the log's
 # tail; either way the last line says why, prefixed with $LLAMA_FAIL (default: $LLAMA_SAY).
 
-LLAMA_TARGETS=(llama-server llama-batched-bench)
+LLAMA_TARGETS=(llama-server llama-batched-bench ggml-rpc-server)
+# Flags every build gets, whatever its kind: GGML_RPC builds the RPC backend into llama-server
+# (`--rpc`) and the ggml-rpc-server target. They are part of the cache key.
+LLAMA_FIXED_ARGS="-DGGML_RPC=ON"
 LLAMA_NO_TOOLS=3
 
 llama_say() {
@@ -104,7 +109,7 @@ rbee_sha256() {
 
 llama_build_dir() {
   local key
-  key=$(printf '%s|%s' "$1" "$2" | rbee_sha256 | cut -c1-16)
+  key=$(printf '%s|%s|%s' "$1" "$2" "$LLAMA_FIXED_ARGS" | rbee_sha256 | cut -c1-16)
   echo "${RBEE_LLAMA_CACHE:-$HOME/.cache/rbee/llama.cpp}/llama.cpp-$1-$key"
 }
 
@@ -207,7 +212,7 @@ llama_compile() {
   { cmake -S "$work/llama_cpp_python-$version/vendor/llama.cpp" -B "$work/build" \
     "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF \
     -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF \
-    $args &&
+    $LLAMA_FIXED_ARGS $args &&
     cmake --build "$work/build" \
       --parallel "${CMAKE_BUILD_PARALLEL_LEVEL:-$(getconf _NPROCESSORS_ONLN)}" \
       --target "${LLAMA_TARGETS[@]}"; } 2>&1 | llama_progress "$log"

@@ -29,6 +29,8 @@ from rbee.cli.ssh import Result, Shell, quote
 REMOTE_BASE = "$HOME/.local/share/rbee"
 PROGRAMS = ("rbee-hive", "llm-worker-rbee", "queen-rbee", "rbee")
 ENGINE = "llama-server"
+# And the RPC server that lends the machine's devices to split workers (issue 24).
+ENGINES = (ENGINE, "ggml-rpc-server")
 BUILD_SCRIPT = "llama_build.sh"
 # The remote script's own exit codes; llama_build.sh exits 3 when a tool to compile with is missing.
 NO_PYTHON = 13
@@ -82,11 +84,13 @@ dir=$(PIP_FIND_LINKS="$base/wheels" LLAMA_SAY="rbee: step" LLAMA_FAIL="rbee: err
   bash "$base/dist/{build_script}" ensure "$base/venv/bin/python" "$base/dist/engine.lock") || code=$?
 if [ "$code" -eq 3 ]; then exit {no_tools}; elif [ "$code" -ne 0 ]; then exit {build_failed}; fi
 changed=0
-if ! cmp -s "$dir/bin/{engine}" "$base/venv/bin/{engine}"; then
-  cp "$dir/bin/{engine}" "$base/venv/bin/{engine}.new" && chmod 0755 "$base/venv/bin/{engine}.new"
-  mv "$base/venv/bin/{engine}.new" "$base/venv/bin/{engine}"
-  changed=1
-fi
+for engine in {engines}; do
+  if ! cmp -s "$dir/bin/$engine" "$base/venv/bin/$engine"; then
+    cp "$dir/bin/$engine" "$base/venv/bin/$engine.new" && chmod 0755 "$base/venv/bin/$engine.new"
+    mv "$base/venv/bin/$engine.new" "$base/venv/bin/$engine"
+    changed=1
+  fi
+done
 [ "$same" = 1 ] || printf '%s\\n' {stamp} >"$base/installed"
 echo "rbee: build $(bash "$base/dist/{build_script}" kind) $dir"
 if [ "$same" = 1 ] && [ "$changed" = 0 ]; then echo "rbee: already-installed"; exit 0; fi
@@ -140,7 +144,7 @@ class Bundle:
             no_tools=NO_TOOLS,
             build_failed=BUILD_FAILED,
             wheel=self.wheel.name,
-            engine=ENGINE,
+            engines=" ".join(ENGINES),
             build_script=BUILD_SCRIPT,
             cmake_args=(
                 f"CMAKE_ARGS={quote(self.cmake_args)}; export CMAKE_ARGS"

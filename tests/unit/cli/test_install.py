@@ -90,6 +90,7 @@ class Remote:
             ).stdout.strip()
         )
         executable(folder / "bin" / "llama-server", f"echo {name}")
+        executable(folder / "bin" / "ggml-rpc-server", f"echo rpc-{name}")
         return folder
 
     async def install(self, bundle: installer.Bundle | None = None) -> Result:
@@ -108,6 +109,8 @@ async def test_the_cached_build_is_installed_once_and_named(remote: Remote) -> N
     assert first.code == 0, first.out
     assert installer.verdict(Shell(), first) == installer.Installed("installed", "cpu")
     assert f"rbee: build cpu {build}" in first.out
+    # The RPC server that lends this machine's devices to split workers comes with it.
+    assert (remote.venv_bin / "ggml-rpc-server").read_text().strip().endswith("echo rpc-server")
     engine = remote.venv_bin / "llama-server"
     assert engine.read_bytes() == (build / "bin" / "llama-server").read_bytes()
     assert engine.stat().st_mode & stat.S_IXUSR

@@ -158,7 +158,7 @@ if [ "$1" != --build ]; then echo "-- Configuring done"; exit 0; fi
 [ -n "${CMAKE_FAILS:-}" ] && { echo "ggml.c:1: error: boom"; exit 1; }
 for i in 1 2 3 4 5 6 7 8 9 10; do echo "[$i/10] Building CXX object ggml-$i.o"; done
 mkdir -p "$2/bin"
-for target in llama-server llama-batched-bench; do
+for target in llama-server llama-batched-bench ggml-rpc-server; do
   printf '#!/bin/sh\\necho %s\\n' "$target" >"$2/bin/$target"; chmod +x "$2/bin/$target"
 done
 """
@@ -228,6 +228,7 @@ def test_a_first_ensure_compiles_with_progress_and_a_second_uses_the_cache(
     assert folder.name.startswith(f"llama.cpp-{VERSION}-")
     assert (folder / "bin" / "llama-server").stat().st_mode & stat.S_IXUSR
     assert (folder / "bin" / "llama-batched-bench").exists()
+    assert (folder / "bin" / "ggml-rpc-server").exists()  # every build lends devices too
     assert "compiling llama.cpp's server for cpu" in first.stderr
     # A line at each tenth of the way, not one per compiled file.
     progress = [line for line in first.stderr.splitlines() if "compiling llama.cpp: " in line]
