@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from prometheus_client import Counter, Histogram
@@ -67,13 +67,16 @@ class Tally:
 class ModelFigures:
     """Everything recorded per model, looked up once per request."""
 
-    __slots__ = ("duration", "failovers", "queue_wait", "ttft")
+    __slots__ = ("cached_tokens", "duration", "failovers", "prompt_tokens", "queue_wait", "ttft")
 
     def __init__(self) -> None:
         self.duration = Tally()
         self.ttft = Tally()
         self.queue_wait = Tally()
         self.failovers = 0
+        # Of the answers that report usage: prompt tokens, and those served from KV cache.
+        self.prompt_tokens = 0
+        self.cached_tokens = 0
 
 
 class QueenMetrics:
@@ -83,8 +86,12 @@ class QueenMetrics:
         hives: HiveRegistry,
         tracker: LoadTracker,
         admission: AdmissionQueue,
+        *,
+        decisions: Mapping[tuple[str, str], int] | None = None,
     ) -> None:
         self._workers = registry
+        # The router's (policy, outcome) -> decisions, read at scrape time.
+        self._decisions: Mapping[tuple[str, str], int] = {} if decisions is None else decisions
         self._hives = hives
         self._tracker = tracker
         self._admission = admission
@@ -174,6 +181,33 @@ class QueenMetrics:
         for model, figures in models:
             failovers.add_metric([model], figures.failovers)
         yield failovers
+        decisions = CounterMetricFamily(
+            "rbee_route_decisions",
+            "Workers chosen for requests, by routing policy and why (prefix_hit: it holds the "
+            "longest part of the prompt; session; least_loaded: none holds any; overloaded: "
+            "the one that holds it was too busy; least_loaded/round_robin under those policies)",
+            labels=["policy", "outcome"],
+        )
+        for (policy, outcome), count in sorted(self._decisions.items()):
+            decisions.add_metric([policy, outcome], count)
+        yield decisions
+        for name, attr, documentation in (
+            (
+                "rbee_prompt_tokens",
+                "prompt_tokens",
+                "Prompt tokens of the answers that reported usage (every whole answer; a stream "
+                "when usage was asked for)",
+            ),
+            (
+                "rbee_prompt_tokens_cached",
+                "cached_tokens",
+                "Of rbee_prompt_tokens, those the worker found in its KV cache (not computed)",
+            ),
+        ):
+            tokens = CounterMetricFamily(name, documentation, labels=["model"])
+            for model, figures in models:
+                tokens.add_metric([model], getattr(figures, attr))
+            yield tokens
         for name, attr, documentation in (
             (
                 "rbee_request_duration_seconds",
@@ -275,6 +309,11 @@ class RequestTrack:
 
     def failover(self) -> None:
         self.figures.failovers += 1
+
+    def prompt_usage(self, prompt_tokens: int, cached_tokens: int) -> None:
+        """The answer's usage: its prompt tokens, and how many came from the KV cache."""
+        self.figures.prompt_tokens += prompt_tokens
+        self.figures.cached_tokens += cached_tokens
 
     def first_byte(self) -> None:
         if self.streamed:

@@ -47,12 +47,19 @@ from rbee.queen.metrics import CLIENT_CLOSED, QueenMetrics, RequestTrack
 from rbee.queen.registry import WorkerRegistry
 from rbee.queen.relay import Attempt, Relay, RelayResponse
 from rbee.queen.routing.admission import NothingToWaitFor, QueueFull, WaitExpired
+from rbee.queen.routing.prefixes import SESSION_HEADER, RouteKey
 from rbee.queen.routing.retry import Outcome, Step, classify, next_step
 from rbee.queen.routing.router import Lease, Router
 from rbee.queen.scheduler.placement import hives_with_model
 from rbee.queen.scheduler.spawner import Spawner
 from rbee.queen.upstream import UpstreamClient, UpstreamError, UpstreamResponse
-from rbee.queen.usage import metered_stream, request_usage, total_tokens
+from rbee.queen.usage import (
+    metered_stream,
+    prompt_usage,
+    request_usage,
+    total_tokens,
+    watched_stream,
+)
 
 log = logging.getLogger("rbee.queen.proxy")
 WORKER_HEADER = "x-rbee-worker-id"
@@ -65,6 +72,11 @@ def parse_body(raw: bytes) -> tuple[str, bool, float | None]:
     """The fields the queen needs: `model`, `stream`, and `keep_alive` (seconds, math.inf to
     keep the model loaded; None when not given). Everything passes through to the worker, which
     keeps fields it does not know (llama.cpp ignores them)."""
+    return parse_request(raw)[1:]
+
+
+def parse_request(raw: bytes) -> tuple[dict[str, Any], str, bool, float | None]:
+    """The body as parsed (what the router reads a prefix from), and `parse_body`'s fields."""
     try:
         payload: Any = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -82,7 +94,7 @@ def parse_body(raw: bytes) -> tuple[str, bool, float | None]:
             raise BadRequest(
                 f"keep_alive: {exc}", code="invalid_keep_alive", param="keep_alive"
             ) from None
-    return model, payload.get("stream") is True, keep_alive
+    return payload, model, payload.get("stream") is True, keep_alive
 
 
 def connection_refused(exc: BaseException) -> bool:
@@ -160,7 +172,12 @@ class Proxy:
         return sorted(served)
 
     async def lease(
-        self, model: str, failed: Collection[str] = (), *, embedding: bool = False
+        self,
+        model: str,
+        failed: Collection[str] = (),
+        *,
+        embedding: bool = False,
+        route: RouteKey | None = None,
     ) -> Lease:
         """A worker slot for the model: now, after waiting in line, or after starting a worker.
 
@@ -197,10 +214,10 @@ class Proxy:
                 )
         admission = self.router.admission
         try:
-            return await self.router.acquire(model, embedding=embedding)
+            return await self.router.acquire(model, embedding=embedding, key=route)
         except NothingToWaitFor:
             # Its workers went (unloaded, evicted, gone) while it waited: start one.
-            return await self.lease(model, failed, embedding=embedding)
+            return await self.lease(model, failed, embedding=embedding, route=route)
         except QueueFull:
             raise TooManyRequests(
                 f"all workers for {quote(model)} are busy and {admission.max_waiting} requests "
@@ -221,11 +238,12 @@ class Proxy:
         """`embedding`: the request goes to the model's embedding workers (`/v1/embeddings`).
         `body`: what to send instead of the request's own (an API translated to OpenAI's)."""
         raw = await request.body() if body is None else body
-        model, stream, keep_alive = parse_body(raw)
+        payload, model, stream, keep_alive = parse_request(raw)
+        route = self.router.route_key(payload, request.headers.get(SESSION_HEADER))
         track = self.metrics.track(model)
         track.streamed = stream
         try:
-            work = self._forward(model, track, path, raw, request, embedding, keep_alive)
+            work = self._forward(model, track, path, raw, request, embedding, keep_alive, route)
             if stream and self.cold(model, embedding):
                 return await self._while_loading(request, model, track, work)
             return await unless_client_leaves(request.receive, work)
@@ -275,6 +293,7 @@ class Proxy:
         request: Request,
         embedding: bool,
         keep_alive: float | None = None,
+        route: RouteKey | None = None,
     ) -> Response:
         key: str | None = request.scope.get(API_KEY_SCOPE)
         keep_usage = True
@@ -285,7 +304,7 @@ class Proxy:
         tried: list[str] = []
         failures = 0
         whole = not track.streamed
-        lease = await self.lease(model, tried, embedding=embedding)
+        lease = await self.lease(model, tried, embedding=embedding, route=route)
         while True:
             track.lease(lease.worker_id)
             if keep_alive is not None:  # Ollama's meaning: the worker's keep-alive from now on
@@ -310,10 +329,10 @@ class Proxy:
                     code="worker_stopping",
                 )
             if step is Step.RELAY:
-                return self._answer(lease, attempt, track, key, keep_usage)
+                return self._answer(lease, attempt, track, key, keep_usage, raw)
             if step is Step.OVERFLOW:
                 self.router.release(lease)  # busy is not broken: no bench
-                other = self.router.try_take(model, tried, embedding=embedding)
+                other = self.router.try_take(model, tried, embedding=embedding, key=route)
                 if other is None:
                     track.end(429)
                     return self._full(lease, attempt)
@@ -328,7 +347,7 @@ class Proxy:
                 raise BadGateway(
                     f"{failures} worker(s) failed for {quote(model)}; last: {attempt.reason}"
                 )
-            lease = await self.lease(model, tried, embedding=embedding)
+            lease = await self.lease(model, tried, embedding=embedding, route=route)
 
     def _answer(
         self,
@@ -337,8 +356,20 @@ class Proxy:
         track: RequestTrack,
         key: str | None,
         keep_usage: bool,
+        raw: bytes = b"",
     ) -> Response:
         response = self._respond(lease, attempt, track)
+        # The prompt tokens and how many came from the worker's cache, wherever usage shows.
+        if isinstance(response, StreamingResponse):
+            if key is not None or b'"include_usage"' in raw:
+                response.body_iterator = watched_stream(
+                    response.body_iterator,  # type: ignore[arg-type]  # _relay: bytes
+                    track.prompt_usage,
+                )
+        elif attempt.upstream is not None and (
+            found := prompt_usage(attempt.upstream.content or b"")
+        ):
+            track.prompt_usage(*found)
         if key is not None:  # tokens served to an API key are counted
             assert attempt.upstream is not None
             if isinstance(response, StreamingResponse):

@@ -51,8 +51,17 @@ class QueenSettings(DaemonSettings):
         description="where the queen keeps its database (API keys); a queen on another port "
         "than 7833 defaults to queen-PORT beside this, so each cluster has its own keys",
     )
-    routing_policy: Literal["least-loaded", "round-robin"] = Field(
-        "least-loaded", description="how a worker is chosen among the available ones"
+    routing_policy: Literal["prefix", "least-loaded", "round-robin"] = Field(
+        "prefix",
+        description="how a worker is chosen among the available ones: prefix sends a "
+        "conversation's turns where its prompt is already cached (least-loaded when none is, "
+        "or when that worker is overloaded)",
+    )
+    prefix_load_margin: Annotated[float, Field(ge=0)] = Field(
+        0.5,
+        description="the prefix policy passes over the worker that holds a request's prefix "
+        "when its load (busy share of its slots) exceeds the least loaded worker's by more "
+        "than this (0: only an equally loaded worker keeps its prefixes)",
     )
     queue_size: int = Field(
         32, ge=0, description="requests that may wait per model when all are busy"

@@ -25,6 +25,7 @@ from rbee.queen.registry import WorkerRegistry
 from rbee.queen.routing.admission import AdmissionQueue
 from rbee.queen.routing.load import LoadTracker
 from rbee.queen.routing.policies import POLICIES
+from rbee.queen.routing.prefixes import Affinity
 from rbee.queen.routing.router import Router
 from rbee.queen.scheduler.room import Room
 from rbee.queen.scheduler.spawner import Spawner
@@ -72,8 +73,18 @@ def build_state(
     bus = EventBus()
     tracker = LoadTracker(settings.cooldown, clock)
     admission = AdmissionQueue(settings.queue_size, settings.queue_timeout, clock)
-    router = Router(registry, tracker, POLICIES[settings.routing_policy], admission)
-    metrics = QueenMetrics(registry, hives, tracker, admission)
+    affinity = (
+        Affinity(settings.prefix_load_margin) if settings.routing_policy == "prefix" else None
+    )
+    router = Router(
+        registry,
+        tracker,
+        POLICIES[settings.routing_policy],
+        admission,
+        affinity=affinity,
+        policy_name=settings.routing_policy,
+    )
+    metrics = QueenMetrics(registry, hives, tracker, admission, decisions=router.decisions)
     clients = HiveClients(settings.token, transport, settings.spawn_timeout)
 
     async def stop_worker(hive: HiveView, pid: int) -> WorkerStopped:

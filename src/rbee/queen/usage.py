@@ -74,3 +74,42 @@ def _event_total(event: bytes) -> int | None:
         if line.startswith(b"data:"):
             return total_tokens(line[5:])
     return None
+
+
+def _prompt_usage(data: Any) -> tuple[int, int] | None:
+    usage = data.get("usage") if isinstance(data, dict) else None
+    if not isinstance(usage, dict):
+        return None
+    prompt = usage.get("prompt_tokens")
+    if not isinstance(prompt, int) or prompt < 0:
+        return None
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return prompt, cached if isinstance(cached, int) and 0 <= cached <= prompt else 0
+
+
+def prompt_usage(answer: bytes) -> tuple[int, int] | None:
+    """(prompt tokens, of them cached) from an answer's `usage`: a whole answer, or the JSON
+    of one event (OpenAI's `prompt_tokens_details.cached_tokens`; 0 when not given)."""
+    try:
+        return _prompt_usage(json.loads(answer))
+    except ValueError:
+        return None
+
+
+async def watched_stream(
+    chunks: AsyncGenerator[bytes, None], record: Callable[[int, int], None]
+) -> AsyncGenerator[bytes, None]:
+    """An SSE answer passed on as it is; the prompt and cached tokens of its usage chunk (if
+    one comes) given to `record`."""
+    async with aclosing(chunks):
+        pending = b""
+        async for chunk in chunks:
+            pending += chunk
+            events, _, pending = pending.rpartition(b"\n\n")
+            if b'"usage"' in events:
+                for line in events.split(b"\n"):
+                    found = prompt_usage(line[5:]) if line.startswith(b"data:") else None
+                    if found is not None:
+                        record(*found)
+            yield chunk

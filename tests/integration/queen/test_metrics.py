@@ -130,8 +130,8 @@ async def test_a_huge_model_name_is_quoted_short(queen: Queen) -> None:
 async def test_failover_counts_once_per_failed_worker(queen: Queen) -> None:
     await queen.heartbeat("dead")
     await queen.heartbeat("alive")
-    for _ in range(2):
-        response = await queen.chat()
+    for i in range(2):  # two conversations: not kept on one worker by the prefix policy
+        response = await queen.chat(messages=[{"role": "user", "content": f"question {i}"}])
         assert response.headers["x-rbee-worker-id"] == "alive"
     samples = await queen.scrape()
     assert value(samples, "rbee_failovers_total", model="m") == 1  # dead is benched after one

@@ -110,6 +110,11 @@ class Cluster:
         return await self.client.post("/v1/chat/completions", json=body)
 
 
+def asking(n: int) -> list[dict[str, str]]:
+    """The messages of conversation n: each its own prefix."""
+    return [{"role": "user", "content": f"question {n}"}]
+
+
 @pytest.fixture
 async def cluster() -> AsyncIterator[Cluster]:
     c = Cluster()
@@ -142,7 +147,10 @@ async def test_requests_spread_over_equal_workers(cluster: Cluster) -> None:
     for name in ("w1", "w2"):
         cluster.workers[name] = cluster.ok_worker(name)
         await cluster.heartbeat(name)
-    served = [(await cluster.chat()).headers["x-rbee-worker-id"] for _ in range(4)]
+    # Four conversations (the prefix policy keeps one conversation on one worker).
+    served = [
+        (await cluster.chat(messages=asking(i))).headers["x-rbee-worker-id"] for i in range(4)
+    ]
     assert sorted(served) == ["w1", "w1", "w2", "w2"]
 
 
@@ -150,8 +158,8 @@ async def test_dead_worker_is_stepped_around_and_benched(cluster: Cluster) -> No
     cluster.workers["alive"] = cluster.ok_worker("alive")
     await cluster.heartbeat("alive")
     await cluster.heartbeat("dead")  # registered, but it drops every connection
-    for _ in range(4):
-        response = await cluster.chat()
+    for i in range(4):
+        response = await cluster.chat(messages=asking(i))
         assert response.status_code == 200
         assert response.headers["x-rbee-worker-id"] == "alive"
     assert cluster.served.count("dead") == 1, "a failed worker sits out instead of failing again"

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection
+from collections import Counter
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from rbee.contracts.workers import WorkerInfo, WorkerStatus
 from rbee.queen.registry import WorkerRegistry
 from rbee.queen.routing.admission import AdmissionQueue
 from rbee.queen.routing.load import LoadTracker
 from rbee.queen.routing.policies import Candidate, Policy
+from rbee.queen.routing.prefixes import Affinity, RouteKey, route_key
 
 # A worker reporting `busy` still gets requests while the queen's own count shows a free slot:
 # the queen's count is fresher than the worker's last heartbeat about the same requests.
@@ -44,11 +47,21 @@ class Router:
         tracker: LoadTracker,
         policy: Policy,
         admission: AdmissionQueue,
+        *,
+        affinity: Affinity | None = None,
+        policy_name: str | None = None,
     ) -> None:
         self.registry = registry
         self.tracker = tracker
         self.policy = policy
         self.admission = admission
+        # The prefix policy's memory: with it, a request with a route key goes where its
+        # prefix is cached (routing.prefixes); without, every request goes by `policy`.
+        self.affinity = affinity
+        self.policy_name = policy_name or policy.__name__.replace("_", "-")
+        self._plain_outcome = policy.__name__
+        # (policy, outcome) -> decisions, for rbee_route_decisions_total.
+        self.decisions: Counter[tuple[str, str]] = Counter()
         self._turns: dict[Pool, int] = {}
         self._departures: dict[str, asyncio.Future[None]] = {}
         # Workers being unloaded: no new request goes to them, and a request for their model
@@ -92,8 +105,19 @@ class Router:
             for r in self.registry.records_for_model(model)
         )
 
+    def route_key(self, payload: Mapping[str, Any], session_header: str | None) -> RouteKey | None:
+        """What the prefix policy routes the request by; None under the other policies."""
+        if self.affinity is None:
+            return None
+        return route_key(payload, session_header)
+
     def try_take(
-        self, model: str, exclude: Collection[str] = (), *, embedding: bool = False
+        self,
+        model: str,
+        exclude: Collection[str] = (),
+        *,
+        embedding: bool = False,
+        key: RouteKey | None = None,
     ) -> Lease | None:
         found = self.candidates(model, exclude, embedding=embedding)
         if not found:
@@ -101,16 +125,26 @@ class Router:
         pool = (model, embedding)
         turn = self._turns.get(pool, 0)
         self._turns[pool] = turn + 1
-        choice = self.policy(found, turn)
+        if self.affinity is not None and key is not None and not embedding:
+            decision = self.affinity.choose(found, turn, key)
+            choice, outcome = decision.choice, decision.outcome
+        else:
+            choice, outcome = self.policy(found, turn), self._plain_outcome
+        self.decisions[self.policy_name, outcome] += 1
         generation = self.tracker.begin(choice.worker_id)
         return Lease(model, choice.worker_id, choice.url, embedding, generation)
 
     async def acquire(
-        self, model: str, exclude: Collection[str] = (), *, embedding: bool = False
+        self,
+        model: str,
+        exclude: Collection[str] = (),
+        *,
+        embedding: bool = False,
+        key: RouteKey | None = None,
     ) -> Lease:
         return await self.admission.acquire(
             (model, embedding),
-            lambda: self.try_take(model, exclude, embedding=embedding),
+            lambda: self.try_take(model, exclude, embedding=embedding, key=key),
             lambda: not self.has_live_worker(model, exclude, embedding=embedding),
         )
 
@@ -135,7 +169,10 @@ class Router:
 
     def lost(self, info: WorkerInfo) -> None:
         """The worker will serve no more (unloading, offline, gone): requests waiting in line
-        for its pool look again whether another can free up, else start one."""
+        for its pool look again whether another can free up, else start one. What the prefix
+        policy remembers of its cache goes: were it to come back, its cache would be empty."""
+        if self.affinity is not None:
+            self.affinity.drop(info.id)
         self.admission.notify_all(pool_of(info))
 
     def forget(self, worker_id: str) -> None:
@@ -143,6 +180,8 @@ class Router:
         self.depart(worker_id)
         self.tracker.forget(worker_id)
         self._retiring.discard(worker_id)
+        if self.affinity is not None:
+            self.affinity.drop(worker_id)
 
     def retire(self, worker_id: str) -> None:
         """The worker is about to be unloaded: lease it no more."""
