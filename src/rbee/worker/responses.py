@@ -26,6 +26,7 @@ from rbee.contracts.openai import (
     CompletionRequest,
     FinishReason,
     FunctionCallDelta,
+    PromptTokensDetails,
     TextChoice,
     TextLogprobs,
     TokenLogprob,
@@ -107,6 +108,7 @@ def usage_of(outcome: Outcome) -> Usage:
         prompt_tokens=outcome.prompt_tokens,
         completion_tokens=outcome.completion_tokens,
         total_tokens=outcome.prompt_tokens + outcome.completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=outcome.cached_tokens),
     )
 
 

@@ -50,7 +50,9 @@ def test_a_request_carries_its_prompt_and_every_sampling_setting() -> None:
 
 def test_unset_options_are_left_out() -> None:
     body = completion_body(Prompt(text="a"), SamplingParams())
-    assert not {"seed", "json_schema", "logit_bias", "n_probs", "cache_prompt"} & set(body)
+    assert not {"seed", "json_schema", "logit_bias", "n_probs"} & set(body)
+    # Any other request reuses the prefix a slot holds (what prefix routing counts on).
+    assert body["cache_prompt"] is True
     # No max_tokens: the answer may run to the end of its slot's context (llama.cpp stops it).
     assert body["n_predict"] == -1
 
@@ -172,7 +174,7 @@ async def test_a_stream_is_handed_on_piece_by_piece_and_counted_at_its_end() -> 
         b": ping",
         {"content": "is", "stop": False},
         {"content": "", "stop": True, "stop_type": "eos", "tokens_predicted": 3,
-         "tokens_evaluated": 12},
+         "tokens_evaluated": 12, "timings": {"cache_n": 8, "prompt_n": 4}},
         {"content": "after the end", "stop": False},
     )  # fmt: skip
     outcome = await read_stream(
@@ -180,6 +182,8 @@ async def test_a_stream_is_handed_on_piece_by_piece_and_counted_at_its_end() -> 
     )
     assert pieces == ["Par", "is"]
     assert (outcome.prompt_tokens, outcome.completion_tokens) == (12, 3)
+    # 8 of the 12 prompt tokens came from llama.cpp's cache: usage says so.
+    assert outcome.cached_tokens == 8
     assert (outcome.finish_reason, outcome.cancelled) == ("stop", False)
     limit = _lines({"content": "a", "stop": True, "stop_type": "limit", "tokens_predicted": 1})
     assert (

@@ -233,12 +233,13 @@ def completion_body(prompt: Prompt, params: SamplingParams) -> dict[str, Any]:
     }
     if params.seed is not None:
         body["seed"] = params.seed
-    if params.seed is not None or params.logprobs is not None:
-        # Reusing a cached prompt prefix decodes the rest in another batch shape, which moves
-        # the logits by rounding: enough to change a sampled token or a score's last digits.
-        # A seeded or scored request decodes its whole prompt afresh, so the same request
-        # gives the same text and the same scores.
-        body["cache_prompt"] = False
+    # Reusing a cached prompt prefix decodes the rest in another batch shape, which moves
+    # the logits by rounding: enough to change a sampled token or a score's last digits.
+    # A seeded or scored request decodes its whole prompt afresh, so the same request
+    # gives the same text and the same scores. Every other request reuses the longest prefix
+    # a slot (or llama.cpp's prompt cache) holds: the queen's prefix routing sends a
+    # conversation's next turn to the worker that holds its earlier turns for this.
+    body["cache_prompt"] = params.seed is None and params.logprobs is None
     if params.json_schema is not None:
         body["json_schema"] = params.json_schema
     if params.logit_bias:
@@ -281,7 +282,7 @@ async def read_stream(
     cancelled: asyncio.Event,
 ) -> Outcome:
     """Hand on llama.cpp's streamed answer piece by piece, up to its last event."""
-    prompt_tokens, produced, finish = 0, 0, "length"
+    prompt_tokens, produced, finish, cached = 0, 0, "length", 0
     async for line in lines:
         if cancelled.is_set():
             return Outcome(prompt_tokens, produced, "stop", cancelled=True)
@@ -297,6 +298,7 @@ async def read_stream(
         if data.get("stop"):
             produced = int(data.get("tokens_predicted", produced))
             prompt_tokens = int(data.get("tokens_evaluated", prompt_tokens))
+            cached = int((data.get("timings") or {}).get("cache_n", 0))
             finish = "length" if data.get("stop_type") == "limit" else "stop"
             if text or scored:
                 emit(text, scored)
@@ -304,7 +306,9 @@ async def read_stream(
         produced += 1
         if text or scored:
             emit(text, scored)
-    return Outcome(prompt_tokens, produced, "length" if finish == "length" else "stop")
+    return Outcome(
+        prompt_tokens, produced, "length" if finish == "length" else "stop", cached_tokens=cached
+    )
 
 
 def refusal(status: int, content: bytes) -> Exception:
