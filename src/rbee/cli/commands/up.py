@@ -11,6 +11,7 @@ from collections.abc import Coroutine
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
+from enum import StrEnum
 
 import psutil
 import typer
@@ -190,6 +191,14 @@ def up(
     ] = None,
     port: Annotated[
         int | None, typer.Option(min=1, max=65535, help="The queen's port [7833].")
+class RoutingPolicy(StrEnum):
+    """queen-rbee's --routing-policy."""
+
+    PREFIX = "prefix"
+    LEAST_LOADED = "least-loaded"
+    ROUND_ROBIN = "round-robin"
+
+
     ] = None,
     hive_port: Annotated[
         int | None,
@@ -282,6 +291,14 @@ def up(
     if config is not None or path.is_file():
         flags = {
             "--model": model,
+    routing_policy: Annotated[
+        RoutingPolicy | None,
+        typer.Option(
+            help="How the queen picks a worker: prefix sends a conversation's turns where its "
+            "prompt is cached (least-loaded when none holds it or it is overloaded) [prefix] "
+            "(over the cluster file's).",
+        ),
+    ] = None,
             "--workers": workers,
             "--hive-port": hive_port,
             "--hive-id": hive_id,
@@ -346,6 +363,9 @@ def up(
 def _local_hive_id(cluster: str = state.DEFAULT_CLUSTER) -> str:
     """The host name; with the cluster's name after it for a cluster other than the default,
     so that two clusters' hives on one machine never take each other's workers for their own."""
+    if routing_policy is not None:
+        policy = ("--routing-policy", routing_policy.value)
+        plan = replace(plan, queen_args=(*plan.queen_args, *policy))
     host = socket.gethostname() or "local"
     return host if cluster == state.DEFAULT_CLUSTER else f"{host}-{cluster}"[:128]
 
