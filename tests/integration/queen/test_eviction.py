@@ -388,3 +388,15 @@ async def test_the_swap_wait_keeps_the_other_model_from_starving() -> None:
         assert cluster.spawns == ["a", "b", "a"]
     finally:
         await cluster.aclose()
+
+
+async def test_a_worker_that_served_the_request_it_was_loaded_for_may_go_at_once() -> None:
+    cluster = await open_cluster(1, queue_timeout=3)
+    try:
+        assert (await cluster.chat("a")).status_code == 200
+        # No time passes on the queen's clock: a has served its request, so it is no longer
+        # handed over to the requests it was loaded for, and b need not wait.
+        assert (await cluster.chat("b")).status_code == 200
+        assert cluster.stops == ["w1-a"]
+    finally:
+        await cluster.aclose()

@@ -33,6 +33,7 @@ class LoadTracker:
         self._benched: dict[str, _Penalty] = {}
         self._generations: Counter[str] = Counter()
         self._used: dict[str, float] = {}
+        self._begun: Counter[str] = Counter()  # requests begun on each worker
         self._keep_alive: dict[str, float] = {}
 
     def in_flight(self, worker_id: str) -> int:
@@ -40,8 +41,13 @@ class LoadTracker:
 
     def begin(self, worker_id: str) -> int:
         self._in_flight[worker_id] += 1
+        self._begun[worker_id] += 1
         self._used[worker_id] = self._clock()
         return self._generations[worker_id]
+
+    def begun(self, worker_id: str) -> int:
+        """Requests begun on the worker since it registered."""
+        return self._begun[worker_id]
 
     def end(self, worker_id: str, generation: int) -> None:
         if generation != self._generations[worker_id]:
@@ -56,6 +62,7 @@ class LoadTracker:
         self._in_flight.pop(worker_id, None)
         self._benched.pop(worker_id, None)
         self._used.pop(worker_id, None)
+        self._begun.pop(worker_id, None)
         self._keep_alive.pop(worker_id, None)
         self._generations[worker_id] += 1
 

@@ -42,8 +42,9 @@ POLL_S = 0.25  # how often a wait for room or for a drained worker looks again
 # A model that asks again within this long after its wait for room ran out keeps its place
 # in time (a client retrying as Retry-After says): its swap wait is not restarted.
 HUNGER_GAP_S = 2.0 * RETRY_AFTER_S
-# A worker just loaded is left alone this long (queen's clock): the requests it was loaded for
-# take it in the moments after, and another model's wait must not evict it first.
+# A worker just loaded is left alone until a request has taken it, at most this long (queen's
+# clock): the requests it was loaded for take it in the moments after, and another model's
+# wait must not evict it first.
 HANDOVER_S = 2.0
 
 
@@ -127,6 +128,8 @@ class Room:
         yet to take it."""
         if self.spawner.starting(info.model_id, info.embedding):  # its start is finishing
             return True
+        if self.router.tracker.begun(info.id) > 0:
+            return False
         return now - (self.spawner.ready_at(info.id) or -math.inf) < HANDOVER_S
 
     def freeing(self) -> dict[DeviceKey, int]:
