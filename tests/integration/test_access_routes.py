@@ -179,6 +179,7 @@ def test_an_api_key_reaches_only_inference_on_the_queen() -> None:
         "POST /v1/completions",
         "POST /v1/embeddings",
         "GET /v1/models",
+        "GET /v1/models/{model_id:path}",  # OpenAI's retrieve-model (issue 27)
         # Anthropic Messages and OpenAI Responses (issue 25)
         "POST /v1/messages",
         "POST /v1/messages/count_tokens",

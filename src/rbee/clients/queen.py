@@ -147,6 +147,16 @@ class QueenClient(OwnedHttpClient):
     async def worker(self, worker_id: str) -> WorkerView:
         return WorkerView.model_validate(await self._request("GET", f"/v1/workers/{worker_id}"))
 
+    async def worker_log(self, worker_id: str, lines: int = 200) -> str:
+        """The end of a worker's log, from its hive (a stopped worker's too)."""
+        try:
+            response = await self._http.get(f"/v1/workers/{worker_id}/log", params={"lines": lines})
+        except httpx.TransportError as exc:
+            raise self._transport_error(exc) from exc
+        if response.is_error:
+            raise error_from_response(response, response.content)
+        return response.text
+
     async def hives(self) -> list[HiveView]:
         data = await self._request("GET", "/v1/hives")
         return [HiveView.model_validate(h) for h in data.get("hives", [])]

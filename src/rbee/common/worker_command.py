@@ -10,6 +10,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 WORKER_EXECUTABLE = "llm-worker-rbee"
+# The environment variable a hive marks its workers with (its id): with the command line, how
+# a process is known as one of its workers.
+SPAWN_MARKER = "RBEE_SPAWNED_BY_HIVE"
 
 
 def parse_flags(args: Sequence[str]) -> dict[str, str]:

@@ -33,6 +33,7 @@ from rbee.common.clock import Clock, monotonic
 from rbee.common.cpus import format_cpu_set, parse_cpu_set, usable_cpus
 from rbee.common.errors import BadRequest, Conflict, NotFound, RbeeError, Unavailable, quote
 from rbee.common.gpu import device_environment, parse_device
+from rbee.common.worker_command import SPAWN_MARKER as SPAWN_MARKER  # rpc.py's too
 from rbee.common.worker_command import WORKER_EXECUTABLE, worker_command_flags
 from rbee.contracts.hive_api import (
     CatalogModel,
@@ -48,9 +49,10 @@ from rbee.hive.ports import pick_port
 from rbee.hive.settings import HiveSettings
 
 log = logging.getLogger("rbee.hive.supervisor")
-SPAWN_MARKER = "RBEE_SPAWNED_BY_HIVE"
 WORKER_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 OUTPUT_TAIL_BYTES = 4000
+LOG_KEEP = 5  # earlier logs kept of a worker id started again (worker-ID.log.1 … .5)
+LOG_TAIL_MAX_BYTES = 4 * 1024 * 1024  # `rbee worker logs` reads at most this much of the end
 # What a worker inherits from the hive's environment: what a process needs to run, find its
 # libraries and certificates, and pick its device and threads; never the hive's secrets
 # (HF_TOKEN, cloud credentials…). The cluster token is added explicitly.
@@ -113,6 +115,17 @@ def _children_rss(proc: psutil.Process) -> int:
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             total += child.memory_info().rss
     return total
+
+
+def rotate_log(path: Path, keep: int = LOG_KEEP) -> None:
+    """`worker-ID.log` becomes `.1`, `.1` becomes `.2`… up to `keep` old logs; the oldest goes."""
+    if not path.exists():
+        return
+    for n in range(keep - 1, 0, -1):
+        older = path.with_name(f"{path.name}.{n}")
+        if older.exists():
+            older.replace(path.with_name(f"{path.name}.{n + 1}"))
+    path.replace(path.with_name(f"{path.name}.1"))
 
 
 def output_tail(path: Path, limit: int = OUTPUT_TAIL_BYTES) -> str:
@@ -328,7 +341,8 @@ class Supervisor:
         # Pinned to its device: a CUDA worker sees only its GPU, a CPU worker none.
         env.update(device_environment(parse_device(request.device)))
         self.settings.log_dir.mkdir(parents=True, exist_ok=True)
-        log_path = self.settings.log_dir / f"worker-{worker_id}.log"
+        log_path = self.log_path(worker_id)
+        rotate_log(log_path)  # a worker id used before keeps its earlier worker's log as .1
         try:
             with log_path.open("wb") as log:
                 popen = subprocess.Popen(
@@ -345,6 +359,27 @@ class Supervisor:
             ) from None
         self._children[popen.pid] = popen
         return popen, log_path
+
+    def log_path(self, worker_id: str) -> Path:
+        return self.settings.log_dir / f"worker-{worker_id}.log"
+
+    def log_tail(self, worker_id: str, lines: int) -> str:
+        """The last `lines` lines of a worker's log (running or stopped: its log stays)."""
+        if not WORKER_ID_PATTERN.match(worker_id):
+            raise BadRequest(f"{quote(worker_id)} is not a valid worker id")
+        path = self.log_path(worker_id)
+        try:
+            with path.open("rb") as log:
+                end = log.seek(0, os.SEEK_END)
+                size = min(end, LOG_TAIL_MAX_BYTES)
+                log.seek(end - size)
+                text = log.read().decode(errors="replace")
+        except FileNotFoundError:
+            raise NotFound(
+                f"hive {self.settings.hive_id} has no log of a worker {quote(worker_id)}",
+                code="worker_log_not_found",
+            ) from None
+        return "".join(text.splitlines(keepends=True)[-lines:])
 
     async def _wait_ready(
         self, popen: subprocess.Popen[bytes], port: int, log_path: Path, timeout_s: float

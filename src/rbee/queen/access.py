@@ -20,6 +20,7 @@ QUEEN_ACCESS: Mapping[str, Audience] = {
     "GET /dashboard/{path:path}": PUBLIC,
     # The OpenAI API: what API keys are for.
     "GET /v1/models": INFERENCE,
+    "GET /v1/models/{model_id:path}": INFERENCE,
     "POST /v1/chat/completions": INFERENCE,
     "POST /v1/completions": INFERENCE,
     "POST /v1/embeddings": INFERENCE,  # inference too, though issue 10 predates it
@@ -41,6 +42,7 @@ QUEEN_ACCESS: Mapping[str, Audience] = {
     "POST /v1/hive-heartbeat": CLUSTER,
     "GET /v1/workers": CLUSTER,
     "GET /v1/workers/{worker_id}": CLUSTER,
+    "GET /v1/workers/{worker_id}/log": CLUSTER,
     "DELETE /v1/workers/{worker_id}": CLUSTER,
     "GET /v1/hives": CLUSTER,
     "GET /v1/heartbeats/stream": CLUSTER,

@@ -104,14 +104,20 @@ class WorkerMetrics:
 
 
 class TokenTimer:
-    """One request's clock, started when the worker takes it; `piece` runs as the engine emits."""
+    """One request's clock, started when the worker takes it; `piece` runs as the engine emits.
 
-    __slots__ = ("_last", "_metrics", "_started")
+    Generated tokens are counted as they stream (one per piece), so that the tokens per
+    second read from `rbee_worker_generated_tokens_total` while a long answer runs are its real
+    pace, not 0 until a jump at its end; the end tops the count up to the engine's exact figure
+    (a piece may hold several tokens)."""
+
+    __slots__ = ("_counted", "_last", "_metrics", "_started")
 
     def __init__(self, metrics: WorkerMetrics) -> None:
         self._metrics = metrics
         self._started = time.perf_counter()
         self._last: float | None = None
+        self._counted = 0
 
     def piece(self) -> None:
         now = time.perf_counter()
@@ -120,6 +126,8 @@ class TokenTimer:
         else:
             self._metrics.inter_token.observe(now - self._last)
         self._last = now
+        self._counted += 1
+        self._metrics.generated_tokens.inc()
 
     def ended(self, outcome: Outcome | None) -> None:
         metrics = self._metrics
@@ -127,7 +135,7 @@ class TokenTimer:
             metrics.generations.labels("error").inc()
             return
         metrics.prompt_tokens.inc(outcome.prompt_tokens)
-        metrics.generated_tokens.inc(outcome.completion_tokens)
+        metrics.generated_tokens.inc(max(0, outcome.completion_tokens - self._counted))
         metrics.generations.labels(
             "cancelled" if outcome.cancelled else outcome.finish_reason
         ).inc()

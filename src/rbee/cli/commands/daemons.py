@@ -8,10 +8,13 @@ returns once `/health` answers; `stop` sends SIGTERM and waits (SIGKILL after th
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 from typing import Annotated
 from urllib.parse import urlsplit
 
+import psutil
 import typer
 
 from rbee.cli import processes, state
@@ -19,6 +22,8 @@ from rbee.cli.commands import remote, setup
 from rbee.cli.context import Cli, CliError, cli_of
 from rbee.cli.remote_hive import RemoteHive
 from rbee.cli.urls import check_queen_url
+from rbee.clients.hive import HiveClient, HiveError
+from rbee.common.worker_command import SPAWN_MARKER, parse_flags, worker_command_flags
 
 queen_app = typer.Typer(help="The queen daemon on this machine.", no_args_is_help=True)
 hive_app = typer.Typer(
@@ -58,6 +63,7 @@ def start_daemon(cli: Cli, name: str, args: list[str], url: str, timeout_s: floa
             name, [program, *args], url=url, log=state.log_path(name), env=daemon_env(cli.token)
         )
         state.save(pid_file, started)
+        state.save_token(name, cli.token)  # for `rbee hive stop`, and commands finding the queen
         try:
             await processes.wait_healthy(started, timeout_s)
         except CliError:
@@ -205,23 +211,103 @@ def hive_start(
 HivePort = Annotated[int, typer.Option(min=1, max=65535, help="The hive's port.")]
 
 
+def _hive_id_of(started: processes.Started) -> str | None:
+    proc = started.process()
+    if proc is None:
+        return None
+    try:
+        return parse_flags(proc.cmdline()[1:]).get("--hive-id")
+    except psutil.Error:
+        return None
+
+
+def _workers_by_marks(hive_id: str) -> list[psutil.Process]:
+    """The hive's workers as the operating system shows them (their command line and the mark
+    in their environment): for a hive that no longer answers."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        flags = worker_command_flags(proc.info.get("cmdline") or [])
+        if flags is None or flags.get("--hive-id") != hive_id:
+            continue
+        with contextlib.suppress(psutil.Error):
+            if proc.environ().get(SPAWN_MARKER) == hive_id:
+                found.append(proc)
+    return found
+
+
+def stop_hive_workers(cli: Cli, started: processes.Started, keep: bool, timeout_s: float) -> None:
+    """Before the hive here stops: its workers (and their engines) stop, through the hive's own
+    API (it proves which are its own), or by their marks when it does not answer; with `keep`,
+    they are named and left running."""
+    token = cli.given_token or state.read_token("rbee-hive")
+
+    async def through_api() -> list[str]:
+        try:
+            async with HiveClient(started.url, token=token, timeout=timeout_s + 15) as hive:
+                workers = await hive.workers()
+                if not keep:
+                    await asyncio.gather(*(hive.stop_worker(w.pid) for w in workers))
+        except HiveError as exc:
+            raise CliError(f"the hive at {started.url} did not list its workers: {exc}") from None
+        return [w.worker_id for w in workers]
+
+    ids = cli.call(through_api)
+    if keep:
+        if ids:
+            cli.out.print(
+                f"left {len(ids)} worker(s) running: {', '.join(ids)} (--keep-workers; a hive "
+                "started again finds them, `rbee worker stop ID` stops one)",
+                markup=False,
+            )
+        return
+    if ids:
+        cli.out.print(f"stopped {len(ids)} worker(s): {', '.join(ids)}", markup=False)
+
+
+def stop_workers_by_marks(cli: Cli, started: processes.Started, timeout_s: float) -> None:
+    hive_id = _hive_id_of(started)
+    leftovers = _workers_by_marks(hive_id) if hive_id else []
+    for proc in leftovers:
+        processes.terminate(proc, timeout_s)
+    if leftovers:
+        cli.out.print(f"stopped {len(leftovers)} worker process(es) directly", markup=False)
+
+
 @hive_app.command("stop")
 def hive_stop(
     ctx: typer.Context,
     ssh: remote.SshOption = None,
     port: HivePort = 7835,
+    keep_workers: Annotated[
+        bool,
+        typer.Option(
+            "--keep-workers",
+            help="Leave its workers running (they keep serving; a hive started again finds them).",
+        ),
+    ] = False,
     workers: Annotated[
-        bool, typer.Option("--workers", help="With --ssh: stop its workers first.")
+        bool, typer.Option("--workers", hidden=True, help="The default now: stop its workers.")
     ] = False,
     timeout: StopTimeout = 15,
 ) -> None:
-    """Stop the hive started by `rbee hive start` (its workers keep running unless --workers)."""
+    """Stop the hive started by `rbee hive start`, and its workers with their engines
+    (--keep-workers leaves them running)."""
     cli = cli_of(ctx)
+    if workers and keep_workers:
+        cli.fail("--workers and --keep-workers say opposite things: choose one", code=2)
     if ssh is not None:
-        remote.stop(cli, remote.target_of(ssh), port, workers, timeout)
+        remote.stop(cli, remote.target_of(ssh), port, not keep_workers, timeout)
         return
-    if workers:
-        cli.fail("--workers needs --ssh; here, stop workers with `rbee worker stop`")
+    running = state.load_running(state.pid_path("rbee-hive"))
+    if running is not None:
+        try:
+            stop_hive_workers(cli, running[0], keep_workers, timeout)
+        except typer.Exit:
+            if keep_workers:
+                raise
+            # It does not answer: its workers are found by the marks it gave them.
+            cli.err.print("rbee: stopping its workers by their marks instead", markup=False)
+            stop_workers_by_marks(cli, running[0], timeout)
     stop_daemon(cli, "rbee-hive", timeout)
 
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import signal
 import socket
+import sys
 from collections.abc import Coroutine
 from dataclasses import replace
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
-from enum import StrEnum
 
 import psutil
 import typer
@@ -48,8 +50,21 @@ def lan_urls(plan: UpPlan) -> list[str]:
     return [processes.url_for(address, plan.port) for address in sorted(addresses)]
 
 
-def usage_text(plan: UpPlan, lan: list[str] | None = None) -> str:
-    """What to paste: the OpenAI base URL, a curl call and the Python `openai` client."""
+def path_line(argv0: str | None = None, path: str | None = None) -> str | None:
+    """`export PATH="DIR:$PATH"` when the `rbee` running now (`./dev up` runs .venv/bin/rbee)
+    is not the one the shell finds, so that the commands the banner shows work elsewhere."""
+    program = Path(argv0 if argv0 is not None else sys.argv[0])
+    if program.name != "rbee" or not program.is_file():
+        return None
+    found = shutil.which("rbee", path=path)
+    if found is not None and Path(found).resolve() == program.resolve():
+        return None
+    return f'export PATH="{program.absolute().parent}:$PATH"'
+
+
+def usage_text(plan: UpPlan, lan: list[str] | None = None, put_on_path: str | None = None) -> str:
+    """What to paste: the OpenAI base URL, a curl call and the Python `openai` client; and,
+    when `rbee` is not on the PATH, the line that puts it there."""
     base = f"{plan.queen_url}/v1"
     messages = [
         {"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
@@ -63,6 +78,12 @@ def usage_text(plan: UpPlan, lan: list[str] | None = None) -> str:
     workers = f"{count} worker{'s' if count != 1 else ''}"
     elsewhere = "".join(f"From other machines: {url}/v1\n" for url in lan or [])
     cluster_flag = "" if plan.name == state.DEFAULT_CLUSTER else f" --cluster {plan.name}"
+    path_hint = (
+        f"rbee is not on your PATH; this line puts it there (in ~/.bashrc: for good):\n"
+        f"  {put_on_path}\n"
+        if put_on_path
+        else ""
+    )
     logs = [str(cluster_log_path(plan, "queen"))]
     for hive in plan.hives:
         if hive.ssh is None:
@@ -94,7 +115,7 @@ Python (pip install openai):
 
 Or: rbee{cluster_flag} infer "{EXAMPLE_PROMPT}"   (and: rbee{cluster_flag} chat, status, down)
 Logs: {", ".join(logs)}
-Press Ctrl-C to stop everything.
+{path_hint}Press Ctrl-C to stop everything.
 """
 
 
@@ -135,7 +156,7 @@ async def run_cluster(cli: Cli, plan: UpPlan) -> int:
         if await until_stopped(cluster.start(), stop) is None:
             say("interrupted during start-up")
         else:
-            say(usage_text(plan, lan_urls(plan)))
+            say(usage_text(plan, lan_urls(plan), path_line()))
             if died := await until_stopped(cluster.watch(), stop):
                 cli.warn(died)
                 code = 1
@@ -170,6 +191,14 @@ def memory_limit_option(value: str | None) -> str | None:
     return value
 
 
+class RoutingPolicy(StrEnum):
+    """queen-rbee's --routing-policy."""
+
+    PREFIX = "prefix"
+    LEAST_LOADED = "least-loaded"
+    ROUND_ROBIN = "round-robin"
+
+
 def keep_alive_option(value: str | None) -> str | None:
     """A keep-alive that is not a duration is a usage error before anything starts."""
     if value is not None:
@@ -191,14 +220,6 @@ def up(
     ] = None,
     port: Annotated[
         int | None, typer.Option(min=1, max=65535, help="The queen's port [7833].")
-class RoutingPolicy(StrEnum):
-    """queen-rbee's --routing-policy."""
-
-    PREFIX = "prefix"
-    LEAST_LOADED = "least-loaded"
-    ROUND_ROBIN = "round-robin"
-
-
     ] = None,
     hive_port: Annotated[
         int | None,
@@ -270,6 +291,14 @@ class RoutingPolicy(StrEnum):
             "30s, 10m, 1h; 0: unload when idle; -1: never [5m] (over the cluster file's).",
         ),
     ] = None,
+    routing_policy: Annotated[
+        RoutingPolicy | None,
+        typer.Option(
+            help="How the queen picks a worker: prefix sends a conversation's turns where its "
+            "prompt is cached (least-loaded when none holds it or it is overloaded) [prefix] "
+            "(over the cluster file's).",
+        ),
+    ] = None,
     name: Annotated[
         str | None,
         typer.Option(
@@ -291,14 +320,6 @@ class RoutingPolicy(StrEnum):
     if config is not None or path.is_file():
         flags = {
             "--model": model,
-    routing_policy: Annotated[
-        RoutingPolicy | None,
-        typer.Option(
-            help="How the queen picks a worker: prefix sends a conversation's turns where its "
-            "prompt is cached (least-loaded when none holds it or it is overloaded) [prefix] "
-            "(over the cluster file's).",
-        ),
-    ] = None,
             "--workers": workers,
             "--hive-port": hive_port,
             "--hive-id": hive_id,
@@ -342,6 +363,9 @@ class RoutingPolicy(StrEnum):
         plan = replace(plan, name=cluster_name)
     if keep_alive is not None:  # the last of a flag given twice wins: over the cluster file's
         plan = replace(plan, queen_args=(*plan.queen_args, "--keep-alive", keep_alive))
+    if routing_policy is not None:
+        policy = ("--routing-policy", routing_policy.value)
+        plan = replace(plan, queen_args=(*plan.queen_args, *policy))
     plan = plans.sized(plan, ctx_size, slots)
     if dry_run:
         for line in plans.describe(plan):
@@ -363,9 +387,6 @@ class RoutingPolicy(StrEnum):
 def _local_hive_id(cluster: str = state.DEFAULT_CLUSTER) -> str:
     """The host name; with the cluster's name after it for a cluster other than the default,
     so that two clusters' hives on one machine never take each other's workers for their own."""
-    if routing_policy is not None:
-        policy = ("--routing-policy", routing_policy.value)
-        plan = replace(plan, queen_args=(*plan.queen_args, *policy))
     host = socket.gethostname() or "local"
     return host if cluster == state.DEFAULT_CLUSTER else f"{host}-{cluster}"[:128]
 

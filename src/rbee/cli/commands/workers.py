@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated, Any
 
 import typer
@@ -13,7 +14,7 @@ from rbee.clients.queen import QueenClient
 from rbee.contracts.jobs import WorkerSpawnJob, WorkerStopJob
 from rbee.contracts.workers import KvCacheType, WorkerView, keep_alive_wire, parse_keep_alive
 
-app = typer.Typer(help="Worker processes: start, list, stop.", no_args_is_help=True)
+app = typer.Typer(help="Worker processes: start, list, stop, logs.", no_args_is_help=True)
 
 
 @app.command()
@@ -150,3 +151,23 @@ def stop(
 
     cli.run(work)
     cli.out.print(f"worker {worker_id} stopped", markup=False, highlight=False)
+
+
+@app.command()
+def logs(
+    ctx: typer.Context,
+    worker_id: Annotated[
+        str, typer.Argument(metavar="ID", help="Worker id, as `rbee worker list`.")
+    ],
+    lines: Annotated[int, typer.Option("-n", "--lines", min=1, help="How many lines.")] = 50,
+) -> None:
+    """The end of a worker's log (its output and its engine's), from its hive; a stopped
+    worker's too. Earlier workers of the same id left theirs beside it on the hive
+    (worker-ID.log.1, .2, …)."""
+    cli = cli_of(ctx)
+
+    async def work(client: QueenClient) -> str:
+        return await client.worker_log(worker_id, lines)
+
+    text = cli.run(work)
+    sys.stdout.write(text if not text or text.endswith("\n") else text + "\n")

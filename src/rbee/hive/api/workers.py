@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import PlainTextResponse
 
 from rbee.common.disconnect import CLIENT_CLOSED_REQUEST, ClientGone, unless_client_leaves
 from rbee.contracts.hive_api import SpawnRequest, SpawnResponse, WorkerProcessList, WorkerStopped
@@ -44,3 +45,12 @@ async def stop(pid: int, state: State) -> WorkerStopped:
         # The worker's memory is free again: the queen learns it now, not at the next beat
         # (a model waiting for that room, evicting for it, would wait a whole interval).
         state.changed.set()
+
+
+@router.get("/v1/workers/{worker_id}/log", response_class=PlainTextResponse)
+async def worker_log(
+    worker_id: str, state: State, lines: Annotated[int, Query(ge=1, le=100_000)] = 200
+) -> PlainTextResponse:
+    """The end of a worker's log (its output and its engine's), running or stopped."""
+    text = await asyncio.to_thread(state.supervisor.log_tail, worker_id, lines)
+    return PlainTextResponse(text)

@@ -9,12 +9,15 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import PlainTextResponse
 from pydantic import ValidationError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from rbee.clients.hive import HiveError
 from rbee.common.errors import NotFound, quote
 from rbee.contracts.workers import HeartbeatAck, WorkerHeartbeat, WorkerView
 from rbee.queen.live import queen_view, snapshot, worker_json
+from rbee.queen.operations import hive_failure
 from rbee.queen.registry import ChangeKind, RegistryChange
 from rbee.queen.routing.router import pool_of
 from rbee.queen.state import QueenState, get_state
@@ -143,3 +146,26 @@ async def heartbeat_stream(request: Request, state: State) -> EventSourceRespons
                     yield ServerSentEvent(data=json.dumps(snapshot(state)), event="summary")
 
     return EventSourceResponse(events(), ping=15)
+
+
+@router.get("/v1/workers/{worker_id}/log", response_class=PlainTextResponse)
+async def worker_log(
+    worker_id: str, state: State, lines: Annotated[int, Query(ge=1, le=100_000)] = 200
+) -> PlainTextResponse:
+    """The end of a worker's log, from its hive: a running worker's, or a stopped one's (asked
+    of every hive online when the registry no longer knows the worker)."""
+    info = state.registry.get_worker(worker_id)
+    hives = state.hives.online()
+    if info is not None and info.hive_id:
+        hives = [h for h in hives if h.id == info.hive_id] or hives
+    for hive in hives:
+        try:
+            text = await state.hive_clients.get(hive).worker_log(worker_id, lines)
+        except HiveError as exc:
+            if exc.status == 404:
+                continue
+            raise hive_failure(exc) from None
+        return PlainTextResponse(text)
+    raise NotFound(
+        f"no hive online has a log of worker {quote(worker_id)}", code="worker_log_not_found"
+    )
