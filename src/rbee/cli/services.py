@@ -4,7 +4,7 @@ comes back after a reboot.
 The unit runs the daemon with its flags; the cluster token sits in an environment file
 (`~/.config/rbee/NAME.env`, mode 0600) that the unit reads, never in the unit or a command line.
 `KillMode=process`: stopping or restarting the hive leaves its workers running, as `rbee hive
-stop` does (they run in sessions of their own and the hive finds them again when it starts).
+stop --keep-workers` does (they run in sessions of their own and the hive finds them again when it starts).
 Installing writes both files, then `systemctl --user daemon-reload` and `enable --now`, and asks
 `loginctl enable-linger` so the units start at boot without a login.
 """

@@ -20,6 +20,15 @@ from rbee.cli.context import Cli, cli_of
 POLL_S = 0.2
 
 
+def _wait_gone(proc: psutil.Process, timeout_s: float) -> None:
+    """Until it has exited: gone, or a zombie its parent (the shell) has not collected yet."""
+    deadline = time.monotonic() + timeout_s
+    while proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+        if time.monotonic() >= deadline:
+            raise psutil.TimeoutExpired(timeout_s, proc.pid)
+        time.sleep(POLL_S)
+
+
 def _stop(cli: Cli, cluster: state.RunningCluster, timeout_s: float) -> bool:
     """SIGTERM to its `rbee up`, then wait for it (SIGKILL and the leftover clean-up after the
     timeout). True when it stopped by itself."""
@@ -32,14 +41,14 @@ def _stop(cli: Cli, cluster: state.RunningCluster, timeout_s: float) -> bool:
     cli.say(f"stopping cluster {cluster.name} (rbee up, pid {cluster.pid}, queen {cluster.url})…")
     try:
         proc.terminate()
-        proc.wait(timeout_s)
+        _wait_gone(proc, timeout_s)
     except psutil.NoSuchProcess:
         pass
     except psutil.TimeoutExpired:
         cli.warn(f"rbee up (pid {cluster.pid}) did not stop within {timeout_s:.0f}s: killed it")
         try:
             proc.kill()
-            proc.wait(10)
+            _wait_gone(proc, 10)
         except (psutil.NoSuchProcess, psutil.TimeoutExpired):
             pass
         for leftover in clean_stale_lock(cluster.token, cluster.name):
