@@ -3,29 +3,50 @@
 `gguf.GGUFReader` builds a numpy view for every string of the vocabulary: 5–9 s for SmolLM2's
 49k tokens on two busy cores. The hive (placement) and the worker (what kind of model it runs)
 need a handful of numbers, so the header is walked here, skipping the payloads of long arrays,
-with the `gguf` package's own type tables (a few ms).
+in a few ms. The value types are the GGUF spec's numbers, written out here: importing the
+`gguf` package (and numpy with it) took a quarter of a second of every worker's start, before
+its llama-server could begin to load. The package's table of tensor types is imported only
+where tensor sizes are read (the hive's placement).
 """
 
 from __future__ import annotations
 
 import struct
+from enum import IntEnum
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import gguf
+
+class ValueType(IntEnum):
+    """GGUF's metadata value types, by the numbers of the file format."""
+
+    UINT8 = 0
+    INT8 = 1
+    UINT16 = 2
+    INT16 = 3
+    UINT32 = 4
+    INT32 = 5
+    FLOAT32 = 6
+    BOOL = 7
+    STRING = 8
+    ARRAY = 9
+    UINT64 = 10
+    INT64 = 11
+    FLOAT64 = 12
+
 
 _SCALARS: dict[int, str] = {
-    gguf.GGUFValueType.UINT8: "<B",
-    gguf.GGUFValueType.INT8: "<b",
-    gguf.GGUFValueType.UINT16: "<H",
-    gguf.GGUFValueType.INT16: "<h",
-    gguf.GGUFValueType.UINT32: "<I",
-    gguf.GGUFValueType.INT32: "<i",
-    gguf.GGUFValueType.FLOAT32: "<f",
-    gguf.GGUFValueType.BOOL: "<?",
-    gguf.GGUFValueType.UINT64: "<Q",
-    gguf.GGUFValueType.INT64: "<q",
-    gguf.GGUFValueType.FLOAT64: "<d",
+    ValueType.UINT8: "<B",
+    ValueType.INT8: "<b",
+    ValueType.UINT16: "<H",
+    ValueType.INT16: "<h",
+    ValueType.UINT32: "<I",
+    ValueType.INT32: "<i",
+    ValueType.FLOAT32: "<f",
+    ValueType.BOOL: "<?",
+    ValueType.UINT64: "<Q",
+    ValueType.INT64: "<q",
+    ValueType.FLOAT64: "<d",
 }
 MAX_ITEMS = 1 << 26  # more array items or tensors than any real model: a corrupt header
 KEPT_ARRAY = 1024  # arrays up to this long are kept (per-layer hyperparameters), never a vocabulary
@@ -52,7 +73,7 @@ class GgufHeader:
         for _ in range(n_kv):
             key = self._string()
             value_type = self._unpack("<I")
-            if value_type == gguf.GGUFValueType.ARRAY:
+            if value_type == ValueType.ARRAY:
                 item_type, length = self._unpack("<I"), self._count()
                 self.lengths[key] = length
                 fmt = _SCALARS.get(item_type)
@@ -60,12 +81,19 @@ class GgufHeader:
                     f.seek(struct.calcsize(fmt) * length, 1)
                     continue
                 items = [self._value(item_type) for _ in range(length)]
-                if item_type != gguf.GGUFValueType.STRING and length <= KEPT_ARRAY:
+                if item_type != ValueType.STRING and length <= KEPT_ARRAY:
                     self.values[key] = items
             else:
                 self.values[key] = self._value(value_type)
         self.tensor_bytes = 0
-        for _ in range(n_tensors if tensors else 0):
+        if tensors and n_tensors:
+            self.tensor_bytes = self._tensor_bytes(n_tensors)
+
+    def _tensor_bytes(self, n_tensors: int) -> int:
+        import gguf  # its table of tensor types; numpy comes with it (see the module's text)
+
+        total = 0
+        for _ in range(n_tensors):
             self._string()
             dims = [self._unpack("<Q") for _ in range(self._unpack("<I"))]
             tensor_type = self._unpack("<I")
@@ -74,7 +102,8 @@ class GgufHeader:
             elements = 1
             for dim in dims:
                 elements *= dim
-            self.tensor_bytes += elements // block * size
+            total += elements // block * size
+        return total
 
     @classmethod
     def read(cls, path: Path, *, tensors: bool = True) -> GgufHeader:
@@ -106,7 +135,7 @@ class GgufHeader:
         return data.decode("utf-8", "replace")
 
     def _value(self, value_type: int) -> Any:
-        if value_type == gguf.GGUFValueType.STRING:
+        if value_type == ValueType.STRING:
             return self._string()
         fmt = _SCALARS.get(value_type)
         if fmt is None:
