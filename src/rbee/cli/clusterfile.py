@@ -5,6 +5,7 @@ and what is wrong.
     [queen]
     port = 7833                       # host defaults to 0.0.0.0 when a hive is over SSH
     # routing_policy = "prefix"       # or least-loaded, round-robin
+    # swap_max_wait = 30              # seconds a model waits for busy ones to make room
     # url = "http://10.0.0.5:7833"    # how hives reach it (default: the address each hive's
     #                                 # SSH connection comes from; loopback for local hives)
 
@@ -129,6 +130,7 @@ class QueenSection(Strict):
     retries: Annotated[int, Field(ge=0)] | None = None
     cooldown: PositiveSeconds | None = None
     keep_alive: KeepAliveText | None = None
+    swap_max_wait: PositiveSeconds | None = None
     replica_after: PositiveSeconds | None = None
     max_replicas: Annotated[int, Field(ge=1)] | None = None
     min_replicas: Annotated[int, Field(ge=0)] | None = None
@@ -138,7 +140,7 @@ class QueenSection(Strict):
         args: list[str] = []
         for name in ("heartbeat_timeout", "routing_policy", "queue_size", "queue_timeout"):
             args += _flag(name, getattr(self, name))
-        for name in ("spawn_timeout", "retries", "cooldown", "keep_alive"):
+        for name in ("spawn_timeout", "retries", "cooldown", "keep_alive", "swap_max_wait"):
             args += _flag(name, getattr(self, name))
         for name in ("replica_after", "max_replicas", "min_replicas"):
             args += _flag(name, getattr(self, name))

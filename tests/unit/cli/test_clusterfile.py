@@ -177,8 +177,9 @@ def test_keep_alives_reach_the_queen_for_all_models_and_per_model() -> None:
     bad = problem('[[hive]]\n\n[models.m]\nkeep_alive = "banana"\n')
     assert "models.m.keep_alive" in bad
     assert "'banana' is not a duration" in bad
-    assert "unknown key (allowed: keep_alive, max_replicas, min_replicas, ctx_size, slots)" in problem(
-        "[[hive]]\n\n[models.m]\nttl = 5\n"
+    assert (
+        "unknown key (allowed: keep_alive, max_replicas, min_replicas, ctx_size, slots)"
+        in problem("[[hive]]\n\n[models.m]\nttl = 5\n")
     )
 
 
@@ -203,3 +204,13 @@ def test_replica_bounds_reach_the_queen_for_all_models_and_per_model() -> None:
     bad = problem("[[hive]]\n\n[models.m]\nmax_replicas = 0\n")
     assert "models.m.max_replicas" in bad
     assert "greater than or equal to 1" in bad
+
+
+def test_the_swap_wait_reaches_the_queen() -> None:
+    cluster = parse(
+        "[queen]\nswap_max_wait = 5\n\n[[hive]]\n", path="cluster.toml", local_hive_id="here"
+    )
+    assert cluster.queen.flags() == ["--swap-max-wait", "5.0"]
+    settings = parse_settings(QueenSettings, "queen-rbee", cluster.queen.flags())
+    assert settings.swap_max_wait == 5.0
+    assert "queen.swap_max_wait" in problem("[queen]\nswap_max_wait = -1\n\n[[hive]]\n")
