@@ -439,7 +439,7 @@ class Proxy:
     @staticmethod
     def _headers(lease: Lease, upstream: UpstreamResponse) -> dict[str, str]:
         headers = {WORKER_HEADER: lease.worker_id}
-        for name in ("retry-after",):
+        for name in ("retry-after", "x-rbee-tool-calls"):  # how tool calls were made
             if name in upstream.headers:
                 headers[name] = upstream.headers[name]
         return headers
