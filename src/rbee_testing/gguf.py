@@ -7,6 +7,9 @@ which is all a test of the plumbing needs.
 
 from __future__ import annotations
 
+import os
+import random
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -92,3 +95,16 @@ def write_garbage_gguf(path: Path, size: int = 4096, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     path.write_bytes(b"GGUF" + rng.integers(0, 256, size, dtype=np.uint8).tobytes())
     return path
+
+
+def gguf_bytes(size: int, seed: int | None = None) -> bytes:
+    """`size` bytes that a download takes for a GGUF model: a header (version 3, no tensors,
+    one key: general.architecture = "llama") and random bytes after it, as a stand-in for the
+    weights. Random unless `seed` is given."""
+    key, value = b"general.architecture", b"llama"
+    header = b"GGUF" + struct.pack("<IQQ", 3, 0, 1)
+    header += struct.pack("<Q", len(key)) + key + struct.pack("<I", 8)  # 8: a string
+    header += struct.pack("<Q", len(value)) + value
+    rest = max(0, size - len(header))
+    noise = os.urandom(rest) if seed is None else random.Random(seed).randbytes(rest)
+    return header + noise

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from rich.console import Console
 
 from rbee.cli import jobs, processes, remote_hive, state
 from rbee.cli.context import ClientFactory, CliError
@@ -183,9 +184,11 @@ class Cluster:
         workers = [w for w in self.plan.workers if w.hive_id == hive_id]
         local = any(h.hive_id == hive_id and h.ssh is None for h in self.plan.hives)
         for worker in workers:
+            # A Hub file or URL not on the hive yet is downloaded first, with a progress bar.
+            model = await jobs.pull_if_missing(client, worker.model, hive_id, Console(stderr=True))
             request = WorkerSpawnJob(
                 operation="worker_spawn",
-                model=worker.model,
+                model=model,
                 hive_id=hive_id,
                 device=worker.device,
                 ctx_size=worker.ctx_size,

@@ -19,8 +19,9 @@ from rich.progress import (
 
 from rbee.cli.context import CliError
 from rbee.clients.queen import JobFailed, QueenClient, QueenError, QueenHTTPError
-from rbee.contracts.jobs import JobRequest, WorkerSpawnJob
+from rbee.contracts.jobs import JobRequest, ModelDownloadJob, WorkerSpawnJob
 from rbee.contracts.workers import WorkerView
+from rbee.hive.catalog import is_download_ref
 
 READY_POLL_S = 0.25
 
@@ -46,12 +47,9 @@ async def run_job(
     raise JobFailed(job.job_id, f"job {job.job_id} ended without a result")  # pragma: no cover
 
 
-async def download(
-    client: QueenClient, request: JobRequest, ref: str, console: Console
-) -> dict[str, Any]:
-    """A download job with a progress bar: bytes, speed, time left."""
-    job = await client.create_job(request)
-    progress = Progress(
+def download_progress(console: Console) -> Progress:
+    """A download's progress bar: bytes, speed, time left."""
+    return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         DownloadColumn(),
@@ -59,6 +57,14 @@ async def download(
         TimeRemainingColumn(),
         console=console,
     )
+
+
+async def download(
+    client: QueenClient, request: JobRequest, ref: str, console: Console
+) -> dict[str, Any]:
+    """A download job with a progress bar: bytes, speed, time left."""
+    job = await client.create_job(request)
+    progress = download_progress(console)
     try:
         with progress:
             bar = progress.add_task(f"downloading {ref}", total=None)
@@ -86,6 +92,37 @@ async def _cancel_quietly(client: QueenClient, job_id: str) -> None:
         await client.cancel_job(job_id)
 
 
+async def pull_if_missing(
+    client: QueenClient,
+    model: str,
+    hive_id: str | None,
+    console: Console,
+    timeout_s: float = 60.0,
+) -> str:
+    """The catalog id to start `model` as: as it is when a hive has it; a Hub file
+    (`org/repo:file.gguf`) or an `https://…/file.gguf` URL that none has is downloaded first
+    (onto `hive_id`, or the one hive), with a progress bar, and waited for until the queen
+    lists it. Anything else is left for the spawn to refuse."""
+    hives = [h for h in await client.hives() if h.online and hive_id in (None, h.id)]
+    if any(model in h.models for h in hives) or not is_download_ref(model):
+        return model
+    console.print(f"{model} is not on {hive_id or 'any hive'} yet: downloading it", markup=False)
+    target = hive_id or (hives[0].id if len(hives) == 1 else None)
+    request = ModelDownloadJob(operation="model_download", model=model, hive_id=target)
+    result = await download(client, request, model, console)
+    model_id = str(result.get("id") or model)
+    where = str(result.get("hive_id") or target or "")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not any(
+        model_id in h.models for h in await client.hives() if h.online and where in ("", h.id)
+    ):
+        if loop.time() >= deadline:
+            raise CliError(f"downloaded {model_id}, but no hive listed it within {timeout_s:.0f}s")
+        await asyncio.sleep(READY_POLL_S)
+    return model_id
+
+
 async def spawn_worker(
     client: QueenClient, request: WorkerSpawnJob, console: Console | None
 ) -> str:
@@ -96,7 +133,11 @@ async def spawn_worker(
         known = await client.models()
         if known and request.model not in {m.id for m in known}:
             names = ", ".join(m.id for m in known)
-            raise CliError(f"unknown model {request.model!r} — the cluster knows: {names}") from exc
+            raise CliError(
+                f"unknown model {request.model!r} — the cluster knows: {names}; a model from "
+                "the Hugging Face Hub starts as -m org/repo:file.gguf (downloaded first), or "
+                "fetch one with `rbee model pull org/repo:file.gguf` or an https://…/file.gguf URL"
+            ) from exc
         raise
     worker_id = result.get("worker_id")
     if not isinstance(worker_id, str):

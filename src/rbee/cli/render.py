@@ -169,15 +169,20 @@ def backoff_lines(models: Sequence[ModelEntry]) -> list[str]:
 
 
 def catalog_table(models: Iterable[dict[str, Any]]) -> Table:
-    table = _table("MODEL", "HIVE", "SIZE", "FORMAT", "SOURCE", "NAME")
+    table = _table(
+        "MODEL", "HIVE", "SIZE", "QUANT", "CONTEXT", "NEEDS (DEFAULT CONTEXT x SLOTS)", "SOURCE"
+    )
     for m in models:
+        trained = m.get("context_length")
+        need = m.get("memory_bytes")
         table.add_row(
             str(m.get("id", "?")),
             str(m.get("hive_id") or "-"),
             human_bytes(m.get("size_bytes")),
-            str(m.get("format", "-")),
+            str(m.get("quantization") or "-"),
+            str(trained) if trained else "-",
+            f"{human_bytes(need)} ({m.get('ctx_size')}x{m.get('slots')})" if need else "-",
             str(m.get("source", "-")),
-            str(m.get("name", "")),
         )
     return table
 

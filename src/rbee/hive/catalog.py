@@ -7,7 +7,9 @@ Model ids, and where the files live:
   `MODELS_DIR/org/repo/file.gguf` (a file in a sub-folder of the repo keeps it:
   `org/repo:sub/file.gguf` is `MODELS_DIR/org/repo/sub/file.gguf`). Any file at least two
   folders deep is read back this way, so files copied into that layout by hand are found too;
-- any other model file under the models dir: its path relative to it, e.g. `my-model.gguf`.
+- any other model file under the models dir: its path relative to it, e.g. `my-model.gguf`;
+  a file downloaded from a plain `https://…/file.gguf` URL lands there under its file name
+  (a Hub URL, `https://huggingface.co/org/repo/resolve/REV/file.gguf`, is the Hub file).
 
 Hidden files and folders (`.partial/` holds downloads in flight) are never in the catalog.
 A *reference* — what a spawn request names — is a model id, or the path of a model file inside
@@ -21,9 +23,11 @@ import logging
 import os
 import re
 import shutil
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 from rbee.common.bundled import BUNDLED_MODELS, BundledModel, BundledModelError
 from rbee.common.errors import BadRequest, NotFound, quote
@@ -32,6 +36,7 @@ from rbee.contracts.hive_api import CatalogModel
 # Only what a worker can load: listing other files would advertise models nothing can start.
 FORMATS = {".gguf": "gguf"}
 PARTIAL_DIR = ".partial"
+PARTIAL_KEEP_S = 7 * 24 * 3600.0  # how long the bytes of a broken-off download wait for a resume
 _REPO_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f\\]")
 log = logging.getLogger("rbee.hive")
@@ -67,6 +72,52 @@ class HubFile:
         return cls(repo_id, filename)
 
 
+@dataclass(frozen=True)
+class UrlFile:
+    """A model file at a plain http(s) URL, kept as `MODELS_DIR/<its file name>`."""
+
+    url: str
+    filename: str
+
+    @property
+    def id(self) -> str:
+        return self.filename
+
+
+_HUB_URL = re.compile(r"^/([^/]+)/([^/]+)/resolve/[^/]+/(.+)$")
+HUB_HOSTS = ("huggingface.co", "hf.co")
+
+
+def parse_source(ref: str) -> HubFile | UrlFile:
+    """What a download names: `org/repo:file.gguf` on the Hub, or an `https://…/file.gguf`."""
+    if not ref.lower().startswith(("http://", "https://")):
+        return HubFile.parse(ref)
+    if _UNSAFE.search(ref) or len(ref) > 2048:
+        raise BadRequest(f"{quote(ref[:80])} is not a valid URL")
+    parts = urlsplit(ref)
+    hub = _HUB_URL.match(unquote(parts.path))
+    if (parts.hostname or "").lower() in HUB_HOSTS and hub:
+        return HubFile.parse(f"{hub[1]}/{hub[2]}:{hub[3]}")
+    name = unquote(parts.path.rsplit("/", 1)[-1])
+    if not parts.hostname or not name:
+        raise BadRequest(f"{quote(ref)} does not name a file (expected https://host/…/file.gguf)")
+    if not name.lower().endswith(".gguf") or name.startswith(".") or _UNSAFE.search(name):
+        raise BadRequest(
+            f"{quote(name)}: llm-worker-rbee loads GGUF files (*.gguf) only; give the URL of "
+            "the .gguf file itself"
+        )
+    return UrlFile(ref, name)
+
+
+def is_download_ref(ref: str) -> bool:
+    """A reference that names something to fetch (a Hub file or a URL), not a local file."""
+    try:
+        parse_source(ref)
+    except BadRequest:
+        return False
+    return True
+
+
 def check_reference(ref: str) -> None:
     """Refuse what can never be a model: control characters, backslashes, option look-alikes."""
     if _UNSAFE.search(ref) or ref.startswith("-") or len(ref) > 512:
@@ -88,8 +139,10 @@ class Catalog:
     def partial_dir(self) -> Path:
         return self.root / PARTIAL_DIR
 
-    def path_for(self, hub: HubFile) -> Path:
-        return self.root.joinpath(*hub.repo_id.split("/"), *hub.filename.split("/"))
+    def path_for(self, source: HubFile | UrlFile) -> Path:
+        if isinstance(source, UrlFile):
+            return self.root / source.filename
+        return self.root.joinpath(*source.repo_id.split("/"), *source.filename.split("/"))
 
     def models(self) -> list[CatalogModel]:
         models = [m for b in self._bundled.values() if (m := self._bundled_entry(b))]
@@ -153,9 +206,24 @@ class Catalog:
                 log.warning("bundled model %s is left out of the catalog: %s", bundled.id, e)
         self.discard_partials()
 
-    def discard_partials(self) -> None:
-        """Downloads cut short by a crash leave files in `.partial/`; nobody can finish them."""
-        shutil.rmtree(self.partial_dir, ignore_errors=True)
+    def discard_partials(self, older_than_s: float = PARTIAL_KEEP_S) -> None:
+        """Downloads cut short (a broken connection, a crash) leave their bytes in `.partial/`
+        for the next download of the same file to resume; those nobody resumed for a week, and
+        anything else there, go."""
+        folder = self.partial_dir
+        if not folder.is_dir():
+            return
+        now = time.time()
+        for entry in folder.iterdir():
+            try:
+                fresh = entry.is_file() and now - entry.stat().st_mtime < older_than_s
+                if not (fresh and entry.suffix == ".part"):
+                    if entry.is_dir():
+                        shutil.rmtree(entry, ignore_errors=True)
+                    else:
+                        entry.unlink(missing_ok=True)
+            except OSError:
+                continue
 
     def _inside(self, path: Path, ref: str) -> Path:
         resolved = path.resolve()

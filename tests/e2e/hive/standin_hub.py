@@ -2,10 +2,13 @@
 
 Serves `HEAD|GET /{org}/{repo}/resolve/{revision}/{path}` from `--root/{org}/{repo}/{path}` with
 the headers huggingface_hub reads (Content-Length, ETag = SHA-256, X-Repo-Commit), and the
-X-Error-Code it maps to its RepositoryNotFound/EntryNotFound errors. Two behaviours are keyed
-by file name so a test needs no side channel:
+X-Error-Code it maps to its RepositoryNotFound/EntryNotFound errors; `GET /files/{path}` serves
+`--root/files/{path}` as a plain web server would (no Hub headers but Content-Length). Both
+honour `Range: bytes=N-` (206). Behaviours keyed by file name so a test needs no side channel:
   - a name containing `stall` sends its first 64 KiB, then nothing more until the client leaves;
-  - a name containing `corrupt` announces a SHA-256 that does not match its bytes.
+  - a name containing `corrupt` announces a SHA-256 that does not match its bytes;
+  - a name containing `cut` breaks the connection after half of the file when asked for it
+    from the start (a network that drops); a range is served whole.
 
     python standin_hub.py --port 8123 --root DIR
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import socket
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -50,6 +54,15 @@ class Handler(BaseHTTPRequestHandler):
             self.end_headers()
             return
         parts = unquote(urlsplit(self.path).path).strip("/").split("/")
+        if parts[0] == "files" and ".." not in parts:
+            path = self.root.joinpath(*parts)
+            if not path.is_file():
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self._send(path, body=body, hub=False)
+            return
         if len(parts) < 5 or parts[2] != "resolve" or ".." in parts:
             self._fail("RepoNotFound")
             return
@@ -61,18 +74,39 @@ class Handler(BaseHTTPRequestHandler):
         if not path.is_file():
             self._fail("EntryNotFound")
             return
+        self._send(path, body=body, hub=True)
+
+    def _send(self, path: Path, *, body: bool, hub: bool) -> None:
         data = path.read_bytes()
-        digest = hashlib.sha256(b"other" if "corrupt" in path.name else data).hexdigest()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("ETag", f'"{digest}"')
-        self.send_header("X-Repo-Commit", COMMIT)
+        first = 0
+        asked = self.headers.get("Range", "")
+        if asked.startswith("bytes=") and asked.endswith("-") and body:
+            first = int(asked[6:-1])
+            if first >= len(data):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+        self.send_response(206 if first else 200)
+        self.send_header("Content-Length", str(len(data) - first))
+        if first:
+            self.send_header("Content-Range", f"bytes {first}-{len(data) - 1}/{len(data)}")
+        if hub:
+            digest = hashlib.sha256(b"other" if "corrupt" in path.name else data).hexdigest()
+            self.send_header("ETag", f'"{digest}"')
+            self.send_header("X-Repo-Commit", COMMIT)
         self.send_header("Accept-Ranges", "bytes")
         self.send_header("Content-Type", "application/octet-stream")
         self.end_headers()
         if not body:
             return
-        for start in range(0, len(data), CHUNK):
+        cut_at = len(data) // 2 if "cut" in path.name and not first else None
+        for start in range(first, len(data), CHUNK):
+            if cut_at is not None and start >= cut_at:
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
             self.wfile.write(data[start : start + CHUNK])
             self.wfile.flush()
             if "stall" in path.name:

@@ -20,6 +20,7 @@ from rbee.clients.hive import HiveClient, HiveError
 from rbee.common.bundled import DEFAULT_MODEL
 from rbee.common.cpus import parse_cpu_set, usable_cpus
 from rbee.worker.engines.llama_process import DIR_PREFIX
+from rbee_testing.gguf import gguf_bytes
 
 from .conftest import Daemon, HiveStarter
 
@@ -190,7 +191,7 @@ def test_with_a_token_only_health_is_open(start_hive: HiveStarter) -> None:
 async def test_download_streams_progress_and_lands_in_the_catalog(
     start_hive: HiveStarter, hub_root: Path, tmp_path: Path
 ) -> None:
-    data = os.urandom(2 * 1024 * 1024 + 5)
+    data = gguf_bytes(2 * 1024 * 1024 + 5)
     (hub_root / "acme" / "Small-GGUF").mkdir(parents=True)
     (hub_root / "acme" / "Small-GGUF" / "small.Q8_0.gguf").write_bytes(data)
     hive = start_hive()
@@ -212,7 +213,7 @@ async def test_a_cancelled_download_leaves_nothing(
     start_hive: HiveStarter, hub_root: Path, tmp_path: Path
 ) -> None:
     (hub_root / "acme" / "Big-GGUF").mkdir(parents=True)
-    (hub_root / "acme" / "Big-GGUF" / "big.stall.gguf").write_bytes(os.urandom(1024 * 1024))
+    (hub_root / "acme" / "Big-GGUF" / "big.stall.gguf").write_bytes(gguf_bytes(1024 * 1024))
     hive = start_hive()
 
     async with HiveClient(hive.url) as client:

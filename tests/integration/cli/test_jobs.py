@@ -35,7 +35,6 @@ def test_worker_spawn_waits_until_the_worker_is_ready(rbee: Any, queen: Any) -> 
             "model": "smollm2-135m-instruct",
             "hive_id": "hive-a",
             "device": "cpu:0",
-            "slots": 1,
             "kv_cache_type": "auto",
         }
     ]
@@ -79,7 +78,9 @@ def test_worker_spawn_of_an_unknown_model_lists_the_known_ones(rbee: Any, queen:
 
     assert result.exit_code == 1
     assert result.stderr.strip().splitlines()[-1] == (
-        "rbee: unknown model 'gpt-9' — the cluster knows: smollm2-135m-instruct"
+        "rbee: unknown model 'gpt-9' — the cluster knows: smollm2-135m-instruct; a model from "
+        "the Hugging Face Hub starts as -m org/repo:file.gguf (downloaded first), or fetch one "
+        "with `rbee model pull org/repo:file.gguf` or an https://…/file.gguf URL"
     )
 
 
@@ -131,7 +132,6 @@ def test_model_list_shows_every_hives_catalog(rbee: Any, queen: Any) -> None:
     line = next(ln for ln in result.stdout.splitlines() if ln.startswith("smollm2"))
     assert "hive-a" in line
     assert "98.0 MB" in line
-    assert "gguf" in line
     assert "bundled" in line
     assert any(ln.startswith("tiny") and "hive-b" in ln for ln in result.stdout.splitlines())
     assert queen.jobs[1] == {"operation": "model_list", "hive_id": "hive-b"}
@@ -160,7 +160,7 @@ def test_model_rm_of_a_missing_model_says_why(rbee: Any, queen: Any) -> None:
 def test_model_download_shows_progress_then_what_it_got(rbee: Any, queen: Any) -> None:
     mb = 1_000_000
     queen.job_events["model_download"] = [
-        {"type": "log", "message": "resolving org/repo/file.gguf"},
+        {"type": "log", "message": "resolving org/repo:file.gguf"},
         {"type": "progress", "bytes_done": 10 * mb, "bytes_total": 40 * mb},
         {"type": "progress", "bytes_done": 40 * mb, "bytes_total": 40 * mb},
         {
@@ -169,14 +169,14 @@ def test_model_download_shows_progress_then_what_it_got(rbee: Any, queen: Any) -
         },
     ]
 
-    result = rbee("model", "download", "org/repo/file.gguf", "--hive", "hive-a")
+    result = rbee("model", "download", "org/repo:file.gguf", "--hive", "hive-a")
 
     assert result.exit_code == 0, result.output
     assert queen.jobs == [
-        {"operation": "model_download", "model": "org/repo/file.gguf", "hive_id": "hive-a"}
+        {"operation": "model_download", "model": "org/repo:file.gguf", "hive_id": "hive-a"}
     ]
-    assert "resolving org/repo/file.gguf" in result.stderr
-    assert "downloading org/repo/file.gguf" in result.stderr
+    assert "resolving org/repo:file.gguf" in result.stderr
+    assert "downloading org/repo:file.gguf" in result.stderr
     assert "40.0/40.0 MB" in result.stderr
     assert result.stdout.strip() == "downloaded file on hive hive-a (40.0 MB)"
 
@@ -186,7 +186,7 @@ def test_model_download_failure_is_one_line(rbee: Any, queen: Any) -> None:
         {"type": "error", "message": "404 from the hub: no such repo"}
     ]
 
-    result = rbee("model", "download", "org/nope")
+    result = rbee("model", "download", "org/nope:file.gguf")
 
     assert result.exit_code == 1
     assert result.stderr.strip().splitlines()[-1] == "rbee: 404 from the hub: no such repo"

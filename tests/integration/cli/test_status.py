@@ -80,8 +80,6 @@ def test_status_with_an_empty_cluster_says_how_to_start_a_worker(rbee: Any) -> N
         ["worker", "list"],
         ["worker", "spawn", "-m", "x"],
         ["worker", "stop", "w-1"],
-        ["model", "list"],
-        ["model", "download", "some/ref"],
         ["model", "rm", "x"],
     ],
 )

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from rbee.contracts.hive_api import SpawnRequest
+from rbee_testing.gguf import gguf_bytes
 from rbee_testing.metrics import Samples, parse_samples, value
 
 from .conftest import Hive, HiveFactory, publish
@@ -41,7 +42,7 @@ async def _workers_devices_and_cpu(hive: Hive) -> None:
 async def test_a_download_under_way_shows_its_progress(hive: Hive, hub_root: Path) -> None:
     ref = "acme/Metrics-GGUF:small.stall.gguf"
     size = 1024 * 1024
-    publish(hub_root, "acme/Metrics-GGUF", "small.stall.gguf", os.urandom(size))
+    publish(hub_root, "acme/Metrics-GGUF", "small.stall.gguf", gguf_bytes(size))
     created = await hive.client.start_download(ref)
     async with asyncio.timeout(20):
         while True:  # the stand-in Hub sends 64 KiB, then holds the rest back

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 from pathlib import Path
 
 import httpx
@@ -12,6 +11,7 @@ import pytest
 
 from rbee.clients.hive import HiveError
 from rbee.contracts.jobs import JobEvent
+from rbee_testing.gguf import gguf_bytes
 
 from .conftest import HIVE_ID, Hive, HiveFactory, publish
 
@@ -43,7 +43,7 @@ async def test_catalog_lists_bundled_and_local_files_by_id(hive: Hive, models_di
 async def test_download_reports_progress_and_lands_in_the_catalog(
     hive: Hive, hub_root: Path, models_dir: Path
 ) -> None:
-    data = os.urandom(9 * 1024 * 1024 + 17)  # over two of the writes in a thread, and a rest
+    data = gguf_bytes(9 * 1024 * 1024 + 17)  # over two of the writes in a thread, and a rest
     publish(hub_root, "acme/Small-GGUF", "small.Q8_0.gguf", data)
 
     created = await hive.client.start_download(MODEL)
@@ -67,7 +67,7 @@ async def test_download_reports_progress_and_lands_in_the_catalog(
 async def test_the_queen_learns_of_a_new_model_without_waiting_an_interval(
     hive: Hive, hub_root: Path
 ) -> None:
-    publish(hub_root, "acme/Small-GGUF", "small.Q8_0.gguf", b"GGUF" + bytes(100))
+    publish(hub_root, "acme/Small-GGUF", "small.Q8_0.gguf", gguf_bytes(104))
     await hive.client.download(MODEL)
 
     async def queen_models() -> list[str]:
@@ -88,7 +88,7 @@ async def test_cancelled_download_leaves_nothing(
     hive: Hive, hub_root: Path, models_dir: Path
 ) -> None:
     ref = "acme/Small-GGUF:small.stall.gguf"
-    publish(hub_root, "acme/Small-GGUF", "small.stall.gguf", os.urandom(1024 * 1024))
+    publish(hub_root, "acme/Small-GGUF", "small.stall.gguf", gguf_bytes(1024 * 1024))
     created = await hive.client.start_download(ref)
     async with asyncio.timeout(20):
         while True:  # until bytes have arrived: the stand-in then holds the rest back
@@ -114,7 +114,7 @@ async def test_cancelled_download_leaves_nothing(
 async def test_a_corrupt_download_is_an_error_and_is_discarded(
     hive: Hive, hub_root: Path, models_dir: Path
 ) -> None:
-    publish(hub_root, "acme/Small-GGUF", "small.corrupt.gguf", os.urandom(4096))
+    publish(hub_root, "acme/Small-GGUF", "small.corrupt.gguf", gguf_bytes(4096))
     with pytest.raises(HiveError, match="SHA-256"):
         await hive.client.download("acme/Small-GGUF:small.corrupt.gguf")
     assert leftovers(models_dir) == []
@@ -150,7 +150,7 @@ async def test_bad_download_references_are_refused_before_any_job(hive: Hive, re
 
 
 async def test_a_second_download_of_the_same_file_is_a_conflict(hive: Hive, hub_root: Path) -> None:
-    publish(hub_root, "acme/Small-GGUF", "small.stall.gguf", os.urandom(1024 * 1024))
+    publish(hub_root, "acme/Small-GGUF", "small.stall.gguf", gguf_bytes(1024 * 1024))
     first = await hive.client.start_download("acme/Small-GGUF:small.stall.gguf")
     body = {"operation": "model_download", "model": "acme/Small-GGUF:small.stall.gguf"}
     assert (await hive.http.post("/v1/jobs", json=body)).status_code == 409

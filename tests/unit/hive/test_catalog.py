@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -95,9 +96,16 @@ def test_delete_removes_the_file_and_empty_folders(catalog: Catalog) -> None:
     assert catalog.root.exists()
 
 
-def test_discarding_partials_empties_the_partial_folder(catalog: Catalog) -> None:
+def test_discarding_partials_keeps_recent_broken_off_downloads_for_a_resume(
+    catalog: Catalog,
+) -> None:
+    kept = catalog.partial_dir / "0123abcd.part"
+    kept.write_bytes(b"GGUF half")
+    old = catalog.partial_dir / "old.part"
+    old.write_bytes(b"GGUF")
+    os.utime(old, (0, 0))
     catalog.discard_partials()
-    assert not catalog.partial_dir.exists()
+    assert sorted(p.name for p in catalog.partial_dir.iterdir()) == ["0123abcd.part"]
 
 
 @pytest.mark.parametrize(

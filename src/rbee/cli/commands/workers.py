@@ -102,7 +102,10 @@ def spawn(
     )
 
     async def work(client: QueenClient) -> WorkerView:
-        worker_id = await jobs.spawn_worker(client, request, cli.err)
+        pulled = await jobs.pull_if_missing(client, model, hive, cli.err)
+        worker_id = await jobs.spawn_worker(
+            client, request.model_copy(update={"model": pulled}), cli.err
+        )
         return (await jobs.wait_until_ready(client, [worker_id], 30))[0]
 
     result = cli.run(work)

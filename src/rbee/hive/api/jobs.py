@@ -9,7 +9,7 @@ from fastapi import APIRouter, Body, Depends, Request
 from rbee.common.errors import BadRequest
 from rbee.common.jobs import Job, Jobs, job_routes
 from rbee.contracts.jobs import JobCreated, JobRequest, ModelDownloadJob
-from rbee.hive.catalog import HubFile
+from rbee.hive.catalog import parse_source
 from rbee.hive.state import HiveState, get_state
 
 router = APIRouter()
@@ -24,7 +24,7 @@ async def create_job(request: Annotated[JobRequest, Body()], state: State) -> Jo
             "spawn workers with POST /v1/workers/spawn",
             code="unsupported_operation",
         )
-    hub = HubFile.parse(request.model)
+    hub = parse_source(request.model)  # org/repo:file.gguf, or an http(s) URL of a .gguf
     downloader = state.downloader
     downloader.claim(hub)
 
