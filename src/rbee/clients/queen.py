@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from rbee.clients.base import OwnedHttpClient
 from rbee.contracts.errors import read_error
+from rbee.contracts.events import ModelEvent, ModelEvents
 from rbee.contracts.hives import HiveView
 from rbee.contracts.jobs import JobCreated, JobEvent, JobRequest
 from rbee.contracts.keys import ApiKeyInfo, KeyCreate, KeyCreated, KeyList
@@ -156,6 +157,10 @@ class QueenClient(OwnedHttpClient):
         if response.is_error:
             raise error_from_response(response, response.content)
         return response.text
+
+    async def model_events(self) -> list[ModelEvent]:
+        """The last model loads and unloads, oldest first."""
+        return ModelEvents.model_validate(await self._request("GET", "/v1/model-events")).events
 
     async def hives(self) -> list[HiveView]:
         data = await self._request("GET", "/v1/hives")

@@ -46,6 +46,7 @@ QUEEN_ACCESS: Mapping[str, Audience] = {
     "DELETE /v1/workers/{worker_id}": CLUSTER,
     "GET /v1/hives": CLUSTER,
     "GET /v1/heartbeats/stream": CLUSTER,
+    "GET /v1/model-events": CLUSTER,
     "POST /v1/jobs": CLUSTER,
     "GET /v1/jobs/{job_id}": CLUSTER,
     "GET /v1/jobs/{job_id}/stream": CLUSTER,

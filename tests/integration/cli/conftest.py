@@ -99,6 +99,7 @@ class FakeQueen:
     jobs: list[dict[str, Any]] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
     chats: list[dict[str, Any]] = field(default_factory=list)
+    model_events: list[dict[str, Any]] = field(default_factory=list)
 
     # Test files cannot import from conftest (importlib mode), so the builders live here.
     def add_worker(self, worker_id: str = "w-1", **overrides: Any) -> dict[str, Any]:
@@ -140,6 +141,10 @@ class FakeQueen:
         @app.get("/v1/hives")
         async def hives() -> dict[str, Any]:
             return {"hives": self.hives}
+
+        @app.get("/v1/model-events")
+        async def model_events() -> dict[str, Any]:
+            return {"events": self.model_events}
 
         @app.get("/v1/models")
         async def models() -> dict[str, Any]:

@@ -183,6 +183,35 @@ def test_status_reads_the_real_queens_registry(rbee_on: Any) -> None:
     assert data["hives"][0]["id"] == "h"
 
 
+def test_status_says_which_models_were_unloaded_and_why(rbee_on: Any) -> None:
+    """An eviction seen after the fact: the real queen remembers it, `rbee status` shows it."""
+    app = create_app(QueenSettings())
+    state = app.state.queen
+    for change, model, reason in (
+        ("loaded", "gemma", "on_demand"),
+        ("unloaded", "gemma", "evicted"),
+        ("loaded", "smollm2", "on_demand"),
+    ):
+        data = {"change": change, "model": model, "worker_id": f"h-{model}", "hive_id": "h"}
+        state.bus.publish("model", {**data, "reason": reason})
+    state.bus.publish("worker", {"change": "removed"})  # not a model event: not kept
+    rbee = rbee_on(lambda: httpx.ASGITransport(app=app))
+
+    result = rbee("status")
+
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    shown = lines[lines.index("recent model loads and unloads:") + 1 :]
+    assert [line.split()[1:4] for line in shown] == [
+        ["loaded", "gemma", "(on_demand)"],
+        ["unloaded", "gemma", "(evicted)"],
+        ["loaded", "smollm2", "(on_demand)"],
+    ]
+    assert "worker h-gemma on h" in shown[1]
+    events = json.loads(rbee("status", "--json").stdout)["model_events"]
+    assert [(e["change"], e["reason"]) for e in events][1] == ("unloaded", "evicted")
+
+
 @pytest.mark.parametrize("url", ["http://[::1", "http://127.0.0.1:99999", "ftp://queen"])
 def test_a_bad_queen_url_is_a_usage_error_not_a_traceback(rbee: Any, url: str) -> None:
     result = rbee("--queen-url", url, "status")

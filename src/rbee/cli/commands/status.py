@@ -10,8 +10,11 @@ from rbee.cli.context import cli_of
 from rbee.cli.render import backoff_lines, hives_table, models_table, to_json, workers_table
 from rbee.cli.watch import watch
 from rbee.clients.queen import ModelEntry, QueenClient
+from rbee.contracts.events import ModelEvent
 from rbee.contracts.hives import HiveView
 from rbee.contracts.workers import WorkerView
+
+EVENTS_SHOWN = 8
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
@@ -30,13 +33,16 @@ def status(ctx: typer.Context, as_json: JsonFlag = False, live: WatchFlag = Fals
         cli.run(lambda client: watch(cli, client))  # until Ctrl-C
         return
 
-    async def fetch(client: QueenClient) -> tuple[list[HiveView], list[WorkerView]]:
+    async def fetch(
+        client: QueenClient,
+    ) -> tuple[list[HiveView], list[WorkerView], list[ModelEvent]]:
         await client.health()
-        return await client.hives(), await client.workers()
+        return await client.hives(), await client.workers(), await client.model_events()
 
-    hives, workers = cli.run(fetch)
+    hives, workers, events = cli.run(fetch)
     if as_json:
-        print(to_json({"queen_url": cli.queen_url, "hives": hives, "workers": workers}))
+        document = {"queen_url": cli.queen_url, "hives": hives, "workers": workers}
+        print(to_json({**document, "model_events": events}))
         return
     ready = sum(1 for w in workers if w.available)
     cli.out.print(
@@ -52,6 +58,21 @@ def status(ctx: typer.Context, as_json: JsonFlag = False, live: WatchFlag = Fals
         cli.out.print(workers_table(workers))
     else:
         cli.out.print("no workers yet — start one with `rbee worker spawn -m MODEL`", markup=False)
+    if events:
+        cli.out.print()
+        cli.out.print("recent model loads and unloads:", markup=False, highlight=False)
+        for event in events[-EVENTS_SHOWN:]:
+            cli.out.print(f"  {event_line(event)}", markup=False, highlight=False)
+
+
+def event_line(event: ModelEvent) -> str:
+    """`12:01:33  unloaded  gemma-3-270m  (evicted)  worker h1-8081 on h1`"""
+    when = event.at[11:19] if len(event.at) >= 19 else event.at
+    where = f" on {event.hive_id}" if event.hive_id else ""
+    return (
+        f"{when}  {event.change:<8}  {event.model}  ({event.reason})  "
+        f"worker {event.worker_id}{where}"
+    )
 
 
 def models(ctx: typer.Context, as_json: JsonFlag = False) -> None:

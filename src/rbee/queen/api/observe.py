@@ -7,6 +7,7 @@ from typing import Annotated
 import httpx
 from fastapi import APIRouter, Depends, Request
 
+from rbee.contracts.events import ModelEvents
 from rbee.contracts.metrics import ScrapeTarget
 from rbee.queen.state import QueenState, get_state
 
@@ -43,3 +44,10 @@ async def metrics_targets(request: Request, state: State) -> list[ScrapeTarget]:
         }
         targets.append(_target(info.url, labels))
     return targets
+
+
+@router.get("/v1/model-events")
+async def model_events(state: State) -> ModelEvents:
+    """The last model loads and unloads (up to 100, oldest first), with their reasons: why a
+    model is no longer loaded (idle, evicted for another, unloaded by hand)."""
+    return ModelEvents.model_validate({"events": state.bus.model_events()})
