@@ -156,6 +156,7 @@ def build_state(
         wait_s=settings.queue_timeout,
         swap_max_wait_s=settings.swap_max_wait,
         on_swap=metrics.model_swapped,
+        min_replicas=settings.min_replicas_of,
     )
     spawner.make_room = room.make_room
     state.room = room

@@ -400,3 +400,16 @@ async def test_a_worker_that_served_the_request_it_was_loaded_for_may_go_at_once
         assert cluster.stops == ["w1-a"]
     finally:
         await cluster.aclose()
+
+
+async def test_a_model_is_never_evicted_below_its_min_replicas() -> None:
+    cluster = await open_cluster(1, queue_timeout=1, model_min_replicas={"a": 1})
+    try:
+        assert (await cluster.chat("a")).status_code == 200
+        cluster.clock.advance(3600)
+        refused = await cluster.chat("b")
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"]["code"] == "insufficient_memory"
+        assert cluster.stops == []
+    finally:
+        await cluster.aclose()

@@ -184,3 +184,17 @@ def test_a_model_bigger_than_the_device_evicts_nothing() -> None:
 def test_not_enough_to_evict_anywhere_is_none() -> None:
     hives = [hive("h", device(free_gib=0.1))]
     assert choose_eviction(hives, DEMAND, [resident("small", gib=0.2)]) is None
+
+
+def test_a_model_keeps_its_min_replicas() -> None:
+    hives = [hive("h", device(free_gib=0.1))]
+    residents = [
+        Resident("kept-1", "kept", "h", "cpu:0", int(1.5 * GIB), False, 0, 0, 1.0),
+        Resident("kept-2", "kept", "h", "cpu:0", int(1.5 * GIB), False, 0, 0, 2.0),
+        resident("other", last_used=9),
+    ]
+    floor = {"kept": 1}
+    choice = choose_eviction(hives, DEMAND, residents, min_replicas=lambda m: floor.get(m, 0))
+    assert ids(choice) == ("kept-1",), "one of kept's two may go, the least recently used"
+    choice = choose_eviction(hives, DEMAND, residents[:1], min_replicas=lambda m: floor.get(m, 0))
+    assert choice is None, "its last worker stays"

@@ -13,11 +13,13 @@ model asking has waited past the swap wait (`drain`). A worker with requests in 
 such queue may be chosen, after the idle ones: it takes no new request from then on and is
 stopped once the requests in flight on it have ended, never cut off; requests for its model
 that came later wait for their model's next turn, as the asking model waited for this one.
+A model keeps its `min_replicas` loaded workers: only those above it may go.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from rbee.contracts.hives import HiveView
@@ -64,10 +66,12 @@ def choose_eviction(
     freeing: Mapping[DeviceKey, int] | None = None,
     *,
     drain: bool = False,
+    min_replicas: Callable[[str], int] = lambda model: 0,
 ) -> Eviction | None:
     """The workers to evict for `demand`, or None when no device can make room now."""
     reserved = reserved or {}
     freeing = freeing or {}
+    loaded = Counter(r.model for r in residents)
     options: list[tuple[tuple[object, ...], Eviction]] = []
     for hive in hives_with_model(hives, demand.model):
         if demand.hive_id is not None and hive.id != demand.hive_id:
@@ -92,10 +96,14 @@ def choose_eviction(
                 key=lambda r: (r.busy, r.last_used, r.worker_id),
             )
             chosen: list[Resident] = []
+            going: Counter[str] = Counter()
             for resident in may_go:
                 if room >= estimate.total:
                     break
+                if loaded[resident.model] - going[resident.model] <= min_replicas(resident.model):
+                    continue  # its model keeps its min_replicas
                 chosen.append(resident)
+                going[resident.model] += 1
                 room += resident.bytes
             if room < estimate.total:
                 continue

@@ -66,6 +66,7 @@ class Room:
         wait_s: float,
         swap_max_wait_s: float,
         on_swap: Callable[[], None] = lambda: None,
+        min_replicas: Callable[[str], int] = lambda model: 0,
     ) -> None:
         self.watch = watch
         self.registry = watch.registry
@@ -74,6 +75,7 @@ class Room:
         self.wait_s = wait_s
         self.swap_max_wait_s = swap_max_wait_s
         self.on_swap = on_swap
+        self.min_replicas = min_replicas  # workers of a model that are never evicted
         self._evicting: dict[str, _Freeing] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}  # worker id: its eviction
         # model: (waiting since, last seen) by the event loop's clock, and since by the queen's
@@ -272,6 +274,7 @@ class Room:
                     self.spawner.reservations.taken(all_hives),
                     self.freeing(),
                     drain=now - since >= self.swap_max_wait_s,
+                    min_replicas=self.min_replicas,
                 )
                 if choice is not None and choice.worker_ids:
                     self.evict([r for r in residents if r.worker_id in choice.worker_ids], model)
