@@ -6,6 +6,8 @@ and what is wrong.
     port = 7833                       # host defaults to 0.0.0.0 when a hive is over SSH
     # routing_policy = "prefix"       # or least-loaded, round-robin
     # swap_max_wait = 30              # seconds a model waits for busy ones to make room
+    # split_across_hives = true       # split a model no hive fits over several (default: only
+    #                                 # when every hive talks over TLS or loopback)
     # url = "http://10.0.0.5:7833"    # how hives reach it (default: the address each hive's
     #                                 # SSH connection comes from; loopback for local hives)
 
@@ -134,6 +136,7 @@ class QueenSection(Strict):
     replica_after: PositiveSeconds | None = None
     max_replicas: Annotated[int, Field(ge=1)] | None = None
     min_replicas: Annotated[int, Field(ge=0)] | None = None
+    split_across_hives: bool | None = None
 
     def flags(self) -> list[str]:
         """The queen-rbee flags for the settings given here (host and port are set apart)."""
@@ -145,6 +148,8 @@ class QueenSection(Strict):
         for name in ("replica_after", "max_replicas", "min_replicas"):
             args += _flag(name, getattr(self, name))
         args += _flag("prefix_load_margin", self.prefix_load_margin)
+        if self.split_across_hives is not None:  # a switch: --split-across-hives or --no-…
+            args.append(f"--{'' if self.split_across_hives else 'no-'}split-across-hives")
         return args
 
 

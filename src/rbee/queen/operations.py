@@ -40,6 +40,7 @@ from rbee.queen.registry import WorkerRegistry
 from rbee.queen.routing.router import Router
 from rbee.queen.scheduler.placement import Demand, hives_with_model
 from rbee.queen.scheduler.spawner import Spawner
+from rbee.queen.scheduler.split_start import give_back_helpers
 
 # Told of each worker stopped through its hive: (the worker, why: "idle", "manual", ...).
 UnloadedFn = Callable[[WorkerInfo, str], None]
@@ -324,8 +325,12 @@ class Operations:
             await client.stop_worker(pid)
         except HiveError as exc:
             raise hive_failure(exc) from None
+        await give_back_helpers(info, self.hives.get, self._give_back)  # a split worker's helpers
         self.on_unloaded(info, reason)
         return {"worker_id": info.id, "pid": pid, "hive_id": info.hive_id}
+
+    async def _give_back(self, hive: HiveView, key: str) -> object:
+        return await self.clients.get(hive).stop_rpc_server(key)
 
     async def model_download(self, job: Job, request: ModelDownloadJob) -> dict[str, Any]:
         hive = self._one_hive(request.hive_id)

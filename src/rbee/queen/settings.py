@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal, Self
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
-from pydantic_settings import SettingsConfigDict
+from pydantic_settings import CliImplicitFlag, SettingsConfigDict
 
 from rbee.common.settings import DaemonSettings, Seconds
+from rbee.contracts.hives import HiveView
 from rbee.contracts.workers import parse_keep_alive
+from rbee.queen.scheduler.split import split_across_default
 
 DATA_DIR = Path("~/.local/share/rbee/queen")
 DEFAULT_PORT = 7833
@@ -143,6 +146,20 @@ class QueenSettings(DaemonSettings):
         description="the slots of one model's on-demand workers, as MODEL=N (repeatable; the "
         'cluster file\'s [models."ID"] slots)',
     )
+
+    split_across_hives: CliImplicitFlag[bool] = Field(
+        False,
+        description="split a model that fits on no single hive over the devices of several "
+        "(llama.cpp's RPC backend, behind tunnels that admit only the cluster token); default: "
+        "on when every hive talks over TLS or loopback, else off (--no-split-across-hives: "
+        "never)",
+    )
+
+    def split_across(self, hives: Sequence[HiveView]) -> bool:
+        """Whether a model may be split across hives: as set, else the cluster's default."""
+        if "split_across_hives" in self.model_fields_set:
+            return self.split_across_hives
+        return split_across_default(hives)
 
     def sizing_of(self, model: str) -> tuple[int | None, int | None]:
         """(ctx_size, slots) of the model's workers started on demand; None: its default."""

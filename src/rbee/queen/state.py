@@ -29,6 +29,7 @@ from rbee.queen.routing.prefixes import Affinity
 from rbee.queen.routing.router import Router
 from rbee.queen.scheduler.room import Room
 from rbee.queen.scheduler.spawner import Spawner
+from rbee.queen.scheduler.split_start import Splitter
 from rbee.queen.settings import QueenSettings
 from rbee.queen.upstream import UpstreamClient
 
@@ -159,6 +160,12 @@ def build_state(
         min_replicas=settings.min_replicas_of,
     )
     spawner.make_room = room.make_room
+    spawner.split = Splitter(
+        spawner,
+        lend=lambda hive, request: clients.get(hive).start_rpc_server(request),
+        give_back=lambda hive, key: clients.get(hive).stop_rpc_server(key),
+        across=settings.split_across,
+    ).start
     state.room = room
     return state
 

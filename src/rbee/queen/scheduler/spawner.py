@@ -46,6 +46,10 @@ SizingFn = Callable[[str], tuple[int | None, int | None]]
 # Makes room for a demand that fits nowhere (evicting idle workers, or waiting for some to go
 # idle): its placement then, or the refusal again (`rbee.queen.scheduler.room`).
 MakeRoomFn = Callable[[Demand, frozenset[str], InsufficientMemory], Awaitable[Placement]]
+# Starts a worker split over several devices for a demand no single device fits (issue 24):
+# (demand, hives excluded, the refusal, reason) -> the ready worker, or None when no split fits
+# now but room can be made on one device (`rbee.queen.scheduler.split_start.Splitter`).
+SplitFn = Callable[[Demand, frozenset[str], InsufficientMemory, str], Awaitable[WorkerInfo | None]]
 
 
 def load_deadline_s(base_s: float, per_gib_s: float, needed_bytes: int) -> float:
@@ -107,6 +111,7 @@ class Spawner:
         self._starting: dict[tuple[str, bool], asyncio.Task[WorkerInfo]] = {}
         self._started: dict[str, Started] = {}
         self.make_room: MakeRoomFn | None = None  # None: a start that does not fit is refused
+        self.split: SplitFn | None = None  # None: a model no single device fits is refused
         # A hive heartbeats right after a spawn; one heartbeat timeout is ample for it.
         self.reservations = Reservations(registry.timeout_s, clock)
 
@@ -267,6 +272,10 @@ class Spawner:
             try:
                 placement = self.place(demand, exclude)
             except InsufficientMemory as refused:
+                if self.split is not None and reason == "demand":  # a replica splits nothing
+                    split = await self.split(demand, exclude, refused, reason)
+                    if split is not None:
+                        return split
                 if self.make_room is None or reason != "demand":  # a replica evicts nothing
                     raise
                 placement = await self.make_room(demand, exclude, refused)

@@ -21,8 +21,10 @@ The preference, in order:
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from rbee.common.errors import InsufficientMemory, quote
 from rbee.common.model_memory import MemoryEstimate, estimate_memory, gib
@@ -32,6 +34,26 @@ from rbee.queen.scheduler.placement import RETRY_AFTER_S, Demand, capacity
 
 SPLIT_FLAG = "queen-rbee --split-across-hives"
 SPLIT_SETTING = "split_across_hives"
+
+
+def is_loopback_or_tls(url: str) -> bool:
+    """A hive reached over TLS (https) or on this machine's loopback."""
+    parts = urlsplit(url)
+    if parts.scheme == "https":
+        return True
+    host = (parts.hostname or "").strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def split_across_default(hives: Sequence[HiveView]) -> bool:
+    """Splitting across hives is on by default only when every online hive talks over TLS or
+    loopback: elsewhere a model's weights and activations would cross the LAN unencrypted."""
+    return all(is_loopback_or_tls(h.url) for h in hives if h.online)
 
 
 @dataclass(frozen=True)

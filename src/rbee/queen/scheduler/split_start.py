@@ -7,25 +7,30 @@
    (`--tensor-split`) and the parts its heartbeats will carry.
 3. If anything fails on the way, the RPC servers already started are stopped again.
 
-The RPC servers stop by themselves when the worker's connections to them end (it stopped, was
-evicted or died), so no list of them is kept here.
+`Splitter` is the queen's hook for it (`Spawner.split`): a model that fits on no single device is
+planned (`plan_split`) and started here. When the queen stops a split worker (stopped, evicted,
+unloaded) it stops the helpers' RPC servers too (`give_back_helpers`); when the worker dies they
+stop by themselves once its connections to them end, so no list of them is kept here.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from urllib.parse import urlsplit
 
-from rbee.common.errors import Unavailable
+from rbee.common.errors import InsufficientMemory, RbeeError, Unavailable
 from rbee.contracts.hive_api import SpawnRequest, SpawnResponse
 from rbee.contracts.hives import HiveView
 from rbee.contracts.rpc import RpcServerInfo, RpcServerRequest
-from rbee.contracts.workers import DEFAULT_CTX_SIZE, WorkerInfo, WorkerPart
-from rbee.queen.scheduler.split import SplitPlan
+from rbee.contracts.workers import DEFAULT_CTX_SIZE, WorkerInfo, WorkerPart, keep_alive_wire
+from rbee.queen.scheduler.placement import Demand
+from rbee.queen.scheduler.spawner import Spawner, load_deadline_s
+from rbee.queen.scheduler.split import SplitPlan, plan_split
 
 log = logging.getLogger("rbee.queen.split")
 
@@ -77,9 +82,11 @@ async def start_split(
     spawn: SpawnFn,
     wait_ready: WaitFn,
     load_timeout_s: float,
+    stop: Callable[[int], Awaitable[object]] | None = None,
     **fields: object,
 ) -> tuple[SpawnResponse, WorkerInfo]:
-    """Start the worker of a split plan; `fields`: more of the spawn request (keep-alive…)."""
+    """Start the worker of a split plan; `fields`: more of the spawn request (keep-alive…).
+    `stop`: stops the worker (by pid) when it was spawned but did not report ready."""
     worker_id = f"{plan.main.id}-split-{uuid.uuid4().hex[:8]}"
     allow = main_address(plan)
     lent: list[tuple[HiveView, RpcServerInfo]] = []
@@ -110,9 +117,133 @@ async def start_split(
             *(worker_id, ", ".join([plan.main.id, *plan.helpers]), request.tensor_split),
         )
         spawned = await spawn(plan.main, request)
-        return spawned, await wait_ready(spawned.worker_id, load_timeout_s)
+        try:
+            return spawned, await wait_ready(spawned.worker_id, load_timeout_s)
+        except BaseException:
+            if stop is not None:
+                with contextlib.suppress(Exception):
+                    await stop(spawned.pid)
+            raise
     except BaseException:
         for hive, info in lent:
             with contextlib.suppress(Exception):
                 await give_back(hive, info.rpc_id)
         raise
+
+
+# Whether splitting across hives is on, given the hives (the queen's setting, or the default).
+AcrossFn = Callable[[Sequence[HiveView]], bool]
+
+
+class Splitter:
+    """The spawner's hook for a model that fits on no single device: plan a split worker and
+    start it (the helpers' RPC servers, then the worker on the main hive)."""
+
+    def __init__(
+        self, spawner: Spawner, *, lend: LendFn, give_back: ReturnFn, across: AcrossFn
+    ) -> None:
+        self.spawner = spawner
+        self.lend = lend
+        self.give_back = give_back
+        self.across = across
+
+    def plan(self, demand: Demand, exclude: frozenset[str] = frozenset()) -> SplitPlan:
+        hives = self.spawner.hives.all()
+        taken = self.spawner.reservations.taken(hives)
+        usable = [h for h in hives if h.id not in exclude]
+        return plan_split(usable, demand, taken, across_hives=self.across(hives))
+
+    async def start(
+        self, demand: Demand, exclude: frozenset[str], refused: InsufficientMemory, reason: str
+    ) -> WorkerInfo | None:
+        """A split worker for `demand`, ready; None when no split fits now but the model could
+        fit on one device once room is made there (the spawner then makes room); raises the
+        split's refusal when neither can be (it says how much is missing, or how to turn on
+        splitting across hives)."""
+        try:
+            plan = self.plan(demand, exclude)
+        except InsufficientMemory as no_split:
+            if refused.retry_after_s is not None:
+                return None
+            raise no_split from None
+        return await self.start_plan(plan, demand.model, reason=reason)
+
+    async def start_plan(
+        self, plan: SplitPlan, model: str, *, reason: str, keep_alive_s: float | None = None
+    ) -> WorkerInfo:
+        spawner = self.spawner
+        if reason == "demand":
+            keep_alive_s = keep_alive_wire(spawner.keep_alive(model))
+        deadline_s = load_deadline_s(
+            spawner.timeout_s, spawner.timeout_per_gib_s, plan.needed_bytes
+        )
+        held = [spawner.reservations.hold(p.hive_id, p.device.id, p.bytes) for p in plan.parts]
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        spawner.loading[model] += 1
+        try:
+            spawned, ready = await start_split(
+                plan,
+                model,
+                {h.id: h for h in spawner.hives.all()},
+                lend=self.lend,
+                give_back=self.give_back,
+                spawn=spawner.spawn,
+                wait_ready=spawner.wait_ready,
+                stop=lambda pid: spawner.stop(plan.main, pid),
+                load_timeout_s=deadline_s,
+                keep_alive_s=keep_alive_s,
+            )
+        except BaseException as exc:
+            for reservation in held:
+                spawner.reservations.release(reservation)
+            if isinstance(exc, RbeeError):
+                spawner.on_result(
+                    model, "timeout" if exc.code == "worker_start_timeout" else "failed"
+                )
+                spawner.backoff.failed(model, plan.main.id, f"split start failed: {exc.message}")
+            raise
+        finally:
+            spawner.loading[model] -= 1
+            if spawner.loading[model] <= 0:
+                del spawner.loading[model]
+        for reservation in held:
+            spawner.reservations.started(reservation, spawned.worker_id)
+        seconds = loop.time() - began
+        spawner.on_result(model, "ready")
+        spawner.on_loaded(model, reason, seconds)
+        spawner.bus.publish(
+            "model",
+            {
+                "change": "loaded",
+                "model": model,
+                "worker_id": spawned.worker_id,
+                "hive_id": plan.main.id,
+                "helpers": list(plan.helpers),
+                "reason": reason,
+                "load_s": round(seconds, 3),
+                "keep_alive_s": keep_alive_s,
+            },
+        )
+        return ready
+
+
+async def give_back_helpers(
+    info: WorkerInfo, hives: Callable[[str], HiveView | None], give_back: ReturnFn
+) -> list[str]:
+    """Stop the RPC servers helper hives lend a split worker (it was stopped, evicted or
+    unloaded): their memory is free at once, not once they notice the worker is gone. Returns
+    the RPC servers stopped; a helper that is offline or already stopped its own is skipped."""
+    stopped = []
+    for hive_id in dict.fromkeys(p.hive_id for p in info.parts if p.hive_id != info.hive_id):
+        hive = hives(hive_id)
+        if hive is None or not hive.online:
+            continue
+        key = f"{info.id}@{hive_id}"
+        try:
+            await give_back(hive, key)
+        except Exception as exc:  # it stopped by itself already, or the hive is gone
+            log.info("RPC server %s was not stopped: %s", key, exc)
+        else:
+            stopped.append(key)
+    return stopped
