@@ -47,6 +47,7 @@ QUEEN_ACCESS: Mapping[str, Audience] = {
     "GET /v1/hives": CLUSTER,
     "GET /v1/heartbeats/stream": CLUSTER,
     "GET /v1/model-events": CLUSTER,
+    "GET /v1/dashboard/history": CLUSTER,
     "POST /v1/jobs": CLUSTER,
     "GET /v1/jobs/{job_id}": CLUSTER,
     "GET /v1/jobs/{job_id}/stream": CLUSTER,

@@ -25,6 +25,7 @@ from rbee.queen.api import observe as observe_api
 from rbee.queen.api import ollama as ollama_api
 from rbee.queen.api import openai as openai_api
 from rbee.queen.api import workers as workers_api
+from rbee.queen.history import history_loop
 from rbee.queen.idle import idle_loop
 from rbee.queen.live import stats_loop
 from rbee.queen.registry import ChangeKind, RegistryChange
@@ -123,6 +124,7 @@ def create_app(
             "key-usage": lambda: flush_usage_loop(state),
             "keep-alive": lambda: idle_loop(state.idle),
             "replicas": lambda: replica_loop(replicas),
+            "history": lambda: history_loop(state, app.state.history),
         }
         tasks = [
             asyncio.create_task(supervise(name, run, state.loop_errors), name=name)

@@ -49,6 +49,9 @@ class QueenSettings(DaemonSettings):
     stats_interval: Seconds = Field(
         2.0, description="how often the heartbeat stream sends live figures while it is watched"
     )
+    history_interval: Seconds = Field(
+        10.0, description="how often the dashboard's charts get a sample (the last hour is kept)"
+    )
     data_dir: Path = Field(
         DATA_DIR,
         description="where the queen keeps its database (API keys); a queen on another port "

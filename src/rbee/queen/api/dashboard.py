@@ -8,11 +8,15 @@ keeps the page to its own files and its own queen.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from rbee.queen.history import History
+from rbee.queen.state import get_state
 
 DASHBOARD_DIR = Path(__file__).resolve().parent.parent / "dashboard"
 SECURITY_HEADERS = {
@@ -34,6 +38,15 @@ async def dashboard() -> FileResponse:
     return FileResponse(DASHBOARD_DIR / "index.html", headers=SECURITY_HEADERS)
 
 
+@router.get("/v1/dashboard/history")
+async def history(request: Request) -> dict[str, Any]:
+    """The last hour of figures, one sample per `--history-interval`, oldest first: what the
+    page's charts start from, so a reload loses nothing."""
+    get_state(request)  # only a queen's app has this route
+    kept: History = request.app.state.history
+    return kept.view()
+
+
 class _Hardened:
     """Adds the page's security headers to every static file."""
 
@@ -52,5 +65,12 @@ class _Hardened:
 
 
 def install(app: FastAPI) -> None:
+    """The page, its files, and the history its charts read (sampled by `history_loop`)."""
+    app.state.history = History(get_settings_interval(app))
     app.include_router(router)
     app.mount("/dashboard", _Hardened(StaticFiles(directory=DASHBOARD_DIR)), name="dashboard")
+
+
+def get_settings_interval(app: FastAPI) -> float:
+    interval: float = app.state.queen.settings.history_interval
+    return interval

@@ -1,7 +1,10 @@
 "use strict";
-// The rbee dashboard. Everything on the page comes from the queen's live stream
+// The rbee dashboard. The cluster's state comes from the queen's live stream
 // (GET /v1/heartbeats/stream): a `summary` with the whole cluster at once and every few seconds,
 // `worker` and `hive` events as they happen, and `stats` (live figures) while the page watches.
+// The charts of the last hour come from the queen's own history (GET /v1/dashboard/history),
+// so a reload keeps them. Actions go through the queen's jobs (POST /v1/jobs), the playground
+// through its OpenAI API (POST /v1/chat/completions, streamed).
 //
 // EventSource cannot send an Authorization header, so the stream is read with fetch() and a
 // ReadableStream reader: the cluster token travels in the header, never in the URL. It is kept
@@ -19,6 +22,10 @@ const cluster = {
   models: [],
   workerTps: {},
   series: Object.fromEntries(STATS.map((name) => [name, []])),
+  history: null, // the queen's last hour
+  workerMemory: {},
+  openLogs: new Set(), // workers whose log tail is shown
+  logs: new Map(), // worker id -> text
 };
 
 const $ = (id) => document.getElementById(id);
@@ -41,8 +48,8 @@ function el(tag, attrs, ...children) {
 
 // ---- connection ---------------------------------------------------------------------------
 
-function authHeaders() {
-  const headers = { Accept: "text/event-stream" };
+function authHeaders(accept = "text/event-stream") {
+  const headers = { Accept: accept };
   const token = sessionStorage.getItem(TOKEN_KEY);
   if (token) headers.Authorization = `Bearer ${token}`;
   return headers;
@@ -109,6 +116,7 @@ async function connect() {
     $("login").hidden = true;
     $("board").hidden = false;
     reachable();
+    loadHistory();
     try {
       await readEvents(response.body, controller);
     } catch (error) {
@@ -256,26 +264,50 @@ function render() {
     if (entry.gone && now - entry.gone > KEEP_STOPPED_MS) cluster.workers.delete(id);
   }
   const workers = [...cluster.workers.values()].sort((a, b) => a.view.id.localeCompare(b.view.id));
-  fill(
-    "workers",
-    "no-workers",
-    workers.map((entry) => {
-      const w = entry.view;
-      const tps = cluster.workerTps[w.id];
-      return el(
+  const rows = [];
+  for (const entry of workers) {
+    const w = entry.view;
+    const tps = cluster.workerTps[w.id];
+    const memory = cluster.workerMemory[w.id];
+    const status = workerStatus(entry);
+    const logButton = el("button", { type: "button", class: "small", title: "the end of its log" }, cluster.openLogs.has(w.id) ? "hide log" : "log");
+    logButton.dataset.action = "log";
+    logButton.addEventListener("click", () => toggleLog(w.id));
+    const stopButton = el("button", { type: "button", class: "small danger", disabled: !!entry.gone }, "stop");
+    stopButton.dataset.action = "stop";
+    stopButton.addEventListener("click", () => {
+      if (confirm(`Stop worker ${w.id} (${w.model_id})?`)) runJob({ operation: "worker_stop", worker_id: w.id });
+    });
+    rows.push(
+      el(
         "tr",
         { "data-worker-id": w.id },
         el("td", {}, el("code", {}, w.id)),
-        el("td", {}, w.model_id),
-        statusCell(workerStatus(entry)),
-        el("td", { class: "load" }, `${w.in_flight} / ${w.slots}`),
-        el("td", {}, tps === undefined ? "–" : tps.toFixed(1)),
+        el("td", { class: "model" }, w.model_id),
+        statusCell(status),
+        el("td", { class: "ctx" }, w.ctx_size ? `${w.ctx_size.toLocaleString("en")} tokens` : "–"),
+        el("td", { class: "load" }, `${w.in_flight} / ${w.slots} slots`),
+        el("td", { class: "memory" }, memory === undefined ? "–" : formatBytes(memory)),
+        el("td", { class: "tps" }, tps === undefined ? "–" : tps.toFixed(1)),
+        el("td", {}, el("code", {}, w.device)),
         el("td", {}, el("code", {}, `${w.host}:${w.port}`)),
         el("td", {}, w.hive_id || "–"),
         el("td", {}, formatAge(age(entry))),
+        el("td", { class: "actions" }, logButton, " ", stopButton),
+      ),
+    );
+    if (cluster.openLogs.has(w.id)) {
+      const text = cluster.logs.get(w.id);
+      rows.push(
+        el(
+          "tr",
+          { class: "log-row", "data-log-of": w.id },
+          el("td", { colSpan: 12 }, el("pre", { class: "log" }, text === undefined ? "reading…" : text || "(empty)")),
+        ),
       );
-    }),
-  );
+    }
+  }
+  fill("workers", "no-workers", rows);
   const online = workers.filter((e) => !e.gone && e.view.online !== false).length;
   $("workers-count").textContent = `${online} online`;
 
@@ -330,6 +362,10 @@ function render() {
     }
   }
   const models = new Map(cluster.models.map((m) => [m.id, m.rbee.hives || []]));
+  const ids = [...new Set([...models.keys(), ...serving.keys()])].sort();
+  // The playground offers the models that are loaded first: they answer at once.
+  const loadedFirst = [...ids.filter((id) => serving.has(id)), ...ids.filter((id) => !serving.has(id))];
+  updatePickers(ids, loadedFirst, hives.map((e) => e.view.id));
   for (const id of serving.keys()) if (!models.has(id)) models.set(id, []);
   fill(
     "models",
@@ -338,6 +374,12 @@ function render() {
       .sort(([a], [b]) => a.localeCompare(b))
       .map(([id, hiveIds]) => {
         const count = serving.get(id) || 0;
+        const load = el("button", { type: "button", class: "small" }, "load");
+        load.dataset.action = "load";
+        load.addEventListener("click", () => runJob({ operation: "model_load", model: id }));
+        const unload = el("button", { type: "button", class: "small", disabled: !count }, "unload");
+        unload.dataset.action = "unload";
+        unload.addEventListener("click", () => runJob({ operation: "model_unload", model: id }));
         return el(
           "tr",
           { "data-model-id": id },
@@ -345,6 +387,7 @@ function render() {
           statusCell(count ? "loaded" : loading.has(id) ? "loading" : "available"),
           el("td", {}, String(count)),
           el("td", {}, hiveIds.join(", ") || "–"),
+          el("td", { class: "actions" }, load, " ", unload),
         );
       }),
   );
@@ -383,6 +426,255 @@ function drawChart(svg, series) {
   svg.replaceChildren(...shapes);
 }
 
+// ---- the last hour ------------------------------------------------------------------------
+
+async function loadHistory() {
+  clearTimeout(loadHistory.timer);
+  let next = 10000;
+  try {
+    const response = await fetch("/v1/dashboard/history", { headers: authHeaders("application/json"), cache: "no-store" });
+    if (response.ok) {
+      cluster.history = await response.json();
+      cluster.workerMemory = cluster.history.worker_memory_bytes || {};
+      next = Math.max(1000, cluster.history.interval_s * 1000);
+      drawHistory();
+      render();
+    }
+  } catch (error) {
+    // The stream's own loop reports a lost queen; the charts try again on their schedule.
+  }
+  loadHistory.timer = setTimeout(loadHistory, next);
+}
+
+function drawHistory() {
+  const h = cluster.history;
+  if (!h) return;
+  const samples = h.samples;
+  const end = samples.length ? Math.max(samples[samples.length - 1].t, Date.now() / 1000) : Date.now() / 1000;
+  // The whole hour once there is one; until then at least five minutes, so early samples
+  // are not crammed against the right edge.
+  const span = samples.length ? end - samples[0].t : 0;
+  const options = { window: Math.min(h.window_s, Math.max(300, span)), end, gap: h.interval_s * 3 };
+  const line = (name, key) => ({ name, points: samples.map((s) => [s.t, s[key]]) });
+  const { drawTimeChart } = window.rbeeCharts;
+  const rate = (v) => (v >= 100 ? v.toFixed(0) : v >= 10 ? v.toFixed(1) : v.toFixed(2));
+  drawTimeChart($("hist-tokens_per_s").querySelector("svg"), [line("tokens/s", "tokens_per_s")], { ...options, format: rate });
+  drawTimeChart($("hist-requests_per_s").querySelector("svg"), [line("requests/s", "requests_per_s")], { ...options, format: rate });
+  drawTimeChart($("hist-queue").querySelector("svg"), [line("queued", "queue"), line("in flight", "in_flight")], { ...options, format: (v) => v.toFixed(v % 1 ? 1 : 0) });
+  const devices = [...new Set(samples.flatMap((s) => Object.keys(s.memory_bytes || {})))].sort();
+  drawTimeChart(
+    $("hist-memory").querySelector("svg"),
+    devices.map((d) => ({ name: d, points: samples.map((s) => [s.t, (s.memory_bytes || {})[d] ?? null]) })),
+    { ...options, legend: true, format: (v) => (v ? formatBytes(v) : "0") },
+  );
+  const minutes = samples.length ? Math.round((end - samples[0].t) / 60) : 0;
+  $("history-note").textContent = `(${samples.length} samples, one every ${h.interval_s} s, ${minutes} min kept by the queen)`;
+}
+
+// ---- worker logs --------------------------------------------------------------------------
+
+async function fetchLog(id) {
+  try {
+    const response = await fetch(`/v1/workers/${encodeURIComponent(id)}/log?lines=40`, { headers: authHeaders("text/plain"), cache: "no-store" });
+    cluster.logs.set(id, response.ok ? await response.text() : `(no log: HTTP ${response.status})`);
+  } catch (error) {
+    cluster.logs.set(id, "(the queen did not answer)");
+  }
+  render();
+}
+
+function toggleLog(id) {
+  if (cluster.openLogs.has(id)) cluster.openLogs.delete(id);
+  else {
+    cluster.openLogs.add(id);
+    fetchLog(id);
+  }
+  render();
+}
+
+setInterval(() => cluster.openLogs.forEach((id) => fetchLog(id)), 5000);
+
+// ---- actions: the queen's jobs ------------------------------------------------------------
+
+function describe(request) {
+  const what = request.model || request.worker_id;
+  return `${request.operation.replace("_", " ")} ${what}`;
+}
+
+async function runJob(request) {
+  const item = el("li", { class: "job", "data-operation": request.operation, "data-state": "running" }, el("strong", {}, describe(request)), " ", el("span", { class: "job-message" }, "starting…"));
+  $("jobs").prepend(item);
+  $("no-jobs").hidden = true;
+  const say = (text, state) => {
+    item.querySelector(".job-message").textContent = text;
+    if (state) item.dataset.state = state;
+  };
+  try {
+    const headers = { ...authHeaders("application/json"), "Content-Type": "application/json" };
+    const created = await fetch("/v1/jobs", { method: "POST", headers, body: JSON.stringify(request) });
+    const body = await created.json().catch(() => ({}));
+    if (!created.ok) {
+      say(body.error?.message || body.detail || `HTTP ${created.status}`, "error");
+      return;
+    }
+    const stream = await fetch(body.sse_url, { headers: authHeaders(), cache: "no-store" });
+    await readSse(stream.body, (name, data) => {
+      const event = JSON.parse(data);
+      if (event.type === "done") say(event.message || "done", "done");
+      else if (event.type === "error") say(event.message || "failed", "error");
+      else if (event.message) say(event.message);
+    });
+    if (item.dataset.state === "running") say("the job's stream ended without a result", "error");
+  } catch (error) {
+    say(`failed: ${error}`, "error");
+  }
+}
+
+// Reads a text/event-stream body, calling onEvent(name, data) per event.
+async function readSse(body, onEvent, signal) {
+  const reader = body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    if (signal && signal.aborted) return;
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, { stream: true }).replace(/\r\n?/g, "\n");
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      let name = "message";
+      const data = [];
+      for (const line of block.split("\n")) {
+        if (line.startsWith("event:")) name = line.slice(6).trim();
+        else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
+      }
+      if (data.length) onEvent(name, data.join("\n"));
+    }
+  }
+}
+
+function setOptions(select, values, keep) {
+  const current = select.value;
+  const wanted = [...keep, ...values];
+  const have = [...select.options].map((o) => o.value);
+  if (have.join("\n") === wanted.join("\n")) return;
+  select.replaceChildren(...wanted.map((v) => el("option", { value: v }, v || "any")));
+  if (wanted.includes(current) && select.dataset.chosen) select.value = current;
+}
+
+function updatePickers(models, chatModels, hives) {
+  setOptions($("chat-model"), chatModels, []);
+  setOptions($("spawn-hive"), hives, [""]);
+  const list = $("model-ids");
+  if ([...list.options].map((o) => o.value).join("\n") !== models.join("\n")) {
+    list.replaceChildren(...models.map((m) => el("option", { value: m })));
+  }
+}
+
+$("spawn").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const request = { operation: "worker_spawn", model: $("spawn-model").value.trim() };
+  if ($("spawn-hive").value) request.hive_id = $("spawn-hive").value;
+  if ($("spawn-ctx").value) request.ctx_size = Number($("spawn-ctx").value);
+  if ($("spawn-slots").value) request.slots = Number($("spawn-slots").value);
+  runJob(request);
+});
+
+// ---- the playground -----------------------------------------------------------------------
+
+const chat = { messages: [], controller: null };
+
+function chatBubble(role, text) {
+  const bubble = el("div", { class: `msg msg-${role}` }, el("span", { class: "who" }, role), el("div", { class: "text" }, text));
+  $("chat-log").append(bubble);
+  return bubble.querySelector(".text");
+}
+
+$("chat").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const prompt = $("chat-prompt").value.trim();
+  const model = $("chat-model").value;
+  if (!prompt || !model || chat.controller) return;
+  $("chat-prompt").value = "";
+  chat.messages.push({ role: "user", content: prompt });
+  chatBubble("user", prompt);
+  const out = chatBubble("assistant", "");
+  out.parentElement.dataset.state = "streaming";
+  const system = $("chat-system").value.trim();
+  const body = {
+    model,
+    messages: system ? [{ role: "system", content: system }, ...chat.messages] : chat.messages,
+    stream: true,
+    max_tokens: Number($("chat-max").value) || 256,
+    temperature: Number($("chat-temp").value),
+    stream_options: { include_usage: true },
+  };
+  chat.controller = new AbortController();
+  $("chat-send").disabled = true;
+  $("chat-stop").disabled = false;
+  const started = performance.now();
+  let first = null;
+  let chunks = 0;
+  let usage = null;
+  let text = "";
+  try {
+    const headers = { ...authHeaders(), "Content-Type": "application/json" };
+    const response = await fetch("/v1/chat/completions", { method: "POST", headers, body: JSON.stringify(body), signal: chat.controller.signal });
+    if (!response.ok) {
+      const error = await response.json().catch(() => ({}));
+      throw new Error(error.error?.message || `HTTP ${response.status}`);
+    }
+    await readSse(response.body, (name, data) => {
+      if (data === "[DONE]") return;
+      const chunk = JSON.parse(data);
+      if (chunk.usage) usage = chunk.usage;
+      const delta = chunk.choices?.[0]?.delta?.content;
+      if (delta) {
+        if (first === null) first = performance.now();
+        chunks += 1;
+        text += delta;
+        out.textContent = text;
+        $("chat-stats").textContent = `${chunks} tokens…`;
+      }
+    }, chat.controller.signal);
+    chat.messages.push({ role: "assistant", content: text });
+    const tokens = usage?.completion_tokens ?? chunks;
+    const seconds = (performance.now() - (first ?? started)) / 1000;
+    const ttft = first === null ? "–" : formatSeconds((first - started) / 1000);
+    $("chat-stats").textContent = `${tokens} tokens, ${seconds > 0 ? (tokens / seconds).toFixed(1) : "–"} tokens/s, first token after ${ttft}`;
+    out.parentElement.dataset.state = "done";
+  } catch (error) {
+    out.parentElement.dataset.state = "error";
+    if (error.name === "AbortError") {
+      chat.messages.push({ role: "assistant", content: text });
+      $("chat-stats").textContent = "stopped";
+    } else {
+      out.textContent = `${text}\n[${error.message}]`;
+      chat.messages.pop();
+    }
+  } finally {
+    chat.controller = null;
+    $("chat-send").disabled = false;
+    $("chat-stop").disabled = true;
+  }
+});
+
+$("chat-stop").addEventListener("click", () => chat.controller && chat.controller.abort());
+$("chat-clear").addEventListener("click", () => {
+  chat.messages = [];
+  $("chat-log").replaceChildren();
+  $("chat-stats").textContent = "";
+});
+$("chat-prompt").addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey) {
+    event.preventDefault();
+    $("chat").requestSubmit();
+  }
+});
+window.addEventListener("resize", drawHistory);
+
 // ---- start --------------------------------------------------------------------------------
 
 $("login").addEventListener("submit", (event) => {
@@ -398,3 +690,6 @@ $("login").addEventListener("submit", (event) => {
 $("queen-url").textContent = location.origin;
 setInterval(render, 1000); // ages tick on the page; nothing is fetched
 connect();
+for (const id of ["chat-model", "spawn-hive"]) {
+  $(id).addEventListener("change", () => ($(id).dataset.chosen = "yes")); // the user's choice stays
+}
