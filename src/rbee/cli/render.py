@@ -59,6 +59,19 @@ def context_text(worker: WorkerView) -> str:
     return f"{worker.ctx_size} tokens x {slots}" if worker.ctx_size else slots
 
 
+def worker_hives(worker: WorkerView) -> str:
+    """`h1+h2`: the hives a worker runs on, its own first (several for a split worker)."""
+    hives = dict.fromkeys([worker.hive_id or "-", *(p.hive_id for p in worker.parts)])
+    return "+".join(hives)
+
+
+def worker_devices(worker: WorkerView) -> str:
+    """`cpu:0`; for a split worker each part: `h1:cpu:0 58.2 MB + h2:cpu:0 41.1 MB`."""
+    if not worker.parts:
+        return worker.device
+    return " + ".join(f"{p.hive_id}:{p.device} {human_bytes(p.bytes)}" for p in worker.parts)
+
+
 def workers_table(workers: Sequence[WorkerView]) -> Table:
     table = _table(
         "WORKER", "MODEL", "STATUS", "LOAD", "CONTEXT", "ADDRESS", "HIVE", "DEVICE", "LAST SEEN"
@@ -71,8 +84,8 @@ def workers_table(workers: Sequence[WorkerView]) -> Table:
             f"{w.in_flight}/{w.slots}",
             str(w.ctx_size or "-"),
             worker_address(w),
-            w.hive_id or "-",
-            w.device,
+            worker_hives(w),
+            worker_devices(w),
             ago(w.last_seen_s),
         )
     return table
