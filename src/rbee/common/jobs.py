@@ -112,7 +112,9 @@ class Jobs:
             self._end(job, "cancelled", _cancelled())
             raise
         except RbeeError as exc:
-            self._end(job, "error", JobEvent(type="error", message=exc.message, code=exc.code))
+            details = exc.fields or None
+            event = JobEvent(type="error", message=exc.message, code=exc.code, details=details)
+            self._end(job, "error", event)
         except Exception as exc:
             log.exception("job %s (%s) failed", job.id, job.operation)
             self._end(job, "error", JobEvent(type="error", message=str(exc) or repr(exc)))

@@ -130,6 +130,11 @@ class JobEvent(BaseModel):
     bytes_total: int | None = None
     result: dict[str, Any] | None = None
     code: str | None = Field(None, description="why an `error` event ended the job, e.g. cancelled")
+    details: dict[str, Any] | None = Field(
+        None,
+        description="an `error`'s fields for programs, as in the HTTP error body: e.g. "
+        "needed_bytes and largest_free_bytes of insufficient_memory",
+    )
 
     @property
     def final(self) -> bool:

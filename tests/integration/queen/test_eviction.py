@@ -287,6 +287,13 @@ async def test_a_pinned_worker_is_never_evicted(one: MemoryCluster) -> None:
     events = (await one.client.get(created.json()["sse_url"])).text
     assert '"type":"done"' in events.replace(" ", ""), events
     one.clock.advance(3600)
+    job = {"operation": "worker_spawn", "model": "b"}
+    created = await one.client.post("/v1/jobs", json=job)
+    events = (await one.client.get(created.json()["sse_url"])).text
+    error = json.loads(next(line[5:] for line in events.splitlines() if '"error"' in line))
+    assert error["code"] == "insufficient_memory"
+    assert error["details"]["needed_bytes"] == NEED, "a program can read the numbers"
+    assert error["details"]["largest_free_bytes"] < NEED
     refused = await one.chat("b")
     assert refused.status_code == 503, refused.text
     assert refused.json()["error"]["code"] == "insufficient_memory"
