@@ -377,6 +377,8 @@ async def test_models_lists_loaded_and_startable(cluster: Cluster) -> None:
         "queued": 0,
         "max_replicas": None,  # as many as fit
         "min_replicas": 0,
+        "apis": ["chat.completions", "completions", "messages", "responses"],
+        "worker_contexts": [{"worker_id": "w1", "hive_id": None, "ctx_size": None, "slots": 1}],
     }
     assert by_id["cold"] == {
         "state": "available",
@@ -391,6 +393,9 @@ async def test_models_lists_loaded_and_startable(cluster: Cluster) -> None:
         "queued": 0,
         "max_replicas": None,
         "min_replicas": 0,
+        # Not loaded: it could be started for any of them.
+        "apis": ["chat.completions", "completions", "messages", "responses", "embeddings"],
+        "worker_contexts": [],
     }
 
 
@@ -452,6 +457,9 @@ async def test_embeddings_for_a_model_a_hive_has_start_an_embedding_worker(
             "kv_cache_type": "auto",
             "keep_alive_s": 300.0,  # started on demand: the queen's default keep-alive
             "load_timeout_s": 5.0,  # the base of the load deadline: no footprint known
+            "rpc_tunnels": [],  # on one device, not split over hives
+            "tensor_split": [],
+            "parts": [],
         }
     ]
     assert {a.headers["x-rbee-worker-id"] for a in answers} == {"spawned-1"}
