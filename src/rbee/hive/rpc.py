@@ -144,9 +144,17 @@ class RpcServers:
     def listed(self) -> list[RpcServerInfo]:
         return [info for info, _ in self._found()]
 
-    def memory_held(self) -> int:
-        """What the RPC servers of this hive hold: their share of the hive's memory limit."""
-        return sum(max(info.memory_bytes, info.bytes) for info in self.listed())
+    def memory_held(self) -> tuple[int, frozenset[int]]:
+        """What the RPC servers of this hive hold, their share of its `--memory-limit`: RAM
+        (resident, or the bytes the queen's plan gave them while they still receive them), and
+        the pids of their processes (for what they hold on GPUs)."""
+        ram, pids = 0, set()
+        for info, proc in self._found():
+            ram += max(info.memory_bytes, info.bytes)
+            pids.add(info.pid)
+            with contextlib.suppress(psutil.Error):
+                pids.update(child.pid for child in proc.children(recursive=True))
+        return ram, frozenset(pids)
 
     def command(
         self, rpc_id: str, request: RpcServerRequest, port: int, connect_timeout_s: float

@@ -13,6 +13,7 @@ from rbee.hive.catalog import Catalog
 from rbee.hive.devices import DeviceProbe, within_limit
 from rbee.hive.downloads import Downloader
 from rbee.hive.footprints import FootprintCache
+from rbee.hive.rpc import RpcServers
 from rbee.hive.settings import HiveSettings
 from rbee.hive.supervisor import Supervisor
 
@@ -29,6 +30,7 @@ class HiveState:
     # Set when what the queen should know changed (a model arrived or left, a worker started
     # and took memory): beat now.
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    rpc_servers: RpcServers | None = None  # the devices it lends split workers (`rbee.hive.rpc`)
 
     def current_devices(self) -> list[Device]:
         """The devices with their free memory now, within `--memory-limit` if one is set: what
@@ -38,6 +40,9 @@ class HiveState:
         if limit is None:
             return devices
         ram, pids = self.supervisor.memory_held()
+        if self.rpc_servers is not None:  # what it lends split workers counts too
+            lent, their = self.rpc_servers.memory_held()
+            ram, pids = ram + lent, pids | their
         return within_limit(devices, limit, ram, self.devices.gpu_memory_of(pids))
 
 

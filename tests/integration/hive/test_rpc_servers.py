@@ -89,9 +89,9 @@ async def test_the_rpc_server_answers_only_through_the_tunnel_and_stops_on_reque
             await wait_gone(info.pid, engine.pid)  # the RPC server went with it
             assert await hive.client.rpc_servers() == []
         finally:
-            for proc in (psutil.Process(info.pid), engine):
+            for pid in (info.pid, engine.pid):
                 with contextlib.suppress(psutil.NoSuchProcess):
-                    proc.kill()
+                    psutil.Process(pid).kill()
 
 
 async def test_a_dead_rpc_server_takes_its_tunnel_with_it(make_hive: HiveFactory) -> None:
@@ -133,3 +133,24 @@ async def servers_stop_all(hive: Hive) -> None:
     for info in await hive.client.rpc_servers():
         with contextlib.suppress(Exception):
             await hive.client.stop_rpc_server(str(info.pid))
+
+
+async def test_what_an_rpc_server_is_given_counts_against_the_memory_limit(
+    make_hive: HiveFactory,
+) -> None:
+    gib = 1 << 30
+    async with make_hive(token=TOKEN, memory_limit=4 * gib) as hive:
+
+        async def cpu_free() -> int:
+            caps = await hive.client.capabilities()
+            return next(d for d in caps.devices if d.kind == "cpu").memory_free_bytes
+
+        before = await cpu_free()
+        info = await hive.client.start_rpc_server(RpcServerRequest(worker_id="w6", bytes=gib))
+        try:
+            # Its share of the model is the hive's no more: placement sees 1 GiB less room.
+            assert await cpu_free() <= before - gib
+        finally:
+            await hive.client.stop_rpc_server(info.rpc_id)
+        await wait_gone(info.pid)
+        assert await cpu_free() > before - gib

@@ -21,6 +21,7 @@ def servers(app: FastAPI) -> RpcServers:
     if found is None:
         found = RpcServers(app.state.hive.settings)
         app.state.rpc_servers = found
+        app.state.hive.rpc_servers = found  # its memory counts against --memory-limit
     return found
 
 
