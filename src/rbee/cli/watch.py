@@ -37,13 +37,27 @@ class LiveCluster:
         self.problem: str | None = None
 
     def shape(self) -> tuple[object, ...]:
-        """What a person would call a change: who is there, their status and load."""
+        """What a person would call a change: who is there, their status and load, and the live
+        figures as the view shows them (so that a frame into a pipe follows tokens/s while an
+        answer runs, not only when a worker's load changes)."""
+        s = self.stats
+        figures = (
+            (
+                f"{s.get('requests_per_s', 0):.2f}",
+                f"{s.get('tokens_per_s', 0):.1f}",
+                s.get("queue", 0),
+                s.get("in_flight", 0),
+            )
+            if s
+            else None
+        )
         return (
             tuple(
                 sorted((w.id, w.status, w.online, w.in_flight) for w, _ in self.workers.values())
             ),
             tuple(sorted((h.id, h.online, len(h.models)) for h, _ in self.hives.values())),
             self.problem,
+            figures,
         )
 
     def apply(self, event: str, data: dict[str, Any]) -> bool:

@@ -200,7 +200,11 @@ def invoker(transport: Callable[[], httpx.AsyncBaseTransport]) -> Invoke:
 
     app = build_app(make_client)
     # Wide enough that tables do not wrap; no colour codes in what the tests read.
-    runner = CliRunner(env={"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"})
+    # An empty state directory: no cluster that `rbee up` runs on this machine is found.
+    state = "/nonexistent/rbee-test-state"
+    runner = CliRunner(
+        env={"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb", "RBEE_STATE_DIR": state}
+    )
 
     def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
         return runner.invoke(app, list(args), env=env)

@@ -47,6 +47,9 @@ def test_events_change_what_is_shown_and_ages_tick_on() -> None:
     assert "42s ago" in text(view)
     assert view.apply("worker", {"state": "busy", "worker_id": "w-1", "worker": worker("busy")})
     assert "busy" in text(view)
+    # New live figures are a change (a frame into a pipe follows tokens/s while an answer
+    # runs); the same figures again are not.
+    assert view.apply("stats", {"requests_per_s": 2.5, "ttft_s": 0.12, "tokens_per_s": 40})
     assert not view.apply("stats", {"requests_per_s": 2.5, "ttft_s": 0.12, "tokens_per_s": 40})
     shown = text(view)
     assert "2.50 req/s" in shown
