@@ -185,6 +185,8 @@ def test_an_api_key_reaches_only_inference_on_the_queen() -> None:
         "POST /v1/messages/count_tokens",
         "POST /v1/responses",
         "POST /v1/responses/input_tokens",
+        "POST /v1/rerank",  # a reranker model's workers (issue 25)
+        "POST /v1/reranking",
         # Ollama's API (issue 25)
         "GET /api/tags",
         "GET /api/ps",

@@ -8,8 +8,14 @@ from __future__ import annotations
 CHAT_APIS = ("chat.completions", "completions", "messages", "responses")
 # Its workers started for embeddings answer /v1/embeddings.
 EMBEDDING_APIS = ("embeddings",)
+# Its workers started for reranking (a reranker model) answer /v1/rerank (and /v1/reranking).
+RERANK_APIS = ("rerank",)
 
 
-def served_apis(*, chat: bool, embedding: bool) -> list[str]:
-    """The APIs of a model with chat workers and/or embedding workers."""
-    return [*(CHAT_APIS if chat else ()), *(EMBEDDING_APIS if embedding else ())]
+def served_apis(*, chat: bool, embedding: bool, rerank: bool = False) -> list[str]:
+    """The APIs of a model with chat workers, embedding workers and/or reranking workers."""
+    return [
+        *(CHAT_APIS if chat else ()),
+        *(EMBEDDING_APIS if embedding else ()),
+        *(RERANK_APIS if rerank else ()),
+    ]

@@ -146,6 +146,8 @@ class WorkerInfo(BaseModel):
     in_flight: Annotated[int, Field(ge=0)] = 0
     # Serves `/v1/embeddings` for its model, not chat and completions; the queen routes by it.
     embedding: bool = False
+    # Also serves `/v1/rerank`: an embedding worker whose model pools by rank (a reranker).
+    rerank: bool = False
     # How long it stays loaded once idle before the queen unloads it (--keep-alive); None:
     # pinned, never unloaded for idleness. Carried here so that a restarted queen knows it.
     keep_alive_s: Annotated[float, Field(ge=0)] | None = None

@@ -30,11 +30,17 @@ log = logging.getLogger("rbee.queen.live")
 WORKER_SCRAPE_TIMEOUT_S = 1.0
 
 
-def apis_of(workers: int, embedding_workers: int) -> list[str]:
-    """A loaded model's APIs are its workers'; one not loaded yet may be started for any."""
+def apis_of(workers: int, embedding_workers: int, rerank_workers: int = 0) -> list[str]:
+    """A loaded model's APIs are its workers'; one not loaded yet may be started for any (but
+    reranking, which needs a reranker model: known once one of its workers says so). A
+    reranker's workers are embedding workers that rerank instead."""
     if not workers:
         return served_apis(chat=True, embedding=True)
-    return served_apis(chat=workers > embedding_workers, embedding=embedding_workers > 0)
+    return served_apis(
+        chat=workers > embedding_workers,
+        embedding=embedding_workers > rerank_workers,
+        rerank=rerank_workers > 0,
+    )
 
 
 def model_entries(state: QueenState) -> list[dict[str, Any]]:
@@ -44,6 +50,7 @@ def model_entries(state: QueenState) -> list[dict[str, Any]]:
     now = state.registry.now()
     workers: Counter[str] = Counter()
     embedding: Counter[str] = Counter()
+    rerank: Counter[str] = Counter()
     loading = set(state.spawner.loading)
     contexts: dict[str, list[WorkerContext]] = {}
     for record in state.registry.records():
@@ -61,6 +68,7 @@ def model_entries(state: QueenState) -> list[dict[str, Any]]:
             )
             workers[record.info.model_id] += 1
             embedding[record.info.model_id] += record.info.embedding
+            rerank[record.info.model_id] += record.info.rerank
         elif record.info.status is WorkerStatus.STARTING:
             loading.add(record.info.model_id)
     idle: dict[str, list[IdleSnapshot]] = {}
@@ -84,7 +92,7 @@ def model_entries(state: QueenState) -> list[dict[str, Any]]:
                 workers=workers[model],
                 embedding_workers=embedding[model],
                 hives=sorted(hives.get(model, [])),
-                apis=apis_of(workers[model], embedding[model]),
+                apis=apis_of(workers[model], embedding[model], rerank[model]),
                 backoff=backoff_of(state, model),
                 queued=queued.get(model, 0),
                 max_replicas=state.settings.max_replicas_of(model),

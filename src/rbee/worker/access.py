@@ -23,6 +23,8 @@ WORKER_ACCESS: Mapping[str, Audience] = {
     "POST /v1/messages/count_tokens": CLUSTER,
     "POST /v1/responses": CLUSTER,
     "POST /v1/responses/input_tokens": CLUSTER,
+    "POST /v1/rerank": CLUSTER,
+    "POST /v1/reranking": CLUSTER,
     # Prometheus scrapes with the cluster token as its bearer token.
     "GET /metrics": CLUSTER,
 }

@@ -26,7 +26,7 @@ from rbee.common.serve import daemon_app
 from rbee.contracts.workers import WorkerPart, WorkerStatus
 from rbee.worker.access import WORKER_ACCESS
 from rbee.worker.api import openai as openai_api
-from rbee.worker.api import passthrough
+from rbee.worker.api import passthrough, rerank
 from rbee.worker.engines.base import Engine, EngineError, EngineHost
 from rbee.worker.engines.llama_process import LlamaServer, ServerConfig
 from rbee.worker.engines.llama_server import LlamaServerEngine
@@ -72,7 +72,8 @@ def identity_from(settings: WorkerSettings) -> Identity:
         scheme=settings.scheme,
         hive_id=settings.hive_id,
         slots=settings.slots,
-        embedding=settings.embedding,
+        embedding=settings.embedding or settings.rerank,
+        rerank=settings.rerank,
         keep_alive_s=settings.keep_alive,
         ctx_size=settings.ctx_size,
         parts=tuple(WorkerPart.model_validate(p) for p in json.loads(settings.parts or "[]")),
@@ -93,7 +94,8 @@ def llama_server(settings: WorkerSettings, *, pooled: bool = True) -> LlamaServe
         slots=settings.slots,
         threads=settings.threads or default_threads(),
         passive_wait=settings.wait_policy == "passive",
-        embedding=settings.embedding,
+        embedding=settings.embedding or settings.rerank,
+        rerank=settings.rerank,
         kv_cache_type=kv_cache_type(settings),
         pooled=pooled,
         binary=settings.llama_server,
@@ -192,6 +194,7 @@ def create_app(
 
     app.include_router(openai_api.router)
     app.include_router(passthrough.router)  # Anthropic Messages, OpenAI Responses
+    app.include_router(rerank.router)  # /v1/rerank, on a worker of a reranker model
     app.include_router(metrics_router(runtime.metrics.registry))
     install_gate(app, WORKER_ACCESS, token=settings.token, allowed_hosts=settings.allowed_host)
     return app

@@ -26,6 +26,15 @@ async def embed(runtime: WorkerRuntime, request: EmbeddingRequest) -> EmbeddingL
             param="model",
         )
 
+    if runtime.identity.rerank:
+        # A reranker's pooled vector is its relevance score, not an embedding.
+        raise BadRequest(
+            f"this worker serves {runtime.model_id!r}, a reranker: it scores documents on "
+            "POST /v1/rerank and makes no embeddings",
+            code="model_not_embedding",
+            param="model",
+        )
+
     async def work(engine: Engine) -> Embeddings:
         return await engine.embed(check_embedding(request, engine.embedding_size))
 

@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> None:
         facts = read_model_facts(resolve_model(settings.model))
     except EngineError as exc:
         fail(PROG, str(exc))
+    if facts.reranker and not settings.rerank:
+        # The file pools by rank: a reranker, served on /v1/rerank (an embedding worker too).
+        settings = settings.model_copy(update={"rerank": True})
     if facts.embedding_model and not settings.embedding:
         # The file says it makes embeddings (an encoder, or a pooling of its own).
         settings = settings.model_copy(update={"embedding": True})

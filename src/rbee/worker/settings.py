@@ -62,6 +62,12 @@ class WorkerSettings(DaemonSettings):
         description="serve POST /v1/embeddings instead of chat and completions (a model whose "
         "file says it is an embedding model is served so without this flag)",
     )
+    rerank: CliImplicitFlag[bool] = Field(
+        False,
+        description="serve POST /v1/rerank (llama-server --reranking; implies --embedding). A "
+        "model whose file says it is a reranker (pooling type rank) is served so without this "
+        "flag",
+    )
     ctx_size: int = Field(DEFAULT_CTX_SIZE, ge=16, description="context window per slot, in tokens")
     kv_cache_type: KvCacheType = Field(
         "auto",

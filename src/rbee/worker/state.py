@@ -20,6 +20,8 @@ class Identity:
     slots: int
     # Serves embeddings, not chat and completions.
     embedding: bool = False
+    # Serves /v1/rerank (its model pools by rank); an embedding worker too.
+    rerank: bool = False
     scheme: str = "http"
     keep_alive_s: float | None = None  # None: pinned
     ctx_size: int | None = None  # tokens of context per slot
@@ -81,6 +83,7 @@ class WorkerStatusBoard:
             ctx_size=i.ctx_size,
             in_flight=self.in_flight,
             embedding=i.embedding,
+            rerank=i.rerank,
             keep_alive_s=i.keep_alive_s,
             parts=list(i.parts),
         )

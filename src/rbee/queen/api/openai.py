@@ -11,6 +11,7 @@ from starlette.routing import Route
 
 from rbee.common.errors import NotFound, quote
 from rbee.queen.api import anthropic as anthropic_api
+from rbee.queen.api import rerank as rerank_api
 from rbee.queen.live import model_entries
 from rbee.queen.state import QueenState, get_state
 
@@ -39,8 +40,9 @@ async def get_model(model_id: str, state: State) -> dict[str, Any]:
     )
 
 
-# Path → whether it goes to embedding workers.
+# Path → whether it goes to embedding workers (rerank: a reranker's workers are embedding ones).
 PROXIED_PATHS = {"/v1/chat/completions": False, "/v1/completions": False, "/v1/embeddings": True}
+PROXIED_PATHS.update(dict.fromkeys(rerank_api.PATHS, True))
 
 
 def proxy_routes() -> list[Route]:
@@ -56,6 +58,8 @@ def proxy_routes() -> list[Route]:
     def endpoint(path: str, embedding: bool) -> Callable[[Request], Awaitable[Response]]:
         async def forward(request: Request) -> Response:
             state: QueenState = request.app.state.queen
+            if path in rerank_api.PATHS:
+                await rerank_api.check(state, request)
             return await state.proxy.forward(request, path, embedding=embedding)
 
         return forward

@@ -11,6 +11,7 @@ from rbee.common.model_memory import Q8_0_BLOCK
 from rbee.worker.engines.base import EngineError
 
 GGUF_MAGIC = b"GGUF"
+POOLING_RANK = 4  # llama.cpp's LLAMA_POOLING_TYPE_RANK
 
 # Architectures that only encode text: they make embeddings and cannot generate.
 ENCODER_ARCHITECTURES = frozenset(
@@ -57,6 +58,11 @@ class ModelFacts:
     @property
     def embedding_model(self) -> bool:
         return self.architecture in ENCODER_ARCHITECTURES or bool(self.pooling)
+
+    @property
+    def reranker(self) -> bool:
+        """The file pools by rank: a reranker, which scores (query, document) pairs."""
+        return self.pooling == POOLING_RANK
 
     @property
     def quantizable_kv(self) -> bool:

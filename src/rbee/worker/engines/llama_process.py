@@ -61,6 +61,8 @@ class ServerConfig:
     threads: int
     passive_wait: bool = False
     embedding: bool = False
+    # Reranking (`--reranking`: embeddings pooled by rank, and llama.cpp's /v1/rerank).
+    rerank: bool = False
     kv_cache_type: str = "f16"
     pooled: bool = True  # the file names a pooling of its own (embedding models do)
     binary: str = SERVER_BINARY
@@ -109,6 +111,9 @@ class ServerConfig:
             args += ["--ubatch-size", str(self.ctx_size)]
             if not self.pooled:
                 args += ["--pooling", "mean"]
+        if self.rerank:
+            # llama.cpp serves /v1/rerank only when told so, even for a file that pools by rank.
+            args += ["--reranking"]
         return args
 
     def env(self, api_key: str) -> dict[str, str]:
