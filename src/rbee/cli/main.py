@@ -12,6 +12,7 @@ from rich.console import Console
 from rbee import __version__
 from rbee.cli import state
 from rbee.cli.commands import daemons, down, infer, keys, load, models, status, up, workers
+from rbee.cli.commands import doctor as doctor_command
 from rbee.cli.context import Cli, ClientFactory, default_client
 from rbee.cli.urls import check_queen_url
 from rbee.clients.queen import DEFAULT_QUEEN_URL
@@ -110,6 +111,7 @@ def build_app(make_client: ClientFactory = default_client) -> typer.Typer:
         )
 
     up.register(app)
+    doctor_command.register(app)
     down.register(app)
     status.register(app)
     infer.register(app)

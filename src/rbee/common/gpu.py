@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import pynvml
 
+from rbee.common.engine_build import cached_llama_server
 from rbee.contracts.workers import DEVICE_PATTERN
 
 DeviceKind = Literal["cpu", "cuda", "metal"]
@@ -70,9 +71,13 @@ _METAL_SIGNS = re.compile(r"^\s*(MTL\d*|Metal)\s*:|ggml_metal", re.M)
 
 
 def default_llama_server() -> str:
-    """The `llama-server` that ./dev installs next to the interpreter, else whatever PATH finds."""
+    """The `llama-server` that ./dev installs next to the interpreter, else the one built on
+    first use into the cache (a pip install), else whatever PATH finds."""
     candidate = Path(sys.executable).parent / SERVER_BINARY
-    return str(candidate) if candidate.exists() else SERVER_BINARY
+    if candidate.exists():
+        return str(candidate)
+    cached = cached_llama_server()
+    return str(cached) if cached is not None else SERVER_BINARY
 
 
 def gpu_backend_of(list_devices: str) -> GpuBackend | None:

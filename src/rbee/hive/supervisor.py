@@ -59,6 +59,7 @@ LOG_TAIL_MAX_BYTES = 4 * 1024 * 1024  # `rbee worker logs` reads at most this mu
 WORKER_ENV_NAMES = frozenset(
     {"PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "PYTHONPATH"}
     | {"VIRTUAL_ENV", "LD_LIBRARY_PATH", "SSL_CERT_FILE", "SSL_CERT_DIR"}
+    | {"RBEE_LLAMA_CACHE", "CMAKE_ARGS"}  # where a pip install's llama-server is (engine_build)
 )
 # RBEE_TEST_: the marks the test suite gives every process it starts, so that its check for
 # leftover processes sees the workers a hive started too.

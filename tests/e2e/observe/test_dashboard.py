@@ -87,7 +87,7 @@ def test_live_workers_with_a_token(browser: Any, empty_cluster: Cluster) -> None
     )
     row = page.inner_text(f'tr[data-worker-id="{worker_id}"]')
     assert f"127.0.0.1:{spawned['port']}" in row
-    assert "0 / 1" in row
+    assert f"0 / {cluster.workers()[0]['slots']} slots" in row
     page.wait_for_selector('tr[data-model-id] td.status[data-status="loaded"]', timeout=10_000)
 
     # Traffic moves the live figures.

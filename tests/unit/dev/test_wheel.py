@@ -22,4 +22,7 @@ def test_the_wheel_leaves_the_test_helpers_out(tmp_path: Path) -> None:
     [wheel] = tmp_path.glob("rbee-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "rbee/queen/app.py" in names
+    # What a pip install needs to build llama-server on first use (rbee.common.engine_build).
+    assert "rbee/engine/llama_build.sh" in names
+    assert "rbee/engine/engine.lock" in names
     assert not [n for n in names if "testing" in n.split("/")[0] or n.startswith("rbee/testing")]

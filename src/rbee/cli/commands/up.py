@@ -24,6 +24,7 @@ from rbee.cli.cluster import Cluster, check_free, clean_stale_lock
 from rbee.cli.cluster import log_path as cluster_log_path
 from rbee.cli.clusterfile import ClusterFileError, default_path, load
 from rbee.cli.context import Cli, CliError, advice, cli_of, device_option
+from rbee.cli.engine import ensure_llama_server
 from rbee.cli.plan import UpPlan
 from rbee.clients.queen import QueenError
 from rbee.common.bundled import DEFAULT_MODEL, DEFAULT_SYSTEM_PROMPT
@@ -381,6 +382,8 @@ def up(
         check_free(plan)
     except CliError as exc:
         cli.fail(str(exc))
+    if any(hive.ssh is None for hive in plan.hives):
+        ensure_llama_server(cli)  # a pip install builds llama-server here on first use
     raise typer.Exit(asyncio.run(run_cluster(cli, plan)))
 
 
