@@ -272,7 +272,8 @@ class Spawner:
             try:
                 placement = self.place(demand, exclude)
             except InsufficientMemory as refused:
-                if self.split is not None and reason == "demand":  # a replica splits nothing
+                # Split over several devices (a replica or an embedding worker never is).
+                if self.split is not None and reason == "demand" and not embedding:
                     split = await self.split(demand, exclude, refused, reason)
                     if split is not None:
                         return split
