@@ -114,6 +114,7 @@ class Operations:
         self.router = router
         self.cut = cut
         self.drain_timeout_s = drain_timeout_s
+        self._releasing: set[asyncio.Task[list[str]]] = set()  # helpers being given back
 
     def check(self, request: JobRequest) -> None:
         """Refuse at once, before a job starts and with nothing changed, a load of a model no
@@ -331,6 +332,16 @@ class Operations:
 
     async def _give_back(self, hive: HiveView, key: str) -> object:
         return await self.clients.get(hive).stop_rpc_server(key)
+
+    def helpers_released(self, info: WorkerInfo) -> asyncio.Task[list[str]] | None:
+        """A split worker went offline or away: its helpers' RPC servers stop now (they would
+        stop by themselves once its connections close, which a cut cable may not do soon)."""
+        if not info.parts:
+            return None
+        task = asyncio.create_task(give_back_helpers(info, self.hives.get, self._give_back))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+        return task
 
     async def model_download(self, job: Job, request: ModelDownloadJob) -> dict[str, Any]:
         hive = self._one_hive(request.hive_id)

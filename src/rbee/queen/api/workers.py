@@ -59,6 +59,8 @@ def registry_changed(state: QueenState, change: RegistryChange) -> None:
         state.router.forget(worker_id)
         state.router.lost(change.worker)
         state.spawner.worker_stopped(worker_id)
+    if change.kind in (ChangeKind.OFFLINE, ChangeKind.REMOVED):
+        state.operations.helpers_released(change.worker)  # a split worker's RPC servers
 
 
 @router.post(
