@@ -3,9 +3,11 @@
     .venv/bin/python bench/affinity_bench.py [--conversations 24] [--turns 6] [--clients 4]
         [--system-tokens 1500] [--unique 48] [--max-tokens 8] [--shared-system]
 
-For each policy (`prefix`, then `least-loaded`) a fresh cluster: queen-rbee with that
-`--routing-policy`, one rbee-hive, and three workers of SmolLM2-135M started through the queen
-(2 slots of 4096 tokens each), so both policies start from cold caches. On each, two workloads:
+For each policy (`prefix`, `least-loaded`) a cluster of its own, both up at once: queen-rbee
+with that `--routing-policy`, one rbee-hive, and three workers of SmolLM2-135M started through
+the queen (2 slots of 4096 tokens each, passive waits so the idle cluster costs nothing), so
+both policies start from cold caches. On each, two workloads (multi-turn on one cluster, then on
+the other; the unique prompts in --rounds rounds taking turns which goes first):
 
   multi-turn  --conversations conversations of --turns turns, --clients at once (each client
               takes the next conversation when its own ends). Each conversation has its own
@@ -32,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import signal
 import statistics
@@ -357,6 +360,19 @@ def report(results: dict[str, dict[str, Figures]], decisions: dict[str, dict[str
     print(f"  unique throughput, prefix / least-loaded: {throughput:.2f}x (>= 0.95x: {verdict})")
 
 
+def merged(parts: list[Figures]) -> Figures:
+    total = Figures()
+    for f in parts:
+        total.ttft += f.ttft
+        total.prompt_tokens += f.prompt_tokens
+        total.cached_tokens += f.cached_tokens
+        total.completion_tokens += f.completion_tokens
+        total.requests += f.requests
+        total.failed += f.failed
+        total.wall_s += f.wall_s
+    return total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--conversations", type=int, default=24)
@@ -364,28 +380,40 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--system-tokens", type=int, default=1500)
     parser.add_argument("--unique", type=int, default=48)
+    parser.add_argument("--rounds", type=int, default=3, help="unique prompts, in rounds")
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--shared-system", action="store_true")
     args = parser.parse_args()
     # A stop by signal still stops every process started here (the ExitStacks unwind).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    results: dict[str, dict[str, Figures]] = {}
-    decisions: dict[str, dict[str, int]] = {}
-    for policy in POLICIES:
-        with tempfile.TemporaryDirectory(prefix="affinity-bench-") as tmp, ExitStack() as stack:
+    # Both clusters stay up; the idle one's threads must not spin while the other works.
+    os.environ.setdefault("RBEE_WORKER_WAIT_POLICY", "passive")
+    results: dict[str, dict[str, Figures]] = {p: {} for p in POLICIES}
+    with ExitStack() as stack:
+        clusters = {}
+        for policy in POLICIES:
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="affinity-bench-")))
             print(f"{policy}: starting a queen, a hive and {WORKERS} workers...", flush=True)
-            cluster = Cluster(stack, Path(tmp), policy)
-            results[policy] = {}
-            for workload in ("multi-turn", "unique"):
-                started = time.perf_counter()
-                if workload == "multi-turn":
-                    figures = asyncio.run(multi_turn(cluster.url, args))
-                else:
-                    figures = asyncio.run(unique(cluster.url, args, seed=7))
-                results[policy][workload] = figures
-                took = time.perf_counter() - started
-                print(f"{line(policy, figures)}  [{workload}, {took:.0f} s]", flush=True)
-            decisions[policy] = cluster.decisions()
+            clusters[policy] = Cluster(stack, tmp, policy)
+        for policy in POLICIES:
+            started = time.perf_counter()
+            figures = asyncio.run(multi_turn(clusters[policy].url, args))
+            results[policy]["multi-turn"] = figures
+            took = time.perf_counter() - started
+            print(f"{line(policy, figures)}  [multi-turn, {took:.0f} s]", flush=True)
+        # Unique prompts in rounds, taking turns which policy goes first, so that the load of
+        # a shared machine falls on both alike; each round's prompts are the same for both.
+        per_round = argparse.Namespace(**{**vars(args), "unique": args.unique // args.rounds})
+        parts: dict[str, list[Figures]] = {p: [] for p in POLICIES}
+        for r in range(args.rounds):
+            order = POLICIES if r % 2 == 0 else POLICIES[::-1]
+            for policy in order:
+                figures = asyncio.run(unique(clusters[policy].url, per_round, seed=7 + r))
+                parts[policy].append(figures)
+                print(f"{line(policy, figures)}  [unique, round {r + 1}]", flush=True)
+        for policy in POLICIES:
+            results[policy]["unique"] = merged(parts[policy])
+        decisions = {policy: clusters[policy].decisions() for policy in POLICIES}
     report(results, decisions)
 
 
