@@ -227,7 +227,9 @@ class Supervisor:
                 f"(it can on {', '.join(usable) or 'none'}): {device_problem}",
                 code="device_unavailable",
             )
-        if request.gpu_layers is not None and request.device.startswith("cpu"):
+        # A split worker's layers on its RPC servers are its "GPU" layers, whatever its device.
+        cpu = request.device.startswith("cpu") and not request.rpc_tunnels
+        if request.gpu_layers is not None and cpu:
             raise BadRequest("gpu_layers needs a GPU device, e.g. cuda:0", code="bad_request")
         model = self.catalog.resolve(request.model)
         if model.format != "gguf":

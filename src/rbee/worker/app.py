@@ -8,6 +8,7 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +103,10 @@ def llama_server(settings: WorkerSettings, *, pooled: bool = True) -> LlamaServe
         gpu_layers=gpu_layers_for(parse_device(settings.device), settings.gpu_layers),
     )
     if settings.rpc_tunnels:
-        # A split worker: part of the model on other hives' devices, through rbee's tunnels.
+        # A split worker: part of the model on other hives' devices, through rbee's tunnels;
+        # --gpu-layers: the layers they hold when its own device is a CPU (default: all).
+        if settings.gpu_layers is not None:
+            config = replace(config, gpu_layers=settings.gpu_layers)
         return SplitLlamaServer(
             config,
             tunnels=settings.rpc_tunnels.split(","),

@@ -34,9 +34,9 @@ def main(argv: list[str] | None = None) -> None:
     settings = parse_settings(WorkerSettings, PROG, argv)
     if reason := refuse_open_bind(settings.host, settings.token):
         fail(PROG, reason)
-    if reason := prepare_device(
-        settings.device, settings.gpu_layers, llama_server=settings.llama_server
-    ):
+    # A split worker's --gpu-layers are the layers on its RPC servers, also from a CPU.
+    gpu_layers = None if settings.rpc_tunnels else settings.gpu_layers
+    if reason := prepare_device(settings.device, gpu_layers, llama_server=settings.llama_server):
         fail(PROG, reason)
     try:
         # A missing or obviously wrong file is reported before anything starts; deeper damage

@@ -9,7 +9,10 @@ import pytest
 from rbee.contracts.hive_api import SpawnRequest
 from rbee.contracts.workers import WorkerPart
 from rbee.hive.supervisor import split_flags
+from rbee.worker.app import llama_server
+from rbee.worker.device import prepare_device
 from rbee.worker.engines.llama_process import ServerConfig
+from rbee.worker.settings import WorkerSettings
 from rbee.worker.split import TunnelEndpoint, parse_endpoint, rpc_args
 
 
@@ -51,3 +54,22 @@ def test_the_hive_hands_a_split_workers_tunnels_shares_and_parts_to_it() -> None
     assert flags[flags.index("--rpc-tunnels") + 1] == "rbee://198.18.0.3:8100/w1@b"
     assert '"hive_id":"b"' in flags[flags.index("--parts") + 1]
     assert split_flags(SpawnRequest(model="m")) == []
+
+
+def test_a_split_worker_on_a_cpu_puts_its_gpu_layers_on_the_rpc_servers() -> None:
+    settings = WorkerSettings.model_validate(
+        {
+            "model": "smollm2-135m-instruct",
+            "port": 8080,
+            "queen_url": "http://127.0.0.1:7833",
+            "device": "cpu:0",
+            "gpu_layers": 15,
+            "rpc_tunnels": "rbee://198.18.0.3:8100/w1@b",
+            "tensor_split": "1",
+        }
+    )
+    engine = llama_server(settings)
+    args = engine.config.args(Path("/tmp/s.sock"))
+    assert args[args.index("--n-gpu-layers") + 1] == "15"  # not 0, as a CPU worker's are
+    # A worker on a CPU alone may still not be given GPU layers.
+    assert prepare_device("cpu:0", 15, environ={}) is not None
