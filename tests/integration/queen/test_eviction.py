@@ -420,3 +420,22 @@ async def test_a_model_is_never_evicted_below_its_min_replicas() -> None:
         assert cluster.stops == []
     finally:
         await cluster.aclose()
+
+
+async def test_room_a_stopped_worker_held_is_free_for_the_next_load_at_once() -> None:
+    """A worker listed by one hive heartbeat and stopped before the queen next placed anything
+    kept its room promised until the promise lapsed (a swap bench stalled 90 s per try)."""
+    cluster = await open_cluster(1, queue_timeout=5)
+    try:
+        for _ in range(2):
+            assert (await cluster.chat("a")).status_code == 200
+            cluster.clock.advance(10)
+            assert (await cluster.chat("b")).status_code == 200
+            for worker in (await cluster.client.get("/v1/workers")).json()["workers"]:
+                job = {"operation": "worker_stop", "worker_id": worker["id"]}
+                created = await cluster.client.post("/v1/jobs", json=job)
+                await cluster.client.get(created.json()["sse_url"])
+            cluster.clock.advance(10)
+        assert cluster.spawns == ["a", "b", "a", "b"]
+    finally:
+        await cluster.aclose()

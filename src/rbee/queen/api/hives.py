@@ -21,6 +21,8 @@ async def hive_heartbeat(heartbeat: HiveHeartbeat, state: State) -> HeartbeatAck
     state.metrics.heartbeats["hive"] += 1
     change = "registered" if state.hives.update(heartbeat) else "updated"
     hive = state.hives.get(heartbeat.hive.id)
+    if hive is not None:
+        state.spawner.reservations.seen([hive])
     view = hive.model_dump(mode="json") if hive else None
     state.bus.publish("hive", {"change": change, "hive_id": heartbeat.hive.id, "hive": view})
     return HeartbeatAck(status="ok", message=f"hive {heartbeat.hive.id} recorded")

@@ -50,9 +50,14 @@ class Reservations:
         if reservation in self._held:
             self._held.remove(reservation)
 
-    def taken(self, hives: Iterable[HiveView]) -> dict[DeviceKey, int]:
-        """Bytes still promised on each device, given what the hives last reported; forgets
-        reservations whose worker a hive now lists, and those that lapsed."""
+    def stopped(self, worker_id: str) -> None:
+        """The worker stopped: whatever it was promised, its hive's figures now tell."""
+        self._held = [r for r in self._held if r.worker_id != worker_id]
+
+    def seen(self, hives: Iterable[HiveView]) -> None:
+        """Forgets reservations whose worker a hive lists (its figures include it now), and
+        those that lapsed. Called on each hive heartbeat: a worker listed by one heartbeat and
+        stopped before the next would otherwise keep its room promised until it lapsed."""
         listed = {(h.id, w) for h in hives for w in h.workers}
         now = self._clock()
         self._held = [
@@ -60,6 +65,11 @@ class Reservations:
             for r in self._held
             if (r.hive_id, r.worker_id) not in listed and (r.lapses_at is None or now < r.lapses_at)
         ]
+
+    def taken(self, hives: Iterable[HiveView]) -> dict[DeviceKey, int]:
+        """Bytes still promised on each device, given what the hives last reported."""
+        hives = list(hives)
+        self.seen(hives)
         taken: dict[DeviceKey, int] = {}
         for r in self._held:
             key = (r.hive_id, r.device_id)

@@ -336,6 +336,7 @@ class Spawner:
     def worker_stopped(self, worker_id: str) -> None:
         """A worker said it stopped (asked to, or shut down): not a failure."""
         self._started.pop(worker_id, None)
+        self.reservations.stopped(worker_id)
 
     def _forget_stable(self) -> None:
         now = self._clock()
