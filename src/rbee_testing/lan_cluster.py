@@ -90,8 +90,9 @@ class LanCluster:
         argv += ["--port", str(QUEEN_PORT), *flags]
         self._start("queen", "queen", argv, f"{self.queen_url}/health")
 
-    def start_hive(self, box: str, heartbeat_interval_s: float = 1.0) -> None:
-        """A hive on `box` whose workers heartbeat every `heartbeat_interval_s`."""
+    def start_hive(self, box: str, heartbeat_interval_s: float = 1.0, *flags: str) -> None:
+        """A hive on `box` whose workers heartbeat every `heartbeat_interval_s`; `flags`: more
+        of rbee-hive's (`--memory-limit 230MiB`)."""
         argv = [
             console_script("rbee-hive"),
             "--queen-url", self.queen_url,
@@ -102,6 +103,7 @@ class LanCluster:
             "--log-dir", str(self.logs / box / "logs"),
             "--worker-ports", WORKER_PORTS,
             "--heartbeat-interval", str(heartbeat_interval_s),
+            *flags,
         ]  # fmt: skip
         self._start(box, box, argv, f"{self.hive_url(box)}/health")
         hive_id = self.hive_id(box)

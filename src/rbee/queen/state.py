@@ -165,6 +165,7 @@ def build_state(
         lend=lambda hive, request: clients.get(hive).start_rpc_server(request),
         give_back=lambda hive, key: clients.get(hive).stop_rpc_server(key),
         across=settings.split_across,
+        wait_s=settings.queue_timeout,
     ).start
     state.room = room
     return state

@@ -4,25 +4,28 @@ how to turn splitting on; stopping a split worker gives the helpers' memory back
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from rbee.cli.clusterfile import parse
 from rbee.common.errors import InsufficientMemory
 from rbee.common.serve import parse_settings
 from rbee.contracts.hive_api import SpawnRequest, SpawnResponse
-from rbee.contracts.hives import HiveHeartbeat, HiveInfo, HiveView
+from rbee.contracts.hives import Device, HiveHeartbeat, HiveInfo, HiveView
 from rbee.contracts.rpc import RpcServerInfo, RpcServerRequest
 from rbee.contracts.workers import WorkerHeartbeat, WorkerInfo, WorkerPart, WorkerStatus
 from rbee.queen.events import EventBus
 from rbee.queen.hives import HiveRegistry
 from rbee.queen.registry import WorkerRegistry
+from rbee.queen.scheduler.placement import Demand
 from rbee.queen.scheduler.spawner import Spawner
 from rbee.queen.scheduler.split import SPLIT_FLAG, split_across_default
 from rbee.queen.scheduler.split_start import Splitter, give_back_helpers
 from rbee.queen.settings import QueenSettings
 from rbee_testing.clock import FakeClock
 
-from .test_split import FOOTPRINT, MODEL, cpu
+from .test_split import FOOTPRINT, GIB, MODEL, cpu
 
 
 class Cluster:
@@ -163,3 +166,43 @@ def test_the_cluster_files_split_across_hives_reaches_the_queen(value: str, on: 
     assert settings.split_across(local) is on
     unset = parse("[[hive]]\n", path="cluster.toml", local_hive_id="here").queen.flags()
     assert "split-across-hives" not in " ".join(unset)
+
+
+async def test_the_helpers_room_is_not_held_twice_once_the_split_worker_is_ready() -> None:
+    cluster = Cluster()
+    info = await cluster.spawner.ensure_worker(MODEL)
+    (helper,) = {p.hive_id for p in info.parts} - {info.hive_id}
+    taken = cluster.spawner.reservations.taken(cluster.hives.all())
+    # The main hive's share stays promised until its heartbeat lists the worker; the helper's
+    # is in its own figures (its RPC server's), so a later plan may use what it has left.
+    assert (info.hive_id, "cpu:0") in taken
+    assert (helper, "cpu:0") not in taken
+
+
+async def test_a_split_waits_for_memory_a_hive_is_freeing_rather_than_refusing() -> None:
+    cluster = Cluster()
+    # Hive b still counts a worker that just died (its next heartbeat frees the memory).
+    busy = cluster.hives.get("b")
+    assert busy is not None
+    held = busy.devices[0].model_copy(update={"memory_free_bytes": GIB // 2})
+
+    def beat(device: Device) -> None:
+        cluster.hives.update(
+            HiveHeartbeat(
+                hive=HiveInfo(id="b", url="http://127.0.0.2:7835", version="1"),
+                devices=[device],
+                models=[MODEL],
+                footprints={MODEL: FOOTPRINT},
+                workers=[],
+            )
+        )
+
+    beat(held)
+    with pytest.raises(InsufficientMemory):
+        cluster.splitter.plan(Demand(model=MODEL))
+    starting = asyncio.create_task(cluster.spawner.ensure_worker(MODEL))
+    await asyncio.sleep(0.5)
+    assert not starting.done()
+    beat(cpu(3.0, limit_gib=3.0))
+    info = await asyncio.wait_for(starting, 30)
+    assert len({p.hive_id for p in info.parts}) == 2

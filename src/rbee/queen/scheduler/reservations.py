@@ -66,6 +66,11 @@ class Reservations:
             if (r.hive_id, r.worker_id) not in listed and (r.lapses_at is None or now < r.lapses_at)
         ]
 
+    def forget(self, worker_id: str) -> None:
+        """The worker is gone (stopped or dead): what was promised to it is free again, even
+        if no heartbeat listed it while it lived."""
+        self._held = [r for r in self._held if r.worker_id != worker_id]
+
     def taken(self, hives: Iterable[HiveView]) -> dict[DeviceKey, int]:
         """Bytes still promised on each device, given what the hives last reported."""
         hives = list(hives)

@@ -314,6 +314,7 @@ class Spawner:
     def worker_lost(self, worker_id: str, reason: str) -> None:
         """A worker went offline or refused connections. If the queen started it on demand and
         it dies soon after becoming ready, that start counts as failed."""
+        self.reservations.forget(worker_id)
         started = self._started.pop(worker_id, None)
         if started is None:
             return
@@ -335,6 +336,7 @@ class Spawner:
 
     def worker_stopped(self, worker_id: str) -> None:
         """A worker said it stopped (asked to, or shut down): not a failure."""
+        self.reservations.forget(worker_id)
         self._started.pop(worker_id, None)
         self.reservations.stopped(worker_id)
 

@@ -33,6 +33,7 @@ from rbee.queen.scheduler.spawner import Spawner, load_deadline_s
 from rbee.queen.scheduler.split import SplitPlan, plan_split
 
 log = logging.getLogger("rbee.queen.split")
+SPLIT_POLL_S = 0.25  # how often a split waiting for memory looks at the hives' figures again
 
 # Asks a helper hive for an RPC server; stops one again (by its id).
 LendFn = Callable[[HiveView, RpcServerRequest], Awaitable[RpcServerInfo]]
@@ -140,12 +141,19 @@ class Splitter:
     start it (the helpers' RPC servers, then the worker on the main hive)."""
 
     def __init__(
-        self, spawner: Spawner, *, lend: LendFn, give_back: ReturnFn, across: AcrossFn
+        self,
+        spawner: Spawner,
+        *,
+        lend: LendFn,
+        give_back: ReturnFn,
+        across: AcrossFn,
+        wait_s: float = 30.0,
     ) -> None:
         self.spawner = spawner
         self.lend = lend
         self.give_back = give_back
         self.across = across
+        self.wait_s = wait_s  # longest a split waits for memory being freed (--queue-timeout)
 
     def plan(self, demand: Demand, exclude: frozenset[str] = frozenset()) -> SplitPlan:
         hives = self.spawner.hives.all()
@@ -160,12 +168,20 @@ class Splitter:
         fit on one device once room is made there (the spawner then makes room); raises the
         split's refusal when neither can be (it says how much is missing, or how to turn on
         splitting across hives)."""
-        try:
-            plan = self.plan(demand, exclude)
-        except InsufficientMemory as no_split:
-            if refused.retry_after_s is not None:
-                return None
-            raise no_split from None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.wait_s
+        while True:
+            try:
+                plan = self.plan(demand, exclude)
+                break
+            except InsufficientMemory as no_split:
+                if refused.retry_after_s is not None:
+                    return None
+                # Memory that is being freed (a worker that just stopped or died, whose hive
+                # has not reported it yet) is waited for; memory no one can free is not.
+                if no_split.retry_after_s is None or loop.time() >= deadline:
+                    raise no_split from None
+            await asyncio.sleep(SPLIT_POLL_S)
         return await self.start_plan(plan, demand.model, reason=reason)
 
     async def start_plan(
@@ -208,7 +224,12 @@ class Splitter:
             if spawner.loading[model] <= 0:
                 del spawner.loading[model]
         for reservation in held:
-            spawner.reservations.started(reservation, spawned.worker_id)
+            if reservation.hive_id == plan.main.id:  # until its hive lists the worker
+                spawner.reservations.started(reservation, spawned.worker_id)
+            else:
+                # A helper never lists the worker; it counts what its RPC server holds itself
+                # (and heartbeats at once when it starts one).
+                spawner.reservations.release(reservation)
         seconds = loop.time() - began
         spawner.on_result(model, "ready")
         spawner.on_loaded(model, reason, seconds)
