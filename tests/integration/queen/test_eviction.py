@@ -66,6 +66,7 @@ class MemoryCluster:
         # What happened, in order: "stop <id>", and "answer <model>" as a worker answers (the
         # client may resume only after the queen has already stopped that worker).
         self.log: list[str] = []
+        self.one_port = False  # True: every worker gets the id of the hive's one port
         self.app = create_app(
             QueenSettings.model_validate(
                 {"heartbeat_timeout": 10**6, "spawn_timeout": 10, "queue_timeout": 10, **settings}
@@ -125,7 +126,7 @@ class MemoryCluster:
             model = spec["model"]
             assert self.limit - NEED * len(self.running) >= NEED, "the hive was double-booked"
             self.spawns.append(model)
-            worker_id = f"w{len(self.spawns)}-{model}"
+            worker_id = "h1-8080" if self.one_port else f"w{len(self.spawns)}-{model}"
             pid = 100 + len(self.spawns)
             self.running[pid] = (worker_id, model)
             self.workers.setdefault(worker_id, answer)
@@ -437,5 +438,25 @@ async def test_room_a_stopped_worker_held_is_free_for_the_next_load_at_once() ->
                 await cluster.client.get(created.json()["sse_url"])
             cluster.clock.advance(10)
         assert cluster.spawns == ["a", "b", "a", "b"]
+    finally:
+        await cluster.aclose()
+
+
+async def test_a_new_worker_with_an_evicted_ones_id_can_be_evicted_in_turn() -> None:
+    """A hive gives a new worker the id of one it stopped (the port is free again): the room
+    the old one gave back was counted as still coming, so nothing was evicted for the next
+    model until that count lapsed (90 s per swap)."""
+    cluster = await open_cluster(1, queue_timeout=5)
+    cluster.one_port = True
+    try:
+        for _ in range(2):
+            r = await cluster.chat("a")
+            assert r.status_code == 200, (r.text, cluster.spawns, cluster.stops)
+            cluster.clock.advance(10)
+            r = await cluster.chat("b")
+            assert r.status_code == 200, (r.text, cluster.spawns, cluster.stops)
+            cluster.clock.advance(10)
+        assert cluster.spawns == ["a", "b", "a", "b"]
+        assert cluster.stops == ["h1-8080"] * 3
     finally:
         await cluster.aclose()

@@ -144,6 +144,9 @@ class Room:
             if f.stopped_at is not None and (
                 hive is None
                 or worker_id not in hive.workers
+                # The hive reported after the stop: its figures have the room (a new worker
+                # may hold the old one's id, as it took the port the stop freed).
+                or now - hive.last_seen_s >= f.stopped_at
                 or now - f.stopped_at > self.registry.timeout_s  # a hive that never says
             ):
                 del self._evicting[worker_id]
