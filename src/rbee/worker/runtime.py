@@ -13,6 +13,7 @@ import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import TypeVar
 
 from fastapi import Request
@@ -102,6 +103,7 @@ class WorkerRuntime:
                 supervise("engine-watch", lambda: self._watch_host(host), self.loop_errors),
                 name="engine-watch",
             )
+            self._serving_context(self.engines[0].context_size if self.engines else None)
         self.pool = SlotPool(list(self.engines), self._queue_size, on_change=self._slots_changed)
         self.board.set_lifecycle(WorkerStatus.READY)
         log.info(
@@ -110,6 +112,19 @@ class WorkerRuntime:
             self.identity.slots,
             self.identity.port,
         )
+
+    def _serving_context(self, served: int | None) -> None:
+        """What the queen hears is the context each slot really has: llama.cpp gives a slot
+        no more than the model was trained on, whatever --ctx-size asked for."""
+        asked = self.identity.ctx_size
+        if served is None or served == asked:
+            return
+        if asked is not None and served < asked:
+            log.warning(
+                "--ctx-size %d is more than %s was trained on: each slot serves %d tokens",
+                *(asked, self.model_id, served),
+            )
+        self.identity = self.board.identity = replace(self.identity, ctx_size=served)
 
     async def _watch_host(self, host: EngineHost) -> None:
         """A host that dies on its own ends the worker: it cannot serve any more. One that

@@ -97,3 +97,24 @@ def test_ctx_size_and_slots_given_to_worker_spawn_are_what_the_worker_serves_wit
     assert error["code"] == "context_length_exceeded"
     assert "maximum context length is 256 tokens" in error["message"]
     assert "--ctx-size" in error["message"]
+
+
+def test_a_context_beyond_the_trained_one_is_reported_as_served(
+    queen: Daemon, start_hive: HiveStarter
+) -> None:
+    """llama.cpp gives a slot no more than the model was trained on (8192 for SmolLM2): the
+    worker says what it serves, not what was asked (the queen and `rbee models` read 16384
+    before, and a 9,000-token prompt still failed)."""
+    hive = start_hive()
+    wait_hive(queen)
+    spawned = rbee(
+        queen, "worker", "spawn", "-m", DEFAULT_MODEL, "--ctx-size", "16384", "--slots", "1"
+    )
+    assert spawned.returncode == 0, spawned.stderr
+    deadline = time.monotonic() + 30
+    while contexts(queen)[0]["ctx_size"] != 8192 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    [worker] = contexts(queen)
+    assert (worker["ctx_size"], worker["slots"]) == (8192, 1)
+    log = httpx.get(f"{hive.url}/v1/workers/{worker['worker_id']}/log", timeout=10).text
+    assert "--ctx-size 16384 is more than" in log
