@@ -271,6 +271,20 @@ RESPONSES_REFUSED = {
 }
 
 
+# Fields of a Messages request that llama.cpp would drop without a word.
+MESSAGES_REFUSED = {
+    "output_config": "`output_config` (structured output) is not supported on /v1/messages: "
+    "ask for JSON in the prompt, or use /v1/chat/completions with `response_format`",
+}
+
+
+def check_messages(body: Mapping[str, Any]) -> None:
+    """Fields of a Messages request no worker can honour."""
+    for name, why in MESSAGES_REFUSED.items():
+        if body.get(name) is not None:
+            raise Unsupported(name, why)
+
+
 def check_responses(body: Mapping[str, Any]) -> None:
     """Fields of a Responses request no worker can honour, whichever way it is served."""
     for name, why in RESPONSES_REFUSED.items():

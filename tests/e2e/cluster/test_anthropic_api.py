@@ -177,6 +177,21 @@ def test_a_field_the_worker_cannot_honour_is_a_400(client: anthropic.Anthropic) 
     assert caught.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
 
 
+def test_structured_output_is_refused_not_dropped(client: anthropic.Anthropic) -> None:
+    """llama.cpp's Messages API would answer as if `output_config` had not been sent."""
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}}
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        client.messages.create(
+            model=DEFAULT_MODEL,
+            max_tokens=5,
+            messages=[{"role": "user", "content": "Capital of France?"}],
+            extra_body={"output_config": {"format": {"type": "json_schema", "schema": schema}}},
+        )
+    error = caught.value.body["error"]  # type: ignore[index]
+    assert error["type"] == "invalid_request_error"
+    assert "output_config" in error["message"]
+
+
 def test_models_list_says_which_apis_each_model_serves(cluster: Cluster) -> None:
     models = httpx.get(f"{cluster.queen_url}/v1/models", timeout=30).json()["data"]
     card = next(m for m in models if m["id"] == DEFAULT_MODEL)

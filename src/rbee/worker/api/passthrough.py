@@ -39,6 +39,7 @@ from rbee.worker.runtime import WorkerRuntime
 from rbee.worker.translate import (
     chat_from_messages,
     chat_from_responses,
+    check_messages,
     check_responses,
     message_events,
     message_from_chat,
@@ -122,6 +123,8 @@ async def serve(http: Request, path: str) -> Response:
         _check(runtime, body)
         if api == RESPONSES:
             check_responses(body)
+        if api == MESSAGES:
+            check_messages(body)
         engine = _engine(runtime, path)
         tools = tools_asked(body)
         if tools and not engine.native_tools and path not in COUNTING:
