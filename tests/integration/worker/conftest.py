@@ -48,6 +48,15 @@ class Harness:
     def beats(self) -> list[WorkerHeartbeat]:
         return self.queen.beats
 
+    async def first_beat(self, within_s: float = 10.0) -> WorkerHeartbeat:
+        """The worker's first heartbeat, once the stand-in queen has it (it is sent in the
+        background as the worker starts: on a busy machine, after its first request)."""
+        async with asyncio.timeout(within_s):
+            while True:
+                if self.queen.beats:
+                    return self.queen.beats[0]
+                await asyncio.sleep(0.01)
+
     @property
     def auth(self) -> list[str | None]:
         return self.queen.auth

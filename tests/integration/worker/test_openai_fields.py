@@ -250,7 +250,7 @@ async def test_each_worker_refuses_the_other_kind_of_request(make_worker: Any) -
     refused = await embedding_worker.client.post("/v1/chat/completions", json=chat_body())
     assert refused.status_code == 400
     assert refused.json()["error"]["code"] == "model_not_chat"
-    assert embedding_worker.beats[-1].worker.embedding is True
+    assert (await embedding_worker.first_beat()).worker.embedding is True
 
 
 def schema_with_pattern(pattern: str) -> dict[str, Any]:

@@ -71,8 +71,9 @@ async def test_a_reranker_worker_passes_rerank_to_its_engine(make_worker: Any) -
     assert engine.relayed == [("/v1/rerank", {**ASK, "top_n": 1})] * 2
     metrics = (await worker.client.get("/metrics")).text
     assert "rbee_worker_prompt_tokens_total 28.0" in metrics
-    assert worker.beats[-1].worker.rerank is True
-    assert worker.beats[-1].worker.embedding is True
+    beat = await worker.first_beat()
+    assert beat.worker.rerank is True
+    assert beat.worker.embedding is True
 
 
 async def test_rerank_holds_a_slot_while_the_engine_ranks(make_worker: Any) -> None:
