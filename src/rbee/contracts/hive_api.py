@@ -31,6 +31,8 @@ class SpawnRequest(BaseModel):
     worker_id: NonEmptyStr | None = None
     # Start it for `/v1/embeddings` (llm-worker-rbee --embedding).
     embedding: bool = False
+    # Start it for `/v1/rerank` (llm-worker-rbee --rerank); a reranker is an embedding worker.
+    rerank: bool = False
     cores: Annotated[int, Field(ge=1, le=4096)] | None = Field(
         None, description="CPU cores of its own (default: an even share of the free ones)"
     )

@@ -36,6 +36,8 @@ class WorkerSpawnJob(BaseModel):
     )
     # True: serve `/v1/embeddings`. Unset: as the model file says (embedding models embed).
     embedding: bool | None = None
+    # True: serve `/v1/rerank` (llama.cpp's --reranking). Unset: as the model file says.
+    rerank: bool | None = None
     cores: Annotated[int, Field(ge=1, le=4096)] | None = Field(
         None, description="CPU cores of its own (default: the hive's even share of its free ones)"
     )

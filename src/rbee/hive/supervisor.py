@@ -317,6 +317,7 @@ class Supervisor:
             *(("--gpu-layers", str(request.gpu_layers)) if request.gpu_layers is not None else ()),
             *("--heartbeat-interval", str(s.heartbeat_interval)),
             *(["--embedding"] if request.embedding else []),
+            *(["--rerank"] if request.rerank else []),
             *(
                 ("--keep-alive", str(request.keep_alive_s))
                 if request.keep_alive_s is not None

@@ -195,7 +195,8 @@ class Operations:
         spawned, _ = await self.spawner.start(
             placement,
             demand,
-            embedding=bool(request.embedding),
+            embedding=bool(request.embedding or request.rerank),
+            rerank=bool(request.rerank),
             cores=request.cores,
             reason="manual",
             keep_alive_s=request.keep_alive,  # unset: pinned, as every explicit start

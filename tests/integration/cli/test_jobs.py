@@ -53,6 +53,17 @@ def test_worker_spawn_embedding_asks_for_an_embedding_worker(rbee: Any, queen: A
     assert "embeddings" in result.stdout
 
 
+def test_worker_spawn_rerank_asks_for_a_reranking_worker(rbee: Any, queen: Any) -> None:
+    queen.job_events["worker_spawn"] = [READY]
+    queen.add_worker("w-7", port=8085, embedding=True, rerank=True)
+
+    result = rbee("worker", "spawn", "-m", "jina-reranker", "--rerank")
+
+    assert result.exit_code == 0, result.output
+    assert queen.jobs[0]["rerank"] is True
+    assert "rerank)" in result.stdout
+
+
 def test_worker_spawn_passes_the_kv_cache_type_and_refuses_a_bad_one(rbee: Any, queen: Any) -> None:
     queen.job_events["worker_spawn"] = [READY]
     queen.add_worker("w-7", port=8085)

@@ -174,6 +174,10 @@ async def test_spawn_with_embedding_starts_the_worker_for_embeddings(hive: Hive)
     )
     assert "--embedding" not in psutil.Process(plain.pid).cmdline()
     assert "--embedding" in psutil.Process(embedding.pid).cmdline()
+    reranker = await hive.client.spawn(
+        SpawnRequest(model="acme/tiny-GGUF:tiny.Q4_0.gguf", rerank=True)
+    )
+    assert "--rerank" in psutil.Process(reranker.pid).cmdline()
 
 
 async def test_spawn_passes_the_kv_cache_type_to_the_worker(hive: Hive) -> None:

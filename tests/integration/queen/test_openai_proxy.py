@@ -351,10 +351,21 @@ async def test_a_spawn_job_passes_its_kv_cache_type_to_the_hive(cluster: Cluster
     events = (await cluster.client.get(created.json()["sse_url"])).text
     assert '"type":"done"' in events.replace(" ", ""), events
     assert [s["kv_cache_type"] for s in cluster.hive_spawns] == ["q8_0"]
+    assert cluster.hive_spawns[0]["rerank"] is False
     # A worker the queen starts for a request keeps the worker's own choice.
     await cluster.hive_heartbeat(["other"])
     assert (await cluster.chat(model="other")).status_code == 200
     assert cluster.hive_spawns[1]["kv_cache_type"] == "auto"
+
+
+async def test_a_rerank_spawn_job_asks_the_hive_for_a_reranking_worker(cluster: Cluster) -> None:
+    await cluster.hive_heartbeat(["ranker"])
+    job = {"operation": "worker_spawn", "model": "ranker", "rerank": True}
+    created = await cluster.client.post("/v1/jobs", json=job)
+    assert created.status_code == 201, created.text
+    await cluster.client.get(created.json()["sse_url"])
+    [spawn] = cluster.hive_spawns
+    assert (spawn["rerank"], spawn["embedding"]) == (True, True)
 
 
 async def test_models_lists_loaded_and_startable(cluster: Cluster) -> None:
@@ -457,6 +468,7 @@ async def test_embeddings_for_a_model_a_hive_has_start_an_embedding_worker(
             "kv_cache_type": "auto",
             "keep_alive_s": 300.0,  # started on demand: the queen's default keep-alive
             "load_timeout_s": 5.0,  # the base of the load deadline: no footprint known
+            "rerank": False,
             "rpc_tunnels": [],  # on one device, not split over hives
             "tensor_split": [],
             "parts": [],

@@ -52,6 +52,13 @@ def spawn(
     embedding: Annotated[
         bool, typer.Option("--embedding", help="Serve POST /v1/embeddings for the model.")
     ] = False,
+    rerank: Annotated[
+        bool,
+        typer.Option(
+            "--rerank",
+            help="Serve POST /v1/rerank (a reranker model starts so by itself).",
+        ),
+    ] = False,
     cores: Annotated[
         int | None,
         typer.Option(
@@ -95,6 +102,7 @@ def spawn(
         slots=slots,
         ctx_size=ctx_size,
         embedding=embedding or None,
+        rerank=rerank or None,
         cores=cores,
         gpu_layers=gpu_layers,
         kv_cache_type=kv_cache_type,
@@ -112,7 +120,7 @@ def spawn(
     cli.out.print(
         f"worker {result.id} ready: {result.model_id} at {result.url}"
         f" (hive {result.hive_id or '-'}, {result.device}, {context_text(result)}"
-        f"{', embeddings' if result.embedding else ''})",
+        f"{', rerank' if result.rerank else ', embeddings' if result.embedding else ''})",
         markup=False,
         highlight=False,
     )
