@@ -5,9 +5,9 @@
 rbee is a real queen and a real hive whose `--memory-limit` holds one of the two models but
 not both; the queen starts a model's worker on demand and, when it does not fit, evicts the
 least recently used idle one. The router is `llama-server --models-dir DIR --models-max 1` of
-the same llama.cpp build, which loads a model on demand and evicts the other; each of its model
-processes gets what rbee's on-demand worker gets (a 2048-token context, one slot). Both are
-asked the same way: `/v1/completions` (Gemma 3 270M is a base model) with `model` naming the
+the same llama.cpp build, which loads a model on demand and evicts the other. Every model
+process of either gets 2048 tokens and one slot (the queen's `--ctx-size 2048 --slots 1`, the
+router's `--ctx-size 2048 --parallel 1`). Both are asked the same way: `/v1/completions` (Gemma 3 270M is a base model) with `model` naming the
 model, greedy, `--max-tokens` tokens.
 
 Two pairs of models, each with its own queen, hive and router:
@@ -57,7 +57,7 @@ from rbee_testing.processes import ServerProcess, console_script, free_port
 
 LLAMA_SERVER = Path(sys.executable).parent / "llama-server"
 COPY = "smollm2-copy.gguf"  # a hive names a model file it finds by its file name
-CTX_SIZE = 2048  # an on-demand rbee worker's (DEFAULT_CTX_SIZE), given to the router too
+CTX_SIZE = 2048  # every model process of either system: 2048 tokens, one slot
 PROMPT = "The capital of France is"
 REQUEST_TIMEOUT_S = 600.0  # patient: a swap under load on two busy cores can take a while
 PAIRS: dict[str, tuple[str, str, str]] = {
@@ -124,6 +124,7 @@ class Rbee(System):
             [
                 console_script("queen-rbee"), "--port", str(queen_port),
                 "--queue-timeout", str(int(REQUEST_TIMEOUT_S)), "--spawn-timeout", "300",
+                "--ctx-size", str(CTX_SIZE), "--slots", "1",
                 "--data-dir", str(logs / "queen"),
             ],
             health_url=f"{self.url}/health",
