@@ -178,8 +178,11 @@ class Proxy:
         *,
         embedding: bool = False,
         route: RouteKey | None = None,
+        arrived: float | None = None,
     ) -> Lease:
         """A worker slot for the model: now, after waiting in line, or after starting a worker.
+        `arrived`: when the request came (the queen's clock; default now), which places it in
+        its model's turn when another model waits for the memory (scheduler.room).
 
         Workers that failed this request are left out by their bench, not by their id: a hive
         may give a new worker the id (hive and port) of one that died, and a request waiting
@@ -214,10 +217,12 @@ class Proxy:
                 )
         admission = self.router.admission
         try:
-            return await self.router.acquire(model, embedding=embedding, key=route)
+            return await self.router.acquire(model, embedding=embedding, key=route, arrived=arrived)
         except NothingToWaitFor:
             # Its workers went (unloaded, evicted, gone) while it waited: start one.
-            return await self.lease(model, failed, embedding=embedding, route=route)
+            return await self.lease(
+                model, failed, embedding=embedding, route=route, arrived=arrived
+            )
         except QueueFull:
             raise TooManyRequests(
                 f"all workers for {quote(model)} are busy and {admission.max_waiting} requests "
@@ -304,7 +309,8 @@ class Proxy:
         tried: list[str] = []
         failures = 0
         whole = not track.streamed
-        lease = await self.lease(model, tried, embedding=embedding, route=route)
+        arrived = self.registry.now()
+        lease = await self.lease(model, tried, embedding=embedding, route=route, arrived=arrived)
         while True:
             track.lease(lease.worker_id)
             if keep_alive is not None:  # Ollama's meaning: the worker's keep-alive from now on
@@ -347,7 +353,9 @@ class Proxy:
                 raise BadGateway(
                     f"{failures} worker(s) failed for {quote(model)}; last: {attempt.reason}"
                 )
-            lease = await self.lease(model, tried, embedding=embedding, route=route)
+            lease = await self.lease(
+                model, tried, embedding=embedding, route=route, arrived=arrived
+            )
 
     def _answer(
         self,

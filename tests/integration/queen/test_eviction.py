@@ -67,6 +67,7 @@ class MemoryCluster:
         # client may resume only after the queen has already stopped that worker).
         self.log: list[str] = []
         self.one_port = False  # True: every worker gets the id of the hive's one port
+        self.loading: asyncio.Event | None = None  # set: the hive's starts go on
         self.app = create_app(
             QueenSettings.model_validate(
                 {"heartbeat_timeout": 10**6, "spawn_timeout": 10, "queue_timeout": 10, **settings}
@@ -125,6 +126,8 @@ class MemoryCluster:
             spec = json.loads(request.content)
             model = spec["model"]
             assert self.limit - NEED * len(self.running) >= NEED, "the hive was double-booked"
+            if self.loading is not None:
+                await self.loading.wait()
             self.spawns.append(model)
             worker_id = "h1-8080" if self.one_port else f"w{len(self.spawns)}-{model}"
             pid = 100 + len(self.spawns)
@@ -458,5 +461,26 @@ async def test_a_new_worker_with_an_evicted_ones_id_can_be_evicted_in_turn() -> 
             cluster.clock.advance(10)
         assert cluster.spawns == ["a", "b", "a", "b"]
         assert cluster.stops == ["h1-8080"] * 3
+    finally:
+        await cluster.aclose()
+
+
+async def test_requests_that_waited_out_a_cold_start_keep_their_place() -> None:
+    """Requests keep their place by when they came to the queen, not by when their model's
+    worker was ready: those that waited out a cold start are served before the other model,
+    which asked while it loaded, gets the memory (they counted as newer than its wait, and
+    the two models swapped once per request)."""
+    cluster = await open_cluster(1, queue_timeout=30)
+    cluster.loading = asyncio.Event()
+    try:
+        for_a = [asyncio.create_task(cluster.chat("a")) for _ in range(3)]
+        await asyncio.sleep(0.3)  # a's start is under way, held by its hive
+        for_b = [asyncio.create_task(cluster.chat("b")) for _ in range(3)]
+        await asyncio.sleep(0.3)  # b waits for the memory a's start took
+        cluster.clock.advance(5)
+        cluster.loading.set()  # a loads after 5 s
+        answers = await asyncio.gather(*for_a, *for_b)
+        assert [r.status_code for r in answers] == [200] * 6
+        assert cluster.log == ["answer a"] * 3 + ["stop w1-a"] + ["answer b"] * 3
     finally:
         await cluster.aclose()

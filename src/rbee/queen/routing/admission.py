@@ -35,14 +35,17 @@ class AdmissionQueue:
         self.max_wait_s = max_wait_s
         self._clock = clock
         self._queues: dict[Hashable, deque[asyncio.Event]] = {}
-        self._since: dict[asyncio.Event, float] = {}  # when each waiting request came
+        self._since: dict[asyncio.Event, float] = {}  # when each waiting request came in line
+        # When each came to the queen: before a cold start, say, which it then waited out.
+        self._arrived: dict[asyncio.Event, float] = {}
 
     def waiting(self, model: Hashable) -> int:
         return len(self._queues.get(model, ()))
 
     def waiting_since(self, model: Hashable, when: float) -> int:
-        """Requests waiting for the pool that came at or before `when` (the queue's clock)."""
-        return sum(1 for waiting in self._queues.get(model, ()) if self._since[waiting] <= when)
+        """Requests waiting for the pool that came to the queen at or before `when` (the
+        queue's clock)."""
+        return sum(1 for waiting in self._queues.get(model, ()) if self._arrived[waiting] <= when)
 
     def waiting_by_model(self) -> dict[str, int]:
         """Requests waiting per model name, whatever pool of its workers they wait for."""
@@ -78,9 +81,11 @@ class AdmissionQueue:
         model: Hashable,
         try_take: Callable[[], T | None],
         hopeless: Callable[[], bool] = lambda: False,
+        arrived: float | None = None,
     ) -> T:
         """A worker from `try_take`, now or in turn; `hopeless()` says the pool has no worker
-        left to wait for (raises NothingToWaitFor)."""
+        left to wait for (raises NothingToWaitFor). `arrived`: when the request came to the
+        queen (default: now)."""
         queue = self._queues.setdefault(model, deque())
         if not queue and (taken := try_take()) is not None:
             return taken
@@ -89,6 +94,7 @@ class AdmissionQueue:
         me = asyncio.Event()
         queue.append(me)
         self._since[me] = self._clock()
+        self._arrived[me] = self._since[me] if arrived is None else arrived
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.max_wait_s
         try:
@@ -108,6 +114,7 @@ class AdmissionQueue:
         finally:
             queue.remove(me)
             del self._since[me]
+            del self._arrived[me]
             if not queue:
                 self._queues.pop(model, None)
             else:

@@ -141,11 +141,13 @@ class Router:
         *,
         embedding: bool = False,
         key: RouteKey | None = None,
+        arrived: float | None = None,
     ) -> Lease:
         return await self.admission.acquire(
             (model, embedding),
             lambda: self.try_take(model, exclude, embedding=embedding, key=key),
             lambda: not self.has_live_worker(model, exclude, embedding=embedding),
+            arrived,
         )
 
     def release(self, lease: Lease) -> None:
