@@ -128,15 +128,29 @@ def _copy(src: socket.socket, dst: socket.socket, first: bytes) -> None:
 
 async def _kernel_splice(a: Stream, b: Stream) -> None:
     """Both ways at once, each in a thread of its own that only waits on the kernel: no Python
-    runs per message, so a token's RPC round trips cost what they cost without the tunnel."""
-    (sock_a, pending_a), (sock_b, pending_b) = await _take_socket(a), await _take_socket(b)
+    runs per message, so a token's RPC round trips cost what they cost without the tunnel. The
+    threads close the sockets when both are done, even if the event loop is gone by then."""
+    sock_a, pending_a = await _take_socket(a)
+    try:
+        sock_b, pending_b = await _take_socket(b)
+    except BaseException:
+        sock_a.close()
+        raise
     loop = asyncio.get_running_loop()
     done = [loop.create_future(), loop.create_future()]
+    running = [2]
+    lock = threading.Lock()
 
     def run(index: int, src: socket.socket, dst: socket.socket, first: bytes) -> None:
         try:
             _copy(src, dst, first)
         finally:
+            with lock:
+                running[0] -= 1
+                last = running[0] == 0
+            if last:
+                sock_a.close()
+                sock_b.close()
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
                 loop.call_soon_threadsafe(done[index].set_result, None)
 
@@ -150,8 +164,6 @@ async def _kernel_splice(a: Stream, b: Stream) -> None:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
         await asyncio.gather(*done, return_exceptions=True)
-        sock_a.close()
-        sock_b.close()
 
 
 def _plain_tcp(stream: Stream) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import pytest
@@ -18,14 +19,23 @@ class Echo:
     def __init__(self) -> None:
         self.received = bytearray()
         self.connections = 0
+        self.open = 0
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
-        while data := await reader.read(65536):
-            self.received += data
-            writer.write(data)
-            await writer.drain()
-        writer.close()
+        self.open += 1
+        try:
+            while data := await reader.read(65536):
+                self.received += data
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+            self.open -= 1
 
 
 @pytest.fixture
@@ -33,6 +43,11 @@ async def rpc() -> AsyncIterator[tuple[Echo, int]]:
     echo = Echo()
     server = await asyncio.start_server(echo.handle, "127.0.0.1", 0)
     yield echo, server.sockets[0].getsockname()[1]
+    # The tunnel hands its sockets to the kernel: the stand-in sees their end a moment later.
+    for _ in range(500):
+        if not echo.open:
+            break
+        await asyncio.sleep(0.01)
     server.close()
 
 
