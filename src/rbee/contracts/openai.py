@@ -386,14 +386,14 @@ class ModelServing(BaseModel):
     workers: int = 0
     embedding_workers: int = 0
     hives: list[str] = Field(default_factory=list)
+    # The APIs it is served on (rbee.contracts.apis): `chat.completions`, `completions`,
+    # `messages` (Anthropic), `responses` (OpenAI Responses), `embeddings`.
+    apis: list[str] = Field(default_factory=list)
     # Hives where starting a worker for the model is on hold, and why; empty when none is.
     backoff: list[ModelBackoff] = Field(default_factory=list)
     # Keep-alive of its loaded workers: `pinned` when one is never unloaded for idleness;
     # otherwise the seconds until the last of them unloads if no request comes.
     pinned: bool = False
-    # The APIs it is served on (rbee.contracts.apis): `chat.completions`, `completions`,
-    # `messages` (Anthropic), `responses` (OpenAI Responses), `embeddings`.
-    apis: list[str] = Field(default_factory=list)
     keep_alive_left_s: float | None = None
     # Seconds since a request on it last ended (0 while one runs); None: not loaded.
     last_used_s_ago: float | None = None

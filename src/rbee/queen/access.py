@@ -26,11 +26,11 @@ QUEEN_ACCESS: Mapping[str, Audience] = {
     "POST /v1/embeddings": INFERENCE,  # inference too, though issue 10 predates it
     "POST /v1/rerank": INFERENCE,  # a reranker model's workers (llama.cpp's --reranking)
     "POST /v1/reranking": INFERENCE,
-    # Ollama's API (issue 25): inference, like the OpenAI API it is translated to.
     "POST /v1/messages": INFERENCE,  # Anthropic Messages
     "POST /v1/messages/count_tokens": INFERENCE,
     "POST /v1/responses": INFERENCE,  # OpenAI Responses
     "POST /v1/responses/input_tokens": INFERENCE,
+    # Ollama's API (issue 25): inference, like the OpenAI API it is translated to.
     "GET /api/tags": INFERENCE,
     "GET /api/ps": INFERENCE,
     "GET /api/version": INFERENCE,
