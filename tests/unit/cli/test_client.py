@@ -124,9 +124,7 @@ async def test_run_job_sends_only_set_fields_and_returns_the_result() -> None:
         result = await client.run_job(WorkerSpawnJob(operation="worker_spawn", model="m"))
 
     assert result == {"worker_id": "w"}
-    assert bodies == [
-        {"operation": "worker_spawn", "model": "m", "kv_cache_type": "auto"}
-    ]
+    assert bodies == [{"operation": "worker_spawn", "model": "m", "kv_cache_type": "auto"}]
 
 
 async def test_a_job_stream_that_ends_without_a_result_fails() -> None:
