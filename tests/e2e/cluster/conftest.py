@@ -38,8 +38,9 @@ class Cluster:
                         return data
         raise AssertionError("job stream ended without a final event")
 
-    def spawn_worker(self, model: str = DEFAULT_MODEL) -> dict[str, Any]:
-        event = self.run_job({"operation": "worker_spawn", "model": model, "hive_id": self.hive_id})
+    def spawn_worker(self, model: str = DEFAULT_MODEL, **fields: Any) -> dict[str, Any]:
+        job = {"operation": "worker_spawn", "model": model, "hive_id": self.hive_id, **fields}
+        event = self.run_job(job)
         assert event["type"] == "done", event
         result: dict[str, Any] = event["result"]
         return result
@@ -100,8 +101,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """Queue of 2 per model, and two one-slot SmolLM2 workers started through the queen's jobs."""
     flags = ["--queue-size", "2", "--queue-timeout", "60", "--cooldown", "5"]
     for c in start_cluster(tmp_path_factory.mktemp("cluster"), *flags):
-        c.spawn_worker()
-        c.spawn_worker()
+        c.spawn_worker(slots=1)
+        c.spawn_worker(slots=1)
         yield c
 
 
