@@ -70,7 +70,8 @@ def test_rbee_up_serves_the_default_model_and_stops_everything_on_ctrl_c(
             ("ready", "e2e-hive", True)
         ]
         assert second.returncode == 1
-        assert f"rbee up is already running (pid {up.pid})" in second.stderr
+        assert f"is already running (pid {up.pid})" in second.stderr
+        assert "down` or Ctrl-C" in second.stderr  # how to stop it
         assert processes_mentioning("llm-worker-rbee", url), "the worker should be running"
 
         up.send_signal(signal.SIGINT)
