@@ -18,6 +18,9 @@ QUEEN_FLAGS = (
     "--queue-size", "32",
     "--queue-timeout", "120",
     "--hive-forget-after", "15",
+    # Faults are the subject here: requests spread over both machines as least-loaded does
+    # (prefix routing keeps a run of like requests on one worker).
+    "--routing-policy", "least-loaded",
 )  # fmt: skip
 
 
@@ -41,4 +44,6 @@ def cluster(tmp_path: Path) -> Iterator[LanCluster]:
 def default_timeouts_cluster(tmp_path: Path) -> Iterator[LanCluster]:
     """The queen's own heartbeat timeout (90 s) and cooldown: a machine that drops off stays
     listed online for a minute and a half, so only its dead connections can give it away."""
-    yield from three_machines(tmp_path, "--queue-size", "32", "--queue-timeout", "120")
+    yield from three_machines(
+        tmp_path, "--queue-size", "32", "--queue-timeout", "120", "--routing-policy", "least-loaded"
+    )
