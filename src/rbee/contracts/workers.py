@@ -28,6 +28,9 @@ Port = Annotated[int, Field(ge=1, le=65535)]
 # A device a worker computes on: the CPU, NVIDIA GPU N (numbered as nvidia-smi does), the Apple GPU.
 DEVICE_PATTERN = r"^(cpu|cuda|metal):(0|[1-9][0-9]{0,2})$"
 
+# What a worker id may be: a hive names its workers HIVE-PORT; ids given on spawn match too.
+WORKER_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+
 
 def check_device_id(value: str) -> str:
     if not re.match(DEVICE_PATTERN, value):

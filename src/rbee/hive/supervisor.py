@@ -18,7 +18,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import signal
 import subprocess
 import time
@@ -42,14 +41,13 @@ from rbee.contracts.hive_api import (
     WorkerProcess,
     WorkerStopped,
 )
-from rbee.contracts.workers import http_url
+from rbee.contracts.workers import WORKER_ID_PATTERN, http_url
 from rbee.hive.catalog import Catalog
 from rbee.hive.cores import CorePlacement, place_cores
 from rbee.hive.ports import pick_port
 from rbee.hive.settings import HiveSettings
 
 log = logging.getLogger("rbee.hive.supervisor")
-WORKER_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 OUTPUT_TAIL_BYTES = 4000
 LOG_KEEP = 5  # earlier logs kept of a worker id started again (worker-ID.log.1 … .5)
 LOG_TAIL_MAX_BYTES = 4 * 1024 * 1024  # `rbee worker logs` reads at most this much of the end

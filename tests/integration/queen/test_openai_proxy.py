@@ -476,3 +476,12 @@ async def test_embeddings_for_a_model_a_hive_has_start_an_embedding_worker(
     ]
     assert {a.headers["x-rbee-worker-id"] for a in answers} == {"spawned-1"}
     assert (await cluster.chat(model="cold")).headers["x-rbee-worker-id"] == "chat1"
+
+
+async def test_a_worker_log_for_an_id_no_worker_could_have_is_a_400(cluster: Cluster) -> None:
+    """Not passed on to the hives (one answered 400, which came back as 502; one with control
+    characters broke the URL: 500)."""
+    for bad in (";~Ì", "%10z%3F", "-starts-with-a-dash"):
+        answer = await cluster.client.get(f"/v1/workers/{bad}/log")
+        assert answer.status_code == 400, (bad, answer.text)
+        assert answer.json()["error"]["param"] == "worker_id"

@@ -14,8 +14,8 @@ from pydantic import ValidationError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from rbee.clients.hive import HiveError
-from rbee.common.errors import NotFound, quote
-from rbee.contracts.workers import HeartbeatAck, WorkerHeartbeat, WorkerView
+from rbee.common.errors import BadRequest, NotFound, quote
+from rbee.contracts.workers import WORKER_ID_PATTERN, HeartbeatAck, WorkerHeartbeat, WorkerView
 from rbee.queen.live import queen_view, snapshot, worker_json
 from rbee.queen.operations import hive_failure
 from rbee.queen.registry import ChangeKind, RegistryChange
@@ -156,6 +156,8 @@ async def worker_log(
 ) -> PlainTextResponse:
     """The end of a worker's log, from its hive: a running worker's, or a stopped one's (asked
     of every hive online when the registry no longer knows the worker)."""
+    if not WORKER_ID_PATTERN.match(worker_id):
+        raise BadRequest(f"{quote(worker_id)} is not a valid worker id", param="worker_id")
     info = state.registry.get_worker(worker_id)
     hives = state.hives.online()
     if info is not None and info.hive_id:
