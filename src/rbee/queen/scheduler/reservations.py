@@ -50,10 +50,6 @@ class Reservations:
         if reservation in self._held:
             self._held.remove(reservation)
 
-    def stopped(self, worker_id: str) -> None:
-        """The worker stopped: whatever it was promised, its hive's figures now tell."""
-        self._held = [r for r in self._held if r.worker_id != worker_id]
-
     def seen(self, hives: Iterable[HiveView]) -> None:
         """Forgets reservations whose worker a hive lists (its figures include it now), and
         those that lapsed. Called on each hive heartbeat: a worker listed by one heartbeat and

@@ -84,9 +84,9 @@ class Room:
         # Room made by evictions, kept for the model they were for while it waits for it.
         self._earmarks: dict[DeviceKey, str] = {}
 
-    def residents(self, asked_at: float | None = None) -> list[Resident]:
+    def residents(self, asked_at: float) -> list[Resident]:
         """The loaded workers that could make room (serving, heard from, not going away);
-        their queues count the requests that came by `asked_at` (queen's clock), all if None."""
+        their queues count the requests that came by `asked_at` (queen's clock)."""
         registry, router = self.registry, self.router
         hives = {h.id: h for h in self.spawner.hives.all()}
         now = registry.now()
@@ -115,11 +115,7 @@ class Room:
                     bytes=estimate.total if estimate else 0,
                     pinned=math.isinf(self.watch.keep_alive_s(info)),
                     in_flight=router.tracker.in_flight(info.id),
-                    queued=(
-                        router.admission.waiting(pool_of(info))
-                        if asked_at is None
-                        else router.admission.waiting_since(pool_of(info), asked_at)
-                    ),
+                    queued=router.admission.waiting_since(pool_of(info), asked_at),
                     last_used=now if used is None else used,
                 )
             )

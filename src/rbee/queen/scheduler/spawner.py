@@ -340,7 +340,6 @@ class Spawner:
         """A worker said it stopped (asked to, or shut down): not a failure."""
         self.reservations.forget(worker_id)
         self._started.pop(worker_id, None)
-        self.reservations.stopped(worker_id)
 
     def _forget_stable(self) -> None:
         now = self._clock()
