@@ -92,9 +92,10 @@ async def test_queen_down_at_start_then_up_registers_within_one_interval(
     loop = asyncio.get_running_loop()
     await queen.start()
     back_at = loop.time()
-    await wait_for(lambda: bool(queen.beats), within_s=0.4 + 0.2)
-    assert loop.time() - back_at <= 0.4 + 0.1
-    assert beater.connected
+    # The queen records the beat before the worker has read the answer: wait for the worker's
+    # side too. The bound is the backoff's cap plus room for a busy two-core machine.
+    await wait_for(lambda: bool(queen.beats) and beater.connected, within_s=0.4 + 0.6)
+    assert loop.time() - back_at <= 0.4 + 0.6
     beater.close()
     await task
 
