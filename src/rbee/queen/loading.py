@@ -32,7 +32,8 @@ def loading_comment(model: str) -> bytes:
     return f": loading {model[:200]}\n\n".encode()
 
 
-async def _body_of(response: Response) -> bytes:
+async def body_of(response: Response) -> bytes:
+    """A response's whole body, streamed or not."""
     if isinstance(response, StreamingResponse):
         chunks = [
             c if isinstance(c, bytes) else str(c).encode() async for c in response.body_iterator
@@ -66,7 +67,7 @@ async def loading_stream(
             yield sse_data(exc.body())
             return
         if not isinstance(response, StreamingResponse) or response.status_code >= 400:
-            yield _error_event(await _body_of(response), response.status_code)
+            yield _error_event(await body_of(response), response.status_code)
             return
         async for chunk in response.body_iterator:
             yield chunk if isinstance(chunk, bytes) else str(chunk).encode()

@@ -13,7 +13,9 @@ import pytest
 
 from rbee.common.errors import BadRequest
 from rbee.contracts.ollama import OllamaChatRequest, OllamaEmbedRequest, OllamaGenerateRequest
-from rbee.queen import ollama
+from rbee.queen.ollama.answers import StreamError, Translation, combine, embed_answer, sse_events
+from rbee.queen.ollama.models import ps_entry
+from rbee.queen.ollama.requests import chat_body, embed_body, generate_body, load_only
 
 
 def chat(**fields: Any) -> OllamaChatRequest:
@@ -23,7 +25,7 @@ def chat(**fields: Any) -> OllamaChatRequest:
 
 
 def test_options_become_openai_fields_and_load_time_ones_are_reported() -> None:
-    body, ignored = ollama.chat_body(
+    body, ignored = chat_body(
         chat(
             options={
                 "num_predict": 12,
@@ -51,7 +53,7 @@ def test_options_become_openai_fields_and_load_time_ones_are_reported() -> None:
 
 
 def test_no_limit_is_no_max_tokens() -> None:
-    body, _ = ollama.chat_body(chat(options={"num_predict": -1}))
+    body, _ = chat_body(chat(options={"num_predict": -1}))
     assert "max_tokens" not in body
 
 
@@ -68,19 +70,19 @@ def test_what_a_worker_cannot_honour_is_refused_by_name(
     options: dict[str, Any], named: str
 ) -> None:
     with pytest.raises(BadRequest) as caught:
-        ollama.chat_body(chat(options=options))
+        chat_body(chat(options=options))
     assert caught.value.param == named
     assert named.split(".")[1] in caught.value.message
 
 
 def test_format_json_and_schema() -> None:
-    assert ollama.chat_body(chat(format="json"))[0]["response_format"] == {"type": "json_object"}
+    assert chat_body(chat(format="json"))[0]["response_format"] == {"type": "json_object"}
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
-    fmt = ollama.chat_body(chat(format=schema))[0]["response_format"]
+    fmt = chat_body(chat(format=schema))[0]["response_format"]
     assert fmt == {"type": "json_schema", "json_schema": {"name": "format", "schema": schema}}
-    assert "response_format" not in ollama.chat_body(chat(format=""))[0]
+    assert "response_format" not in chat_body(chat(format=""))[0]
     with pytest.raises(BadRequest):
-        ollama.chat_body(chat(format="yaml"))
+        chat_body(chat(format="yaml"))
 
 
 def test_tool_history_gets_ids_that_pair_calls_with_results() -> None:
@@ -100,7 +102,7 @@ def test_tool_history_gets_ids_that_pair_calls_with_results() -> None:
         ],
         tools=[{"type": "function", "function": {"name": "weather", "parameters": {}}}],
     )
-    body, _ = ollama.chat_body(request)
+    body, _ = chat_body(request)
     assistant, time_result, weather_result = body["messages"][1:]
     weather_call, time_call = assistant["tool_calls"]
     assert json.loads(weather_call["function"]["arguments"]) == {"city": "Paris"}
@@ -123,20 +125,20 @@ def test_tool_history_gets_ids_that_pair_calls_with_results() -> None:
 )
 def test_chat_refusals(fields: dict[str, Any], param: str) -> None:
     with pytest.raises(BadRequest) as caught:
-        ollama.chat_body(chat(**fields))
+        chat_body(chat(**fields))
     assert caught.value.param == param
 
 
 def test_generate_goes_through_the_chat_template_unless_raw() -> None:
     asked = OllamaGenerateRequest.model_validate({"model": "m", "prompt": "Hi", "system": "Be"})
-    path, body, _ = ollama.generate_body(asked)
+    path, body, _ = generate_body(asked)
     assert path == "/v1/chat/completions"
     assert body["messages"] == [
         {"role": "system", "content": "Be"},
         {"role": "user", "content": "Hi"},
     ]
     raw = OllamaGenerateRequest.model_validate({"model": "m", "prompt": "Hi", "raw": True})
-    path, body, _ = ollama.generate_body(raw)
+    path, body, _ = generate_body(raw)
     assert path == "/v1/completions"
     assert body["prompt"] == "Hi"
 
@@ -146,28 +148,28 @@ def test_generate_refuses_what_it_cannot_do(field: str) -> None:
     value: Any = [1] if field in ("context", "images") else "x"
     asked = OllamaGenerateRequest.model_validate({"model": "m", "prompt": "Hi", field: value})
     with pytest.raises(BadRequest) as caught:
-        ollama.generate_body(asked)
+        generate_body(asked)
     assert caught.value.param == field
 
 
 def test_an_empty_prompt_only_loads() -> None:
-    assert ollama.load_only(OllamaGenerateRequest.model_validate({"model": "m"}))
-    assert not ollama.load_only(OllamaGenerateRequest.model_validate({"model": "m", "prompt": "x"}))
-    assert ollama.load_only(OllamaChatRequest.model_validate({"model": "m"}))
+    assert load_only(OllamaGenerateRequest.model_validate({"model": "m"}))
+    assert not load_only(OllamaGenerateRequest.model_validate({"model": "m", "prompt": "x"}))
+    assert load_only(OllamaChatRequest.model_validate({"model": "m"}))
 
 
 def test_embed_body() -> None:
     asked = OllamaEmbedRequest.model_validate(
         {"model": "m", "input": ["a", "b"], "options": {"num_ctx": 512}, "keep_alive": 0}
     )
-    body, ignored = ollama.embed_body(asked)
+    body, ignored = embed_body(asked)
     assert body == {"model": "m", "input": ["a", "b"], "encoding_format": "float", "keep_alive": 0}
     assert ignored == ["num_ctx"]
     answer = {
         "data": [{"index": 1, "embedding": [0.0, 1.0]}, {"index": 0, "embedding": [1.0, 0.0]}],
         "usage": {"prompt_tokens": 4, "total_tokens": 4},
     }
-    out = ollama.embed_answer("m", answer, 1000)
+    out = embed_answer("m", answer, 1000)
     assert out["embeddings"] == [[1.0, 0.0], [0.0, 1.0]]
     assert out["prompt_eval_count"] == 4
 
@@ -189,10 +191,10 @@ def delta(**fields: Any) -> dict[str, Any]:
 
 
 async def translate(kind: Any, pieces: list[bytes], cold: bool = False) -> list[dict[str, Any]]:
-    translation = ollama.Translation("m", kind, started_ns=0, cold=cold, now=datetime.now(UTC))
+    translation = Translation("m", kind, started_ns=0, cold=cold, now=datetime.now(UTC))
     lines: list[dict[str, Any]] = []
     clock = iter(range(100, 10_000, 100))
-    async for data in ollama.sse_events(chunks_of(pieces)):
+    async for data in sse_events(chunks_of(pieces)):
         lines += translation.event(data, next(clock))
     return lines + translation.end(5_000)
 
@@ -218,7 +220,7 @@ async def test_a_chat_stream_becomes_ollama_lines_with_counts_and_durations() ->
     assert done["load_duration"] == 100
     assert done["prompt_eval_duration"] == 100
     assert done["eval_duration"] == 4_800
-    whole = ollama.combine(lines)
+    whole = combine(lines)
     assert whole["message"] == {"role": "assistant", "content": "Hello"}
     assert whole["done"] is True
 
@@ -236,19 +238,19 @@ async def test_streamed_tool_calls_come_whole_with_object_arguments() -> None:
     calls = [{"function": {"index": 0, "name": "weather", "arguments": {"city": "Paris"}}}]
     assert lines[0]["message"]["tool_calls"] == calls
     assert lines[-1]["done_reason"] == "stop"
-    assert ollama.combine(lines)["message"]["tool_calls"] == calls
+    assert combine(lines)["message"]["tool_calls"] == calls
 
 
 async def test_generate_lines_carry_response() -> None:
     pieces = sse({"choices": [{"index": 0, "text": "Par"}]}, {"choices": [{"text": "is"}]})
     lines = await translate("generate", pieces)
     assert [line["response"] for line in lines] == ["Par", "is", ""]
-    assert ollama.combine(lines)["response"] == "Paris"
+    assert combine(lines)["response"] == "Paris"
 
 
 async def test_an_error_event_keeps_its_status() -> None:
     error = {"error": {"message": "no room", "type": "rate_limit_error", "code": "queue_full"}}
-    with pytest.raises(ollama.StreamError) as caught:
+    with pytest.raises(StreamError) as caught:
         await translate("chat", sse(error))
     assert caught.value.status == 429
     assert caught.value.message == "no room"
@@ -256,8 +258,8 @@ async def test_an_error_event_keeps_its_status() -> None:
 
 def test_ps_entry_says_when_the_model_unloads() -> None:
     now = datetime(2026, 1, 1, tzinfo=UTC)
-    entry = ollama.ps_entry("m", None, {"keep_alive_left_s": 90.0}, False, now)
+    entry = ps_entry("m", None, {"keep_alive_left_s": 90.0}, False, now)
     assert entry["expires_at"] == "2026-01-01T00:01:30Z"
-    pinned = ollama.ps_entry("m", None, {"keep_alive_left_s": None}, True, now)
+    pinned = ps_entry("m", None, {"keep_alive_left_s": None}, True, now)
     assert pinned["expires_at"].startswith("2318")
     assert pinned["size_vram"] == pinned["size"]

@@ -33,8 +33,27 @@ from rbee.contracts.ollama import (
     OllamaShowRequest,
 )
 from rbee.contracts.workers import parse_keep_alive
-from rbee.queen import ollama
 from rbee.queen.live import model_entries
+from rbee.queen.loading import body_of
+from rbee.queen.ollama.answers import (
+    StreamError,
+    Translation,
+    combine,
+    embed_answer,
+    loaded_answer,
+    ndjson,
+    sse_events,
+)
+from rbee.queen.ollama.models import ps_entry, show_answer, tag_entry
+from rbee.queen.ollama.requests import (
+    CHAT_PATH,
+    EMBEDDINGS_PATH,
+    IGNORED_HEADER,
+    chat_body,
+    embed_body,
+    generate_body,
+    load_only,
+)
 from rbee.queen.proxy import WORKER_HEADER
 from rbee.queen.state import QueenState
 
@@ -80,30 +99,28 @@ def _state(request: Request) -> QueenState:
 
 
 def _headers(ignored: list[str], response: Response | None = None) -> dict[str, str]:
-    headers = {ollama.IGNORED_HEADER: ",".join(ignored)} if ignored else {}
+    headers = {IGNORED_HEADER: ",".join(ignored)} if ignored else {}
     if response is not None and (worker := response.headers.get(WORKER_HEADER)):
         headers[WORKER_HEADER] = worker
     return headers
 
 
-async def _body_of(response: Response) -> bytes:
-    if isinstance(response, StreamingResponse):
-        parts = [
-            c if isinstance(c, bytes) else str(c).encode() async for c in response.body_iterator
-        ]
-        return b"".join(parts)
-    return bytes(response.body)
+class _Refused(RbeeError):
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status_code = status
 
 
-def _upstream_error(status: int, body: bytes) -> JSONResponse:
+def _refused(status: int, body: bytes) -> _Refused:
+    """An error answer of the routing path, as Ollama's clients get it: an unknown model is 404."""
     message, code = read_error(status, body)
-    return _error(message, 404 if code == "model_not_found" else status)
+    return _Refused(message, 404 if code == "model_not_found" else status)
 
 
 async def _lines(
-    translation: ollama.Translation, chunks: AsyncIterator[bytes]
+    translation: Translation, chunks: AsyncIterator[bytes]
 ) -> AsyncIterator[dict[str, Any]]:
-    async for data in ollama.sse_events(chunks):
+    async for data in sse_events(chunks):
         for line in translation.event(data, time.monotonic_ns()):
             yield line
     for line in translation.end(time.monotonic_ns()):
@@ -113,9 +130,9 @@ async def _lines(
 async def _ndjson(lines: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
     try:
         async for line in lines:
-            yield ollama.ndjson(line)
-    except ollama.StreamError as exc:  # the 200 is out: the error is the last line
-        yield ollama.ndjson({"error": exc.message})
+            yield ndjson(line)
+    except StreamError as exc:  # the 200 is out: the error is the last line
+        yield ndjson({"error": exc.message})
 
 
 def _retype(response: Response, headers: dict[str, str]) -> None:
@@ -140,8 +157,8 @@ async def _answer(
     response = await state.proxy.forward(request, path, body=json.dumps(body).encode())
     headers = _headers(ignored, response)
     if response.status_code >= 400 or not isinstance(response, StreamingResponse):
-        return _upstream_error(response.status_code, await _body_of(response))
-    translation = ollama.Translation(model, kind, started, cold)
+        raise _refused(response.status_code, await body_of(response))
+    translation = Translation(model, kind, started, cold)
     lines = _lines(translation, response.body_iterator)  # type: ignore[arg-type]  # bytes
     if stream:
         response.body_iterator = _ndjson(lines)
@@ -153,11 +170,11 @@ async def _answer(
 
     try:
         collected = await unless_client_leaves(request.receive, whole())
-    except ollama.StreamError as exc:
+    except StreamError as exc:
         return _error(exc.message, exc.status, headers)
     except ClientGone:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
-    return JSONResponse(ollama.combine(collected), headers=headers)
+    return JSONResponse(combine(collected), headers=headers)
 
 
 async def _load(
@@ -182,9 +199,9 @@ async def _load(
     finally:
         state.router.release(lease)
     took = time.monotonic_ns() - started
-    answer = ollama.loaded_answer(model, kind, seconds == 0, took, datetime.now(UTC))
+    answer = loaded_answer(model, kind, seconds == 0, took, datetime.now(UTC))
     if stream:
-        return Response(ollama.ndjson(answer), media_type=NDJSON)
+        return Response(ndjson(answer), media_type=NDJSON)
     return JSONResponse(answer)
 
 
@@ -192,19 +209,19 @@ async def _load(
 async def chat(request: Request) -> Response:
     asked = await _parse(request, OllamaChatRequest)
     stream = asked.stream is not False
-    if ollama.load_only(asked):
+    if load_only(asked):
         return await _load(request, asked.model, asked.keep_alive, "chat", stream)
-    body, ignored = ollama.chat_body(asked)
-    return await _answer(request, ollama.CHAT_PATH, body, "chat", stream, ignored)
+    body, ignored = chat_body(asked)
+    return await _answer(request, CHAT_PATH, body, "chat", stream, ignored)
 
 
 @_ollama_errors
 async def generate(request: Request) -> Response:
     asked = await _parse(request, OllamaGenerateRequest)
     stream = asked.stream is not False
-    if ollama.load_only(asked):
+    if load_only(asked):
         return await _load(request, asked.model, asked.keep_alive, "generate", stream)
-    path, body, ignored = ollama.generate_body(asked)
+    path, body, ignored = generate_body(asked)
     return await _answer(request, path, body, "generate", stream, ignored)
 
 
@@ -212,29 +229,21 @@ async def _embeddings(request: Request, body: dict[str, Any]) -> tuple[dict[str,
     """The worker's OpenAI embeddings answer, and how long it took (ns)."""
     started = time.monotonic_ns()
     response = await _state(request).proxy.forward(
-        request, ollama.EMBEDDINGS_PATH, embedding=True, body=json.dumps(body).encode()
+        request, EMBEDDINGS_PATH, embedding=True, body=json.dumps(body).encode()
     )
-    raw = await _body_of(response)
+    raw = await body_of(response)
     if response.status_code >= 400:
-        message, code = read_error(response.status_code, raw)
-        status = 404 if code == "model_not_found" else response.status_code
-        raise _Refused(message, status)
+        raise _refused(response.status_code, raw)
     answer: dict[str, Any] = json.loads(raw)
     return answer, time.monotonic_ns() - started
-
-
-class _Refused(RbeeError):
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
-        self.status_code = status
 
 
 @_ollama_errors
 async def embed(request: Request) -> Response:
     asked = await _parse(request, OllamaEmbedRequest)
-    body, ignored = ollama.embed_body(asked)
+    body, ignored = embed_body(asked)
     answer, took = await _embeddings(request, body)
-    return JSONResponse(ollama.embed_answer(asked.model, answer, took), headers=_headers(ignored))
+    return JSONResponse(embed_answer(asked.model, answer, took), headers=_headers(ignored))
 
 
 @_ollama_errors
@@ -261,7 +270,7 @@ async def tags(request: Request) -> Response:
     """Every model a worker serves or an online hive could start."""
     state = _state(request)
     footprints = _footprints(state)
-    models = [ollama.tag_entry(e["id"], footprints.get(e["id"])) for e in model_entries(state)]
+    models = [tag_entry(e["id"], footprints.get(e["id"])) for e in model_entries(state)]
     return JSONResponse({"models": models})
 
 
@@ -277,7 +286,7 @@ async def ps(request: Request) -> Response:
         model = entry["id"]
         workers = state.registry.find_workers_by_model(model)
         on_gpu = any(not w.device.startswith("cpu") for w in workers)
-        running.append(ollama.ps_entry(model, footprints.get(model), entry["rbee"], on_gpu, now))
+        running.append(ps_entry(model, footprints.get(model), entry["rbee"], on_gpu, now))
     return JSONResponse({"models": running})
 
 
@@ -290,7 +299,7 @@ async def show(request: Request) -> Response:
         raise BadRequest("model is required", param="model")
     if model not in {e["id"] for e in model_entries(state)}:
         raise NotFound(f"model {quote(model)} not found: no worker serves it and no hive has it")
-    return JSONResponse(ollama.show_answer(model, _footprints(state).get(model)))
+    return JSONResponse(show_answer(model, _footprints(state).get(model)))
 
 
 async def version(request: Request) -> Response:
