@@ -18,14 +18,16 @@ from rbee.contracts.openai import (
     ToolCall,
     Usage,
 )
-from rbee.worker.translate import (
+from rbee.worker.translate.anthropic_messages import (
     chat_from_messages,
-    chat_from_responses,
     message_events,
     message_from_chat,
+)
+from rbee.worker.translate.common import tools_asked
+from rbee.worker.translate.openai_responses import (
+    chat_from_responses,
     response_events,
     response_from_chat,
-    tools_asked,
 )
 
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}

@@ -36,17 +36,19 @@ from rbee.worker.engines.llama_server import Relayed
 from rbee.worker.generation import Lease
 from rbee.worker.responses import EventStream
 from rbee.worker.runtime import WorkerRuntime
-from rbee.worker.translate import (
+from rbee.worker.translate.anthropic_messages import (
     chat_from_messages,
-    chat_from_responses,
     check_messages,
-    check_responses,
     message_events,
     message_from_chat,
+)
+from rbee.worker.translate.common import tools_asked
+from rbee.worker.translate.openai_responses import (
+    chat_from_responses,
+    check_responses,
     response_events,
     response_from_chat,
     responses_format,
-    tools_asked,
 )
 
 log = logging.getLogger("rbee.worker")
