@@ -31,6 +31,9 @@ from rbee.contracts.rpc import RpcServerInfo, RpcServerList, RpcServerRequest, R
 DEFAULT_HIVE_URL = "http://127.0.0.1:7835"
 
 
+LEND_CONNECT_S = 10.0  # a hive that takes no connection in this long is out of reach
+
+
 class HiveError(Exception):
     """Anything that went wrong talking to a hive; the message is meant for a person."""
 
@@ -71,11 +74,14 @@ class HiveClient(OwnedHttpClient):
         *,
         body: BaseModel | None = None,
         wait_s: float | None = None,
+        connect_s: float | None = None,
     ) -> httpx.Response:
         json_body = body.model_dump(mode="json", exclude_none=True) if body else None
         if json_body is None and method == "POST":
             json_body = {}  # every rbee daemon takes POSTs as application/json only
         timeout = httpx.USE_CLIENT_DEFAULT if wait_s is None else httpx.Timeout(wait_s)
+        if wait_s is not None and connect_s is not None:
+            timeout = httpx.Timeout(wait_s, connect=connect_s)
         try:
             response = await self._http.request(method, path, json=json_body, timeout=timeout)
         except httpx.ReadTimeout:
@@ -124,7 +130,10 @@ class HiveClient(OwnedHttpClient):
     async def start_rpc_server(self, request: RpcServerRequest) -> RpcServerInfo:
         """Lend devices to a split worker: an RPC server behind the hive's authenticated
         tunnel; returns once the tunnel listens (its `endpoint` goes to the worker)."""
-        response = await self._request("POST", "/v1/rpc-servers", body=request, wait_s=90.0)
+        # A helper listed online whose cable was cut must not hold a request up for long.
+        response = await self._request(
+            "POST", "/v1/rpc-servers", body=request, wait_s=90.0, connect_s=LEND_CONNECT_S
+        )
         return RpcServerInfo.model_validate_json(response.content)
 
     async def rpc_servers(self) -> list[RpcServerInfo]:

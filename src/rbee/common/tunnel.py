@@ -16,10 +16,12 @@ rbee runs it on loopback only and puts this tunnel in front of it:
   `llama-server --rpc 127.0.0.1:P` connects there, and each of its connections is carried to
   the far end, handshake first.
 
-Every socket has TCP_NODELAY: the RPC protocol is many small request/answer round trips per
-token, which Nagle's algorithm would hold back by tens of milliseconds each. Past the handshake,
-a plain TCP tunnel's bytes are moved by the kernel (`splice`, a thread per direction that only
-waits on it): no Python runs per message, so the tunnel adds next to nothing to a round trip.
+Every socket has the dead-peer options (a helper cut off the network is found dead in seconds,
+so its worker ends instead of hanging) and TCP_NODELAY: the RPC protocol is many small
+request/answer round trips per token, which Nagle's algorithm would hold back by tens of
+milliseconds each. Past the handshake, a plain TCP tunnel's bytes are moved by the kernel
+(`splice`, a thread per direction that only waits on it): no Python runs per message, so the
+tunnel adds next to nothing to a round trip.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
+
+from rbee.common.net import dead_peer_options
 
 log = logging.getLogger("rbee.tunnel")
 
@@ -59,10 +63,15 @@ def proof(token: str, nonce: bytes, name: str) -> str:
 
 
 def _nodelay(writer: asyncio.StreamWriter) -> None:
+    """TCP_NODELAY, and the dead-peer options of `rbee.common.net` (keepalive probes, a bound on
+    unacknowledged data): a helper whose cable is pulled sends no FIN, and llama.cpp waits for
+    its answer forever; the tunnel's socket then fails within `DEAD_PEER_S`, and closing the
+    tunnel makes `llama-server` abort (and on the helper, ends the RPC server's session)."""
     sock = writer.get_extra_info("socket")
     if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for level, option, value in dead_peer_options():
+            with contextlib.suppress(OSError):
+                sock.setsockopt(level, option, value)
 
 
 async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -262,3 +262,70 @@ def test_a_killed_rpc_server_ends_its_worker_cleanly_and_the_next_request_is_ser
     status, served_by, answer = chat(cluster)
     assert status == 200, f"{answer}\n{cluster.output('queen')}"
     assert served_by != worker["id"]
+
+
+def rbee_processes(cluster: LanCluster, box: str) -> list[str]:
+    """What of a worker runs on a machine: llm-worker-rbee (its tunnels' end), llama-server,
+    rpc-server (and the hive's process lending it), as `pid argv`."""
+    found = []
+    listed = subprocess.run(
+        ["ip", "netns", "pids", cluster.lan.namespace(box)], capture_output=True, text=True
+    )
+    for pid in listed.stdout.split():
+        try:
+            process = psutil.Process(int(pid))
+            argv = " ".join(process.cmdline())
+        except (psutil.NoSuchProcess, ValueError):
+            continue
+        if process.status() == psutil.STATUS_ZOMBIE:
+            continue
+        if "--standby" in process.cmdline():  # a hive's spare worker, waiting for a model
+            continue
+        if any(name in argv for name in ("llm-worker-rbee", "llama-server", "rpc-server")):
+            found.append(f"{pid} {argv[:160]}")
+    return found
+
+
+@pytest.mark.timeout(900)
+def test_a_cut_cable_to_the_helper_ends_the_stream_and_the_worker_and_leaves_nothing(
+    cluster: LanCluster,
+) -> None:
+    status, _, answer = chat(cluster)
+    assert status == 200, f"{answer}\n{cluster.output('queen')}"
+    worker, main, helper = split_worker(cluster)
+
+    started, out = threading.Event(), dict[str, Any]()
+    streaming = threading.Thread(target=stream, args=(cluster, started, out))
+    streaming.start()
+    try:
+        assert started.wait(300), "the stream did not start"
+        cut_at = time.monotonic()
+        cluster.lan.cut(helper)
+        # No hang: llama.cpp would wait for the helper's answer for a quarter of an hour.
+        streaming.join(120)
+        assert not streaming.is_alive(), "the stream hangs after the helper's cable was cut"
+        assert json.loads(out["last"])["error"]["code"] in ("generation_failed", "worker_failed"), (
+            out
+        )
+        print(f"stream ended {out['ended_at'] - cut_at:.1f}s after the cut")
+        # Gone well before the queen's 90 s heartbeat timeout: the worker itself died.
+        cluster.wait_for(lambda: worker["id"] not in {w["id"] for w in cluster.workers()}, 60)
+        print(f"split worker gone {time.monotonic() - cut_at:.1f}s after the cut")
+        assert rbee_processes(cluster, main) == []
+
+        # The next request: the model fits on neither machine alone and the helper is out of
+        # reach (though the queen still lists it online), so it is refused with the figures.
+        with cluster.client(600) as client:
+            refused = client.post("/v1/chat/completions", json=CHAT)
+        assert refused.status_code == 503, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "insufficient_memory", error
+        assert error["needed_bytes"] > error["largest_free_bytes"] > 0, error
+    finally:
+        cluster.lan.restore(helper)
+        streaming.join(300)
+
+    # Back on the LAN: the helper's RPC server and tunnel stopped by themselves meanwhile.
+    cluster.wait_for(lambda: rpc_servers(cluster, helper) == [], 60)
+    cluster.wait_for(lambda: rbee_processes(cluster, helper) == [], 30)
+    assert rbee_processes(cluster, main) == []

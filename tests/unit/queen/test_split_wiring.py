@@ -9,7 +9,8 @@ import asyncio
 import pytest
 
 from rbee.cli.clusterfile import parse
-from rbee.common.errors import InsufficientMemory
+from rbee.clients.hive import HiveUnreachable
+from rbee.common.errors import InsufficientMemory, Unavailable
 from rbee.common.serve import parse_settings
 from rbee.contracts.hive_api import SpawnRequest, SpawnResponse
 from rbee.contracts.hives import Device, HiveHeartbeat, HiveInfo, HiveView
@@ -206,3 +207,67 @@ async def test_a_split_waits_for_memory_a_hive_is_freeing_rather_than_refusing()
     beat(cpu(3.0, limit_gib=3.0))
     info = await asyncio.wait_for(starting, 30)
     assert len({p.hive_id for p in info.parts}) == 2
+
+
+def add_hive(cluster: Cluster, hive_id: str, host: str) -> None:
+    cluster.hives.update(
+        HiveHeartbeat(
+            hive=HiveInfo(id=hive_id, url=f"http://{host}:7835", version="1"),
+            devices=[cpu(3.0, limit_gib=3.0)],
+            models=[MODEL],
+            footprints={MODEL: FOOTPRINT},
+            workers=[],
+        )
+    )
+
+
+def cut_off(cluster: Cluster, hive_id: str) -> None:
+    """The hive is still listed online, but lending it an RPC server fails (its cable is cut)."""
+    lend = cluster.lend
+
+    async def unreachable(hive: HiveView, request: RpcServerRequest) -> RpcServerInfo:
+        if hive.id == hive_id:
+            raise HiveUnreachable(hive.url, "ConnectTimeout")
+        return await lend(hive, request)
+
+    cluster.splitter.lend = unreachable
+
+
+async def test_a_helper_out_of_reach_is_left_out_and_the_split_goes_elsewhere() -> None:
+    cluster = Cluster()
+    add_hive(cluster, "c", "127.0.0.3")
+    plan = cluster.splitter.plan(Demand(model=MODEL))
+    (helper,) = plan.helpers
+    cut_off(cluster, helper)
+    info = await cluster.spawner.ensure_worker(MODEL)
+    assert helper not in {p.hive_id for p in info.parts}
+    assert len({p.hive_id for p in info.parts}) == 2
+    assert cluster.spawner.backoff.holds(MODEL) == []  # the main hive did nothing wrong
+
+
+async def test_with_the_only_helper_out_of_reach_the_model_is_refused_for_memory() -> None:
+    cluster = Cluster()
+    (helper,) = cluster.splitter.plan(Demand(model=MODEL)).helpers
+    cut_off(cluster, helper)
+    with pytest.raises(InsufficientMemory) as refused:
+        await cluster.spawner.ensure_worker(MODEL)
+    assert refused.value.needed_bytes > refused.value.largest_free_bytes > 0
+    assert cluster.spawned == []
+
+
+async def test_a_split_worker_that_dies_soon_after_ready_counts_in_the_start_backoff() -> None:
+    cluster = Cluster()
+    for _ in range(2):
+        info = await cluster.spawner.ensure_worker(MODEL)
+        cluster.workers.remove_worker(info.id)
+        cluster.spawner.worker_lost(info.id, "stopped heartbeating")
+    (hold,) = cluster.spawner.backoff.holds(MODEL)
+    assert hold.hive_id == info.hive_id
+    assert hold.failures == 2
+    assert "died" in hold.reason
+    # While the main hive is on hold no split fits without it: the refusal says so, and when.
+    with pytest.raises(Unavailable) as held:
+        await cluster.spawner.ensure_worker(MODEL)
+    assert "on hold" in held.value.message
+    assert held.value.headers is not None
+    assert "Retry-After" in held.value.headers

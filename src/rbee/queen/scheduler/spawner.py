@@ -278,6 +278,8 @@ class Spawner:
                 if self.split is not None and reason == "demand" and not embedding:
                     split = await self.split(demand, exclude, refused, reason)
                     if split is not None:
+                        if split.hive_id is not None:  # its early death counts, as any start's
+                            self._started[split.id] = Started(model, split.hive_id, self._clock())
                         return split
                 if self.make_room is None or reason != "demand":  # a replica evicts nothing
                     raise

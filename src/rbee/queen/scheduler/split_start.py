@@ -29,7 +29,7 @@ from rbee.contracts.hives import HiveView
 from rbee.contracts.rpc import RpcServerInfo, RpcServerRequest
 from rbee.contracts.workers import DEFAULT_CTX_SIZE, WorkerInfo, WorkerPart, keep_alive_wire
 from rbee.queen.scheduler.placement import Demand
-from rbee.queen.scheduler.spawner import Spawner, load_deadline_s
+from rbee.queen.scheduler.spawner import Spawner, hold_message, load_deadline_s
 from rbee.queen.scheduler.split import SplitPlan, plan_split
 
 log = logging.getLogger("rbee.queen.split")
@@ -40,6 +40,17 @@ LendFn = Callable[[HiveView, RpcServerRequest], Awaitable[RpcServerInfo]]
 ReturnFn = Callable[[HiveView, str], Awaitable[object]]
 SpawnFn = Callable[[HiveView, SpawnRequest], Awaitable[SpawnResponse]]
 WaitFn = Callable[[str, float], Awaitable[WorkerInfo]]
+
+
+class HelperFailed(Unavailable):
+    """A helper hive did not lend its RPC server (out of reach, or it refused): the split is
+    planned again without it."""
+
+    code = "hive_unavailable"
+
+    def __init__(self, hive_id: str, reason: str) -> None:
+        super().__init__(f"hive {hive_id} could not lend an RPC server: {reason}")
+        self.hive_id = hive_id
 
 
 def main_address(plan: SplitPlan) -> str | None:
@@ -104,7 +115,10 @@ async def start_split(
                 allow_peer=allow,
                 connect_timeout_s=load_timeout_s,
             )
-            lent.append((hive, await lend(hive, lending)))
+            try:
+                lent.append((hive, await lend(hive, lending)))
+            except Exception as exc:  # out of reach (a cut cable), or it said no
+                raise HelperFailed(hive_id, str(exc) or type(exc).__name__) from exc
         request = spawn_request(
             plan,
             model,
@@ -167,22 +181,50 @@ class Splitter:
         """A split worker for `demand`, ready; None when no split fits now but the model could
         fit on one device once room is made there (the spawner then makes room); raises the
         split's refusal when neither can be (it says how much is missing, or how to turn on
-        splitting across hives)."""
+        splitting across hives).
+
+        A helper that cannot lend its RPC server (its cable was cut and the queen still lists
+        it online, or it refused) is left out and the split planned again without it: the
+        request is served by another placement, or refused for want of memory."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.wait_s
         while True:
             try:
                 plan = self.plan(demand, exclude)
-                break
             except InsufficientMemory as no_split:
                 if refused.retry_after_s is not None:
                     return None
                 # Memory that is being freed (a worker that just stopped or died, whose hive
                 # has not reported it yet) is waited for; memory no one can free is not.
                 if no_split.retry_after_s is None or loop.time() >= deadline:
+                    self._raise_if_held(demand, exclude)
                     raise no_split from None
-            await asyncio.sleep(SPLIT_POLL_S)
-        return await self.start_plan(plan, demand.model, reason=reason)
+                await asyncio.sleep(SPLIT_POLL_S)
+                continue
+            try:
+                return await self.start_plan(plan, demand.model, reason=reason)
+            except HelperFailed as failed:
+                log.warning("%s; planning %s without it", failed.message, demand.model)
+                exclude = exclude | {failed.hive_id}
+
+    def _raise_if_held(self, demand: Demand, exclude: frozenset[str]) -> None:
+        """No split fits without the hives on hold for this model (a split worker there failed
+        to start or died early): say so and when it ends, as for any start on hold."""
+        backoff = self.spawner.backoff
+        held = backoff.held_hives(demand.model) & exclude
+        if not held:
+            return
+        try:
+            self.plan(demand, exclude - held)
+        except InsufficientMemory:
+            return  # it would not fit with them either
+        holds = [h for h in backoff.holds(demand.model) if h.hive_id in held]
+        remaining = backoff.remaining_s(holds[0])
+        raise Unavailable(
+            hold_message(demand.model, holds, remaining),
+            code="no_worker",
+            headers={"Retry-After": str(max(1, round(remaining)))},
+        )
 
     async def start_plan(
         self, plan: SplitPlan, model: str, *, reason: str, keep_alive_s: float | None = None
@@ -217,7 +259,10 @@ class Splitter:
                 spawner.on_result(
                     model, "timeout" if exc.code == "worker_start_timeout" else "failed"
                 )
-                spawner.backoff.failed(model, plan.main.id, f"split start failed: {exc.message}")
+                if not isinstance(exc, HelperFailed):  # a helper's fault, not the main hive's
+                    spawner.backoff.failed(
+                        model, plan.main.id, f"split start failed: {exc.message}"
+                    )
             raise
         finally:
             spawner.loading[model] -= 1
