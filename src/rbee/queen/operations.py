@@ -19,8 +19,17 @@ import anyio
 import httpx
 
 from rbee.clients.hive import HiveClient, HiveError
-from rbee.common.errors import BadGateway, BadRequest, NotFound, RbeeError, Unavailable, quote
+from rbee.common.errors import (
+    BadGateway,
+    BadRequest,
+    InsufficientMemory,
+    NotFound,
+    RbeeError,
+    Unavailable,
+    quote,
+)
 from rbee.common.jobs import Job
+from rbee.common.model_memory import gib
 from rbee.contracts.hive_api import SpawnRequest, SpawnResponse
 from rbee.contracts.hives import HiveView
 from rbee.contracts.jobs import (
@@ -40,7 +49,7 @@ from rbee.queen.registry import WorkerRegistry
 from rbee.queen.routing.router import Router
 from rbee.queen.scheduler.placement import Demand, hives_with_model
 from rbee.queen.scheduler.spawner import Spawner
-from rbee.queen.scheduler.split_start import give_back_helpers
+from rbee.queen.scheduler.split_start import Splitter, give_back_helpers
 
 # Told of each worker stopped through its hive: (the worker, why: "idle", "manual", ...).
 UnloadedFn = Callable[[WorkerInfo, str], None]
@@ -115,6 +124,8 @@ class Operations:
         self.cut = cut
         self.drain_timeout_s = drain_timeout_s
         self._releasing: set[asyncio.Task[list[str]]] = set()  # helpers being given back
+        # Splits a model no single device fits (None: such a load is refused).
+        self.splitter: Splitter | None = None
 
     def check(self, request: JobRequest) -> None:
         """Refuse at once, before a job starts and with nothing changed, a load of a model no
@@ -231,9 +242,53 @@ class Operations:
 
         ticker = asyncio.create_task(news())
         try:
-            return await self.worker_spawn(job, spawn)
+            try:
+                return await self.worker_spawn(job, spawn)
+            except InsufficientMemory as refused:
+                if request.hive_id is not None or self.splitter is None:
+                    raise
+                return await self._load_split(self.splitter, job, request, refused)
         finally:
             ticker.cancel()
+
+    async def _load_split(
+        self, splitter: Splitter, job: Job, request: ModelLoadJob, refused: InsufficientMemory
+    ) -> dict[str, Any]:
+        """A load of a model no single device fits: split over several, as a request for it
+        would be (the split's own refusal says how much is missing, or how to turn splitting
+        across hives on)."""
+        asked_ctx, asked_slots = self.spawner.sizing(request.model)
+        demand = Demand(
+            model=request.model,
+            ctx_size=request.ctx_size or asked_ctx,
+            slots=request.slots or asked_slots,
+        )
+        try:  # what it will be, to say so (start plans it again, and may wait for memory)
+            plan = splitter.plan(demand)
+        except InsufficientMemory:
+            pass
+        else:
+            parts = ", ".join(f"{p.hive_id} {p.device.id} {gib(p.bytes)}" for p in plan.parts)
+            job.emit(
+                JobEvent(
+                    type="log",
+                    message=f"{request.model} fits on no single device: splitting it over {parts}",
+                )
+            )
+        info = await splitter.start(
+            demand, frozenset(), refused, "manual", keep_alive_s=request.keep_alive
+        )
+        if info is None:  # it would fit on one device once room is made: a load makes none
+            raise refused
+        job.emit(JobEvent(type="log", message=f"worker {info.id} is ready"))
+        return {
+            "worker_id": info.id,
+            "hive_id": info.hive_id,
+            "device": info.parts[0].device if info.parts else None,
+            "ctx_size": info.ctx_size,
+            "slots": info.slots,
+            "parts": [p.model_dump() for p in info.parts],
+        }
 
     async def model_unload(self, job: Job, request: ModelUnloadJob) -> dict[str, Any]:
         """Stop the model's workers: no new request goes to them from now on (a request for the

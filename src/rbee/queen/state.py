@@ -160,13 +160,15 @@ def build_state(
         min_replicas=settings.min_replicas_of,
     )
     spawner.make_room = room.make_room
-    spawner.split = Splitter(
+    splitter = Splitter(
         spawner,
         lend=lambda hive, request: clients.get(hive).start_rpc_server(request),
         give_back=lambda hive, key: clients.get(hive).stop_rpc_server(key),
         across=settings.split_across,
         wait_s=settings.queue_timeout,
-    ).start
+    )
+    spawner.split = splitter.start
+    operations.splitter = splitter  # `rbee load` splits too
     state.room = room
     return state
 

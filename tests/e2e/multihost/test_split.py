@@ -119,18 +119,22 @@ else:
 """
 
 
-def rbee_status(cluster: LanCluster) -> str:
+def rbee(cluster: LanCluster, *args: str, timeout_s: float = 60) -> str:
     env = {**os.environ, "RBEE_TOKEN": cluster.token, "RBEE_QUEEN_URL": cluster.queen_url}
     env.pop("RBEE_CLUSTER", None)
     result = subprocess.run(
-        [console_script("rbee"), "status"],
+        [console_script("rbee"), *args],
         capture_output=True,
         text=True,
         env={**env, "COLUMNS": "250"},
-        timeout=60,
+        timeout=timeout_s,
     )
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
     return result.stdout
+
+
+def rbee_status(cluster: LanCluster) -> str:
+    return rbee(cluster, "status")
 
 
 def test_a_model_no_machine_holds_is_split_over_two_and_answers_as_one_machine(
@@ -329,3 +333,25 @@ def test_a_cut_cable_to_the_helper_ends_the_stream_and_the_worker_and_leaves_not
     cluster.wait_for(lambda: rpc_servers(cluster, helper) == [], 60)
     cluster.wait_for(lambda: rbee_processes(cluster, helper) == [], 30)
     assert rbee_processes(cluster, main) == []
+
+
+def test_rbee_load_splits_a_model_no_machine_holds_and_unload_gives_the_memory_back(
+    cluster: LanCluster,
+) -> None:
+    loaded = rbee(cluster, "load", DEFAULT_MODEL, "--keep-alive", "10m", timeout_s=600)
+    worker, main, helper = split_worker(cluster)
+    pair = f"{cluster.hive_id(main)}+{cluster.hive_id(helper)}"
+    assert f"loaded {DEFAULT_MODEL}: worker {worker['id']} split over hives {pair}" in loaded
+    assert worker["keep_alive_s"] == 600  # as asked, not pinned
+    assert worker["hive_id"] == cluster.hive_id(main)
+    (lent,) = rpc_servers(cluster, helper)
+    assert lent["worker_id"] == worker["id"]
+    # It serves, and no other worker was started for the request.
+    status, served_by, _ = chat(cluster)
+    assert (status, served_by) == (200, worker["id"])
+
+    unloaded = rbee(cluster, "unload", DEFAULT_MODEL, timeout_s=120)
+    assert f"stopped {worker['id']}" in unloaded
+    assert rpc_servers(cluster, helper) == []
+    cluster.wait_for(lambda: rbee_processes(cluster, main) == [], 60)
+    cluster.wait_for(lambda: rbee_processes(cluster, helper) == [], 60)

@@ -8,6 +8,7 @@ import typer
 
 from rbee.cli import jobs
 from rbee.cli.context import cli_of
+from rbee.cli.render import human_bytes
 from rbee.clients.queen import QueenClient
 from rbee.contracts.jobs import ModelLoadJob, ModelUnloadJob
 from rbee.contracts.workers import keep_alive_wire, parse_keep_alive
@@ -69,13 +70,25 @@ def load(
         return await jobs.run_job(client, request, cli.err)
 
     result = cli.run(work)
+    parts = [p for p in result.get("parts") or [] if isinstance(p, dict)]
+    if parts:  # it fits on no single device: one worker split over several hives
+        hives = "+".join(dict.fromkeys(str(p.get("hive_id")) for p in parts))
+        where = f"split over hives {hives} ({', '.join(part_text(p) for p in parts)}"
+    else:
+        where = f"on hive {result.get('hive_id')} ({result.get('device')}"
     cli.out.print(
-        f"loaded {model}: worker {result.get('worker_id')} on hive {result.get('hive_id')} "
-        f"({result.get('device')}, {result.get('ctx_size')} tokens x {result.get('slots')} "
-        "slot(s))",
+        f"loaded {model}: worker {result.get('worker_id')} {where}, "
+        f"{result.get('ctx_size')} tokens x {result.get('slots')} slot(s))",
         markup=False,
         highlight=False,
     )
+
+
+def part_text(part: dict[str, Any]) -> str:
+    """One part of a split worker: `hive device size`."""
+    size = part.get("bytes")
+    shown = human_bytes(size if isinstance(size, int) else None)
+    return f"{part.get('hive_id')} {part.get('device')} {shown}"
 
 
 def unload(

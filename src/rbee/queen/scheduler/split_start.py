@@ -176,12 +176,18 @@ class Splitter:
         return plan_split(usable, demand, taken, across_hives=self.across(hives))
 
     async def start(
-        self, demand: Demand, exclude: frozenset[str], refused: InsufficientMemory, reason: str
+        self,
+        demand: Demand,
+        exclude: frozenset[str],
+        refused: InsufficientMemory,
+        reason: str,
+        keep_alive_s: float | None = None,
     ) -> WorkerInfo | None:
         """A split worker for `demand`, ready; None when no split fits now but the model could
         fit on one device once room is made there (the spawner then makes room); raises the
         split's refusal when neither can be (it says how much is missing, or how to turn on
-        splitting across hives).
+        splitting across hives). `keep_alive_s`: for a start that is not on demand (a load by
+        hand), how long it may stay idle (None: pinned); on demand, the model's keep-alive.
 
         A helper that cannot lend its RPC server (its cable was cut and the queen still lists
         it online, or it refused) is left out and the split planned again without it: the
@@ -202,7 +208,9 @@ class Splitter:
                 await asyncio.sleep(SPLIT_POLL_S)
                 continue
             try:
-                return await self.start_plan(plan, demand.model, reason=reason)
+                return await self.start_plan(
+                    plan, demand.model, reason=reason, keep_alive_s=keep_alive_s
+                )
             except HelperFailed as failed:
                 log.warning("%s; planning %s without it", failed.message, demand.model)
                 exclude = exclude | {failed.hive_id}
