@@ -12,6 +12,10 @@ from typing import Any
 import httpx
 import pytest
 
+from rbee.common.bundled import DEFAULT_MODEL
+from rbee.hive import rpc
+from rbee_testing import netns
+from rbee_testing.lan_cluster import LanCluster
 from rbee_testing.processes import ServerProcess, console_script, free_port
 
 from .conftest import ARTIFACTS, Cluster, start_cluster
@@ -166,3 +170,42 @@ def test_page_is_public_and_locked_down(empty_cluster: Cluster) -> None:
         assert response.headers["x-content-type-options"] == "nosniff"
     missing = httpx.get(f"{empty_cluster.queen_url}/dashboard/nope.js", timeout=10)
     assert missing.status_code == 404
+
+
+def test_a_split_worker_shows_its_hives_and_what_each_part_holds(
+    browser: Any, tmp_path: Path
+) -> None:
+    if (reason := netns.unavailable_reason()) is not None:
+        pytest.skip(reason)
+    if not Path(rpc.default_rpc_server()).is_absolute():
+        pytest.skip("no ggml-rpc-server next to llama-server (run ./dev)")
+    # Two machines whose memory limits each hold too little of SmolLM2, together enough (as in
+    # tests/e2e/multihost/test_split.py): the model is split over both.
+    with netns.Lan(["queen", "box1", "box2"]) as lan:
+        cluster = LanCluster(lan, tmp_path)
+        cluster.start_queen("--split-across-hives", "--ctx-size", "2048", "--slots", "1")
+        for box in ("box1", "box2"):
+            cluster.start_hive(box, 1.0, "--memory-limit", "230MiB")
+        loaded = cluster.run_job({"operation": "model_load", "model": DEFAULT_MODEL}, 600)
+        assert loaded["type"] == "done", loaded
+        (worker,) = cluster.workers()
+        hives = list(dict.fromkeys(p["hive_id"] for p in worker["parts"]))
+        assert len(hives) == 2
+
+        page = browser.new_page(viewport={"width": 1500, "height": 900})
+        page.goto(cluster.queen_url)
+        page.wait_for_selector("#login:not([hidden])", timeout=10_000)
+        page.fill("#token", cluster.token)
+        page.click("#login button")
+        cell = f'tr[data-worker-id="{worker["id"]}"] td.hive.split'
+        page.wait_for_selector(cell, timeout=15_000)
+        shown = page.inner_text(cell)
+        # One worker, its main hive first, then the hive lending it memory, with each part.
+        assert page.get_attribute(cell, "data-split") == "+".join(hives)
+        assert " + ".join(hives) in shown
+        for part in worker["parts"]:
+            mib = int(part["bytes"] / 2**20 + 0.5)
+            assert f"{part['hive_id']} {part['device']} {mib} MiB" in shown, shown
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "dashboard-split.png"), full_page=True)
+        page.close()

@@ -258,6 +258,20 @@ function fill(tableId, emptyId, rows) {
   $(emptyId).hidden = rows.length !== 0;
 }
 
+// A worker's hive; a split worker's hives (its main one first) and what each part holds.
+function hiveCell(w) {
+  const parts = w.parts || [];
+  if (!parts.length) return el("td", { class: "hive" }, w.hive_id || "–");
+  const hives = [...new Set(parts.map((p) => p.hive_id))];
+  const held = parts.map((p) => `${p.hive_id} ${p.device} ${formatBytes(p.bytes)}`).join(" · ");
+  return el(
+    "td",
+    { class: "hive split", "data-split": hives.join("+"), title: "one worker split over several hives" },
+    hives.join(" + "),
+    el("div", { class: "parts muted" }, held),
+  );
+}
+
 function render() {
   const now = performance.now();
   for (const [id, entry] of cluster.workers) {
@@ -291,7 +305,7 @@ function render() {
         el("td", { class: "tps" }, tps === undefined ? "–" : tps.toFixed(1)),
         el("td", {}, el("code", {}, w.device)),
         el("td", {}, el("code", {}, `${w.host}:${w.port}`)),
-        el("td", {}, w.hive_id || "–"),
+        hiveCell(w),
         el("td", {}, formatAge(age(entry))),
         el("td", { class: "actions" }, logButton, " ", stopButton),
       ),
