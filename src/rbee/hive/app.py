@@ -80,6 +80,8 @@ def create_app(
         await asyncio.to_thread(state.devices.open)
         await asyncio.to_thread(catalog.prepare)  # joins bundled models: seconds, once
         await rpc_api.servers(app).sweep()  # RPC servers an earlier run left that nobody uses
+        await asyncio.to_thread(state.supervisor.standby.sweep)  # flags of workers now gone
+        state.supervisor.standby.start()
         beat = asyncio.create_task(
             supervise("hive-heartbeat", lambda: heartbeat_loop(state, queen), loop_errors),
             name="hive-heartbeat",
@@ -90,6 +92,7 @@ def create_app(
             beat.cancel()
             await asyncio.gather(beat, return_exceptions=True)
             await state.jobs.close()
+            await asyncio.to_thread(state.supervisor.standby.close)  # none outlives the hive
             state.supervisor.reap()
             state.devices.close()
             for client in (queen, local, hub):

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from pydantic import Field, field_validator
-from pydantic_settings import SettingsConfigDict
+from pydantic_settings import CliImplicitFlag, SettingsConfigDict
 
 from rbee.common.settings import DaemonSettings, HttpUrl, MiB, Seconds
 from rbee.common.sizes import ByteSize
@@ -65,6 +65,12 @@ class HiveSettings(DaemonSettings):
         None,
         description="most memory this hive's workers may take on each device (RAM for cpu:0, "
         "VRAM for each GPU), e.g. 512MiB or 8GiB (default: all that is free)",
+    )
+
+    standby: CliImplicitFlag[bool] = Field(
+        True,
+        description="keep a warm standby worker, its imports done, so that a new worker starts "
+        "about a second sooner (--no-standby: keep none)",
     )
 
     @field_validator("hive_id")

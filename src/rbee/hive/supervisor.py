@@ -9,6 +9,10 @@ signalling a process that is not one of its workers.
 Workers run in their own session: a SIGINT/SIGKILL to the hive's process group leaves them
 serving. The only in-memory state is `Popen` handles kept so that workers which exit while
 this hive runs are reaped instead of lingering as zombies; they are never consulted as a list.
+
+A worker may start as the hive's warm standby (`rbee.hive.standby`): its command line then says
+`--standby --hive-id ID`, and the flags it was handed are read from a file named after its pid
+and start time, only for such a process carrying the hive's mark.
 """
 
 from __future__ import annotations
@@ -46,11 +50,17 @@ from rbee.hive.catalog import Catalog
 from rbee.hive.cores import CorePlacement, place_cores
 from rbee.hive.ports import pick_port
 from rbee.hive.settings import HiveSettings
+from rbee.hive.standby import Standby, standby_flags
 
 log = logging.getLogger("rbee.hive.supervisor")
 OUTPUT_TAIL_BYTES = 4000
 LOG_KEEP = 5  # earlier logs kept of a worker id started again (worker-ID.log.1 … .5)
 LOG_TAIL_MAX_BYTES = 4 * 1024 * 1024  # `rbee worker logs` reads at most this much of the end
+# How often a starting worker's /health is asked: often at first (a small model is ready within
+# a second, and a swap waits for this answer), then less (a big one takes minutes).
+READY_POLL_S = 0.02
+READY_POLL_SLOW_S = 0.1
+READY_POLL_FAST_FOR_S = 5.0
 # What a worker inherits from the hive's environment: what a process needs to run, find its
 # libraries and certificates, and pick its device and threads; never the hive's secrets
 # (HF_TOKEN, cloud credentials…). The cluster token is added explicitly.
@@ -154,6 +164,16 @@ class Supervisor:
         self._reserved_cores: dict[int, tuple[int, ...]] = {}  # their cores, by port
         self._machine = usable_cpus()
         self._children: dict[int, subprocess.Popen[bytes]] = {}  # for reaping only
+        self.standby = Standby(
+            [
+                settings.worker_command,
+                *("--standby", "--hive-id", settings.hive_id, "--queen-url", settings.queen_url),
+            ],
+            worker_env(os.environ, settings.hive_id, settings.token),
+            flags_dir=settings.log_dir / "standby",
+            output=settings.log_dir / "standby.log",
+            enabled=settings.standby,
+        )
 
     # -- finding -------------------------------------------------------------------------
 
@@ -185,9 +205,21 @@ class Supervisor:
                 pids.update(child.pid for child in psutil.Process(worker.pid).children(True))
         return ram, frozenset(pids)
 
+    def _flags(self, proc: psutil.Process) -> dict[str, str] | None:
+        """The flags of a worker of this hive: on its command line, or those handed to it as a
+        standby (its command line a standby's of this hive; its mark is checked next)."""
+        hive_id = self.settings.hive_id
+        cmdline = proc.cmdline()
+        flags = worker_flags(cmdline, hive_id)
+        if flags is None and standby_flags(cmdline, hive_id):
+            handed = self.standby.handed_argv(proc)
+            if handed is not None:
+                flags = worker_flags([WORKER_EXECUTABLE, *handed], hive_id)
+        return flags
+
     def _inspect(self, proc: psutil.Process) -> WorkerProcess | None:
         try:
-            flags = worker_flags(proc.cmdline(), self.settings.hive_id)
+            flags = self._flags(proc)
             if flags is None or proc.environ().get(SPAWN_MARKER) != self.settings.hive_id:
                 return None
             if proc.status() == psutil.STATUS_ZOMBIE:
@@ -339,16 +371,24 @@ class Supervisor:
         request: SpawnRequest,
         cores: CorePlacement,
     ) -> tuple[subprocess.Popen[bytes], Path]:
-        env = worker_env(os.environ, self.settings.hive_id, self.settings.token)
         # Pinned to its device: a CUDA worker sees only its GPU, a CPU worker none.
-        env.update(device_environment(parse_device(request.device)))
+        device_env = device_environment(parse_device(request.device))
         self.settings.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_path(worker_id)
         rotate_log(log_path)  # a worker id used before keeps its earlier worker's log as .1
+        command = self.command(worker_id, model, port, request, cores)
+        log_path.write_bytes(b"")  # the standby appends to it
+        standby = self.standby.take(command[1:], device_env, log_path)
+        self.standby.start()  # the next one (at a low priority: the model loads first)
+        if standby is not None:
+            self._children[standby.pid] = standby
+            return standby, log_path
+        env = worker_env(os.environ, self.settings.hive_id, self.settings.token)
+        env.update(device_env)
         try:
             with log_path.open("wb") as log:
                 popen = subprocess.Popen(
-                    self.command(worker_id, model, port, request, cores),
+                    command,
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
@@ -388,7 +428,8 @@ class Supervisor:
     ) -> None:
         """`timeout_s`: the queen's load deadline for the model's size, or --spawn-timeout."""
         health = f"{self.settings.scheme}://{self.settings.local_host}:{port}/health"
-        deadline = self._clock() + timeout_s
+        began = self._clock()
+        deadline = began + timeout_s
         while True:
             code = popen.poll()
             if code is not None:
@@ -408,7 +449,8 @@ class Supervisor:
                     f"queen's --spawn-timeout or --load-timeout-per-gib); its last output:\n"
                     f"{output_tail(log_path)}"
                 )
-            await asyncio.sleep(0.1)
+            fast = self._clock() - began < READY_POLL_FAST_FOR_S
+            await asyncio.sleep(READY_POLL_S if fast else READY_POLL_SLOW_S)
 
     # -- stopping ------------------------------------------------------------------------
 

@@ -1,49 +1,148 @@
-"""`llm-worker-rbee`: the daemon's entry point."""
+"""`llm-worker-rbee`: the daemon's entry point.
+
+`llm-worker-rbee --standby …` is a worker started ahead of need by its hive (`rbee.hive.standby`):
+it imports what a worker runs on while it waits on its stdin for the flags of the worker it is
+to be. What it imports is imported in `serve_worker`, not when this module is: a standby imports
+it in a thread of low priority (a model loading or a request running meanwhile keeps the cores)
+while its main thread reads the pipe, so the end of the pipe ends it at once. It says `ready` on
+its stdout once its imports are done; its hive hands it nothing before.
+"""
 
 from __future__ import annotations
 
-import math
+import contextlib
+import importlib
+import json
 import os
 import sys
-
-from rbee.common.cpus import parse_cpu_set
-from rbee.common.serve import fail, parse_settings, serve
-from rbee.common.tokens import refuse_open_bind
-from rbee.worker.app import create_app, llama_server, resolve_model
-from rbee.worker.device import prepare_device
-from rbee.worker.engines.base import EngineError
-from rbee.worker.engines.gguf import read_model_facts
-from rbee.worker.engines.llama_server import LlamaServerEngine
-from rbee.worker.runtime import WorkerRuntime
-from rbee.worker.settings import WorkerSettings
+import threading
+from typing import NoReturn
 
 PROG = "llm-worker-rbee"
+STANDBY = "--standby"
+# Everything `serve_worker` runs on, with what serving imports only once it starts (uvicorn
+# picks its loop and protocols then, a chat renders a template): a standby's imports.
+WORKER_MODULES = (
+    "rbee.worker.app",
+    "rbee.worker.runtime",
+    "rbee.worker.device",
+    "rbee.worker.engines.gguf",
+    "rbee.worker.engines.llama_server",
+    "rbee.common.serve",
+    "uvloop",
+    "httptools",
+    "uvicorn.loops.uvloop",
+    "uvicorn.protocols.http.httptools_impl",
+    "uvicorn.protocols.websockets.auto",
+    "uvicorn.lifespan.on",
+    "jinja2.ext",
+    "encodings.idna",
+    "concurrent.futures.thread",
+)
+
+
+def _fail(message: str) -> NoReturn:
+    from rbee.common.serve import fail
+
+    fail(PROG, message)
 
 
 def pin(cpu_set: str) -> None:
     """Run on these cores only; the engine's process, started later, inherits them."""
+    from rbee.common.cpus import parse_cpu_set
+
     if not hasattr(os, "sched_setaffinity"):
-        fail(PROG, "--cpu-set: this system cannot pin a process to cores")
+        _fail("--cpu-set: this system cannot pin a process to cores")
     try:
         os.sched_setaffinity(0, parse_cpu_set(cpu_set))
     except OSError as exc:
-        fail(PROG, f"--cpu-set {cpu_set}: {exc.strerror or exc}")
+        _fail(f"--cpu-set {cpu_set}: {exc.strerror or exc}")
+
+
+def import_worker() -> None:
+    for name in WORKER_MODULES:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+
+
+STANDBY_NICE = 10  # the standby's import thread's: it yields the cores to anything else
+READY = b"ready\n"
+
+
+def _import_quietly() -> None:
+    # Linux sets a niceness per thread: this thread's only; the worker's own threads, started
+    # later by the main thread, keep its niceness.
+    if sys.platform == "linux":
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), STANDBY_NICE)
+    import_worker()
+    with contextlib.suppress(OSError):
+        os.write(1, READY)
+
+
+def standby() -> list[str] | None:
+    """Wait, importing meanwhile, for the hive to say what to serve: one JSON line on stdin
+    with `argv` (a worker's flags), `env` (added to the environment: the device's, before
+    llama-server starts) and `log` (where the output goes from then on). End of file (the hive
+    stopped, however it stopped) ends the standby: returns None. Once handed its flags it no
+    longer reads the pipe, and outlives its hive like any worker."""
+    imports = threading.Thread(target=_import_quietly, name="standby-imports", daemon=True)
+    imports.start()
+    line = sys.stdin.buffer.readline()
+    if not line.strip():
+        return None
+    order = json.loads(line)
+    argv = [str(arg) for arg in order["argv"]]
+    os.environ.update({str(k): str(v) for k, v in order.get("env", {}).items()})
+    log = os.open(order["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    null = os.open(os.devnull, os.O_RDONLY)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for fd, target in ((0, null), (1, log), (2, log)):
+        os.dup2(target, fd)
+    os.close(log)
+    os.close(null)
+    imports.join()
+    import_worker()  # whatever the thread could not import says why now, in the log
+    return argv
 
 
 def main(argv: list[str] | None = None) -> None:
-    settings = parse_settings(WorkerSettings, PROG, argv)
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == [STANDBY]:
+        handed = standby()
+        if handed is None:
+            os._exit(0)  # nothing started: no cleanup to wait for (its imports may still run)
+        args = handed
+    serve_worker(args)
+
+
+def serve_worker(args: list[str]) -> None:
+    import math
+
+    from rbee.common.serve import parse_settings, serve
+    from rbee.common.tokens import refuse_open_bind
+    from rbee.worker.app import create_app, llama_server, resolve_model
+    from rbee.worker.device import prepare_device
+    from rbee.worker.engines.base import EngineError
+    from rbee.worker.engines.gguf import read_model_facts
+    from rbee.worker.engines.llama_server import LlamaServerEngine
+    from rbee.worker.runtime import WorkerRuntime
+    from rbee.worker.settings import WorkerSettings
+
+    settings = parse_settings(WorkerSettings, PROG, args)
     if reason := refuse_open_bind(settings.host, settings.token):
-        fail(PROG, reason)
+        _fail(reason)
     # A split worker's --gpu-layers are the layers on its RPC servers, also from a CPU.
     gpu_layers = None if settings.rpc_tunnels else settings.gpu_layers
     if reason := prepare_device(settings.device, gpu_layers, llama_server=settings.llama_server):
-        fail(PROG, reason)
+        _fail(reason)
     try:
         # A missing or obviously wrong file is reported before anything starts; deeper damage
         # shows when llama.cpp loads the weights, after the server is up (WorkerRuntime.load).
         facts = read_model_facts(resolve_model(settings.model))
     except EngineError as exc:
-        fail(PROG, str(exc))
+        _fail(str(exc))
     if facts.reranker and not settings.rerank:
         # The file pools by rank: a reranker, served on /v1/rerank (an embedding worker too).
         settings = settings.model_copy(update={"rerank": True})
@@ -69,5 +168,5 @@ def main(argv: list[str] | None = None) -> None:
         tls=settings.tls,
     )
     if runtime.load_error is not None:
-        fail(PROG, runtime.load_error)
+        _fail(runtime.load_error)
     sys.exit(code)

@@ -18,7 +18,7 @@ def test_the_value_types_are_the_gguf_packages() -> None:
 
 def test_a_worker_starts_without_importing_numpy() -> None:
     probe = (
-        "import sys, rbee.worker.main; "
+        "import sys, rbee.worker.main; rbee.worker.main.import_worker(); "
         "print(sorted(m for m in ('gguf', 'numpy') if m in sys.modules))"
     )
     out = subprocess.run(

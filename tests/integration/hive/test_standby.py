@@ -1,0 +1,249 @@
+"""The hive's warm standby worker, with a stand-in standby process named `llm-worker-rbee`: what
+the hive hands it, how the hive finds it once it is a worker (also after a restart), and what it
+never takes for one of its workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from rbee.common.errors import NotFound
+from rbee.hive.catalog import Catalog
+from rbee.hive.settings import HiveSettings
+from rbee.hive.standby import started_ticks
+from rbee.hive.supervisor import SPAWN_MARKER, Supervisor, worker_env
+
+HIVE_ID = f"standby-{os.getpid()}"
+
+# Says ready (after RBEE_TEST_STANDBY_DELAY seconds), waits for its order, then "serves":
+# writes what it was handed to the log it was given, and runs until SIGTERM.
+FAKE_STANDBY = """\
+import json, os, signal, sys, time
+time.sleep(float(os.environ.get("RBEE_TEST_STANDBY_DELAY", "0")))
+os.write(1, b"ready\\n")
+line = sys.stdin.buffer.readline()
+if not line.strip():
+    sys.exit(0)
+order = json.loads(line)
+os.environ.update(order["env"])
+log = os.open(order["log"], os.O_WRONLY | os.O_APPEND)
+os.dup2(log, 1)
+os.dup2(log, 2)
+print("serving", json.dumps(order["argv"]), os.environ.get("CUDA_VISIBLE_DEVICES"), flush=True)
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+while True:
+    time.sleep(1)
+"""
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout_s: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if result := check():
+            return result
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def command(tmp_path: Path) -> str:
+    path = tmp_path / "bin" / "llm-worker-rbee"
+    path.parent.mkdir()
+    path.write_text(f"#!{sys.executable}\n{FAKE_STANDBY}")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return str(path)
+
+
+@pytest.fixture
+def make_supervisor(tmp_path: Path, command: str) -> Iterator[Callable[..., Supervisor]]:
+    made: list[Supervisor] = []
+
+    def make(hive_id: str = HIVE_ID, **overrides: Any) -> Supervisor:
+        settings = HiveSettings(
+            queen_url="http://127.0.0.1:9",
+            hive_id=hive_id,
+            worker_command=command,
+            log_dir=tmp_path / "logs",
+            models_dir=tmp_path / "models",
+            **overrides,
+        )
+        supervisor = Supervisor(settings, Catalog(settings.models_dir), httpx.AsyncClient())
+        made.append(supervisor)
+        return supervisor
+
+    yield make
+    for supervisor in made:
+        supervisor.standby.close()
+        for handed in HANDED:
+            handed.kill()
+            handed.wait(10)
+        HANDED.clear()
+
+
+HANDED: list[subprocess.Popen[bytes]] = []  # the workers a test made of standbys
+
+
+def flags_of(hive_id: str, worker_id: str, port: int) -> list[str]:
+    return [
+        *("--model", "m.gguf", "--model-id", "org/m", "--port", str(port)),
+        *("--worker-id", worker_id, "--hive-id", hive_id, "--cpu-set", "0"),
+    ]
+
+
+def hand_over(supervisor: Supervisor, worker_id: str, port: int) -> subprocess.Popen[bytes]:
+    standby = supervisor.standby
+    standby.start()
+    wait_for("the standby ready", standby.ready)
+    log = supervisor.log_path(worker_id)
+    log.write_bytes(b"")
+    proc = standby.take(
+        flags_of(supervisor.settings.hive_id, worker_id, port), {"CUDA_VISIBLE_DEVICES": "1"}, log
+    )
+    assert proc is not None
+    HANDED.append(proc)
+    return proc
+
+
+def test_an_idle_standby_is_no_worker(make_supervisor: Callable[..., Supervisor]) -> None:
+    supervisor = make_supervisor()
+    supervisor.standby.start()
+    pid = wait_for("the standby", supervisor.standby.pid)
+    wait_for("the standby ready", supervisor.standby.ready)
+    cmdline = psutil.Process(pid).cmdline()
+    assert "--standby" in cmdline
+    assert psutil.Process(pid).environ()[SPAWN_MARKER] == HIVE_ID
+    assert supervisor.processes() == []
+    assert supervisor.memory_held() == (0, frozenset())
+
+
+async def test_a_standby_is_never_stopped_as_a_worker(
+    make_supervisor: Callable[..., Supervisor],
+) -> None:
+    supervisor = make_supervisor()
+    supervisor.standby.start()
+    pid = wait_for("the standby", supervisor.standby.pid)
+    with pytest.raises(NotFound):
+        await supervisor.stop(pid)
+    assert psutil.Process(pid).is_running()
+
+
+def test_a_standby_handed_a_worker_is_listed_with_the_flags_it_was_handed(
+    make_supervisor: Callable[..., Supervisor],
+) -> None:
+    supervisor = make_supervisor()
+    proc = hand_over(supervisor, "w1", 8123)
+
+    [worker] = supervisor.processes()
+    assert (worker.pid, worker.worker_id, worker.port) == (proc.pid, "w1", 8123)
+    assert (worker.model, worker.cpu_set) == ("org/m", "0")
+    assert "--standby" in psutil.Process(proc.pid).cmdline()  # found by its file, not its argv
+    # Its output goes to the worker's log, with the device's environment set before it serves.
+    log = wait_for("its log", lambda: supervisor.log_path("w1").read_text())
+    assert '"--worker-id", "w1"' in log
+    assert log.strip().endswith("1")  # CUDA_VISIBLE_DEVICES
+
+
+def test_a_restarted_hive_finds_a_worker_that_was_its_standby(
+    make_supervisor: Callable[..., Supervisor],
+) -> None:
+    first = make_supervisor()
+    proc = hand_over(first, "w1", 8124)
+    first.standby.close()
+
+    again = make_supervisor()  # same hive id, same log dir: a new hive process would be alike
+    assert [(w.pid, w.worker_id, w.port) for w in again.processes()] == [(proc.pid, "w1", 8124)]
+
+
+async def test_a_restarted_hive_stops_it(make_supervisor: Callable[..., Supervisor]) -> None:
+    proc = hand_over(make_supervisor(), "w1", 8125)
+    again = make_supervisor()
+    stopped = await again.stop(proc.pid)
+    assert (stopped.worker_id, stopped.signal) == ("w1", "SIGTERM")
+    assert again.processes() == []
+
+
+def test_another_hive_does_not_take_it_for_its_own(
+    make_supervisor: Callable[..., Supervisor],
+) -> None:
+    proc = hand_over(make_supervisor(), "w1", 8126)
+    other = make_supervisor(hive_id=f"{HIVE_ID}-other")
+    # Even with the flags file of the first hive's worker in its own directory.
+    source = make_supervisor().standby.flags_dir
+    assert any(source.iterdir())
+    assert other.processes() == []
+    assert proc.poll() is None
+
+
+def test_a_flags_file_never_makes_another_process_a_worker(
+    make_supervisor: Callable[..., Supervisor],
+) -> None:
+    supervisor = make_supervisor()
+    env = worker_env(os.environ, HIVE_ID, None)
+    # A process with the hive's mark but not a standby's command line, and a file for its pid.
+    sleeper = subprocess.Popen(["sleep", "60"], env=env)
+    try:
+        flags_dir = supervisor.standby.flags_dir
+        flags_dir.mkdir(parents=True)
+        key = f"{sleeper.pid}-{started_ticks(sleeper.pid)}.json"
+        (flags_dir / key).write_text(json.dumps({"argv": flags_of(HIVE_ID, "w9", 8127)}))
+        assert supervisor.processes() == []
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_the_flags_of_processes_gone_are_swept(
+    make_supervisor: Callable[..., Supervisor],
+) -> None:
+    supervisor = make_supervisor()
+    proc = hand_over(supervisor, "w1", 8128)
+    flags_dir = supervisor.standby.flags_dir
+    live = {p.name for p in flags_dir.iterdir()}
+    (flags_dir / "999999999-12345.json").write_text('{"argv": []}')  # a pid that is no more
+    (flags_dir / f"{proc.pid}-1.json").write_text('{"argv": []}')  # its pid, not its start
+    supervisor.standby.sweep()
+    assert {p.name for p in flags_dir.iterdir()} == live
+
+    proc.terminate()
+    proc.wait(10)
+    supervisor.standby.sweep()
+    assert list(flags_dir.iterdir()) == []
+
+
+def test_a_standby_not_ready_yet_is_not_handed_anything(
+    make_supervisor: Callable[..., Supervisor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RBEE_TEST_STANDBY_DELAY", "60")
+    supervisor = make_supervisor()
+    supervisor.standby.start()
+    pid = wait_for("the standby", supervisor.standby.pid)
+    log = supervisor.log_path("w1")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    assert supervisor.standby.take(flags_of(HIVE_ID, "w1", 8129), {}, log) is None
+    assert supervisor.standby.pid() == pid  # still waiting, for the next spawn
+
+
+def test_a_standby_ends_with_its_hive(make_supervisor: Callable[..., Supervisor]) -> None:
+    supervisor = make_supervisor()
+    supervisor.standby.start()
+    pid = wait_for("the standby", supervisor.standby.pid)
+    proc = psutil.Process(pid)
+    supervisor.standby.close()
+    assert not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+
+
+def test_no_standby_when_turned_off(make_supervisor: Callable[..., Supervisor]) -> None:
+    supervisor = make_supervisor(standby=False)
+    supervisor.standby.start()
+    assert supervisor.standby.pid() is None
