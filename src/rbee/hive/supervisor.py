@@ -146,6 +146,32 @@ def output_tail(path: Path, limit: int = OUTPUT_TAIL_BYTES) -> str:
         return ""
 
 
+async def exited(proc: psutil.Process, timeout_s: float) -> int | None:
+    """Wait for the process to end, and its exit code (None: not a child of ours). Told by the
+    kernel at once where it can (a pidfd), not at the next look of a polling wait: a swap waits
+    for the old worker's end. Raises psutil.TimeoutExpired."""
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # not Linux 5.3+, or gone already
+        return await asyncio.to_thread(proc.wait, timeout_s)
+    loop = asyncio.get_running_loop()
+    ended: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        if not ended.done():
+            ended.set_result(None)
+
+    loop.add_reader(pidfd, readable)
+    try:
+        await asyncio.wait_for(ended, timeout_s)
+    except TimeoutError:
+        raise psutil.TimeoutExpired(timeout_s, proc.pid) from None
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+    return await asyncio.to_thread(proc.wait, 1.0)  # it has ended: reaps it, if ours
+
+
 class Supervisor:
     def __init__(
         self,
@@ -475,11 +501,11 @@ class Supervisor:
         try:
             proc.terminate()  # psutil checks the pid was not reused since it was inspected
             try:
-                exit_code = await asyncio.to_thread(proc.wait, self.settings.stop_grace)
+                exit_code = await exited(proc, self.settings.stop_grace)
             except psutil.TimeoutExpired:
                 sent = "SIGKILL"
                 proc.kill()
-                exit_code = await asyncio.to_thread(proc.wait, 10.0)
+                exit_code = await exited(proc, 10.0)
         except psutil.NoSuchProcess:
             pass
         except psutil.TimeoutExpired:
