@@ -14,6 +14,7 @@ import contextlib
 import gc
 import importlib
 import json
+import logging
 import os
 import sys
 import threading
@@ -174,4 +175,9 @@ def serve_worker(args: list[str]) -> None:
     )
     if runtime.load_error is not None:
         _fail(runtime.load_error)
-    sys.exit(code)
+    # Nothing is left to clean up (the server, its engine and the heartbeats ended in serve):
+    # the interpreter's teardown of every module would only make a stop (a swap) wait longer.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
