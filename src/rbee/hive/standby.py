@@ -3,10 +3,9 @@
 A worker's Python imports take about a second before its llama-server even starts; a swap
 waits for all of it. So the hive keeps one worker process started ahead of need, waiting on a
 pipe: a spawn hands it the worker's flags, the environment its device needs and its log file,
-and it serves from there as a worker started afresh would; the next standby starts at once.
-A standby imports at a low priority, so it does not slow the model loading meanwhile, or a
-request; it says `ready` on its stdout when its imports are done, and a spawn that comes before
-starts its worker afresh (a standby on a machine kept busy may take long to be ready).
+and it serves from there as a worker started afresh would; the next standby starts at once. A
+spawn that comes while the standby still imports is handed to it all the same: what it has
+imported already is time won over a worker started afresh.
 
 A standby is no worker: not listed, not counted in the memory the hive's workers hold, never
 stoppable through the workers API. It reads its pipe until told what to serve; at end of file
@@ -26,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import select
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -70,10 +68,9 @@ def _key(pid: int) -> str:
 
 
 def _close_pipes(proc: subprocess.Popen[bytes]) -> None:
-    for pipe in (proc.stdin, proc.stdout):
-        if pipe is not None:
-            with contextlib.suppress(OSError):
-                pipe.close()
+    if proc.stdin is not None:
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
 
 
 class Standby:
@@ -94,7 +91,6 @@ class Standby:
         self.output = output  # what a standby prints before it is handed its log
         self.enabled = enabled
         self._proc: subprocess.Popen[bytes] | None = None
-        self._ready = False  # the standby said so
 
     def start(self) -> None:
         """Start a standby, unless one is waiting already (or standbys are off)."""
@@ -109,37 +105,25 @@ class Standby:
                 self._proc = subprocess.Popen(
                     self.command,
                     stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,  # `ready`, once; then it writes to its log
-                    stderr=out,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
                     env=self.env,
                     start_new_session=True,  # as a worker: the hive's signals must not reach it
                 )
         except OSError as exc:
             log.warning("cannot start a standby worker: %s", exc.strerror or exc)
             self._proc = None
-        self._ready = False
-
-    def ready(self) -> bool:
-        """The standby lives and its imports are done."""
-        proc = self._proc
-        if proc is None or proc.poll() is not None or proc.stdout is None:
-            return False
-        if not self._ready:
-            with contextlib.suppress(OSError, ValueError):
-                if select.select([proc.stdout], [], [], 0)[0]:
-                    self._ready = proc.stdout.readline() == b"ready\n"
-        return self._ready
 
     def take(
         self, argv: Sequence[str], env: Mapping[str, str], log_path: Path
     ) -> subprocess.Popen[bytes] | None:
         """Hand the standby a worker's flags (`argv`, without the executable), the environment
         its device needs and its log file: the standby's process, a worker from now on. None
-        when there is no standby ready to take them (start the worker afresh)."""
-        if not self.ready():
-            return None
-        proc, self._proc, self._ready = self._proc, None, False
-        if proc is None or proc.stdin is None or proc.stdout is None:
+        when there is no live standby to take them (start the worker afresh)."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None or proc.stdin is None:
+            if proc is not None:
+                _close_pipes(proc)
             return None
         try:
             self.flags_dir.mkdir(parents=True, exist_ok=True)
@@ -150,7 +134,6 @@ class Standby:
             order = {"argv": list(argv), "env": dict(env), "log": str(log_path)}
             proc.stdin.write(json.dumps(order).encode() + b"\n")
             proc.stdin.close()
-            proc.stdout.close()
         except (OSError, psutil.Error) as exc:
             log.warning("could not hand a worker to the standby (pid %d): %s", proc.pid, exc)
             with contextlib.suppress(OSError):
@@ -192,7 +175,7 @@ class Standby:
 
     def close(self) -> None:
         """End the waiting standby: it exits at the end of its pipe; killed if it does not."""
-        proc, self._proc, self._ready = self._proc, None, False
+        proc, self._proc = self._proc, None
         if proc is None:
             return
         _close_pipes(proc)

@@ -405,7 +405,7 @@ class Supervisor:
         command = self.command(worker_id, model, port, request, cores)
         log_path.write_bytes(b"")  # the standby appends to it
         standby = self.standby.take(command[1:], device_env, log_path)
-        self.standby.start()  # the next one (at a low priority: the model loads first)
+        self.standby.start()  # the next one, ready for a spawn that follows soon (a swap)
         if standby is not None:
             self._children[standby.pid] = standby
             return standby, log_path

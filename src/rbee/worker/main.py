@@ -3,9 +3,8 @@
 `llm-worker-rbee --standby …` is a worker started ahead of need by its hive (`rbee.hive.standby`):
 it imports what a worker runs on while it waits on its stdin for the flags of the worker it is
 to be. What it imports is imported in `serve_worker`, not when this module is: a standby imports
-it in a thread of low priority (a model loading or a request running meanwhile keeps the cores)
-while its main thread reads the pipe, so the end of the pipe ends it at once. It says `ready` on
-its stdout once its imports are done; its hive hands it nothing before.
+it in a thread while its main thread reads the pipe, so the end of the pipe ends it at once, and
+flags handed to it before its imports are done wait only for the rest of them.
 """
 
 from __future__ import annotations
@@ -67,23 +66,12 @@ def import_worker() -> None:
             importlib.import_module(name)
 
 
-STANDBY_NICE = 10  # the standby's import thread's: it yields the cores to anything else
-READY = b"ready\n"
-
-
-def _import_quietly() -> None:
-    # Linux sets a niceness per thread: this thread's only; the worker's own threads, started
-    # later by the main thread, keep its niceness.
-    if sys.platform == "linux":
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), STANDBY_NICE)
+def _import_ahead() -> None:
     import_worker()
     # What is imported lives as long as the process: frozen now, the collection `serve` makes
     # before it starts (freezing it too) has next to nothing left to walk.
     gc.collect()
     gc.freeze()
-    with contextlib.suppress(OSError):
-        os.write(1, READY)
 
 
 def standby() -> list[str] | None:
@@ -92,7 +80,7 @@ def standby() -> list[str] | None:
     llama-server starts) and `log` (where the output goes from then on). End of file (the hive
     stopped, however it stopped) ends the standby: returns None. Once handed its flags it no
     longer reads the pipe, and outlives its hive like any worker."""
-    imports = threading.Thread(target=_import_quietly, name="standby-imports", daemon=True)
+    imports = threading.Thread(target=_import_ahead, name="standby-imports", daemon=True)
     imports.start()
     line = sys.stdin.buffer.readline()
     if not line.strip():

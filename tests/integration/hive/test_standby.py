@@ -26,12 +26,11 @@ from rbee.hive.supervisor import SPAWN_MARKER, Supervisor, worker_env
 
 HIVE_ID = f"standby-{os.getpid()}"
 
-# Says ready (after RBEE_TEST_STANDBY_DELAY seconds), waits for its order, then "serves":
-# writes what it was handed to the log it was given, and runs until SIGTERM.
+# "Imports" for RBEE_TEST_STANDBY_DELAY seconds, waits for its order, then "serves": writes what
+# it was handed to the log it was given, and runs until SIGTERM.
 FAKE_STANDBY = """\
 import json, os, signal, sys, time
 time.sleep(float(os.environ.get("RBEE_TEST_STANDBY_DELAY", "0")))
-os.write(1, b"ready\\n")
 line = sys.stdin.buffer.readline()
 if not line.strip():
     sys.exit(0)
@@ -104,7 +103,6 @@ def flags_of(hive_id: str, worker_id: str, port: int) -> list[str]:
 def hand_over(supervisor: Supervisor, worker_id: str, port: int) -> subprocess.Popen[bytes]:
     standby = supervisor.standby
     standby.start()
-    wait_for("the standby ready", standby.ready)
     log = supervisor.log_path(worker_id)
     log.write_bytes(b"")
     proc = standby.take(
@@ -119,7 +117,6 @@ def test_an_idle_standby_is_no_worker(make_supervisor: Callable[..., Supervisor]
     supervisor = make_supervisor()
     supervisor.standby.start()
     pid = wait_for("the standby", supervisor.standby.pid)
-    wait_for("the standby ready", supervisor.standby.ready)
     cmdline = psutil.Process(pid).cmdline()
     assert "--standby" in cmdline
     assert psutil.Process(pid).environ()[SPAWN_MARKER] == HIVE_ID
@@ -221,17 +218,35 @@ def test_the_flags_of_processes_gone_are_swept(
     assert list(flags_dir.iterdir()) == []
 
 
-def test_a_standby_not_ready_yet_is_not_handed_anything(
+def test_a_standby_still_starting_is_handed_the_worker_all_the_same(
     make_supervisor: Callable[..., Supervisor], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("RBEE_TEST_STANDBY_DELAY", "60")
+    monkeypatch.setenv("RBEE_TEST_STANDBY_DELAY", "1")  # it reads its pipe only then
     supervisor = make_supervisor()
     supervisor.standby.start()
     pid = wait_for("the standby", supervisor.standby.pid)
     log = supervisor.log_path("w1")
     log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_bytes(b"")
+    proc = supervisor.standby.take(flags_of(HIVE_ID, "w1", 8129), {}, log)
+    assert proc is not None
+    assert proc.pid == pid
+    HANDED.append(proc)
+    assert wait_for("its log", lambda: log.read_text())
+    assert [w.worker_id for w in supervisor.processes()] == ["w1"]
+
+
+def test_a_dead_standby_is_not_handed_anything(
+    make_supervisor: Callable[..., Supervisor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    supervisor = make_supervisor()
+    supervisor.standby.start()
+    pid = wait_for("the standby", supervisor.standby.pid)
+    psutil.Process(pid).kill()
+    wait_for("it to die", lambda: supervisor.standby.pid() is None)
+    log = supervisor.log_path("w1")
+    log.parent.mkdir(parents=True, exist_ok=True)
     assert supervisor.standby.take(flags_of(HIVE_ID, "w1", 8129), {}, log) is None
-    assert supervisor.standby.pid() == pid  # still waiting, for the next spawn
 
 
 def test_a_standby_ends_with_its_hive(make_supervisor: Callable[..., Supervisor]) -> None:
