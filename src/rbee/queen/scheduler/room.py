@@ -38,7 +38,12 @@ from rbee.queen.scheduler.placement import RETRY_AFTER_S, Demand, Placement, est
 from rbee.queen.scheduler.reservations import DeviceKey
 
 log = logging.getLogger("rbee.queen.room")
-POLL_S = 0.25  # how often a wait for room or for a drained worker looks again
+# How often a wait for room looks again between the events that wake it (heartbeats, workers
+# coming and going): a queue emptying or a request ending publishes none, and a swap waits for it.
+POLL_S = 0.05
+# How often a drained worker's requests in flight are counted (in memory): its stop, and so the
+# swap, follows the last one's end by at most this.
+DRAIN_POLL_S = 0.02
 # A model that asks again within this long after its wait for room ran out keeps its place
 # in time (a client retrying as Retry-After says): its swap wait is not restarted.
 HUNGER_GAP_S = 2.0 * RETRY_AFTER_S
@@ -193,7 +198,7 @@ class Room:
         while self.router.tracker.in_flight(info.id) > 0:
             if self.registry.get_worker(info.id) is None:
                 break
-            await asyncio.sleep(POLL_S)
+            await asyncio.sleep(DRAIN_POLL_S)
         freeing = self._evicting.get(info.id)
         if freeing is not None:
             freeing.stopping = True
