@@ -325,14 +325,23 @@ def test_a_cut_cable_to_the_helper_ends_the_stream_and_the_worker_and_leaves_not
         error = refused.json()["error"]
         assert error["code"] == "insufficient_memory", error
         assert error["needed_bytes"] > error["largest_free_bytes"] > 0, error
+
+        # A third machine joins: the model fits again, split with it instead of the cut one.
+        cluster.start_hive("box3", 1.0, "--memory-limit", MEMORY_LIMIT)
+        status, served_by, answer = chat(cluster)
+        assert status == 200, f"{answer}\n{cluster.output('queen')}"
+        (again,) = [w for w in cluster.workers() if w["id"] == served_by]
+        assert cluster.hive_id(helper) not in {p["hive_id"] for p in again["parts"]}
+        stopped = cluster.run_job({"operation": "worker_stop", "worker_id": again["id"]})
+        assert stopped["type"] == "done", stopped
     finally:
         cluster.lan.restore(helper)
         streaming.join(300)
 
     # Back on the LAN: the helper's RPC server and tunnel stopped by themselves meanwhile.
     cluster.wait_for(lambda: rpc_servers(cluster, helper) == [], 60)
-    cluster.wait_for(lambda: rbee_processes(cluster, helper) == [], 30)
-    assert rbee_processes(cluster, main) == []
+    for box in ("box1", "box2", "box3"):
+        cluster.wait_for(lambda box=box: rbee_processes(cluster, box) == [], 60)
 
 
 def test_rbee_load_splits_a_model_no_machine_holds_and_unload_gives_the_memory_back(
