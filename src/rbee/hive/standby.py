@@ -36,7 +36,7 @@ from rbee.common.worker_command import WORKER_EXECUTABLE, parse_flags
 
 log = logging.getLogger("rbee.hive.standby")
 STANDBY_FLAG = "--standby"
-CLOSE_WAIT_S = 5.0  # a standby still importing sees the end of its pipe once its imports end
+CLOSE_WAIT_S = 5.0  # a standby ends at the end of its pipe at once; one that does not is killed
 
 
 def standby_flags(cmdline: Sequence[str], hive_id: str) -> bool:

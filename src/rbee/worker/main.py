@@ -3,8 +3,11 @@
 `llm-worker-rbee --standby …` is a worker started ahead of need by its hive (`rbee.hive.standby`):
 it imports what a worker runs on while it waits on its stdin for the flags of the worker it is
 to be. What it imports is imported in `serve_worker`, not when this module is: a standby imports
-it in a thread while its main thread reads the pipe, so the end of the pipe ends it at once, and
-flags handed to it before its imports are done wait only for the rest of them.
+it in a thread of low priority (a model loading or a request generating meanwhile keeps the
+cores: llama.cpp's threads lose much of their speed to any busy process) while its main thread
+reads the pipe, so the end of the pipe ends it at once. Flags handed to it before its imports are
+done wait for the rest of them, at the normal priority again where the system lets a process
+raise its own (root, CAP_SYS_NICE or RLIMIT_NICE).
 """
 
 from __future__ import annotations
@@ -66,7 +69,18 @@ def import_worker() -> None:
             importlib.import_module(name)
 
 
+STANDBY_NICE = 10  # the import thread's, while nothing waits for it
+
+
+def _renice(thread: threading.Thread, nice: int) -> None:
+    # Linux gives each thread a niceness of its own: the worker's other threads keep theirs.
+    if sys.platform == "linux" and thread.native_id is not None:
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, thread.native_id, nice)
+
+
 def _import_ahead() -> None:
+    _renice(threading.current_thread(), STANDBY_NICE)
     import_worker()
     # What is imported lives as long as the process: frozen now, the collection `serve` makes
     # before it starts (freezing it too) has next to nothing left to walk.
@@ -96,6 +110,7 @@ def standby() -> list[str] | None:
         os.dup2(target, fd)
     os.close(log)
     os.close(null)
+    _renice(imports, 0)  # a worker waits for it now
     imports.join()
     import_worker()  # whatever the thread could not import says why now, in the log
     return argv
