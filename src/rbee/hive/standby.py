@@ -4,8 +4,9 @@ A worker's Python imports take about a second before its llama-server even start
 waits for all of it. So the hive keeps one worker process started ahead of need, waiting on a
 pipe: a spawn hands it the worker's flags, the environment its device needs and its log file,
 and it serves from there as a worker started afresh would; the next standby starts at once. A
-spawn that comes while the standby still imports is handed to it all the same: what it has
-imported already is time won over a worker started afresh.
+standby first says it is one (`standby` on its stdout, within a moment of its start); a spawn
+that comes while it still imports is handed to it all the same (what it has imported already
+is time won over a worker started afresh), but never one that has not said it yet.
 
 A standby is no worker: not listed, not counted in the memory the hive's workers hold, never
 stoppable through the workers API. It reads its pipe until told what to serve; at end of file
@@ -25,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import select
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -36,6 +38,7 @@ from rbee.common.worker_command import WORKER_EXECUTABLE, parse_flags
 
 log = logging.getLogger("rbee.hive.standby")
 STANDBY_FLAG = "--standby"
+STANDING_BY = b"standby\n"  # what a standby says first, on its stdout
 CLOSE_WAIT_S = 5.0  # a standby ends at the end of its pipe at once; one that does not is killed
 
 
@@ -68,9 +71,10 @@ def _key(pid: int) -> str:
 
 
 def _close_pipes(proc: subprocess.Popen[bytes]) -> None:
-    if proc.stdin is not None:
-        with contextlib.suppress(OSError):
-            proc.stdin.close()
+    for pipe in (proc.stdin, proc.stdout):
+        if pipe is not None:
+            with contextlib.suppress(OSError):
+                pipe.close()
 
 
 class Standby:
@@ -91,6 +95,7 @@ class Standby:
         self.output = output  # what a standby prints before it is handed its log
         self.enabled = enabled
         self._proc: subprocess.Popen[bytes] | None = None
+        self._listening = False  # it said it is a standby
 
     def start(self) -> None:
         """Start a standby, unless one is waiting already (or standbys are off)."""
@@ -105,25 +110,39 @@ class Standby:
                 self._proc = subprocess.Popen(
                     self.command,
                     stdin=subprocess.PIPE,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
+                    stdout=subprocess.PIPE,  # says it is a standby; then its log replaces it
+                    stderr=out,
                     env=self.env,
                     start_new_session=True,  # as a worker: the hive's signals must not reach it
                 )
         except OSError as exc:
             log.warning("cannot start a standby worker: %s", exc.strerror or exc)
             self._proc = None
+        self._listening = False
+
+    def listening(self) -> bool:
+        """The standby lives and has said it is one (a worker command that knows no standby,
+        a wrapper say, never does: it is never handed a worker)."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None or proc.stdout is None:
+            return False
+        if not self._listening:
+            with contextlib.suppress(OSError, ValueError):
+                if select.select([proc.stdout], [], [], 0)[0]:
+                    self._listening = proc.stdout.readline() == STANDING_BY
+        return self._listening
 
     def take(
         self, argv: Sequence[str], env: Mapping[str, str], log_path: Path
     ) -> subprocess.Popen[bytes] | None:
         """Hand the standby a worker's flags (`argv`, without the executable), the environment
         its device needs and its log file: the standby's process, a worker from now on. None
-        when there is no live standby to take them (start the worker afresh)."""
-        proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None or proc.stdin is None:
-            if proc is not None:
-                _close_pipes(proc)
+        when there is no standby listening to take them (start the worker afresh); one still
+        starting up is kept for the next spawn."""
+        if not self.listening():
+            return None
+        proc, self._proc, self._listening = self._proc, None, False
+        if proc is None or proc.stdin is None:
             return None
         try:
             self.flags_dir.mkdir(parents=True, exist_ok=True)
@@ -133,7 +152,7 @@ class Standby:
             partial.replace(path)  # whole or absent, for a hive that reads it meanwhile
             order = {"argv": list(argv), "env": dict(env), "log": str(log_path)}
             proc.stdin.write(json.dumps(order).encode() + b"\n")
-            proc.stdin.close()
+            _close_pipes(proc)
         except (OSError, psutil.Error) as exc:
             log.warning("could not hand a worker to the standby (pid %d): %s", proc.pid, exc)
             with contextlib.suppress(OSError):
@@ -175,7 +194,7 @@ class Standby:
 
     def close(self) -> None:
         """End the waiting standby: it exits at the end of its pipe; killed if it does not."""
-        proc, self._proc = self._proc, None
+        proc, self._proc, self._listening = self._proc, None, False
         if proc is None:
             return
         _close_pipes(proc)

@@ -70,6 +70,7 @@ def import_worker() -> None:
 
 
 STANDBY_NICE = 10  # the import thread's, while nothing waits for it
+STANDING_BY = b"standby\n"
 
 
 def _renice(thread: threading.Thread, nice: int) -> None:
@@ -94,6 +95,10 @@ def standby() -> list[str] | None:
     llama-server starts) and `log` (where the output goes from then on). End of file (the hive
     stopped, however it stopped) ends the standby: returns None. Once handed its flags it no
     longer reads the pipe, and outlives its hive like any worker."""
+    # Tells the hive a standby listens (a command that is not one never says it, and is never
+    # handed a worker); stdout is the hive's pipe until the worker's log replaces it.
+    with contextlib.suppress(OSError):
+        os.write(1, STANDING_BY)
     imports = threading.Thread(target=_import_ahead, name="standby-imports", daemon=True)
     imports.start()
     line = sys.stdin.buffer.readline()

@@ -30,6 +30,7 @@ HIVE_ID = f"standby-{os.getpid()}"
 # it was handed to the log it was given, and runs until SIGTERM.
 FAKE_STANDBY = """\
 import json, os, signal, sys, time
+os.write(1, b"standby\\n")
 time.sleep(float(os.environ.get("RBEE_TEST_STANDBY_DELAY", "0")))
 line = sys.stdin.buffer.readline()
 if not line.strip():
@@ -69,14 +70,15 @@ def make_supervisor(tmp_path: Path, command: str) -> Iterator[Callable[..., Supe
     made: list[Supervisor] = []
 
     def make(hive_id: str = HIVE_ID, **overrides: Any) -> Supervisor:
-        settings = HiveSettings(
-            queen_url="http://127.0.0.1:9",
-            hive_id=hive_id,
-            worker_command=command,
-            log_dir=tmp_path / "logs",
-            models_dir=tmp_path / "models",
+        values: dict[str, Any] = {
+            "queen_url": "http://127.0.0.1:9",
+            "hive_id": hive_id,
+            "worker_command": command,
+            "log_dir": tmp_path / "logs",
+            "models_dir": tmp_path / "models",
             **overrides,
-        )
+        }
+        settings = HiveSettings.model_validate(values)
         supervisor = Supervisor(settings, Catalog(settings.models_dir), httpx.AsyncClient())
         made.append(supervisor)
         return supervisor
@@ -103,6 +105,7 @@ def flags_of(hive_id: str, worker_id: str, port: int) -> list[str]:
 def hand_over(supervisor: Supervisor, worker_id: str, port: int) -> subprocess.Popen[bytes]:
     standby = supervisor.standby
     standby.start()
+    wait_for("the standby to say it is one", standby.listening)
     log = supervisor.log_path(worker_id)
     log.write_bytes(b"")
     proc = standby.take(
@@ -225,6 +228,7 @@ def test_a_standby_still_starting_is_handed_the_worker_all_the_same(
     supervisor = make_supervisor()
     supervisor.standby.start()
     pid = wait_for("the standby", supervisor.standby.pid)
+    wait_for("the standby to say it is one", supervisor.standby.listening)
     log = supervisor.log_path("w1")
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_bytes(b"")
@@ -262,3 +266,21 @@ def test_no_standby_when_turned_off(make_supervisor: Callable[..., Supervisor]) 
     supervisor = make_supervisor(standby=False)
     supervisor.standby.start()
     assert supervisor.standby.pid() is None
+
+
+def test_a_command_that_never_says_it_is_a_standby_is_never_handed_a_worker(
+    make_supervisor: Callable[..., Supervisor], tmp_path: Path
+) -> None:
+    # A worker command that knows no --standby (a wrapper, an older worker) still starts:
+    # here it sleeps, as if loading whatever it was given.
+    wrapper = tmp_path / "bin" / "other" / "llm-worker-rbee"
+    wrapper.parent.mkdir(parents=True)
+    wrapper.write_text(f"#!{sys.executable}\nimport time\ntime.sleep(60)\n")
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
+    supervisor = make_supervisor(worker_command=str(wrapper))
+    supervisor.standby.start()
+    wait_for("the standby", supervisor.standby.pid)
+    time.sleep(0.5)
+    log = supervisor.log_path("w1")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    assert supervisor.standby.take(flags_of(HIVE_ID, "w1", 8130), {}, log) is None
