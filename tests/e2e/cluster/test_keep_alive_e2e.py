@@ -38,10 +38,14 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
     yield from start_cluster(tmp_path, *flags, hive_flags=("--memory-limit", "4GiB"))
 
 
-def rbee_used(cluster: Cluster) -> int:
+def hive_view(cluster: Cluster) -> dict[str, Any]:
     hives = httpx.get(f"{cluster.queen_url}/v1/hives").json()["hives"]
-    hive = next(h for h in hives if h["id"] == cluster.hive_id)
-    cpu = next(d for d in hive["devices"] if d["id"] == "cpu:0")
+    hive: dict[str, Any] = next(h for h in hives if h["id"] == cluster.hive_id)
+    return hive
+
+
+def rbee_used(cluster: Cluster) -> int:
+    cpu = next(d for d in hive_view(cluster)["devices"] if d["id"] == "cpu:0")
     return int(cpu["rbee_used_bytes"] or 0)
 
 
@@ -71,7 +75,13 @@ def test_an_on_demand_worker_unloads_when_idle_and_a_pinned_one_stays(cluster: C
     assert done["type"] == "done", done
     pinned_id = done["result"]["worker_id"]
     pinned_pid = done["result"]["pid"]
-    base = wait_until(lambda: rbee_used(cluster), 30, "the hive reports its worker's memory")
+    # From a heartbeat that lists the worker as started: its figures were read after it loaded
+    # (one sent while it still loaded holds its Python process only).
+    base = wait_until(
+        lambda: pinned_id in hive_view(cluster)["workers"] and rbee_used(cluster),
+        30,
+        "the hive reports its worker's memory",
+    )
 
     # keep_alive passes through to the worker (llama.cpp ignores it) and holds the new worker.
     answer = chat(cluster, "10m")
