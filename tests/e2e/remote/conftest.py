@@ -71,6 +71,19 @@ class Box:
                 found.append(proc)
         return found
 
+    def serving_processes(self) -> list[psutil.Process]:
+        """The hive and its workers, without the hive's idle standby worker (`--standby`, no
+        llama-server under it yet: it serves nothing until it is handed a worker)."""
+        serving = []
+        for proc in self.rbee_processes():
+            try:
+                idle_standby = "--standby" in proc.cmdline() and not proc.children()
+            except psutil.NoSuchProcess:
+                continue
+            if not idle_standby:
+                serving.append(proc)
+        return serving
+
 
 def _wait_listening(lan: netns.Lan, host: str, port: int, sshd: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + 20

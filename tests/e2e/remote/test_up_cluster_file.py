@@ -87,7 +87,7 @@ model = "{DEFAULT_MODEL}"
         assert [(w["hive_id"], w["host"], w["status"]) for w in workers] == [
             ("box1", box.address, "ready")
         ]
-        assert len(box.rbee_processes()) == 2  # the hive and its worker
+        assert len(box.serving_processes()) == 2  # the hive and its worker
         assert processes_with_in_argv(token) == []
 
         up.send_signal(signal.SIGINT)
@@ -137,7 +137,7 @@ def test_a_killed_rbee_up_has_its_remote_hive_stopped_by_the_next_one(
         wait_for_output(first, first_log, READY_LINE, timeout_s=120)
         first.kill()  # no chance to clean: the queen here and the hive there stay
         first.wait()
-        assert len(box.rbee_processes()) == 1
+        assert len(box.serving_processes()) == 1  # the hive
 
         with second_log.open("w") as out:
             second = subprocess.Popen(
