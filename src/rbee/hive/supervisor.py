@@ -51,11 +51,9 @@ from rbee.hive.cores import CorePlacement, place_cores
 from rbee.hive.ports import pick_port
 from rbee.hive.settings import HiveSettings
 from rbee.hive.standby import Standby, standby_flags
+from rbee.hive.worker_logs import last_lines, output_tail, rotate_log
 
 log = logging.getLogger("rbee.hive.supervisor")
-OUTPUT_TAIL_BYTES = 4000
-LOG_KEEP = 5  # earlier logs kept of a worker id started again (worker-ID.log.1 … .5)
-LOG_TAIL_MAX_BYTES = 4 * 1024 * 1024  # `rbee worker logs` reads at most this much of the end
 # How often a starting worker's /health is asked: often at first (a small model is ready within
 # a second, and a swap waits for this answer), then less (a big one takes minutes).
 READY_POLL_S = 0.02
@@ -124,26 +122,6 @@ def _children_rss(proc: psutil.Process) -> int:
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             total += child.memory_info().rss
     return total
-
-
-def rotate_log(path: Path, keep: int = LOG_KEEP) -> None:
-    """`worker-ID.log` becomes `.1`, `.1` becomes `.2`… up to `keep` old logs; the oldest goes."""
-    if not path.exists():
-        return
-    for n in range(keep - 1, 0, -1):
-        older = path.with_name(f"{path.name}.{n}")
-        if older.exists():
-            older.replace(path.with_name(f"{path.name}.{n + 1}"))
-    path.replace(path.with_name(f"{path.name}.1"))
-
-
-def output_tail(path: Path, limit: int = OUTPUT_TAIL_BYTES) -> str:
-    try:
-        with path.open("rb") as log:
-            log.seek(max(0, log.seek(0, os.SEEK_END) - limit))
-            return log.read().decode(errors="replace").strip()
-    except OSError:
-        return ""
 
 
 async def exited(proc: psutil.Process, timeout_s: float) -> int | None:
@@ -435,19 +413,13 @@ class Supervisor:
         """The last `lines` lines of a worker's log (running or stopped: its log stays)."""
         if not WORKER_ID_PATTERN.match(worker_id):
             raise BadRequest(f"{quote(worker_id)} is not a valid worker id")
-        path = self.log_path(worker_id)
         try:
-            with path.open("rb") as log:
-                end = log.seek(0, os.SEEK_END)
-                size = min(end, LOG_TAIL_MAX_BYTES)
-                log.seek(end - size)
-                text = log.read().decode(errors="replace")
+            return last_lines(self.log_path(worker_id), lines)
         except FileNotFoundError:
             raise NotFound(
                 f"hive {self.settings.hive_id} has no log of a worker {quote(worker_id)}",
                 code="worker_log_not_found",
             ) from None
-        return "".join(text.splitlines(keepends=True)[-lines:])
 
     async def _wait_ready(
         self, popen: subprocess.Popen[bytes], port: int, log_path: Path, timeout_s: float

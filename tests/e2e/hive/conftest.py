@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import secrets
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -95,3 +97,13 @@ def start_hive(queen: Daemon, hub: Daemon, tmp_path: Path) -> Iterator[HiveStart
     # Each hive's workers, and their engines, end with it (ServerProcess.end).
     for hive in started:
         hive.proc.__exit__(None, None, None)
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout_s: float = 60.0) -> Any:
+    """Poll `check` until it returns something true (returned), or fail naming `what`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if result := check():
+            return result
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")

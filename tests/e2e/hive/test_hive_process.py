@@ -7,8 +7,6 @@ import os
 import signal
 import tempfile
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,18 +20,9 @@ from rbee.common.cpus import parse_cpu_set, usable_cpus
 from rbee.worker.engines.llama_process import DIR_PREFIX
 from rbee_testing.gguf import gguf_bytes
 
-from .conftest import Daemon, HiveStarter
+from .conftest import Daemon, HiveStarter, wait_for
 
 pytestmark = pytest.mark.e2e
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout_s: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if result := check():
-            return result
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def queen_worker(queen: Daemon, worker_id: str) -> dict[str, Any] | None:

@@ -8,8 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from rbee.contracts.workers import DEFAULT_CTX_SIZE
 from rbee.hive.footprints import read_footprint
 from rbee_testing.processes import ServerProcess, console_script, free_port
 
-from .conftest import Daemon, HiveStarter
+from .conftest import Daemon, HiveStarter, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -43,15 +42,6 @@ def queen() -> Iterator[Daemon]:
     args += ["--queue-timeout", str(QUEUE_TIMEOUT_S)]
     with ServerProcess(args, health_url=f"{url}/health") as proc:
         yield Daemon(proc, url)
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout_s: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if result := check():
-            return result
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def hive_view(queen: Daemon, hive_id: str) -> dict[str, Any] | None:

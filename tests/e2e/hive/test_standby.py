@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,18 +16,9 @@ import pytest
 from rbee.common.bundled import DEFAULT_MODEL
 from rbee.hive.standby import standby_flags
 
-from .conftest import Daemon, HiveProc, HiveStarter
+from .conftest import Daemon, HiveProc, HiveStarter, wait_for
 
 pytestmark = pytest.mark.e2e
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout_s: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if result := check():
-            return result
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def standbys(hive_id: str) -> list[int]:

@@ -12,7 +12,8 @@ from rbee.contracts.hive_api import CatalogModel, SpawnRequest
 from rbee.hive.catalog import Catalog
 from rbee.hive.cores import CorePlacement
 from rbee.hive.settings import HiveSettings
-from rbee.hive.supervisor import Supervisor, output_tail, worker_flags
+from rbee.hive.supervisor import Supervisor, worker_flags
+from rbee.hive.worker_logs import output_tail
 
 SCRIPT = "/opt/venv/bin/llm-worker-rbee"
 
