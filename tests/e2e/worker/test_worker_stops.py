@@ -184,3 +184,27 @@ def test_a_worker_whose_engine_stops_answering_leaves_and_the_queen_serves_elsew
     assert "llama.cpp's server stopped answering (no answer in 3s)" in hung.proc.output()
     listed = httpx.get(f"{queen.url}/v1/workers").json()
     assert [w["id"] for w in listed["workers"]] == [healthy.id]
+
+
+def test_a_sigterm_during_a_streamed_answer_lets_it_finish_in_full_then_exits_0(
+    group_worker: GroupWorker,
+) -> None:
+    body = {**CHAT, "max_tokens": 48, "stream": True, "stream_options": {"include_usage": True}}
+    chunks: list[str] = []
+    with (
+        httpx.Client(timeout=120) as client,
+        client.stream("POST", f"{group_worker.url}/v1/chat/completions", json=body) as answer,
+    ):
+        assert answer.status_code == 200
+        lines = answer.iter_lines()
+        for line in lines:  # the answer has begun: then the stop comes
+            if line.startswith("data:") and '"content"' in line:
+                break
+        group_worker.proc.send_signal(signal.SIGTERM)
+        chunks = [line for line in lines if line.startswith("data:")]
+    assert chunks[-1] == "data: [DONE]", chunks[-3:]
+    compact = [c.replace(" ", "") for c in chunks]
+    assert any('"finish_reason":"length"' in c or '"finish_reason":"stop"' in c for c in compact)
+    assert not any('"error"' in c for c in compact), chunks[-3:]
+    assert group_worker.proc.wait(30) == 0, group_worker.output()
+    assert refuses(group_worker.port)
