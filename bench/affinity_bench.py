@@ -57,6 +57,7 @@ WORKERS = 3
 SLOTS = 2
 CTX_SIZE = 4096
 REQUEST_TIMEOUT_S = 600.0
+RECOMPUTE_TOKENS = 500  # a later turn that evaluates more prompt tokens missed the cache
 WORDS = [
     "build",
     "test",
@@ -144,6 +145,13 @@ def system_prompt(seed: int, tokens: int) -> str:
 @dataclass
 class Figures:
     ttft: list[float] = field(default_factory=list)
+    # Multi-turn: the first turns' TTFT (cold whatever the policy) and the later turns'.
+    first_turns: list[float] = field(default_factory=list)
+    later_turns: list[float] = field(default_factory=list)
+    # Multi-turn, later turns: the prompt tokens llama-server evaluated rather than took from
+    # its cache (its own count: prompt tokens less cached ones), and each one's TTFT.
+    later_evaluated: list[int] = field(default_factory=list)
+    later_hits: list[float] = field(default_factory=list)  # TTFT where the cache served it
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
@@ -177,7 +185,7 @@ class Figures:
 class Cluster:
     """queen-rbee with one routing policy, a hive, and WORKERS workers of SmolLM2."""
 
-    def __init__(self, stack: ExitStack, tmp: Path, policy: str) -> None:
+    def __init__(self, stack: ExitStack, tmp: Path, policy: str, cores: int | None) -> None:
         queen_port, hive_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{queen_port}"
         self.hive_id = f"affinity-bench-{hive_port}"
@@ -220,6 +228,7 @@ class Cluster:
                     "hive_id": self.hive_id,
                     "slots": SLOTS,
                     "ctx_size": CTX_SIZE,
+                    **({"cores": cores} if cores else {}),
                 }
             )
 
@@ -249,7 +258,11 @@ class Cluster:
 
 
 async def ask(
-    http: httpx.AsyncClient, messages: list[dict[str, str]], max_tokens: int, figures: Figures
+    http: httpx.AsyncClient,
+    messages: list[dict[str, str]],
+    max_tokens: int,
+    figures: Figures,
+    turn: int | None = None,
 ) -> str:
     body = {
         "model": DEFAULT_MODEL,
@@ -262,6 +275,7 @@ async def ask(
     started = time.perf_counter()
     first: float | None = None
     pieces: list[str] = []
+    evaluated = 0
     async with http.stream("POST", "/v1/chat/completions", json=body) as response:
         if response.status_code != 200:
             await response.aread()
@@ -281,8 +295,17 @@ async def ask(
                 figures.completion_tokens += usage["completion_tokens"]
                 details = usage.get("prompt_tokens_details") or {}
                 figures.cached_tokens += details.get("cached_tokens", 0)
+                evaluated = usage["prompt_tokens"] - details.get("cached_tokens", 0)
     figures.requests += 1
-    figures.ttft.append((first or time.perf_counter()) - started)
+    ttft = (first or time.perf_counter()) - started
+    figures.ttft.append(ttft)
+    if turn == 0:
+        figures.first_turns.append(ttft)
+    elif turn is not None:
+        figures.later_turns.append(ttft)
+        figures.later_evaluated.append(evaluated)
+        if evaluated <= RECOMPUTE_TOKENS:
+            figures.later_hits.append(ttft)
     return "".join(pieces)
 
 
@@ -302,7 +325,7 @@ async def multi_turn(url: str, args: argparse.Namespace) -> Figures:
             for turn in range(args.turns):
                 question = f"Step {turn}: {words(rng, 50)}. What should change first?"
                 messages.append({"role": "user", "content": question})
-                answer = await ask(http, messages, args.max_tokens, figures)
+                answer = await ask(http, messages, args.max_tokens, figures, turn)
                 messages.append({"role": "assistant", "content": answer or "(none)"})
 
     started = time.perf_counter()
@@ -340,22 +363,48 @@ def line(policy: str, f: Figures) -> str:
     )
 
 
+def median(values: list[float] | list[int]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def turns_line(policy: str, f: Figures) -> str:
+    """Where a multi-turn TTFT comes from: first turns (cold under any policy) against later
+    ones, and of the later ones those llama-server recomputed (it evaluated more than
+    RECOMPUTE_TOKENS of the prompt: the cache it was sent to did not hold the conversation)
+    against those its cache served."""
+    recomputed = len(f.later_evaluated) - len(f.later_hits)
+    cold = len(f.first_turns) + recomputed
+    return (
+        f"  {policy:<13} first turns p50 {median(f.first_turns) * 1000:6.0f} ms; later turns "
+        f"p50 {median(f.later_turns) * 1000:6.0f} ms, {recomputed}/{len(f.later_turns)} "
+        f"recomputed, cache hits' p50 {median(f.later_hits) * 1000:6.0f} ms; "
+        f"cold or recomputed {cold}/{len(f.ttft)} requests"
+    )
+
+
 def report(results: dict[str, dict[str, Figures]], decisions: dict[str, dict[str, int]]) -> None:
     for workload in ("multi-turn", "unique"):
+        if workload not in results[POLICIES[0]]:
+            continue
         print(f"\n{workload}:")
         for policy in POLICIES:
             print(line(policy, results[policy][workload]))
+    print("\nmulti-turn, by turn (llama-server's timings):")
+    for policy in POLICIES:
+        print(turns_line(policy, results[policy]["multi-turn"]))
     print("\nroute decisions (rbee_route_decisions_total):")
     for policy in POLICIES:
         print(f"  {policy:<13} {decisions[policy]}")
     prefix, least = results["prefix"], results["least-loaded"]
     ttft_gain = least["multi-turn"].p50 / prefix["multi-turn"].p50
     p95_gain = least["multi-turn"].pct(0.95) / prefix["multi-turn"].pct(0.95)
-    throughput = prefix["unique"].tokens_per_s / least["unique"].tokens_per_s
     print("\ntargets (issue 26):")
     verdict = "met" if ttft_gain >= 2 else "MISSED"
     print(f"  multi-turn TTFT p50, least-loaded / prefix: {ttft_gain:.2f}x (>= 2x: {verdict})")
     print(f"  multi-turn TTFT p95, least-loaded / prefix: {p95_gain:.2f}x")
+    if "unique" not in prefix:
+        return
+    throughput = prefix["unique"].tokens_per_s / least["unique"].tokens_per_s
     verdict = "met" if throughput >= 0.95 else "MISSED"
     print(f"  unique throughput, prefix / least-loaded: {throughput:.2f}x (>= 0.95x: {verdict})")
 
@@ -379,10 +428,13 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=6)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--system-tokens", type=int, default=1500)
-    parser.add_argument("--unique", type=int, default=48)
+    parser.add_argument("--unique", type=int, default=48, help="0: no unique prompts")
     parser.add_argument("--rounds", type=int, default=3, help="unique prompts, in rounds")
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--shared-system", action="store_true")
+    parser.add_argument(
+        "--cores", type=int, default=1, help="cores (llama.cpp threads) per worker, 0: the hive's"
+    )
     args = parser.parse_args()
     # A stop by signal still stops every process started here (the ExitStacks unwind).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -394,25 +446,27 @@ def main() -> None:
         for policy in POLICIES:
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="affinity-bench-")))
             print(f"{policy}: starting a queen, a hive and {WORKERS} workers...", flush=True)
-            clusters[policy] = Cluster(stack, tmp, policy)
+            clusters[policy] = Cluster(stack, tmp, policy, args.cores)
         for policy in POLICIES:
             started = time.perf_counter()
             figures = asyncio.run(multi_turn(clusters[policy].url, args))
             results[policy]["multi-turn"] = figures
             took = time.perf_counter() - started
             print(f"{line(policy, figures)}  [multi-turn, {took:.0f} s]", flush=True)
+            print(turns_line(policy, figures), flush=True)
         # Unique prompts in rounds, taking turns which policy goes first, so that the load of
         # a shared machine falls on both alike; each round's prompts are the same for both.
         per_round = argparse.Namespace(**{**vars(args), "unique": args.unique // args.rounds})
         parts: dict[str, list[Figures]] = {p: [] for p in POLICIES}
-        for r in range(args.rounds):
+        for r in range(args.rounds if args.unique else 0):
             order = POLICIES if r % 2 == 0 else POLICIES[::-1]
             for policy in order:
                 figures = asyncio.run(unique(clusters[policy].url, per_round, seed=7 + r))
                 parts[policy].append(figures)
                 print(f"{line(policy, figures)}  [unique, round {r + 1}]", flush=True)
         for policy in POLICIES:
-            results[policy]["unique"] = merged(parts[policy])
+            if parts[policy]:
+                results[policy]["unique"] = merged(parts[policy])
         decisions = {policy: clusters[policy].decisions() for policy in POLICIES}
     report(results, decisions)
 

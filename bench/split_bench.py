@@ -40,17 +40,13 @@ import argparse
 import contextlib
 import json
 import os
-import queue
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +57,7 @@ import psutil
 from rbee.common.bundled import DEFAULT_MODEL
 from rbee_testing import netns
 from rbee_testing.lan_cluster import LanCluster
+from split_lan import has_netem, shaping
 
 # SmolLM2 at 2048 tokens x 1 slot: ~269 MiB on one device; a split device needs ~137 MiB of
 # compute buffer and slack, and the model's 144 MiB of weights and KV cache are shared out.
@@ -73,6 +70,7 @@ QUEEN_FLAGS = (
 )
 RAW_LLAMA_PORT = 18600
 RAW_RPC_PORT = 18650
+SPIN = "spin"  # RawEngine.start_rpc(wait=SPIN): OpenMP's default wait, not rbee's passive one
 PROMPT = " ".join(
     f"Item {i}: the {c} box holds {i * 3} marbles."
     for i, c in enumerate(["red", "blue", "green", "white", "black", "amber"] * 4)
@@ -99,15 +97,25 @@ def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def timed_chat(
-    url: str, headers: dict[str, str], body: dict[str, Any]
-) -> tuple[float, float, int, int]:
+@dataclass
+class Target:
+    """Where a setup's chats go: a URL, its headers, and a unix socket when it listens on one."""
+
+    name: str
+    url: str
+    headers: dict[str, str]
+    uds: str | None = None
+
+
+def timed_chat(target: Target, body: dict[str, Any]) -> tuple[float, float, int, int]:
     """(seconds to the first token, seconds from it to the last, prompt tokens, tokens out)."""
+    url, headers = target.url, target.headers
+    transport = httpx.HTTPTransport(uds=target.uds) if target.uds else None
     started = time.monotonic()
     first = last = 0.0
     prompt_tokens = completion_tokens = chunks = 0
     with (
-        httpx.Client(timeout=900) as client,
+        httpx.Client(timeout=900, transport=transport) as client,
         client.stream("POST", url, json=body, headers=headers) as response,
     ):
         if response.status_code != 200:
@@ -129,139 +137,48 @@ def timed_chat(
     return first - started, last - first, prompt_tokens, completion_tokens or chunks
 
 
-def measure(
-    name: str, url: str, headers: dict[str, str], requests: int, load_s: float | None
-) -> Figures:
-    """`load_s` None: the first request's wait is the load time (an on-demand start)."""
-    first_token_s, _, _, _ = timed_chat(url, headers, {**CHAT, "max_tokens": 1})
-    prompt, decode = [], []
+def chat_body(n: int, setup: int = 0) -> dict[str, Any]:
+    """Chat `n` of a setup: a prompt of its own (llama.cpp would serve a repeated one from its
+    cache, and two setups may share an engine), as long as every other setup's."""
+    (message,) = CHAT["messages"]
+    content = f"Run {n}.{setup}. {message['content']}"
+    return {**CHAT, "messages": [{**message, "content": content}]}
+
+
+def first_token(target: Target) -> float:
+    """A one-token chat's wait: the load time of an on-demand start, else a warm-up."""
+    return timed_chat(target, {**CHAT, "max_tokens": 1})[0]
+
+
+def interleaved(targets: list[Target], requests: int) -> dict[str, tuple[float, float]]:
+    """Each target's (prompt, decode) tok/s, medians of `requests` chats, taken in turns: chat
+    n goes to every target before chat n+1 goes to any, in an order that alternates (forward,
+    then backward), so neither a busy moment on the shared cores nor going first or last
+    favours one of them. A warm-up chat each first (its own prompt)."""
+    for i, target in enumerate(targets):
+        timed_chat(target, {**chat_body(-1, i), "max_tokens": 8})
+    prompt: dict[str, list[float]] = {t.name: [] for t in targets}
+    decode: dict[str, list[float]] = {t.name: [] for t in targets}
     for n in range(requests):
-        # A prompt of its own each time: llama.cpp would serve a repeated one from its cache.
-        (message,) = CHAT["messages"]
-        body = {**CHAT, "messages": [{**message, "content": f"Run {n}. {message['content']}"}]}
-        ttft, rest, prompt_tokens, out = timed_chat(url, headers, body)
-        prompt.append(prompt_tokens / ttft)
-        decode.append((out - 1) / rest if rest > 0 else 0.0)
-    figures = Figures(
-        name,
-        first_token_s if load_s is None else load_s,
-        statistics.median(prompt),
-        statistics.median(decode),
-    )
-    say(
-        f"  {name}: load {figures.load_s:.1f}s, prompt {statistics.median(prompt):.0f} tok/s, "
-        f"decode {statistics.median(decode):.1f} tok/s"
-    )
-    return figures
+        for i in range(len(targets)) if n % 2 == 0 else reversed(range(len(targets))):
+            target = targets[i]
+            ttft, rest, prompt_tokens, out = timed_chat(target, chat_body(n, i))
+            prompt[target.name].append(prompt_tokens / ttft)
+            decode[target.name].append((out - 1) / rest if rest > 0 else 0.0)
+    medians = {}
+    for target in targets:
+        p, d = statistics.median(prompt[target.name]), statistics.median(decode[target.name])
+        medians[target.name] = (p, d)
+        runs = " ".join(f"{x:.0f}" for x in decode[target.name])
+        say(f"  {target.name}: prompt {p:.0f} tok/s, decode {d:.1f} tok/s (decode runs: {runs})")
+    return medians
 
 
-DELAY_S = 0.001  # a home LAN's one-way delay
-# Turn a link's transmit checksum offload off (ethtool -K DEV tx off, without ethtool).
-NO_OFFLOAD = """
-import ctypes, fcntl, socket, struct, sys
-value = ctypes.create_string_buffer(struct.pack("II", 0x17, 0))  # ETHTOOL_STXCSUM, off
-request = struct.pack("16sP", sys.argv[1].encode(), ctypes.addressof(value))
-sock = socket.socket()
-fcntl.ioctl(sock.fileno(), 0x8946, request)  # SIOCETHTOOL
-"""
-RELAY_FLAG = "--relay"
-
-
-def has_netem() -> bool:
-    """Whether this kernel has the netem qdisc (CONFIG_NET_SCH_NETEM), tried on a dummy link."""
-    with netns.Lan(["probe"]) as lan:
-        argv = ["tc", "qdisc", "add", "dev", "eth0", "root", "netem", "delay", "1ms"]
-        return bool(lan.run("probe", [*argv, "rate", "1gbit"], check=False).returncode == 0)
-
-
-@contextlib.contextmanager
-def home_lan(lan: netns.Lan, hosts: list[str], netem: bool) -> Iterator[None]:
-    """1 ms one-way and 1 Gbit/s on every machine's link: netem, or tbf and the relay."""
-    if netem:
-        for host in hosts:
-            argv = ["tc", "qdisc", "add", "dev", "eth0", "root", "netem", "delay", "1ms"]
-            lan.run(host, [*argv, "rate", "1gbit"])
-        yield
-        return
-    relays = []
-    try:
-        for n, host in enumerate(hosts):
-            tbf = ["tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", "1gbit"]
-            lan.run(host, [*tbf, "burst", "32kbit", "latency", "400ms"])
-            # Frames with their checksums filled in and one segment each, which a raw socket
-            # can pass on (a veth leaves checksums to the receiver and sends 64 kB frames).
-            lan.run(host, [sys.executable, "-c", NO_OFFLOAD, "eth0"])
-            lan.run(host, ["ip", "link", "set", "eth0", "gso_max_segs", "1"])
-            relays.append(start_relay(lan, lan.hosts.index(host), n))
-        subprocess.run([sys.executable, "-c", NO_OFFLOAD, f"{lan.prefix}gw"], check=True)
-        yield
-    finally:
-        for relay in relays:
-            relay.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                relay.wait(10)
-            if relay.poll() is None:
-                relay.kill()
-                relay.wait()
-
-
-def start_relay(lan: netns.Lan, index: int, n: int) -> subprocess.Popen[bytes]:
-    """Put the relay between machine `index`'s switch port and the switch's bridge."""
-    port, near, far = f"p{index}", f"r{n}a", f"r{n}b"
-
-    def switch(*args: str) -> None:
-        subprocess.run(["ip", "-n", lan.switch, *args], check=True, capture_output=True)
-
-    switch("link", "set", port, "nomaster")
-    switch("link", "add", near, "type", "veth", "peer", "name", far)
-    for link in (port, near, far):
-        switch("link", "set", link, "gso_max_segs", "1")
-    switch("link", "set", far, "master", "br0", "up")
-    switch("link", "set", near, "up")
-    argv = ["ip", "netns", "exec", lan.switch, sys.executable, __file__, RELAY_FLAG, port, near]
-    return subprocess.Popen(argv, stdin=subprocess.DEVNULL)
-
-
-def relay(from_host: str, to_switch: str) -> None:
-    """Frames the machine sends (they arrive on its switch port) go on to the bridge DELAY_S
-    later; frames for it pass at once. Bench only: the product never delays anything."""
-    eth_all = 3  # ETH_P_ALL
-    host = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(eth_all))
-    host.bind((from_host, 0))
-    bridge = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(eth_all))
-    bridge.bind((to_switch, 0))
-    outgoing = 4  # PACKET_OUTGOING: what this relay itself sent on that link
-    held: queue.SimpleQueue[tuple[float, bytes]] = queue.SimpleQueue()
-
-    def take() -> None:
-        while True:
-            frame, address = host.recvfrom(65535)
-            if address[2] != outgoing:
-                held.put((time.monotonic() + DELAY_S, frame))
-
-    def release() -> None:
-        while True:
-            due, frame = held.get()
-            wait = due - time.monotonic()
-            if wait > 0:
-                time.sleep(wait)
-            with contextlib.suppress(OSError):
-                bridge.send(frame)
-
-    def back() -> None:
-        while True:
-            frame, address = bridge.recvfrom(65535)
-            if address[2] != outgoing:
-                with contextlib.suppress(OSError):
-                    host.send(frame)
-
-    for target in (take, release, back):
-        threading.Thread(target=target, daemon=True).start()
-    signal.sigwait({signal.SIGTERM, signal.SIGINT})
-
-
-def shaping(lan: netns.Lan, shaped: bool, netem: bool) -> contextlib.AbstractContextManager[None]:
-    return home_lan(lan, list(lan.hosts), netem) if shaped else contextlib.nullcontext()
+def measure(target: Target, requests: int) -> Figures:
+    """One setup alone, its first chat an on-demand start (its wait is the load time)."""
+    load_s = first_token(target)
+    prompt, decode = interleaved([target], requests)[target.name]
+    return Figures(target.name, load_s, prompt, decode)
 
 
 def one_host(logs: Path, requests: int, shaped: bool, netem: bool) -> Figures:
@@ -271,14 +188,16 @@ def one_host(logs: Path, requests: int, shaped: bool, netem: bool) -> Figures:
         cluster.start_queen(*QUEEN_FLAGS)
         cluster.start_hive("box1")
         url = f"{cluster.queen_url}/v1/chat/completions"
-        return measure("one host", url, cluster.headers, requests, None)
+        return measure(Target("one host", url, cluster.headers), requests)
 
 
 def split(
     logs: Path, ways: int, requests: int, shaped: bool, netem: bool, settings: bool
-) -> list[Figures]:
-    """rbee's split over `ways` machines, then the raw engine at its placement (and with
-    `settings`, the engine's settings varied: RPC server threads, tensor cache)."""
+) -> tuple[list[Figures], dict[str, Figures]]:
+    """rbee's split over `ways` machines and the raw engine at its placement, both loaded at
+    once and measured in turns (and with `settings`, the engine's settings varied: RPC server
+    threads and wait, tensor cache). Returns the rows and, by row name, the raw engine's
+    figures measured beside it."""
     boxes = [f"box{i}" for i in range(1, ways + 1)]
     with netns.Lan(["queen", *boxes]) as lan, shaping(lan, shaped, netem):
         cluster = LanCluster(lan, logs / f"split{ways}")
@@ -287,9 +206,10 @@ def split(
         for box in boxes:
             cluster.start_hive(box, 1.0, "--memory-limit", LIMITS[ways])
         url = f"{cluster.queen_url}/v1/chat/completions"
-        rbee = measure(f"rbee split over {ways}", url, cluster.headers, requests, None)
+        rbee = Target(f"rbee split over {ways}", url, cluster.headers)
+        rbee_load_s = first_token(rbee)
 
-        # The same placement, raw: rbee's own command lines, minus rbee.
+        # The same placement, raw: rbee's own command lines, environments and cores, minus rbee.
         (worker,) = [w for w in cluster.workers() if w["parts"]]
         hive_box = {cluster.hive_id(b): b for b in boxes}
         main = hive_box[worker["hive_id"]]
@@ -299,7 +219,7 @@ def split(
             for c in psutil.Process(process["pid"]).children(recursive=True)
             if "llama-server" in c.name()
         ]
-        llama_argv, llama_env = llama.cmdline(), llama.environ()
+        llama_part = Part(main, llama.cmdline(), llama.environ(), llama.cpu_affinity())
         helpers = []
         for box in dict.fromkeys(hive_box[p["hive_id"]] for p in worker["parts"]):
             if box == main:
@@ -309,65 +229,102 @@ def split(
             )
             (lent,) = response.json()["rpc_servers"]
             (engine,) = psutil.Process(lent["pid"]).children()
-            helpers.append((box, engine.cmdline(), engine.environ()))
-        say(f"  rbee's split: main {main}, helpers {[b for b, _, _ in helpers]}")
-        say(f"  llama-server: {' '.join(llama_argv[1:])}")
-        cluster.run_job({"operation": "worker_stop", "worker_id": worker["id"]})
+            helpers.append(Part(box, engine.cmdline(), engine.environ(), engine.cpu_affinity()))
+        say(f"  rbee's split: main {main}, helpers {[h.box for h in helpers]}")
+        say(f"  llama-server: {' '.join(llama_part.argv[1:])}")
+        # rbee's own engine, reached on the worker's socket (no queen, no worker in the way):
+        # what is left of rbee's cost there is the tunnels'.
+        socket_path = llama_part.argv[llama_part.argv.index("--host") + 1]
+        engine_row = Target(
+            f"rbee engine over {ways}",
+            "http://llama/v1/chat/completions",
+            {"Authorization": f"Bearer {llama_part.env.get('LLAMA_API_KEY', '')}"},
+            uds=socket_path if socket_path.startswith("/") else None,
+        )
 
-        raw = RawEngine(lan, main, llama_argv, llama_env, helpers)
+        raw = RawEngine(lan, llama_part, helpers)
         try:
             raw.start_rpc()
-            load_s = raw.start_llama()
-            base = raw.url
-            rows = [rbee, measure(f"raw over {ways}", base, {}, requests, load_s)]
+            raw_row = Target(f"raw over {ways}", raw.url, {})
+            raw_load_s = raw.start_llama()
+            found = interleaved([rbee, raw_row, engine_row], requests)
+            against: dict[str, Figures] = {}
+            rows = [
+                Figures(rbee.name, rbee_load_s, *found[rbee.name]),
+                Figures(raw_row.name, raw_load_s, *found[raw_row.name]),
+                Figures(engine_row.name, 0.0, *found[engine_row.name]),
+            ]
             if settings:
-                rows += engine_settings(raw, ways, requests)
+                cluster.run_job({"operation": "worker_stop", "worker_id": worker["id"]})
+                more, against = engine_settings(raw, ways, requests)
+                rows += more
         finally:
             raw.stop()
-        return rows
+        against.update({rows[0].name: rows[1], rows[2].name: rows[1]})
+        return rows, against
+
+
+@dataclass
+class Part:
+    """One process of a split as rbee ran it: where, its command line, environment and cores."""
+
+    box: str
+    argv: list[str]
+    env: dict[str, str]
+    cpus: list[int]
+
+
+def _pinned(cpus: list[int]) -> Any:
+    return lambda: os.sched_setaffinity(0, cpus)
 
 
 class RawEngine:
     """llama.cpp's own split at rbee's placement: `ggml-rpc-server`s on the helpers' LAN
     addresses and `llama-server --rpc` at them, with rbee's command lines (flags can vary)."""
 
-    def __init__(
-        self,
-        lan: netns.Lan,
-        main: str,
-        llama_argv: list[str],
-        llama_env: dict[str, str],
-        helpers: list[tuple[str, list[str], dict[str, str]]],
-    ) -> None:
-        self.lan, self.main = lan, main
-        self.llama_argv, self.llama_env, self.helpers = llama_argv, llama_env, helpers
+    def __init__(self, lan: netns.Lan, llama: Part, helpers: list[Part], offset: int = 0) -> None:
+        """`offset`: added to the ports, for a second raw engine beside the first."""
+        self.lan, self.main, self.llama_part, self.helpers = lan, llama.box, llama, helpers
         self.rpcs: list[subprocess.Popen[bytes]] = []
         self.llama: subprocess.Popen[bytes] | None = None
         self.endpoints: list[str] = []
-        self.url = f"http://{lan.address(main)}:{RAW_LLAMA_PORT}/v1/chat/completions"
+        self.llama_port, self.rpc_port = RAW_LLAMA_PORT + offset, RAW_RPC_PORT + offset
+        self.url = f"http://{lan.address(llama.box)}:{self.llama_port}/v1/chat/completions"
 
-    def start_rpc(self, threads: int | None = None, cache_dir: Path | None = None) -> None:
-        """rbee's rpc-server flags; `threads`: another `-t`; `cache_dir`: with `-c` there."""
+    def start_rpc(
+        self, threads: int | None = None, cache_dir: Path | None = None, wait: str | None = None
+    ) -> None:
+        """rbee's rpc-server flags; `threads`: another `-t`; `cache_dir`: with `-c` there;
+        `wait`: another OMP_WAIT_POLICY."""
         self.stop()
         self.endpoints = []
-        for box, rpc_argv, rpc_env in self.helpers:
-            ip = self.lan.address(box)
-            argv = list(rpc_argv)  # rbee's flags (threads, devices), on the LAN address
+        for part in self.helpers:
+            box, ip = part.box, self.lan.address(part.box)
+            argv = list(part.argv)  # rbee's flags (threads, devices), on the LAN address
             argv[argv.index("--host") + 1] = ip
-            argv[argv.index("--port") + 1] = str(RAW_RPC_PORT)
+            argv[argv.index("--port") + 1] = str(self.rpc_port)
             if threads is not None:
                 argv[argv.index("--threads") + 1] = str(threads)
-            env = {k: v for k, v in rpc_env.items() if not k.startswith("RBEE_")}
+            env = {k: v for k, v in part.env.items() if not k.startswith("RBEE_")}
             if cache_dir is not None:
                 argv.append("--cache")
                 env["LLAMA_CACHE"] = str(cache_dir / box)  # cold at first: a fresh directory
+            if wait == SPIN:
+                env.pop("OMP_WAIT_POLICY", None)  # llama.cpp's default: spin, then sleep
+            elif wait is not None:
+                env["OMP_WAIT_POLICY"] = wait
             say(f"  raw rpc-server on {box}: {' '.join(argv[1:])}")
             self.rpcs.append(
                 self.lan.popen(
-                    box, argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                    box,
+                    argv,
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    preexec_fn=_pinned(part.cpus),
                 )
             )
-            self.endpoints.append(f"{ip}:{RAW_RPC_PORT}")
+            self.endpoints.append(f"{ip}:{self.rpc_port}")
         for endpoint in self.endpoints:
             ip, port = endpoint.split(":")
             wait_listening(self.lan, self.main, ip, int(port))
@@ -375,16 +332,23 @@ class RawEngine:
     def start_llama(self) -> float:
         """Start llama-server at the RPC servers; returns its load time (until /health)."""
         self.stop_llama()
-        argv = list(self.llama_argv)
+        argv = list(self.llama_part.argv)
         argv[argv.index("--host") + 1] = self.lan.address(self.main)
         argv[argv.index("--rpc") + 1] = ",".join(self.endpoints)
-        argv += ["--port", str(RAW_LLAMA_PORT)]
-        env = {k: v for k, v in self.llama_env.items() if k != "LLAMA_API_KEY" and "RBEE" not in k}
+        argv += ["--port", str(self.llama_port)]
+        env = {
+            k: v for k, v in self.llama_part.env.items() if k != "LLAMA_API_KEY" and "RBEE" not in k
+        }
         began = time.monotonic()
         self.llama = self.lan.popen(
-            self.main, argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            self.main,
+            argv,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_pinned(self.llama_part.cpus),
         )
-        base = f"http://{self.lan.address(self.main)}:{RAW_LLAMA_PORT}"
+        base = f"http://{self.lan.address(self.main)}:{self.llama_port}"
         while True:
             try:
                 if httpx.get(f"{base}/health", timeout=2).status_code == 200:
@@ -421,14 +385,30 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-def engine_settings(raw: RawEngine, ways: int, requests: int) -> list[Figures]:
-    """The raw engine with llama.cpp's default of 1 RPC server thread, then reloads (a
-    llama-server restart, RPC servers kept) without and with the tensor cache `-c`."""
-    rows = []
-    raw.start_rpc(threads=1)
-    load_s = raw.start_llama()
-    rows.append(measure(f"raw {ways}, rpc -t 1", raw.url, {}, requests, load_s))
-    raw.start_rpc()
+def engine_settings(
+    raw: RawEngine, ways: int, requests: int
+) -> tuple[list[Figures], dict[str, Figures]]:
+    """The engine's settings, each against the raw engine with rbee's (`raw`, running) side by
+    side: llama.cpp's default of 1 RPC server thread, and its default OpenMP wait (threads that
+    spin between computations; rbee's RPC servers wait passively); then reloads (a llama-server
+    restart, RPC servers kept) without and with the tensor cache `-c`. Returns the rows and, by
+    row, the figures of rbee's settings measured beside it."""
+    rows, beside = [], {}
+    default = Target(f"raw over {ways}", raw.url, {})
+    variants: dict[str, dict[str, Any]] = {
+        f"raw {ways}, rpc -t 1": {"threads": 1},
+        f"raw {ways}, rpc spin wait": {"wait": SPIN},
+    }
+    for name, flags in variants.items():
+        other = RawEngine(raw.lan, raw.llama_part, raw.helpers, offset=1)
+        try:
+            other.start_rpc(**flags)
+            load_s = other.start_llama()
+            found = interleaved([default, Target(name, other.url, {})], requests)
+        finally:
+            other.stop()
+        rows.append(Figures(name, load_s, *found[name]))
+        beside[name] = Figures(default.name, 0.0, *found[default.name])
     raw.start_llama()
     rows.append(Figures(f"raw {ways}, reload", raw.start_llama()))
     say(f"  raw {ways}, reload: {rows[-1].load_s:.1f}s")
@@ -441,7 +421,7 @@ def engine_settings(raw: RawEngine, ways: int, requests: int) -> list[Figures]:
     finally:
         raw.stop()
         shutil.rmtree(cache, ignore_errors=True)
-    return rows
+    return rows, beside
 
 
 def wait_listening(lan: netns.Lan, box: str, ip: str, port: int) -> None:
@@ -471,7 +451,7 @@ def table(rows: list[Figures], base: Figures, raws: dict[str, Figures]) -> None:
                 (x or 0) >= 0.9 * (y or 0)
                 for x, y in ((f.prompt_tps, raw.prompt_tps), (f.decode_tps, raw.decode_tps))
             ]
-            verdict = "met" if all(met) else "missed"
+            verdict = ("met" if all(met) else "missed") if f.name.startswith("rbee") else "-"
         prompt = "-" if f.prompt_tps is None else f"{f.prompt_tps:.0f}"
         decode = "-" if f.decode_tps is None else f"{f.decode_tps:.1f}"
         if f.prompt_tps is None:
@@ -481,9 +461,6 @@ def table(rows: list[Figures], base: Figures, raws: dict[str, Figures]) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) == 4 and sys.argv[1] == RELAY_FLAG:
-        relay(sys.argv[2], sys.argv[3])
-        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ways", default="2,3", help="split over these many hives (2,3)")
     parser.add_argument("--requests", type=int, default=3, help="measured requests per setup")
@@ -519,11 +496,11 @@ def main() -> None:
         base = one_host(logs / lan_kind, args.requests, shaped, netem)
         rows, raws = [base], {}
         for i, n in enumerate(ways):
-            rbee, raw, *more = split(
+            more, against = split(
                 logs / lan_kind, n, args.requests, shaped, netem, args.settings and i == 0
             )
-            rows += [rbee, raw, *more]
-            raws[rbee.name] = raw
+            rows += more
+            raws.update(against)
         print(f"\n{lan_kind} LAN{how}, SmolLM2 135M Q4_1, {args.requests} requests each "
               "(medians):")  # fmt: skip
         table(rows, base, raws)

@@ -324,8 +324,14 @@ def rpc_server_command(
     binary: str, port: int, devices: Sequence[str], threads: int, cache: bool
 ) -> tuple[list[str], dict[str, str]]:
     """`ggml-rpc-server` on loopback for these devices: GPUs by CUDA_VISIBLE_DEVICES (it then
-    exposes them all), the CPU by name (no GPU visible)."""
-    env: dict[str, str] = {}
+    exposes them all), the CPU by name (no GPU visible).
+
+    Its CPU threads wait passively between graph computations (OMP_WAIT_POLICY, unless the
+    hive's environment sets it): an RPC server computes in bursts between network round trips,
+    and llama.cpp's OpenMP threads otherwise spin for milliseconds after each one, taking cores
+    from the hive's own workers and, where parts of one split share cores, from the split's
+    other parts and the tunnels that carry its round trips."""
+    env: dict[str, str] = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     args = [binary, "--host", "127.0.0.1", "--port", str(port), "--threads", str(threads)]
     if all(d.startswith("cuda:") for d in devices):
         env["CUDA_VISIBLE_DEVICES"] = ",".join(d.split(":")[1] for d in devices)
