@@ -7,6 +7,7 @@ status with the hive's message and code). Pass `transport=` to talk to an in-pro
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from urllib.parse import quote_plus
 
 import httpx
 from httpx_sse import EventSource
@@ -123,8 +124,10 @@ class HiveClient(OwnedHttpClient):
         response = await self._request("GET", f"/v1/workers/{worker_id}/log?lines={lines}")
         return response.text
 
-    async def stop_worker(self, pid: int) -> WorkerStopped:
-        response = await self._request("POST", f"/v1/workers/{pid}/stop", wait_s=60.0)
+    async def stop_worker(self, pid: int, worker_id: str | None = None) -> WorkerStopped:
+        """Stop the worker process `pid`; with `worker_id`, only if it is that worker."""
+        query = f"?worker_id={quote_plus(worker_id)}" if worker_id is not None else ""
+        response = await self._request("POST", f"/v1/workers/{pid}/stop{query}", wait_s=60.0)
         return WorkerStopped.model_validate_json(response.content)
 
     async def start_rpc_server(self, request: RpcServerRequest) -> RpcServerInfo:

@@ -157,6 +157,9 @@ class WorkerInfo(BaseModel):
     # A split worker's parts, on its own hive and on the helpers lending it devices; empty for
     # a worker on one device.
     parts: list[WorkerPart] = Field(default_factory=list)
+    # Its process id on its hive's machine: what the hive's stop takes, so that stopping it
+    # needs no look through the hive's processes first. None from a worker that does not say.
+    pid: Annotated[int, Field(ge=1)] | None = None
 
     @field_validator("host")
     @classmethod

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from fastapi import Request
 
 from rbee.common.jobs import Jobs
+from rbee.contracts.hive_api import WorkerProcess
 from rbee.contracts.hives import Device
 from rbee.hive.catalog import Catalog
 from rbee.hive.devices import DeviceProbe, within_limit
@@ -32,14 +34,15 @@ class HiveState:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     rpc_servers: RpcServers | None = None  # the devices it lends split workers (`rbee.hive.rpc`)
 
-    def current_devices(self) -> list[Device]:
+    def current_devices(self, running: Sequence[WorkerProcess] | None = None) -> list[Device]:
         """The devices with their free memory now, within `--memory-limit` if one is set: what
-        the heartbeat and `/v1/capabilities` report. Blocks (reads /proc and the driver)."""
+        the heartbeat and `/v1/capabilities` report (`running`: the hive's workers as just
+        listed, else listed now). Blocks (reads /proc and the driver)."""
         devices = self.devices.devices()
         limit = self.settings.memory_limit
         if limit is None:
             return devices
-        ram, pids = self.supervisor.memory_held()
+        ram, pids = self.supervisor.memory_held(running)
         if self.rpc_servers is not None:  # what it lends split workers counts too
             lent, their = self.rpc_servers.memory_held()
             ram, pids = ram + lent, pids | their

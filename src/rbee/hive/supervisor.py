@@ -190,19 +190,23 @@ class Supervisor:
                 found.append(worker)
         return sorted(found, key=lambda w: w.port)
 
-    async def started(self) -> list[str]:
-        """Ids of the workers past start-up. Read before the devices are, the memory they take
-        is in the devices' figures (a worker counts as started once it answers `/health`)."""
+    async def started(self) -> tuple[list[str], list[WorkerProcess]]:
+        """Ids of the workers past start-up, and every worker process (starting ones too), from
+        one look. Read before the devices are, the memory they take is in the devices' figures
+        (a worker counts as started once it answers `/health`)."""
         before = set(self._reserved)
         running = await asyncio.to_thread(self.processes)
         starting = before | self._reserved  # and those that began while the list was read
-        return sorted(w.worker_id for w in running if w.port not in starting)
+        return sorted(w.worker_id for w in running if w.port not in starting), running
 
-    def memory_held(self) -> tuple[int, frozenset[int]]:
+    def memory_held(
+        self, running: Sequence[WorkerProcess] | None = None
+    ) -> tuple[int, frozenset[int]]:
         """The RAM this hive's workers hold (resident memory, their engines included), and the
-        pids of all their processes (for what they hold on GPUs)."""
+        pids of all their processes (for what they hold on GPUs). `running`: the workers as just
+        listed (default: listed now)."""
         ram, pids = 0, set()
-        for worker in self.processes():
+        for worker in self.processes() if running is None else running:
             ram += worker.memory_bytes
             pids.add(worker.pid)
             with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
@@ -460,8 +464,14 @@ class Supervisor:
         worker = self._inspect(proc)
         return None if worker is None else (proc, worker)
 
-    async def stop(self, pid: int) -> WorkerStopped:
+    async def stop(self, pid: int, worker_id: str | None = None) -> WorkerStopped:
         found = await asyncio.to_thread(self._worker, pid)  # reads /proc: off the loop
+        if found is not None and worker_id is not None and found[1].worker_id != worker_id:
+            raise NotFound(
+                f"pid {pid} is not worker {quote(worker_id)} of hive {self.settings.hive_id}; "
+                "nothing was signalled",
+                code="not_a_worker",
+            )
         if found is None:
             raise NotFound(
                 f"pid {pid} is not a worker of hive {self.settings.hive_id}; nothing was signalled",

@@ -83,6 +83,11 @@ def _renice(thread: threading.Thread, nice: int) -> None:
 def _import_ahead() -> None:
     _renice(threading.current_thread(), STANDBY_NICE)
     import_worker()
+    with contextlib.suppress(ImportError):
+        from rbee.common.serve import flags_parser
+        from rbee.worker.settings import WorkerSettings
+
+        flags_parser(WorkerSettings)  # built ahead too: parsing the flags handed is then quick
     # What is imported lives as long as the process: frozen now, the collection `serve` makes
     # before it starts (freezing it too) has next to nothing left to walk.
     gc.collect()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -86,4 +87,5 @@ class WorkerStatusBoard:
             rerank=i.rerank,
             keep_alive_s=i.keep_alive_s,
             parts=list(i.parts),
+            pid=os.getpid(),
         )

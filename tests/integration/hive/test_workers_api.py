@@ -78,6 +78,22 @@ async def test_stop_ends_the_worker_and_it_leaves_the_list(hive: Hive) -> None:
     assert await hive.client.workers() == []
 
 
+async def test_a_stop_naming_another_worker_id_signals_nothing(hive: Hive) -> None:
+    # The queen stops a worker by the pid its heartbeats carried; had that worker exited and
+    # its pid gone to a new worker, the stop must not hit the new one.
+    spawned = await hive.client.spawn(SpawnRequest(model="acme/tiny-GGUF:tiny.Q4_0.gguf"))
+
+    url = f"/v1/workers/{spawned.pid}/stop?worker_id=someone-else"
+    response = await hive.http.post(url, json={})
+
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "not_a_worker"
+    assert [w.pid for w in await hive.client.workers()] == [spawned.pid]
+    stopped = await hive.client.stop_worker(spawned.pid, spawned.worker_id)
+    assert stopped.worker_id == spawned.worker_id
+    assert await hive.client.workers() == []
+
+
 async def test_a_worker_that_ignores_sigterm_is_killed_after_the_grace_period(
     make_hive: HiveFactory,
 ) -> None:

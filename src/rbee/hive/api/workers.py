@@ -38,9 +38,11 @@ async def list_workers(state: State) -> WorkerProcessList:
 
 
 @router.post("/v1/workers/{pid}/stop")
-async def stop(pid: int, state: State) -> WorkerStopped:
+async def stop(pid: int, state: State, worker_id: str | None = None) -> WorkerStopped:
+    """`worker_id`: stop the process only if it is that worker (a caller that knew the pid from
+    the worker itself, which may have exited since and its pid been reused)."""
     try:
-        return await state.supervisor.stop(pid)
+        return await state.supervisor.stop(pid, worker_id)
     finally:
         # The worker's memory is free again: the queen learns it now, not at the next beat
         # (a model waiting for that room, evicting for it, would wait a whole interval).
