@@ -91,9 +91,10 @@ async def test_smollm2s_template_is_rendered_by_the_worker_exactly_as_llama_cpp_
     llama_server: Started,
 ) -> None:
     async with llama_server(resolve_model(SMOLLM)) as server:
-        assert server.chat_template is not None
+        template = await server.template_learned()
+        assert template is not None
         expected = await _llama_cpp_prompt(server, CONVERSATION)
-        assert server.chat_template.render(CONVERSATION) == expected
+        assert template.render(CONVERSATION) == expected
         engine = LlamaServerEngine(server)
         try:
             assert (await engine.prepare_chat(CONVERSATION)).text == expected
@@ -106,7 +107,7 @@ async def test_a_template_llama_cpp_adapts_stays_with_llama_cpp(
 ) -> None:
     model = write_tiny_gguf(tmp_path / "mistral-like.gguf", chat_template=NO_SYSTEM_ROLE)
     async with llama_server(model) as server:
-        assert server.chat_template is None
+        assert await server.template_learned() is None
         engine = LlamaServerEngine(server)
         try:
             prompt = (await engine.prepare_chat(CONVERSATION)).text

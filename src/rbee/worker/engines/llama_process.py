@@ -203,6 +203,7 @@ class LlamaServer:
         # The chat template knows tools (llama.cpp's `chat_template_caps.supports_tools`): tool
         # calls then go through it, in the model's own format, parsed back by llama.cpp.
         self.native_tools = False
+        self._learning: asyncio.Task[None] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -250,19 +251,36 @@ class LlamaServer:
                     f"within {self.load_timeout_s:g}s"
                 ) from None
             props = await self._read_facts(http)
-            if not self.config.embedding:
-                self.chat_template = await self._own_template(http, props)
+        if not self.config.embedding:
+            # Learned once the server serves, not before: until then llama.cpp renders chats
+            # itself, into the same prompt, and no swap waits for the probes.
+            self._learning = asyncio.create_task(self._learn_template(props), name="chat-template")
         log.info(
-            "llama-server (pid %d) serves %s: %d slot(s) of %d tokens, %d thread(s)%s%s%s",
+            "llama-server (pid %d) serves %s: %d slot(s) of %d tokens, %d thread(s)%s%s",
             self._proc.pid,
             self.config.model.name,
             self.config.slots,
             self.context_size,
             self.config.threads,
             ", passive waiting" if self.config.passive_wait else "",
-            ", chat template rendered by the worker" if self.chat_template else "",
             ", tool calls in the model's own format" if self.native_tools else "",
         )
+
+    async def _learn_template(self, props: dict[str, Any]) -> None:
+        try:
+            async with self.client(aiohttp.ClientTimeout(total=5.0)) as http:
+                self.chat_template = await self._own_template(http, props)
+        except Exception:  # llama.cpp keeps rendering chats, as it does until this is known
+            log.warning("could not check the chat template; llama.cpp renders it", exc_info=True)
+        if self.chat_template is not None:
+            log.info("the chat template is rendered by the worker")
+
+    async def template_learned(self) -> ChatTemplate | None:
+        """The chat template the worker renders, once it knows whether it can (None: llama.cpp
+        renders chats)."""
+        if self._learning is not None:
+            await asyncio.shield(self._learning)
+        return self.chat_template
 
     async def _read_output(self) -> None:
         assert self._proc is not None
@@ -401,19 +419,19 @@ class LlamaServer:
 
     async def close(self) -> None:
         self._closing = True
+        if self._learning is not None:
+            self._learning.cancel()
+            await asyncio.gather(self._learning, return_exceptions=True)
         proc = self._proc
         if proc is not None and proc.returncode is None:
+            # Killed, not asked: by now nothing is in flight (the runtime drained it first), and
+            # nothing it holds outlives it either way (it writes no files; its slots' caches
+            # die with it). Its own shutdown took ~10 ms longer to free the memory (SmolLM2),
+            # which a swap waits for. SIGKILL also ends a stopped (SIGSTOP) server.
             with contextlib.suppress(ProcessLookupError):
-                proc.terminate()
-                # A stopped server (SIGSTOP, a debugger) only gets its SIGTERM once it runs
-                # again, as systemd does it.
-                proc.send_signal(signal.SIGCONT)
-            try:
+                proc.kill()
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(proc.wait(), STOP_GRACE_S)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
         if self._reader is not None:
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(self._reader, 1.0)
