@@ -9,6 +9,7 @@ same CAs.
 
 from __future__ import annotations
 
+import functools
 import os
 import ssl
 
@@ -16,9 +17,14 @@ import certifi
 
 
 def client_context() -> ssl.SSLContext:
-    """A verifying client context: the CAs named by SSL_CERT_FILE / SSL_CERT_DIR, else certifi's."""
-    cafile = os.environ.get("SSL_CERT_FILE") or None
-    capath = os.environ.get("SSL_CERT_DIR") or None
+    """A verifying client context: the CAs named by SSL_CERT_FILE / SSL_CERT_DIR, else certifi's.
+    One per process and CA setting (reading the CAs takes ~25 ms): a standby worker makes its
+    own ahead, so a worker's start does not wait for it. Never changed once made."""
+    return _context(os.environ.get("SSL_CERT_FILE") or None, os.environ.get("SSL_CERT_DIR") or None)
+
+
+@functools.cache
+def _context(cafile: str | None, capath: str | None) -> ssl.SSLContext:
     if cafile or capath:
         return ssl.create_default_context(cafile=cafile, capath=capath)
     return ssl.create_default_context(cafile=certifi.where())

@@ -24,7 +24,6 @@ from rbee.common.gpu import gpu_layers_for, parse_device
 from rbee.common.loops import supervise
 from rbee.common.metrics import metrics_router
 from rbee.common.serve import daemon_app
-from rbee.common.tls import client_context
 from rbee.contracts.workers import WorkerPart, WorkerStatus
 from rbee.worker.access import WORKER_ACCESS
 from rbee.worker.api import openai as openai_api
@@ -149,17 +148,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime.bind_loop()
-        # The model starts loading first. The queen's client is made meanwhile: its TLS
-        # context (reading the CA files, ~25 ms) off the loop. The first heartbeat then says
-        # whatever the load has reached.
-        loading = asyncio.create_task(runtime.load(), name="load-model")
-        try:
-            tls = await asyncio.to_thread(client_context)
-        except BaseException:
-            loading.cancel()
-            await asyncio.gather(loading, return_exceptions=True)
-            raise
-        async with queen_session(tls) as session:
+        async with queen_session() as session:
             heartbeat = Heartbeater(
                 session,
                 settings.queen_url,
@@ -172,6 +161,7 @@ def create_app(
             beating = asyncio.create_task(
                 supervise("heartbeat", heartbeat.run, runtime.loop_errors), name="heartbeat"
             )
+            loading = asyncio.create_task(runtime.load(), name="load-model")
             try:
                 yield
             finally:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 from collections.abc import Callable
 
 import aiohttp
@@ -36,15 +35,14 @@ STATUS_SETTLE_S = 0.01
 _NETWORK_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
 
 
-def queen_session(tls: ssl.SSLContext | None = None) -> aiohttp.ClientSession:
+def queen_session() -> aiohttp.ClientSession:
     """The worker's client to its queen: connections that notice a vanished queen within
     seconds, kept alive between beats, TLS trusting the cluster's CA (SSL_CERT_FILE) as every
-    rbee client does (`tls`: that context, made beforehand). Make it inside the running event
-    loop, as aiohttp requires."""
+    rbee client does. Make it inside the running event loop, as aiohttp requires."""
     connector = aiohttp.TCPConnector(
         keepalive_timeout=CLIENT_KEEPALIVE_S,
         socket_factory=socket_factory(dead_peer_options()),
-        ssl=tls or client_context(),
+        ssl=client_context(),
     )
     return aiohttp.ClientSession(connector=connector)
 

@@ -85,9 +85,13 @@ def _import_ahead() -> None:
     import_worker()
     with contextlib.suppress(ImportError):
         from rbee.common.serve import flags_parser
+        from rbee.common.tls import client_context
         from rbee.worker.settings import WorkerSettings
 
-        flags_parser(WorkerSettings)  # built ahead too: parsing the flags handed is then quick
+        # Made ahead too: parsing the flags handed is then quick, and the client to the queen
+        # has its TLS context (the hive hands a worker no CA setting of its own: the same one).
+        flags_parser(WorkerSettings)
+        client_context()
     # What is imported lives as long as the process: frozen now, the collection `serve` makes
     # before it starts (freezing it too) has next to nothing left to walk.
     gc.collect()

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-import threading
 from typing import Any
 
 from rbee_testing.fake_engine import FakeEngine
@@ -26,20 +26,33 @@ def assert_openai_error(body: dict[str, Any], code: str | None = None) -> None:
         assert body["error"]["code"] == code
 
 
+class LoadingHost:
+    """An engine host that loads until told it has loaded, without holding up the worker (as
+    llama-server's process loads beside it)."""
+
+    def __init__(self) -> None:
+        self.loaded = asyncio.Event()
+
+    async def start(self) -> None:
+        await self.loaded.wait()
+
+    async def failure(self) -> str:
+        await asyncio.Event().wait()  # it never dies here
+        return ""
+
+    async def close(self) -> None:
+        self.loaded.set()
+
+
 async def test_health_says_loading_until_the_model_is_loaded(make_worker: Any) -> None:
-    release = threading.Event()
-
-    def slow_engine() -> FakeEngine:
-        release.wait(5)
-        return FakeEngine()
-
-    worker = await make_worker(slow_engine, wait_ready=False)
+    host = LoadingHost()
+    worker = await make_worker(engine_host=host, wait_ready=False)
     loading = await worker.client.get("/health")
     assert (loading.status_code, loading.json()) == (503, {"status": "loading"})
     early = await worker.client.post("/v1/chat/completions", json=chat_body())
     assert early.status_code == 503
     assert_openai_error(early.json(), "model_loading")
-    release.set()
+    host.loaded.set()
     await worker.wait_ready()
     body = (await worker.client.get("/health")).json()
     assert body["status"] == "ok"
