@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -137,11 +138,15 @@ def timed_chat(target: Target, body: dict[str, Any]) -> tuple[float, float, int,
     return first - started, last - first, prompt_tokens, completion_tokens or chunks
 
 
-def chat_body(n: int, setup: int = 0) -> dict[str, Any]:
-    """Chat `n` of a setup: a prompt of its own (llama.cpp would serve a repeated one from its
-    cache, and two setups may share an engine), as long as every other setup's."""
+RUNS = itertools.count(1000)
+
+
+def chat_body() -> dict[str, Any]:
+    """A chat whose prompt no chat of this run had before (llama.cpp would serve a repeated one
+    from its cache, and setups share engines: the raw engine is measured beside rbee and beside
+    each of the settings), as long as every other one's."""
     (message,) = CHAT["messages"]
-    content = f"Run {n}.{setup}. {message['content']}"
+    content = f"Run {next(RUNS)}. {message['content']}"
     return {**CHAT, "messages": [{**message, "content": content}]}
 
 
@@ -155,14 +160,14 @@ def interleaved(targets: list[Target], requests: int) -> dict[str, tuple[float, 
     n goes to every target before chat n+1 goes to any, in an order that alternates (forward,
     then backward), so neither a busy moment on the shared cores nor going first or last
     favours one of them. A warm-up chat each first (its own prompt)."""
-    for i, target in enumerate(targets):
-        timed_chat(target, {**chat_body(-1, i), "max_tokens": 8})
+    for target in targets:
+        timed_chat(target, {**chat_body(), "max_tokens": 8})
     prompt: dict[str, list[float]] = {t.name: [] for t in targets}
     decode: dict[str, list[float]] = {t.name: [] for t in targets}
     for n in range(requests):
         for i in range(len(targets)) if n % 2 == 0 else reversed(range(len(targets))):
             target = targets[i]
-            ttft, rest, prompt_tokens, out = timed_chat(target, chat_body(n, i))
+            ttft, rest, prompt_tokens, out = timed_chat(target, chat_body())
             prompt[target.name].append(prompt_tokens / ttft)
             decode[target.name].append((out - 1) / rest if rest > 0 else 0.0)
     medians = {}
