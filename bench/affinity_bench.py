@@ -1,7 +1,7 @@
 """Prefix routing next to least-loaded routing, on real workers, in one run (issue 26).
 
     .venv/bin/python bench/affinity_bench.py [--conversations 24] [--turns 6] [--clients 4]
-        [--system-tokens 1500] [--unique 48] [--max-tokens 8] [--shared-system]
+        [--system-tokens 1500] [--unique 48] [--max-tokens 8] [--shared-system] [--think 0]
 
 For each policy (`prefix`, `least-loaded`) a cluster of its own, both up at once: queen-rbee
 with that `--routing-policy`, one rbee-hive, and three workers of SmolLM2-135M started through
@@ -14,7 +14,10 @@ the other; the unique prompts in --rounds rounds taking turns which goes first):
               system prompt of about --system-tokens tokens (a coding agent's instructions and
               its project's context); each turn adds a question of about 60 tokens and the
               answer. With --shared-system all conversations share one system prompt instead
-              (then every worker soon caches it, whatever the policy).
+              (then every worker soon caches it, whatever the policy). --think S: a pause of S
+              seconds between a turn's answer and the next turn (a person reading, a tool
+              running); with none, a client's next turn finds the worker it just left the least
+              loaded, so least-loaded routing keeps most conversations on one worker by itself.
   unique      --unique requests of about 400 tokens that share no prefix, --clients at once.
 
 Every request streams (`stream_options.include_usage`), greedy, at most --max-tokens tokens. It
@@ -152,6 +155,7 @@ class Figures:
     # its cache (its own count: prompt tokens less cached ones), and each one's TTFT.
     later_evaluated: list[int] = field(default_factory=list)
     later_hits: list[float] = field(default_factory=list)  # TTFT where the cache served it
+    later_recomputed: list[float] = field(default_factory=list)  # TTFT where it did not
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
@@ -306,6 +310,8 @@ async def ask(
         figures.later_evaluated.append(evaluated)
         if evaluated <= RECOMPUTE_TOKENS:
             figures.later_hits.append(ttft)
+        else:
+            figures.later_recomputed.append(ttft)
     return "".join(pieces)
 
 
@@ -327,6 +333,8 @@ async def multi_turn(url: str, args: argparse.Namespace) -> Figures:
                 messages.append({"role": "user", "content": question})
                 answer = await ask(http, messages, args.max_tokens, figures, turn)
                 messages.append({"role": "assistant", "content": answer or "(none)"})
+                if args.think and turn + 1 < args.turns:
+                    await asyncio.sleep(args.think)
 
     started = time.perf_counter()
     async with httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT_S) as http:
@@ -372,13 +380,13 @@ def turns_line(policy: str, f: Figures) -> str:
     ones, and of the later ones those llama-server recomputed (it evaluated more than
     RECOMPUTE_TOKENS of the prompt: the cache it was sent to did not hold the conversation)
     against those its cache served."""
-    recomputed = len(f.later_evaluated) - len(f.later_hits)
+    recomputed = len(f.later_recomputed)
     cold = len(f.first_turns) + recomputed
     return (
         f"  {policy:<13} first turns p50 {median(f.first_turns) * 1000:6.0f} ms; later turns "
         f"p50 {median(f.later_turns) * 1000:6.0f} ms, {recomputed}/{len(f.later_turns)} "
-        f"recomputed, cache hits' p50 {median(f.later_hits) * 1000:6.0f} ms; "
-        f"cold or recomputed {cold}/{len(f.ttft)} requests"
+        f"recomputed (p50 {median(f.later_recomputed) * 1000:6.0f} ms), cache hits' p50 "
+        f"{median(f.later_hits) * 1000:6.0f} ms; cold or recomputed {cold}/{len(f.ttft)} requests"
     )
 
 
@@ -432,6 +440,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="unique prompts, in rounds")
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--shared-system", action="store_true")
+    parser.add_argument(
+        "--think", type=float, default=0.0, help="seconds between a turn's answer and the next"
+    )
     parser.add_argument(
         "--cores", type=int, default=1, help="cores (llama.cpp threads) per worker, 0: the hive's"
     )
