@@ -44,7 +44,8 @@ from rbee.common.worker_command import parse_flags
 from rbee.contracts.rpc import RpcServerInfo, RpcServerRequest, RpcServerStopped
 from rbee.hive.ports import pick_port
 from rbee.hive.settings import HiveSettings
-from rbee.hive.supervisor import SPAWN_MARKER, worker_env
+from rbee.hive.supervisor import SPAWN_MARKER
+from rbee.hive.worker_launch import worker_env
 
 log = logging.getLogger("rbee.hive.rpc")
 MODULE = "rbee.hive.rpc"

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -51,6 +50,7 @@ from rbee.hive.cores import CorePlacement, place_cores
 from rbee.hive.ports import pick_port
 from rbee.hive.settings import HiveSettings
 from rbee.hive.standby import Standby, standby_flags
+from rbee.hive.worker_launch import split_flags, worker_env
 from rbee.hive.worker_logs import last_lines, output_tail, rotate_log
 
 log = logging.getLogger("rbee.hive.supervisor")
@@ -59,44 +59,6 @@ log = logging.getLogger("rbee.hive.supervisor")
 READY_POLL_S = 0.02
 READY_POLL_SLOW_S = 0.1
 READY_POLL_FAST_FOR_S = 5.0
-# What a worker inherits from the hive's environment: what a process needs to run, find its
-# libraries and certificates, and pick its device and threads; never the hive's secrets
-# (HF_TOKEN, cloud credentials…). The cluster token is added explicitly.
-WORKER_ENV_NAMES = frozenset(
-    {"PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "PYTHONPATH"}
-    | {"VIRTUAL_ENV", "LD_LIBRARY_PATH", "SSL_CERT_FILE", "SSL_CERT_DIR"}
-    | {"RBEE_LLAMA_CACHE", "CMAKE_ARGS"}  # where a pip install's llama-server is (engine_build)
-)
-# RBEE_TEST_: the marks the test suite gives every process it starts, so that its check for
-# leftover processes sees the workers a hive started too.
-WORKER_ENV_PREFIXES = (
-    *("LC_", "OMP_", "GGML_", "LLAMA_", "CUDA_", "HIP_", "ROCR_"),
-    *("RBEE_WORKER_", "RBEE_TEST_"),
-)
-
-
-def worker_env(parent: Mapping[str, str], hive_id: str, token: str | None) -> dict[str, str]:
-    env = {
-        name: value
-        for name, value in parent.items()
-        if name in WORKER_ENV_NAMES or name.startswith(WORKER_ENV_PREFIXES)
-    }
-    env[SPAWN_MARKER] = hive_id
-    if token:  # in the environment, so it never shows in `ps`
-        env["RBEE_TOKEN"] = token
-    return env
-
-
-def split_flags(request: SpawnRequest) -> list[str]:
-    """A split worker's flags: its RPC servers, its shares and its parts (issue 24)."""
-    if not request.rpc_tunnels:
-        return []
-    parts = json.dumps([p.model_dump(mode="json") for p in request.parts], separators=(",", ":"))
-    return [
-        *("--rpc-tunnels", ",".join(request.rpc_tunnels)),
-        *("--tensor-split", ",".join(f"{share:g}" for share in request.tensor_split)),
-        *("--parts", parts),
-    ]
 
 
 class WorkerStartFailed(RbeeError):
@@ -466,15 +428,10 @@ class Supervisor:
 
     async def stop(self, pid: int, worker_id: str | None = None) -> WorkerStopped:
         found = await asyncio.to_thread(self._worker, pid)  # reads /proc: off the loop
-        if found is not None and worker_id is not None and found[1].worker_id != worker_id:
+        if found is None or worker_id not in (None, found[1].worker_id):
+            which = "a worker" if worker_id is None else f"worker {quote(worker_id)}"
             raise NotFound(
-                f"pid {pid} is not worker {quote(worker_id)} of hive {self.settings.hive_id}; "
-                "nothing was signalled",
-                code="not_a_worker",
-            )
-        if found is None:
-            raise NotFound(
-                f"pid {pid} is not a worker of hive {self.settings.hive_id}; nothing was signalled",
+                f"pid {pid} is not {which} of hive {self.settings.hive_id}; nothing was signalled",
                 code="not_a_worker",
             )
         proc, worker = found

@@ -22,7 +22,8 @@ from rbee.common.errors import NotFound
 from rbee.hive.catalog import Catalog
 from rbee.hive.settings import HiveSettings
 from rbee.hive.standby import started_ticks
-from rbee.hive.supervisor import SPAWN_MARKER, Supervisor, worker_env
+from rbee.hive.supervisor import SPAWN_MARKER, Supervisor
+from rbee.hive.worker_launch import worker_env
 
 HIVE_ID = f"standby-{os.getpid()}"
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from rbee.common.serve import parse_settings
-from rbee.hive.supervisor import SPAWN_MARKER, worker_env
+from rbee.hive.supervisor import SPAWN_MARKER
+from rbee.hive.worker_launch import worker_env
 from rbee.queen.keys import KeyStore
 from rbee.queen.settings import QueenSettings
 

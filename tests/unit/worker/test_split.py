@@ -8,7 +8,7 @@ import pytest
 
 from rbee.contracts.hive_api import SpawnRequest
 from rbee.contracts.workers import WorkerPart
-from rbee.hive.supervisor import split_flags
+from rbee.hive.worker_launch import split_flags
 from rbee.worker.app import llama_server
 from rbee.worker.device import prepare_device
 from rbee.worker.engines.llama_process import ServerConfig
