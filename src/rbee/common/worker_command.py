@@ -6,8 +6,11 @@ flags the hive wrote there."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+import psutil
 
 WORKER_EXECUTABLE = "llm-worker-rbee"
 # The environment variable a hive marks its workers with (its id): with the command line, how
@@ -37,3 +40,27 @@ def worker_command_flags(cmdline: Sequence[str]) -> dict[str, str] | None:
     ):
         return None
     return parse_flags(cmdline[1:])
+
+
+def started_ticks(pid: int) -> str:
+    """When the process started, exactly as the kernel counts it (Linux: clock ticks since
+    boot; psutil's create_time adds a boot time that may be read a second off by another
+    process, so a restarted hive would miss its files). Raises ProcessLookupError."""
+    if sys.platform == "linux":
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            raise ProcessLookupError(pid) from None
+        return stat.rsplit(")", 1)[1].split()[19]  # field 22, starttime
+    try:
+        return f"{psutil.Process(pid).create_time():.2f}"
+    except psutil.Error:
+        raise ProcessLookupError(pid) from None
+
+
+def handed_flags_file(flags_dir: Path, pid: int) -> Path:
+    """Where the flags of a worker forked by a hive's standby are kept: its command line is
+    the standby's (`--standby --hive-id ID`), so the hive reads them here. Named after the
+    process's pid and start time: a pid used again is another process. Raises
+    ProcessLookupError for a process that has gone."""
+    return flags_dir / f"{pid}-{started_ticks(pid)}.json"

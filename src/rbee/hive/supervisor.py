@@ -10,9 +10,9 @@ Workers run in their own session: a SIGINT/SIGKILL to the hive's process group l
 serving. The only in-memory state is `Popen` handles kept so that workers which exit while
 this hive runs are reaped instead of lingering as zombies; they are never consulted as a list.
 
-A worker may start as the hive's warm standby (`rbee.hive.standby`): its command line then says
-`--standby --hive-id ID`, and the flags it was handed are read from a file named after its pid
-and start time, only for such a process carrying the hive's mark.
+A worker is usually a fork of the hive's standby (`rbee.hive.standby`), which reaps it: its
+command line then says `--standby --hive-id ID`, and its flags are read from a file named after
+its pid and start time, only for such a process carrying the hive's mark.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from rbee.hive.catalog import Catalog
 from rbee.hive.cores import CorePlacement, place_cores
 from rbee.hive.ports import pick_port
 from rbee.hive.settings import HiveSettings
-from rbee.hive.standby import Standby, standby_flags
+from rbee.hive.standby import EXIT_UNKNOWN, Forked, Standby, standby_flags
 from rbee.hive.worker_launch import split_flags, worker_env
 from rbee.hive.worker_logs import last_lines, output_tail, rotate_log
 
@@ -253,7 +253,10 @@ class Supervisor:
             self._reserved_cores[port] = cores.cpus
         worker_id = request.worker_id or f"{self.settings.hive_id}-{port}"
         try:
-            popen, log_path = self._start(worker_id, model, port, request, cores)
+            # In a thread: the standby may still be finishing its imports before it forks.
+            popen, log_path = await asyncio.to_thread(
+                self._start, worker_id, model, port, request, cores
+            )
             try:
                 timeout_s = request.load_timeout_s or self.settings.spawn_timeout
                 await self._wait_ready(popen, port, log_path, timeout_s)
@@ -340,19 +343,18 @@ class Supervisor:
         port: int,
         request: SpawnRequest,
         cores: CorePlacement,
-    ) -> tuple[subprocess.Popen[bytes], Path]:
+    ) -> tuple[subprocess.Popen[bytes] | Forked, Path]:
         # Pinned to its device: a CUDA worker sees only its GPU, a CPU worker none.
         device_env = device_environment(parse_device(request.device))
         self.settings.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_path(worker_id)
         rotate_log(log_path)  # a worker id used before keeps its earlier worker's log as .1
         command = self.command(worker_id, model, port, request, cores)
-        log_path.write_bytes(b"")  # the standby appends to it
-        standby = self.standby.take(command[1:], device_env, log_path)
-        self.standby.start()  # the next one, ready for a spawn that follows soon (a swap)
-        if standby is not None:
-            self._children[standby.pid] = standby
-            return standby, log_path
+        log_path.write_bytes(b"")  # a fork of the standby appends to it
+        forked = self.standby.take(command[1:], device_env, log_path)
+        if forked is not None:
+            return forked, log_path
+        self.standby.start()  # none runs (it died, or was never started): one for next time
         env = worker_env(os.environ, self.settings.hive_id, self.settings.token)
         env.update(device_env)
         try:
@@ -388,17 +390,18 @@ class Supervisor:
             ) from None
 
     async def _wait_ready(
-        self, popen: subprocess.Popen[bytes], port: int, log_path: Path, timeout_s: float
+        self, popen: subprocess.Popen[bytes] | Forked, port: int, log_path: Path, timeout_s: float
     ) -> None:
         """`timeout_s`: the queen's load deadline for the model's size, or --spawn-timeout."""
         health = f"{self.settings.scheme}://{self.settings.local_host}:{port}/health"
         began = self._clock()
         deadline = began + timeout_s
         while True:
-            code = popen.poll()
+            code = await asyncio.to_thread(popen.poll)  # a fork's code: its standby tells it
             if code is not None:
+                how = "" if code == EXIT_UNKNOWN else f" with code {code}"
                 raise WorkerStartFailed(
-                    f"the worker exited with code {code} during start-up; "
+                    f"the worker exited{how} during start-up; "
                     f"its last output:\n{output_tail(log_path)}"
                 )
             with contextlib.suppress(httpx.HTTPError):
@@ -451,6 +454,8 @@ class Supervisor:
             # Killed but not yet gone (a zombie whose parent has not reaped it): the signal was
             # sent, which is all a stop can promise; its exit code is unknown.
             log.warning("worker pid %d was sent SIGKILL but has not exited yet", pid)
+        if exit_code is None:  # not the hive's child: a fork of its standby, which tells it
+            exit_code = await asyncio.to_thread(self.standby.exit_code, pid)
         self.reap()
         return WorkerStopped(pid=pid, worker_id=worker.worker_id, signal=sent, exit_code=exit_code)
 

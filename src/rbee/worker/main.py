@@ -1,13 +1,8 @@
 """`llm-worker-rbee`: the daemon's entry point.
 
-`llm-worker-rbee --standby …` is a worker started ahead of need by its hive (`rbee.hive.standby`):
-it imports what a worker runs on while it waits on its stdin for the flags of the worker it is
-to be. What it imports is imported in `serve_worker`, not when this module is: a standby imports
-it in a thread of low priority (a model loading or a request generating meanwhile keeps the
-cores: llama.cpp's threads lose much of their speed to any busy process) while its main thread
-reads the pipe, so the end of the pipe ends it at once. Flags handed to it before its imports are
-done wait for the rest of them, at the normal priority again where the system lets a process
-raise its own (root, CAP_SYS_NICE or RLIMIT_NICE).
+`llm-worker-rbee --standby …` is the hive's standby (`rbee.worker.standby`): it imports what a
+worker runs on once, then forks a worker per order of its hive. What it imports is imported in
+`serve_worker`, not when this module is, so that a standby can import it in a thread of its own.
 """
 
 from __future__ import annotations
@@ -15,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import importlib
-import json
 import logging
 import os
 import sys
@@ -69,19 +63,8 @@ def import_worker() -> None:
             importlib.import_module(name)
 
 
-STANDBY_NICE = 10  # the import thread's, while nothing waits for it
-STANDING_BY = b"standby\n"
-
-
-def _renice(thread: threading.Thread, nice: int) -> None:
-    # Linux gives each thread a niceness of its own: the worker's other threads keep theirs.
-    if sys.platform == "linux" and thread.native_id is not None:
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, thread.native_id, nice)
-
-
 def _import_ahead() -> None:
-    _renice(threading.current_thread(), STANDBY_NICE)
+    """A standby's imports (`rbee.worker.standby`), and what a worker makes before it serves."""
     import_worker()
     with contextlib.suppress(ImportError):
         from rbee.common.serve import flags_parser
@@ -93,49 +76,28 @@ def _import_ahead() -> None:
         flags_parser(WorkerSettings)
         client_context()
     # What is imported lives as long as the process: frozen now, the collection `serve` makes
-    # before it starts (freezing it too) has next to nothing left to walk.
+    # before it starts (freezing it too) has next to nothing left to walk, and the forks share
+    # these pages with the standby instead of copying them.
     gc.collect()
     gc.freeze()
 
 
-def standby() -> list[str] | None:
-    """Wait, importing meanwhile, for the hive to say what to serve: one JSON line on stdin
-    with `argv` (a worker's flags), `env` (added to the environment: the device's, before
-    llama-server starts) and `log` (where the output goes from then on). End of file (the hive
-    stopped, however it stopped) ends the standby: returns None. Once handed its flags it no
-    longer reads the pipe, and outlives its hive like any worker."""
-    # Tells the hive a standby listens (a command that is not one never says it, and is never
-    # handed a worker); stdout is the hive's pipe until the worker's log replaces it.
-    with contextlib.suppress(OSError):
-        os.write(1, STANDING_BY)
-    imports = threading.Thread(target=_import_ahead, name="standby-imports", daemon=True)
-    imports.start()
-    line = sys.stdin.buffer.readline()
-    if not line.strip():
-        return None
-    order = json.loads(line)
-    argv = [str(arg) for arg in order["argv"]]
-    os.environ.update({str(k): str(v) for k, v in order.get("env", {}).items()})
-    log = os.open(order["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    null = os.open(os.devnull, os.O_RDONLY)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    for fd, target in ((0, null), (1, log), (2, log)):
-        os.dup2(target, fd)
-    os.close(log)
-    os.close(null)
-    _renice(imports, 0)  # a worker waits for it now
-    imports.join()
-    import_worker()  # whatever the thread could not import says why now, in the log
-    return argv
+def _low_priority_imports() -> None:
+    from rbee.worker.standby import IMPORTS_NICE, renice
+
+    renice(threading.current_thread(), IMPORTS_NICE)
+    _import_ahead()
 
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == [STANDBY]:
-        handed = standby()
+        from rbee.worker.standby import serve_orders
+
+        handed = serve_orders(_low_priority_imports)
         if handed is None:
-            os._exit(0)  # nothing started: no cleanup to wait for (its imports may still run)
+            os._exit(0)  # the standby ends: no cleanup to wait for (its imports may still run)
+        import_worker()  # whatever the standby could not import says why now, in the log
         args = handed
     serve_worker(args)
 

@@ -1,6 +1,6 @@
-"""The real `rbee-hive` and its warm standby worker: a spawn it takes yields a worker like any
-other (listed, logged, heartbeating, answering a real chat), a restarted hive finds it, and no
-standby outlives its hive."""
+"""The real `rbee-hive` and its standby: a worker it forks is a worker like any other (listed,
+logged, heartbeating, answering a real chat), the standby stays for the next one, a restarted
+hive finds the worker, and no standby outlives its hive."""
 
 from __future__ import annotations
 
@@ -39,8 +39,8 @@ def idle_standby(hive: HiveProc) -> int:
 
 
 def spawn_through_standby(hive: HiveProc) -> dict[str, Any]:
-    """A worker spawned through the hive's standby: a standby still importing is not handed one
-    (the worker starts afresh then), so spawns are stopped and tried again until one is."""
+    """A worker forked by the hive's standby: one that has not said yet it is a standby is not
+    asked (the worker starts afresh then), so spawns are stopped and tried again until one is."""
     for _ in range(20):
         waiting = idle_standby(hive)
         response = httpx.post(
@@ -48,7 +48,7 @@ def spawn_through_standby(hive: HiveProc) -> dict[str, Any]:
         )
         assert response.status_code == 201, response.text
         spawned: dict[str, Any] = response.json()
-        if spawned["pid"] == waiting:
+        if psutil.Process(spawned["pid"]).ppid() == waiting:
             return spawned
         stop(hive, spawned["pid"])
         time.sleep(1.0)
@@ -69,6 +69,7 @@ def test_a_worker_started_through_the_standby_is_a_worker_like_any_other(
 ) -> None:
     hive = start_hive()
     spawned = spawn_through_standby(hive)
+    standby = psutil.Process(spawned["pid"]).ppid()
 
     assert "--standby" in psutil.Process(spawned["pid"]).cmdline()
     [listed] = httpx.get(f"{hive.url}/v1/workers").json()["workers"]
@@ -98,12 +99,16 @@ def test_a_worker_started_through_the_standby_is_a_worker_like_any_other(
     tail = httpx.get(f"{hive.url}/v1/workers/{spawned['worker_id']}/log").text
     assert "ready" in tail
 
-    # The next standby waits already, and is no worker either.
-    assert idle_standby(hive) != spawned["pid"]
+    # The standby stays for the next worker, and is no worker itself.
+    assert idle_standby(hive) == standby
     assert len(httpx.get(f"{hive.url}/v1/workers").json()["workers"]) == 1
 
-    stop(hive, spawned["pid"])
+    stopped = httpx.post(f"{hive.url}/v1/workers/{spawned['pid']}/stop", json={}, timeout=60)
+    assert stopped.json()["exit_code"] == 0  # its standby reaped it and told the hive
     assert httpx.get(f"{hive.url}/v1/workers").json()["workers"] == []
+    again = spawn_through_standby(hive)  # the same standby forks the next one
+    assert psutil.Process(again["pid"]).ppid() == standby
+    stop(hive, again["pid"])
     wait_for(
         "the queen to hear it stopped",
         lambda: (
@@ -130,7 +135,7 @@ def test_a_killed_hive_leaves_the_worker_a_new_hive_finds_and_no_standby(
 
     hive.proc.signal(signal.SIGKILL)
     hive.proc.wait()
-    # The idle standby ends with its hive; the worker it became serves on.
+    # The standby ends with its hive; the worker it forked serves on.
     wait_for("the idle standby to end", lambda: not psutil.pid_exists(waiting) or None)
     assert httpx.get(f"{spawned['url']}/health").status_code == 200
 

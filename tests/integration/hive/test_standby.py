@@ -1,11 +1,14 @@
-"""The hive's warm standby worker, with a stand-in standby process named `llm-worker-rbee`: what
-the hive hands it, how the hive finds it once it is a worker (also after a restart), and what it
-never takes for one of its workers."""
+"""The hive's standby, with a stand-in `llm-worker-rbee` that speaks the standby's real protocol
+(`rbee.worker.standby.serve_orders`) and "serves" by sleeping: the workers it forks, how the hive
+finds them (also after a restart), their exit codes, and what the hive never takes for one of
+its workers."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -19,30 +22,28 @@ import psutil
 import pytest
 
 from rbee.common.errors import NotFound
+from rbee.common.worker_command import handed_flags_file
 from rbee.hive.catalog import Catalog
 from rbee.hive.settings import HiveSettings
-from rbee.hive.standby import started_ticks
+from rbee.hive.standby import Forked
 from rbee.hive.supervisor import SPAWN_MARKER, Supervisor
 from rbee.hive.worker_launch import worker_env
 
 HIVE_ID = f"standby-{os.getpid()}"
 
-# "Imports" for RBEE_TEST_STANDBY_DELAY seconds, waits for its order, then "serves": writes what
-# it was handed to the log it was given, and runs until SIGTERM.
+# "Imports" for RBEE_TEST_STANDBY_DELAY seconds, then forks a worker per order: one that writes
+# what it was handed to the log it was given and runs until SIGTERM (exit 0), or exits at once
+# with the code after `--exit-code`.
 FAKE_STANDBY = """\
 import json, os, signal, sys, time
-os.write(1, b"standby\\n")
-time.sleep(float(os.environ.get("RBEE_TEST_STANDBY_DELAY", "0")))
-line = sys.stdin.buffer.readline()
-if not line.strip():
+from rbee.worker.standby import serve_orders
+argv = serve_orders(lambda: time.sleep(float(os.environ.get("RBEE_TEST_STANDBY_DELAY", "0"))))
+if argv is None:
     sys.exit(0)
-order = json.loads(line)
-os.environ.update(order["env"])
-log = os.open(order["log"], os.O_WRONLY | os.O_APPEND)
-os.dup2(log, 1)
-os.dup2(log, 2)
-print("serving", json.dumps(order["argv"]), os.environ.get("CUDA_VISIBLE_DEVICES"), flush=True)
 signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+print("serving", json.dumps(argv), os.environ.get("CUDA_VISIBLE_DEVICES"), flush=True)
+if "--exit-code" in argv:
+    sys.exit(int(argv[argv.index("--exit-code") + 1]))
 while True:
     time.sleep(1)
 """
@@ -87,13 +88,15 @@ def make_supervisor(tmp_path: Path, command: str) -> Iterator[Callable[..., Supe
     yield make
     for supervisor in made:
         supervisor.standby.close()
-        for handed in HANDED:
-            handed.kill()
-            handed.wait(10)
-        HANDED.clear()
+    for handed in HANDED:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(handed.pid, signal.SIGKILL)
+        with contextlib.suppress(psutil.Error):
+            psutil.Process(handed.pid).wait(10)
+    HANDED.clear()
 
 
-HANDED: list[subprocess.Popen[bytes]] = []  # the workers a test made of standbys
+HANDED: list[Forked] = []  # the workers a test had a standby fork
 
 
 def flags_of(hive_id: str, worker_id: str, port: int) -> list[str]:
@@ -103,15 +106,21 @@ def flags_of(hive_id: str, worker_id: str, port: int) -> list[str]:
     ]
 
 
-def hand_over(supervisor: Supervisor, worker_id: str, port: int) -> subprocess.Popen[bytes]:
+def hand_over(
+    supervisor: Supervisor,
+    worker_id: str,
+    port: int,
+    *extra: str,
+    env: dict[str, str] | None = None,
+) -> Forked:
     standby = supervisor.standby
     standby.start()
     wait_for("the standby to say it is one", standby.listening)
     log = supervisor.log_path(worker_id)
+    log.parent.mkdir(parents=True, exist_ok=True)
     log.write_bytes(b"")
-    proc = standby.take(
-        flags_of(supervisor.settings.hive_id, worker_id, port), {"CUDA_VISIBLE_DEVICES": "1"}, log
-    )
+    flags = [*flags_of(supervisor.settings.hive_id, worker_id, port), *extra]
+    proc = standby.take(flags, {"CUDA_VISIBLE_DEVICES": "1"} if env is None else env, log)
     assert proc is not None
     HANDED.append(proc)
     return proc
@@ -196,8 +205,9 @@ def test_a_flags_file_never_makes_another_process_a_worker(
     try:
         flags_dir = supervisor.standby.flags_dir
         flags_dir.mkdir(parents=True)
-        key = f"{sleeper.pid}-{started_ticks(sleeper.pid)}.json"
-        (flags_dir / key).write_text(json.dumps({"argv": flags_of(HIVE_ID, "w9", 8127)}))
+        handed_flags_file(flags_dir, sleeper.pid).write_text(
+            json.dumps({"argv": flags_of(HIVE_ID, "w9", 8127)})
+        )
         assert supervisor.processes() == []
     finally:
         sleeper.kill()
@@ -216,8 +226,9 @@ def test_the_flags_of_processes_gone_are_swept(
     supervisor.standby.sweep()
     assert {p.name for p in flags_dir.iterdir()} == live
 
-    proc.terminate()
-    proc.wait(10)
+    wait_for("it to serve", lambda: supervisor.log_path("w1").read_text())
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(10) == 0  # its standby reaped it and told the hive how it ended
     supervisor.standby.sweep()
     assert list(flags_dir.iterdir()) == []
 
@@ -230,15 +241,11 @@ def test_a_standby_still_starting_is_handed_the_worker_all_the_same(
     supervisor.standby.start()
     pid = wait_for("the standby", supervisor.standby.pid)
     wait_for("the standby to say it is one", supervisor.standby.listening)
-    log = supervisor.log_path("w1")
-    log.parent.mkdir(parents=True, exist_ok=True)
-    log.write_bytes(b"")
-    proc = supervisor.standby.take(flags_of(HIVE_ID, "w1", 8129), {}, log)
-    assert proc is not None
-    assert proc.pid == pid
-    HANDED.append(proc)
-    assert wait_for("its log", lambda: log.read_text())
+    proc = hand_over(supervisor, "w1", 8129, env={})
+    assert proc.pid != pid
+    assert wait_for("its log", lambda: supervisor.log_path("w1").read_text())
     assert [w.worker_id for w in supervisor.processes()] == ["w1"]
+    assert supervisor.standby.pid() == pid  # and it stays, for the next one
 
 
 def test_a_dead_standby_is_not_handed_anything(
@@ -254,13 +261,45 @@ def test_a_dead_standby_is_not_handed_anything(
     assert supervisor.standby.take(flags_of(HIVE_ID, "w1", 8129), {}, log) is None
 
 
-def test_a_standby_ends_with_its_hive(make_supervisor: Callable[..., Supervisor]) -> None:
+def test_a_standby_ends_with_its_hive_and_its_workers_live_on(
+    make_supervisor: Callable[..., Supervisor],
+) -> None:
     supervisor = make_supervisor()
-    supervisor.standby.start()
-    pid = wait_for("the standby", supervisor.standby.pid)
-    proc = psutil.Process(pid)
+    worker = hand_over(supervisor, "w1", 8131)
+    proc = psutil.Process(wait_for("the standby", supervisor.standby.pid))
     supervisor.standby.close()
     assert not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+    assert worker.poll() is None
+    assert [w.worker_id for w in supervisor.processes()] == ["w1"]
+
+
+def test_the_standby_stays_and_forks_each_worker(
+    make_supervisor: Callable[..., Supervisor],
+) -> None:
+    supervisor = make_supervisor()
+    first = hand_over(supervisor, "w1", 8132)
+    standby = supervisor.standby.pid()
+    second = hand_over(supervisor, "w2", 8133)
+    assert supervisor.standby.pid() == standby
+    assert len({first.pid, second.pid, standby}) == 3
+    # Each in a session of its own: the hive's signals, and the standby's end, do not reach it.
+    assert os.getsid(first.pid) == first.pid
+    assert os.getsid(second.pid) == second.pid
+    assert sorted(w.worker_id for w in supervisor.processes()) == ["w1", "w2"]
+    assert '"w2"' in wait_for("its log", lambda: supervisor.log_path("w2").read_text())
+
+
+def test_the_exit_code_of_a_worker_that_ends_is_told_to_the_hive(
+    make_supervisor: Callable[..., Supervisor],
+) -> None:
+    supervisor = make_supervisor()
+    quitter = hand_over(supervisor, "w1", 8134, "--exit-code", "3")
+    wait_for("it to end", lambda: quitter.poll() is not None)
+    assert quitter.poll() == 3
+    killed = hand_over(supervisor, "w2", 8135)
+    os.kill(killed.pid, signal.SIGKILL)
+    assert killed.wait(10) == -signal.SIGKILL
+    assert supervisor.processes() == []
 
 
 def test_no_standby_when_turned_off(make_supervisor: Callable[..., Supervisor]) -> None:
