@@ -21,7 +21,9 @@ Two pairs of models, each with its own queen, hive and router:
 
 For each it measures:
   swap to first token  one model loaded, the other asked for (streamed): request → first
-                       token, median of --tries (every model stopped before each try);
+                       token, median of --tries (every model stopped before each try); the
+                       tries of the two systems take turns, both up, so both see the machine
+                       alike (the one not measured idles);
   alternating load     --clients clients, each alternating the two models, --requests in all:
                        answered, failed or aborted, swaps (rbee: rbee_model_swaps_total on the
                        queen's /metrics; the router: model processes it started), p50/p95.
@@ -321,13 +323,23 @@ async def alternating(
     return load
 
 
-def measure(system: System, a: str, b: str, args: argparse.Namespace) -> Result:
-    print(f"  {system.name}: swap to first token ({args.tries} tries)", file=sys.stderr)
-    ttft = swap_to_first_token(system, a, b, args.tries, args.max_tokens)
-    system.reset()
-    print(f"  {system.name}: alternating load", file=sys.stderr)
-    load = asyncio.run(alternating(system, a, b, args.requests, args.clients, args.max_tokens))
-    return Result(ttft, load)
+def measure(systems: list[System], a: str, b: str, args: argparse.Namespace) -> dict[str, Result]:
+    """Swap to first token in tries taking turns (each try of one system next to one of the
+    other, which goes first alternating), so that both see the machine alike; then the
+    alternating load of each, the other with nothing loaded."""
+    print(f"  swap to first token ({args.tries} tries each, taking turns)", file=sys.stderr)
+    ttft: dict[str, list[float]] = {system.name: [] for system in systems}
+    for n in range(args.tries):
+        for system in systems if n % 2 == 0 else systems[::-1]:
+            ttft[system.name] += swap_to_first_token(system, a, b, 1, args.max_tokens)
+    results = {}
+    for system in systems:
+        for other in systems:
+            other.reset()
+        print(f"  {system.name}: alternating load", file=sys.stderr)
+        load = asyncio.run(alternating(system, a, b, args.requests, args.clients, args.max_tokens))
+        results[system.name] = Result(ttft[system.name], load)
+    return results
 
 
 # -- the run ---------------------------------------------------------------------------------
@@ -357,18 +369,15 @@ def run_pair(
     pair: str, hive_dir: Path, router_dir: Path, tmp: Path, args: argparse.Namespace
 ) -> dict[str, Result]:
     a, b, limit = PAIRS[pair]
-    results: dict[str, Result] = {}
     print(f"{pair}: {a} and {b}", file=sys.stderr)
-    # One system at a time: two on two cores would split them.
+    # Both up at once, one measured at a time: the other idles, its model unloaded or idle.
     with ExitStack() as stack:
         router = Router(stack, router_dir)
-        results[router.name] = measure(router, a, b, args)
-    with ExitStack() as stack:
         logs = Path(tempfile.mkdtemp(prefix=f"{pair}-", dir=tmp))
         rbee = Rbee(stack, hive_dir, logs, limit)
         rbee.wait_for_models(a, b)
         try:
-            results[rbee.name] = measure(rbee, a, b, args)
+            results = measure([router, rbee], a, b, args)
         except InsufficientMemory as e:
             raise SystemExit(f"rbee ({pair}, --memory-limit {limit}): {e}") from None
     return results

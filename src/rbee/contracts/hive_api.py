@@ -116,6 +116,9 @@ class WorkerStopped(BaseModel):
     worker_id: str
     signal: Literal["SIGTERM", "SIGKILL"]
     exit_code: int | None = None
+    # What it held (resident memory, its engine's included) when the hive stopped it: free
+    # again now that it has exited. The queen counts it free until the hive's next heartbeat.
+    memory_bytes: int | None = None
 
 
 class ModelDeleted(BaseModel):

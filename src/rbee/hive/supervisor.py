@@ -54,11 +54,11 @@ from rbee.hive.worker_launch import split_flags, worker_env
 from rbee.hive.worker_logs import last_lines, output_tail, rotate_log
 
 log = logging.getLogger("rbee.hive.supervisor")
-# How often a starting worker's /health is asked: often at first (a small model is ready within
-# a second, and a swap waits for this answer), then less (a big one takes minutes).
+# How often a starting worker's /health is asked until it answers (it listens within moments of
+# its start; a swap waits for this answer); once it does, it holds its answer up to
+# HEALTH_WAIT_S until its model is loaded.
 READY_POLL_S = 0.02
-READY_POLL_SLOW_S = 0.1
-READY_POLL_FAST_FOR_S = 5.0
+HEALTH_WAIT_S = 5.0
 
 
 class WorkerStartFailed(RbeeError):
@@ -236,6 +236,7 @@ class Supervisor:
             raise BadRequest(f"{model.id!r} is {model.format}; {WORKER_EXECUTABLE} loads GGUF")
         if request.worker_id is not None and not WORKER_ID_PATTERN.match(request.worker_id):
             raise BadRequest(f"{quote(request.worker_id)} is not a valid worker id")
+
         async with self._lock:
             running = await asyncio.to_thread(self.processes)  # reads /proc: off the loop
             if request.worker_id in {w.worker_id for w in running}:
@@ -392,10 +393,11 @@ class Supervisor:
     async def _wait_ready(
         self, popen: subprocess.Popen[bytes] | Forked, port: int, log_path: Path, timeout_s: float
     ) -> None:
-        """`timeout_s`: the queen's load deadline for the model's size, or --spawn-timeout."""
+        """`timeout_s`: the queen's load deadline for the model's size, or --spawn-timeout.
+        Asks the worker's `/health` to answer once its model is loaded (`wait`), so that the
+        hive hears of it at once without asking over and over while llama.cpp loads."""
         health = f"{self.settings.scheme}://{self.settings.local_host}:{port}/health"
-        began = self._clock()
-        deadline = began + timeout_s
+        deadline = self._clock() + timeout_s
         while True:
             code = await asyncio.to_thread(popen.poll)  # a fork's code: its standby tells it
             if code is not None:
@@ -404,8 +406,12 @@ class Supervisor:
                     f"the worker exited{how} during start-up; "
                     f"its last output:\n{output_tail(log_path)}"
                 )
+            asked = self._clock()
             with contextlib.suppress(httpx.HTTPError):
-                if (await self._http.get(health, timeout=2.0)).status_code == 200:
+                answer = await self._http.get(
+                    health, params={"wait": HEALTH_WAIT_S}, timeout=HEALTH_WAIT_S + 2.0
+                )
+                if answer.status_code == 200:
                     return
             if self._clock() >= deadline:
                 with contextlib.suppress(ProcessLookupError):
@@ -416,8 +422,8 @@ class Supervisor:
                     f"queen's --spawn-timeout or --load-timeout-per-gib); its last output:\n"
                     f"{output_tail(log_path)}"
                 )
-            fast = self._clock() - began < READY_POLL_FAST_FOR_S
-            await asyncio.sleep(READY_POLL_S if fast else READY_POLL_SLOW_S)
+            if self._clock() - asked < HEALTH_WAIT_S / 2:  # not listening yet, or said no at once
+                await asyncio.sleep(READY_POLL_S)
 
     # -- stopping ------------------------------------------------------------------------
 
@@ -430,6 +436,7 @@ class Supervisor:
         return None if worker is None else (proc, worker)
 
     async def stop(self, pid: int, worker_id: str | None = None) -> WorkerStopped:
+
         found = await asyncio.to_thread(self._worker, pid)  # reads /proc: off the loop
         if found is None or worker_id not in (None, found[1].worker_id):
             which = "a worker" if worker_id is None else f"worker {quote(worker_id)}"
@@ -457,7 +464,13 @@ class Supervisor:
         if exit_code is None:  # not the hive's child: a fork of its standby, which tells it
             exit_code = await asyncio.to_thread(self.standby.exit_code, pid)
         self.reap()
-        return WorkerStopped(pid=pid, worker_id=worker.worker_id, signal=sent, exit_code=exit_code)
+        return WorkerStopped(
+            pid=pid,
+            worker_id=worker.worker_id,
+            signal=sent,
+            exit_code=exit_code,
+            memory_bytes=worker.memory_bytes,
+        )
 
     def reap(self) -> None:
         # Runs in threads too (listing processes): pop, as another reap may be at the same pid.

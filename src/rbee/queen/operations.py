@@ -30,7 +30,7 @@ from rbee.common.errors import (
 )
 from rbee.common.jobs import Job
 from rbee.common.model_memory import gib
-from rbee.contracts.hive_api import SpawnRequest, SpawnResponse
+from rbee.contracts.hive_api import SpawnRequest, SpawnResponse, WorkerStopped
 from rbee.contracts.hives import HiveView
 from rbee.contracts.jobs import (
     JobEvent,
@@ -371,8 +371,8 @@ class Operations:
             )
         client = self.clients.get(self._online_hive(info.hive_id))
         try:
-            pid = await self._stopped_by_pid(client, info, say)
-            if pid is None:  # the worker did not say its pid, or that one is not it
+            stopped = await self._stopped_by_pid(client, info, say)
+            if stopped is None:  # the worker did not say its pid, or that one is not it
                 processes = await client.workers()
                 pid = next((p.pid for p in processes if p.worker_id == info.id), None)
                 if pid is None:
@@ -381,29 +381,33 @@ class Operations:
                         code="worker_not_found",
                     )
                 say(f"stopping pid {pid} on {info.hive_id}")
-                await client.stop_worker(pid)
+                stopped = await client.stop_worker(pid)
         except HiveError as exc:
             raise hive_failure(exc) from None
         await give_back_helpers(info, self.hives.get, self._give_back)  # a split worker's helpers
         self.on_unloaded(info, reason)
-        return {"worker_id": info.id, "pid": pid, "hive_id": info.hive_id}
+        return {
+            "worker_id": info.id,
+            "pid": stopped.pid,
+            "hive_id": info.hive_id,
+            "freed_bytes": stopped.memory_bytes,
+        }
 
     @staticmethod
     async def _stopped_by_pid(
         client: HiveClient, info: WorkerInfo, say: Callable[[str], None]
-    ) -> int | None:
+    ) -> WorkerStopped | None:
         """Stop the worker by the pid its heartbeats carry, the hive checking that the process
         is still that worker; None if they carry none or it is not (then the hive's list says)."""
         if info.pid is None:
             return None
         say(f"stopping pid {info.pid} on {info.hive_id}")
         try:
-            await client.stop_worker(info.pid, info.id)
+            return await client.stop_worker(info.pid, info.id)
         except HiveError as exc:
             if exc.code != "not_a_worker":
                 raise
             return None
-        return info.pid
 
     async def _give_back(self, hive: HiveView, key: str) -> object:
         return await self.clients.get(hive).stop_rpc_server(key)

@@ -10,9 +10,9 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Query
 from fastapi.responses import JSONResponse
 
 from rbee import __version__
@@ -40,6 +40,7 @@ from rbee.worker.state import Identity, WorkerStatusBoard
 log = logging.getLogger("rbee.worker")
 
 FINAL_HEARTBEAT_TIMEOUT_S = 2.0
+MAX_HEALTH_WAIT_S = 10.0  # the longest `/health?wait=` holds its answer while the model loads
 
 
 def resolve_model(ref: str) -> Path:
@@ -171,7 +172,13 @@ def create_app(
     app.state.worker = runtime
 
     @app.get("/health", response_model=None)
-    async def health() -> JSONResponse:
+    async def health(wait: Annotated[float, Query(ge=0, le=MAX_HEALTH_WAIT_S)] = 0) -> JSONResponse:
+        """`wait`: while the model loads, answer once it is loaded (or failed), or after this
+        many seconds: whoever waits for it (the hive starting it) hears at once, asking once."""
+        if wait and board.status is WorkerStatus.STARTING:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await runtime.settled.wait()
         if runtime.load_error is not None:
             # Its engine died or hung: the worker is on its way out and says why.
             return JSONResponse(

@@ -82,6 +82,18 @@ def _import_ahead() -> None:
     gc.freeze()
 
 
+def _read_ahead(argv: list[str]) -> None:
+    """In the standby, before it forks a worker: the facts of its model file, read once and
+    kept for every worker after (`read_model_facts`)."""
+    from rbee.common.worker_command import parse_flags
+    from rbee.worker.app import resolve_model
+    from rbee.worker.engines.gguf import read_model_facts
+
+    # Whatever is wrong with the file, the worker says it, in its log.
+    with contextlib.suppress(Exception):
+        read_model_facts(resolve_model(parse_flags(argv).get("--model", "")))
+
+
 def _low_priority_imports() -> None:
     from rbee.worker.standby import IMPORTS_NICE, renice
 
@@ -94,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     if args[:1] == [STANDBY]:
         from rbee.worker.standby import serve_orders
 
-        handed = serve_orders(_low_priority_imports)
+        handed = serve_orders(_low_priority_imports, _read_ahead)
         if handed is None:
             os._exit(0)  # the standby ends: no cleanup to wait for (its imports may still run)
         import_worker()  # whatever the standby could not import says why now, in the log

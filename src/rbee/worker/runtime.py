@@ -71,6 +71,7 @@ class WorkerRuntime:
         self._watch: asyncio.Task[None] | None = None
         self._cut_timer: asyncio.TimerHandle | None = None
         self._stop_asked = asyncio.Event()
+        self.settled = asyncio.Event()  # the load ended: ready, or failed (load_error)
 
     @property
     def model_id(self) -> str:
@@ -82,6 +83,12 @@ class WorkerRuntime:
     async def load(self) -> None:
         """Start the host, then one engine per slot. A failure is kept for main() to report,
         and stops the process."""
+        try:
+            await self._load()
+        finally:
+            self.settled.set()
+
+    async def _load(self) -> None:
         try:
             if self._host is not None:
                 await self._host.start()

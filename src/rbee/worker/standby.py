@@ -142,10 +142,13 @@ def _fork(order: dict[str, object]) -> list[str] | None:
     return None
 
 
-def serve_orders(imports: Callable[[], None]) -> list[str] | None:
+def serve_orders(
+    imports: Callable[[], None], before_fork: Callable[[list[str]], None] = lambda argv: None
+) -> list[str] | None:
     """Say it is a standby, run `imports` in a thread of low priority, and fork a worker per
-    order on stdin. Returns in each fork, with the worker's flags; in the standby, returns None
-    at the end of stdin."""
+    order on stdin, calling `before_fork` with its flags first (what the standby learns there,
+    every later fork has too). Returns in each fork, with the worker's flags; in the standby,
+    returns None at the end of stdin."""
     _say(STANDING_BY.decode().strip())
     thread = threading.Thread(target=imports, name="standby-imports", daemon=True)
     thread.start()
@@ -161,6 +164,7 @@ def serve_orders(imports: Callable[[], None]) -> list[str] | None:
             continue
         renice(thread, 0)  # a worker waits for it now
         thread.join()
+        before_fork([str(arg) for arg in order.get("argv", [])])
         argv = _fork(order)
         if argv is not None:
             return argv

@@ -68,6 +68,7 @@ class MemoryCluster:
         self.log: list[str] = []
         self.one_port = False  # True: every worker gets the id of the hive's one port
         self.loading: asyncio.Event | None = None  # set: the hive's starts go on
+        self.beat_after_stop = True  # False: a hive whose heartbeat after a stop is slow
         self.app = create_app(
             QueenSettings.model_validate(
                 {"heartbeat_timeout": 10**6, "spawn_timeout": 10, "queue_timeout": 10, **settings}
@@ -151,10 +152,10 @@ class MemoryCluster:
             self.stops.append(worker_id)
             self.log.append(f"stop {worker_id}")
             await self.heartbeat(worker_id, model, "stopped")
-            await self.hive_heartbeat()
-            return httpx.Response(
-                200, json={"pid": pid, "worker_id": worker_id, "signal": "SIGTERM"}
-            )
+            if self.beat_after_stop:
+                await self.hive_heartbeat()
+            stopped = {"pid": pid, "worker_id": worker_id, "signal": "SIGTERM"}
+            return httpx.Response(200, json={**stopped, "memory_bytes": NEED})
         raise AssertionError(f"unexpected hive call {request.method} {path}")
 
     async def heartbeat(
@@ -441,6 +442,27 @@ async def test_room_a_stopped_worker_held_is_free_for_the_next_load_at_once() ->
                 await cluster.client.get(created.json()["sse_url"])
             cluster.clock.advance(10)
         assert cluster.spawns == ["a", "b", "a", "b"]
+    finally:
+        await cluster.aclose()
+
+
+async def test_the_memory_a_stopped_worker_held_is_free_before_the_hive_heartbeats() -> None:
+    """The hive's stop says what the worker held: the model waiting for that room loads at
+    once, not a hive heartbeat later (a swap would wait for one), and nothing is double-booked
+    (the fake hive asserts it at each spawn)."""
+    cluster = await open_cluster(1, queue_timeout=5)
+    cluster.beat_after_stop = False
+    try:
+        assert (await cluster.chat("a")).status_code == 200
+        cluster.clock.advance(10)
+        answer = await asyncio.wait_for(cluster.chat("b"), 3)
+        assert answer.status_code == 200, answer.text
+        assert cluster.spawns == ["a", "b"]
+        assert cluster.stops == ["w1-a"]
+        # Counted once: with the hive's figures now showing the room, nothing more is free.
+        cluster.clock.advance(10)
+        assert (await cluster.chat("c")).status_code == 200
+        assert cluster.spawns == ["a", "b", "c"]
     finally:
         await cluster.aclose()
 

@@ -312,3 +312,60 @@ async def test_an_engine_that_exits_with_the_workers_own_stop_signal_is_no_failu
     assert worker.runtime.load_error is None
     await worker.stop()
     assert worker.statuses[-1] is WorkerStatus.STOPPED
+
+
+class HeldHost:
+    """An engine host whose start (the model's load) waits until `release`, then fails with
+    `error` if one is given."""
+
+    def __init__(self, error: str | None = None) -> None:
+        self.release = asyncio.Event()
+        self.error = error
+
+    async def start(self) -> None:
+        await self.release.wait()
+        if self.error is not None:
+            raise EngineError(self.error)
+
+    async def failure(self) -> str:
+        await asyncio.Event().wait()  # never dies
+        return ""
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_health_with_wait_answers_the_moment_the_model_is_loaded(make_worker: Any) -> None:
+    host = HeldHost()
+    worker = await make_worker(engine_host=host, wait_ready=False)
+    # Still loading when the wait runs out: the usual answer, after the wait.
+    began = asyncio.get_running_loop().time()
+    loading = await worker.client.get("/health", params={"wait": 0.2})
+    assert loading.status_code == 503
+    assert loading.json() == {"status": "loading"}
+    assert asyncio.get_running_loop().time() - began >= 0.15
+    # Asked once, answered as soon as the load ends.
+    waiting = asyncio.create_task(worker.client.get("/health", params={"wait": 5}))
+    await asyncio.sleep(0.1)
+    assert not waiting.done()
+    host.release.set()
+    async with asyncio.timeout(1.0):
+        answer = await waiting
+    assert answer.status_code == 200
+    assert answer.json()["state"] == "ready"
+    # Bounded: nobody holds a connection open for longer than that.
+    assert (await worker.client.get("/health", params={"wait": 11})).status_code == 400
+    assert (await worker.client.get("/health", params={"wait": -1})).status_code == 400
+
+
+async def test_health_with_wait_answers_a_failed_load_at_once(make_worker: Any) -> None:
+    host = HeldHost(error="model file /m/bad.gguf cannot be loaded: corrupt")
+    worker = await make_worker(engine_host=host, wait_ready=False)
+    waiting = asyncio.create_task(worker.client.get("/health", params={"wait": 5}))
+    await asyncio.sleep(0.05)
+    host.release.set()
+    async with asyncio.timeout(1.0):
+        answer = await waiting
+    assert answer.status_code == 503
+    assert answer.json()["status"] == "unhealthy"
+    assert "corrupt" in answer.json()["reason"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -148,6 +149,19 @@ def test_a_model_whose_heads_are_not_whole_q8_0_blocks_keeps_an_f16_cache(tmp_pa
     smollm = read_model_facts(resolve_model("smollm2-135m-instruct"))
     assert smollm.head_sizes == (64, 64)
     assert smollm.quantizable_kv
+
+
+def test_a_model_file_replaced_under_the_same_name_is_read_again(tmp_path: Path) -> None:
+    """The facts of a file are kept (a standby reads them once for all its forks), but only as
+    long as the file stays the one read."""
+    path = tmp_path / "m.gguf"
+    shutil.copy(resolve_model("smollm2-135m-instruct"), path)
+    assert read_model_facts(path).head_sizes == (64, 64)
+    write_tiny_gguf(path)
+    assert read_model_facts(path).head_sizes == (16, 16)
+    path.write_bytes(b"not a model")
+    with pytest.raises(EngineError, match="GGUF"):
+        read_model_facts(path)
 
 
 def test_auto_quantizes_the_kv_cache_only_when_several_slots_share_the_memory() -> None:

@@ -61,6 +61,9 @@ class _Freeing:
     for_model: str  # the room is kept for it while it waits
     stopping: bool = False  # its stop has begun: it can no longer be called off
     stopped_at: float | None = None  # registry clock; None: still draining or stopping
+    # What the hive said it held when it stopped it: free now, though the hive's figures say
+    # so only from its next heartbeat.
+    freed_bytes: int = 0
 
 
 class Room:
@@ -156,6 +159,17 @@ class Room:
             coming[key] = coming.get(key, 0) + f.bytes
         return coming
 
+    def returned(self) -> dict[DeviceKey, int]:
+        """Memory evicted workers gave back (they have exited) that their hive's figures do not
+        show free yet: a placement counts it free at once, not a heartbeat later. Call after
+        `freeing`, which forgets the workers whose room the figures show."""
+        back: dict[DeviceKey, int] = {}
+        for f in self._evicting.values():
+            if f.stopped_at is not None and f.freed_bytes > 0:
+                key = (f.hive_id, f.device_id)
+                back[key] = back.get(key, 0) + f.freed_bytes
+        return back
+
     def evict(self, chosen: Sequence[Resident], for_model: str) -> None:
         for resident in chosen:
             info = self.registry.get_worker(resident.worker_id)
@@ -204,7 +218,7 @@ class Room:
             freeing.stopping = True
         self.spawner.worker_stopped(info.id)  # on purpose: not an early death
         try:
-            await self.watch.operations.stop_worker(info, "evicted")
+            stopped = await self.watch.operations.stop_worker(info, "evicted")
         except RbeeError as exc:
             log.warning("could not evict worker %s: %s", info.id, exc.message)
             self._evicting.pop(info.id, None)
@@ -214,6 +228,7 @@ class Room:
         freeing = self._evicting.get(info.id)
         if freeing is not None:
             freeing.stopped_at = self.registry.now()
+            freeing.freed_bytes = stopped.get("freed_bytes") or 0
 
     async def make_room(
         self, demand: Demand, exclude: frozenset[str], refused: InsufficientMemory
@@ -255,8 +270,9 @@ class Room:
             while True:
                 now = loop.time()
                 self._hunger[model] = (since, now, asked_at)
+                self.freeing()  # forgets the evictions whose room the hives' figures show
                 try:
-                    placement = self.spawner.place(demand, exclude)
+                    placement = self.spawner.place(demand, exclude, self.returned())
                 except InsufficientMemory as exc:
                     refused = exc
                 else:

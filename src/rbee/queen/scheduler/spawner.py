@@ -12,7 +12,7 @@ import asyncio
 import logging
 import math
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from rbee.common.clock import Clock, monotonic
@@ -26,7 +26,7 @@ from rbee.queen.registry import WorkerRegistry
 from rbee.queen.routing.router import SERVING
 from rbee.queen.scheduler.backoff import Hold, StartBackoff
 from rbee.queen.scheduler.placement import Demand, Placement, place
-from rbee.queen.scheduler.reservations import Reservations
+from rbee.queen.scheduler.reservations import DeviceKey, Reservations
 
 log = logging.getLogger("rbee.queen.spawner")
 
@@ -120,9 +120,15 @@ class Spawner:
         ctx_size, slots = self.sizing(model)
         return Demand(model=model, ctx_size=ctx_size, slots=slots)
 
-    def place(self, demand: Demand, exclude: frozenset[str] = frozenset()) -> Placement:
+    def place(
+        self,
+        demand: Demand,
+        exclude: frozenset[str] = frozenset(),
+        returned: Mapping[DeviceKey, int] | None = None,
+    ) -> Placement:
         """Where a new worker goes: the hive asked for must be online; the rest is placement's
-        (over the hives not in `exclude`, counting the memory of spawns still in flight)."""
+        (over the hives not in `exclude`, counting the memory of spawns still in flight as
+        taken, and `returned`, given back by workers that exited, as free)."""
         if demand.hive_id is not None:
             hive = self.hives.get(demand.hive_id)
             if hive is None or not hive.online:
@@ -130,7 +136,9 @@ class Spawner:
                     f"hive {quote(demand.hive_id)} is not online", code="hive_unavailable"
                 )
         hives = self.hives.all()
-        taken = self.reservations.taken(hives)
+        taken = dict(self.reservations.taken(hives))
+        for key, freed in (returned or {}).items():
+            taken[key] = taken.get(key, 0) - freed
         return place([h for h in hives if h.id not in exclude], demand, taken)
 
     async def start(

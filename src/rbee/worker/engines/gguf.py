@@ -3,6 +3,7 @@ wrong file, and the facts that decide how the worker runs it (generating, or emb
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +72,22 @@ class ModelFacts:
 
 
 def read_model_facts(path: Path) -> ModelFacts:
+    """What the worker needs to know of a model file before llama.cpp loads it. Kept for each
+    file as long as its size and change time stay: the hive's standby reads a model's once, and
+    every worker it forks for that model has them (`rbee.worker.standby`)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return _read_model_facts(path)  # says what is wrong with it
+    return _cached_facts(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_facts(path: Path, size: int, changed_ns: int) -> ModelFacts:
+    return _read_model_facts(path)
+
+
+def _read_model_facts(path: Path) -> ModelFacts:
     check_gguf(path)
     try:
         meta = GgufHeader.read(path, tensors=False).values

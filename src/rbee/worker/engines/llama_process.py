@@ -43,6 +43,7 @@ OUTPUT_LINES_KEPT = 60
 READY_POLL_S = 0.02
 STOP_GRACE_S = 5.0
 PROBE_INTERVAL_S = 5.0  # how often the worker checks that the server still answers
+LEARN_AFTER_S = 0.5  # how long after it serves the chat template is probed
 BASE_URL = "http://llama-server"
 # What a server that died, hung or closed its socket raises, from connecting to reading.
 NETWORK_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
@@ -252,9 +253,12 @@ class LlamaServer:
                 ) from None
             props = await self._read_facts(http)
         if not self.config.embedding:
-            # Learned once the server serves, not before: until then llama.cpp renders chats
-            # itself, into the same prompt, and no swap waits for the probes.
-            self._learning = asyncio.create_task(self._learn_template(props), name="chat-template")
+            # Learned once the server serves, a moment after, not before: until then llama.cpp
+            # renders chats itself, into the same prompt, and neither a swap nor the first
+            # request after it (which comes at once) shares the cores with the probes.
+            self._learning = asyncio.create_task(
+                self._learn_template(props, LEARN_AFTER_S), name="chat-template"
+            )
         log.info(
             "llama-server (pid %d) serves %s: %d slot(s) of %d tokens, %d thread(s)%s%s",
             self._proc.pid,
@@ -266,7 +270,8 @@ class LlamaServer:
             ", tool calls in the model's own format" if self.native_tools else "",
         )
 
-    async def _learn_template(self, props: dict[str, Any]) -> None:
+    async def _learn_template(self, props: dict[str, Any], after_s: float) -> None:
+        await asyncio.sleep(after_s)
         try:
             async with self.client(aiohttp.ClientTimeout(total=5.0)) as http:
                 self.chat_template = await self._own_template(http, props)
