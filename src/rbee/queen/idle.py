@@ -83,7 +83,7 @@ class IdleWatch:
             # At once, before anything awaits: no request may take it from here on, and one
             # that comes for its model starts another worker instead of waiting for this one.
             self.router.retire(info.id)
-            self.spawner.worker_stopped(info.id)  # on purpose: not an early death
+            self.spawner.stopping(info.id)  # on purpose: not an early death
         await asyncio.gather(*(self._unload(info, "idle") for info in infos))
         return [info.id for info in infos]
 

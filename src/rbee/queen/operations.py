@@ -297,7 +297,7 @@ class Operations:
         workers = self._workers_of(request.model)
         for info in workers:
             self.router.retire(info.id)
-            self.spawner.worker_stopped(info.id)  # on purpose: not an early death
+            self.spawner.stopping(info.id)  # on purpose: not an early death
 
         def say(message: str) -> None:
             job.emit(JobEvent(type="log", message=message))

@@ -69,6 +69,8 @@ class MemoryCluster:
         self.one_port = False  # True: every worker gets the id of the hive's one port
         self.loading: asyncio.Event | None = None  # set: the hive's starts go on
         self.beat_after_stop = True  # False: a hive whose heartbeat after a stop is slow
+        self.beat_after_spawn = True  # False: one whose heartbeat after a spawn is
+        self.stop_takes_s = 0.0  # how long a worker takes to exit once asked to stop
         self.app = create_app(
             QueenSettings.model_validate(
                 {"heartbeat_timeout": 10**6, "spawn_timeout": 10, "queue_timeout": 10, **settings}
@@ -135,7 +137,8 @@ class MemoryCluster:
             self.running[pid] = (worker_id, model)
             self.workers.setdefault(worker_id, answer)
             await self.heartbeat(worker_id, model, keep_alive_s=spec.get("keep_alive_s"))
-            await self.hive_heartbeat()
+            if self.beat_after_spawn:
+                await self.hive_heartbeat()
             url = f"http://{worker_id}:8080"
             return httpx.Response(
                 201, json={"worker_id": worker_id, "pid": pid, "port": 8080, "url": url}
@@ -148,6 +151,7 @@ class MemoryCluster:
             return httpx.Response(200, json={"workers": processes})
         if path.endswith("/stop"):
             pid = int(path.split("/")[-2])
+            await asyncio.sleep(self.stop_takes_s)
             worker_id, model = self.running.pop(pid)
             self.stops.append(worker_id)
             self.log.append(f"stop {worker_id}")
@@ -463,6 +467,24 @@ async def test_the_memory_a_stopped_worker_held_is_free_before_the_hive_heartbea
         cluster.clock.advance(10)
         assert (await cluster.chat("c")).status_code == 200
         assert cluster.spawns == ["a", "b", "c"]
+    finally:
+        await cluster.aclose()
+
+
+async def test_a_worker_the_hive_has_not_reported_yet_keeps_its_room_until_it_stops() -> None:
+    """Evicted before its hive's heartbeat listed it, a worker's room stays promised until its
+    stop is done: the hive's figures, read before it started, show the room free already, and
+    the next model must not start beside it (the fake hive asserts that at each spawn)."""
+    cluster = await open_cluster(1, queue_timeout=5)
+    cluster.beat_after_spawn = False
+    cluster.stop_takes_s = 0.3  # the queen looks for room several times meanwhile
+    try:
+        assert (await cluster.chat("a")).status_code == 200
+        cluster.clock.advance(10)
+        answer = await cluster.chat("b")
+        assert answer.status_code == 200, answer.text
+        assert cluster.spawns == ["a", "b"]
+        assert cluster.stops == ["w1-a"]
     finally:
         await cluster.aclose()
 

@@ -216,7 +216,7 @@ class Room:
         freeing = self._evicting.get(info.id)
         if freeing is not None:
             freeing.stopping = True
-        self.spawner.worker_stopped(info.id)  # on purpose: not an early death
+        self.spawner.stopping(info.id)  # on purpose: not an early death
         try:
             stopped = await self.watch.operations.stop_worker(info, "evicted")
         except RbeeError as exc:

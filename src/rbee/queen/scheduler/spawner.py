@@ -346,8 +346,14 @@ class Spawner:
         started = self._started.get(worker_id)
         return None if started is None else started.ready_at
 
+    def stopping(self, worker_id: str) -> None:
+        """The worker is being stopped on purpose: its end is no early death. What was promised
+        to it stays taken until it has stopped (the hive's figures may not show it yet)."""
+        self._started.pop(worker_id, None)
+
     def worker_stopped(self, worker_id: str) -> None:
-        """A worker said it stopped (asked to, or shut down): not a failure."""
+        """A worker said it stopped (asked to, or shut down): not a failure, and its room is
+        free again."""
         self.reservations.forget(worker_id)
         self._started.pop(worker_id, None)
 
