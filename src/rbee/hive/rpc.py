@@ -106,9 +106,14 @@ class RpcServers:
         self._lock = asyncio.Lock()
         self._children: dict[int, subprocess.Popen[bytes]] = {}  # for reaping only
 
-    def _inspect(self, proc: psutil.Process) -> tuple[RpcServerInfo, psutil.Process] | None:
+    def _inspect(
+        self, proc: psutil.Process, cmdline: list[str] | None = None
+    ) -> tuple[RpcServerInfo, psutil.Process] | None:
+        """`cmdline`: the process's command line as just read, if it was."""
         try:
-            flags = part_flags(proc.cmdline(), self.settings.hive_id)
+            flags = part_flags(
+                proc.cmdline() if cmdline is None else cmdline, self.settings.hive_id
+            )
             if flags is None or proc.environ().get(SPAWN_MARKER) != self.settings.hive_id:
                 return None
             if proc.status() == psutil.STATUS_ZOMBIE:
@@ -137,8 +142,8 @@ class RpcServers:
     def _found(self) -> list[tuple[RpcServerInfo, psutil.Process]]:
         self.reap()
         found = []
-        for proc in psutil.process_iter(["cmdline"]):
-            if (part := self._inspect(proc)) is not None:
+        for proc in psutil.process_iter(["cmdline"]):  # each command line read once
+            if (part := self._inspect(proc, proc.info.get("cmdline"))) is not None:
                 found.append(part)
         return sorted(found, key=lambda p: p[0].port)
 

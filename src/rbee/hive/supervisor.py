@@ -147,8 +147,9 @@ class Supervisor:
         """The workers of this hive, as the operating system reports them right now."""
         self.reap()
         found = []
-        for proc in psutil.process_iter(["cmdline", "create_time"]):
-            if (worker := self._inspect(proc)) is not None:
+        # Each command line read once (the look through every process is most of a heartbeat).
+        for proc in psutil.process_iter(["cmdline"]):
+            if (worker := self._inspect(proc, proc.info.get("cmdline"))) is not None:
                 found.append(worker)
         return sorted(found, key=lambda w: w.port)
 
@@ -175,11 +176,10 @@ class Supervisor:
                 pids.update(child.pid for child in psutil.Process(worker.pid).children(True))
         return ram, frozenset(pids)
 
-    def _flags(self, proc: psutil.Process) -> dict[str, str] | None:
+    def _flags(self, proc: psutil.Process, cmdline: list[str]) -> dict[str, str] | None:
         """The flags of a worker of this hive: on its command line, or those handed to it as a
         standby (its command line a standby's of this hive; its mark is checked next)."""
         hive_id = self.settings.hive_id
-        cmdline = proc.cmdline()
         flags = worker_flags(cmdline, hive_id)
         if flags is None and standby_flags(cmdline, hive_id):
             handed = self.standby.handed_argv(proc)
@@ -187,9 +187,12 @@ class Supervisor:
                 flags = worker_flags([WORKER_EXECUTABLE, *handed], hive_id)
         return flags
 
-    def _inspect(self, proc: psutil.Process) -> WorkerProcess | None:
+    def _inspect(
+        self, proc: psutil.Process, cmdline: list[str] | None = None
+    ) -> WorkerProcess | None:
+        """`cmdline`: the process's command line as just read, if it was."""
         try:
-            flags = self._flags(proc)
+            flags = self._flags(proc, proc.cmdline() if cmdline is None else cmdline)
             if flags is None or proc.environ().get(SPAWN_MARKER) != self.settings.hive_id:
                 return None
             if proc.status() == psutil.STATUS_ZOMBIE:

@@ -370,20 +370,26 @@ class Operations:
                 code="no_hive",
             )
         client = self.clients.get(self._online_hive(info.hive_id))
+        self.spawner.stopping(info.id)
+        exited = False
         try:
             stopped = await self._stopped_by_pid(client, info, say)
             if stopped is None:  # the worker did not say its pid, or that one is not it
                 processes = await client.workers()
                 pid = next((p.pid for p in processes if p.worker_id == info.id), None)
                 if pid is None:
+                    exited = True  # no process of it runs: nothing holds its room
                     raise NotFound(
                         f"hive {info.hive_id} runs no process for worker {info.id}",
                         code="worker_not_found",
                     )
                 say(f"stopping pid {pid} on {info.hive_id}")
                 stopped = await client.stop_worker(pid)
+            exited = True
         except HiveError as exc:
             raise hive_failure(exc) from None
+        finally:
+            self.spawner.stop_done(info.id, exited)
         await give_back_helpers(info, self.hives.get, self._give_back)  # a split worker's helpers
         self.on_unloaded(info, reason)
         return {

@@ -151,11 +151,13 @@ class MemoryCluster:
             return httpx.Response(200, json={"workers": processes})
         if path.endswith("/stop"):
             pid = int(path.split("/")[-2])
+            worker_id, model = self.running[pid]
+            # As a worker does: its last heartbeat says it stopped, then it exits.
+            await self.heartbeat(worker_id, model, "stopped")
             await asyncio.sleep(self.stop_takes_s)
-            worker_id, model = self.running.pop(pid)
+            del self.running[pid]
             self.stops.append(worker_id)
             self.log.append(f"stop {worker_id}")
-            await self.heartbeat(worker_id, model, "stopped")
             if self.beat_after_stop:
                 await self.hive_heartbeat()
             stopped = {"pid": pid, "worker_id": worker_id, "signal": "SIGTERM"}

@@ -110,6 +110,7 @@ class Spawner:
         self.backoff = backoff or StartBackoff(clock=clock)
         self._starting: dict[tuple[str, bool], asyncio.Task[WorkerInfo]] = {}
         self._started: dict[str, Started] = {}
+        self._stopping: set[str] = set()  # workers the queen is stopping, their stop not done
         self.make_room: MakeRoomFn | None = None  # None: a start that does not fit is refused
         self.split: SplitFn | None = None  # None: a model no single device fits is refused
         # A hive heartbeats right after a spawn; one heartbeat timeout is ample for it.
@@ -347,14 +348,24 @@ class Spawner:
         return None if started is None else started.ready_at
 
     def stopping(self, worker_id: str) -> None:
-        """The worker is being stopped on purpose: its end is no early death. What was promised
-        to it stays taken until it has stopped (the hive's figures may not show it yet)."""
+        """The queen is stopping the worker on purpose: its end is no early death. What was
+        promised to it stays taken until its hive says it has exited (`stop_done`): the hive's
+        figures may not show the worker yet, and its last heartbeat comes before its exit."""
         self._started.pop(worker_id, None)
+        self._stopping.add(worker_id)
+
+    def stop_done(self, worker_id: str, exited: bool) -> None:
+        """The stop the queen asked for ended: the worker exited (its room is free again), or
+        the stop failed (it may still run: its room stays taken until it goes)."""
+        self._stopping.discard(worker_id)
+        if exited:
+            self.reservations.forget(worker_id)
 
     def worker_stopped(self, worker_id: str) -> None:
         """A worker said it stopped (asked to, or shut down): not a failure, and its room is
-        free again."""
-        self.reservations.forget(worker_id)
+        free again, unless the queen is stopping it (then once its hive says it exited)."""
+        if worker_id not in self._stopping:
+            self.reservations.forget(worker_id)
         self._started.pop(worker_id, None)
 
     def _forget_stable(self) -> None:
