@@ -72,12 +72,14 @@ class Box:
         return found
 
     def serving_processes(self) -> list[psutil.Process]:
-        """The hive and its workers, without the hive's idle standby worker (`--standby`, no
-        llama-server under it yet: it serves nothing until it is handed a worker)."""
+        """The hive and its workers, without the hive's standby (`--standby` with no
+        llama-server of its own: it serves nothing; its children are the workers it forked)."""
         serving = []
         for proc in self.rbee_processes():
             try:
-                idle_standby = "--standby" in proc.cmdline() and not proc.children()
+                idle_standby = "--standby" in proc.cmdline() and not any(
+                    "llama-server" in child.name() for child in proc.children()
+                )
             except psutil.NoSuchProcess:
                 continue
             if not idle_standby:
