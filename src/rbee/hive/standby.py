@@ -212,12 +212,17 @@ class Standby:
         just after: this waits for that word a moment, only for one of its own."""
         deadline = time.monotonic() + EXIT_NEWS_S
         while True:
-            with self._lock:
-                while self._line(0.0) is not None:  # a stray line: nothing waits for it now
-                    pass
-                if pid in self._exits or pid not in self._forked:
-                    self._forked.discard(pid)
-                    return self._exits.get(pid)
+            # A spawn waiting for a fork holds the pipe (up to FORK_TIMEOUT_S) and keeps the
+            # exit codes it reads on the way: this never waits for it, only looks.
+            if self._lock.acquire(blocking=False):
+                try:
+                    while self._line(0.0) is not None:  # a stray line: nothing waits for it
+                        pass
+                finally:
+                    self._lock.release()
+            if pid in self._exits or pid not in self._forked:
+                self._forked.discard(pid)
+                return self._exits.get(pid)
             if time.monotonic() >= deadline or self._proc is None or self._proc.poll() is not None:
                 return None
             time.sleep(0.005)
