@@ -239,7 +239,6 @@ class Supervisor:
             raise BadRequest(f"{model.id!r} is {model.format}; {WORKER_EXECUTABLE} loads GGUF")
         if request.worker_id is not None and not WORKER_ID_PATTERN.match(request.worker_id):
             raise BadRequest(f"{quote(request.worker_id)} is not a valid worker id")
-
         async with self._lock:
             running = await asyncio.to_thread(self.processes)  # reads /proc: off the loop
             if request.worker_id in {w.worker_id for w in running}:
@@ -439,7 +438,6 @@ class Supervisor:
         return None if worker is None else (proc, worker)
 
     async def stop(self, pid: int, worker_id: str | None = None) -> WorkerStopped:
-
         found = await asyncio.to_thread(self._worker, pid)  # reads /proc: off the loop
         if found is None or worker_id not in (None, found[1].worker_id):
             which = "a worker" if worker_id is None else f"worker {quote(worker_id)}"
