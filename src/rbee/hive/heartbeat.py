@@ -21,7 +21,6 @@ log = logging.getLogger("rbee.hive.heartbeat")
 
 
 async def build_heartbeat(state: HiveState) -> HiveHeartbeat:
-    state.beats += 1
     # The workers first: the queen takes the memory of those listed as counted in `devices`.
     workers, running = await state.supervisor.started()
     # Both read the disk or the driver: keep them off the event loop. The memory the workers

@@ -32,19 +32,7 @@ class HiveState:
     # Set when what the queen should know changed (a model arrived or left, a worker started
     # and took memory): beat now.
     changed: asyncio.Event = field(default_factory=asyncio.Event)
-    beats: int = 0  # heartbeats built so far (each reads the workers and devices afresh)
     rpc_servers: RpcServers | None = None  # the devices it lends split workers (`rbee.hive.rpc`)
-
-    def tell_queen_soon(self, after_s: float) -> None:
-        """Beat in `after_s`, unless a heartbeat is built meanwhile for another change (it has
-        this one's news too)."""
-        beats = self.beats
-
-        def beat() -> None:
-            if self.beats == beats:
-                self.changed.set()
-
-        asyncio.get_running_loop().call_later(after_s, beat)
 
     def current_devices(self, running: Sequence[WorkerProcess] | None = None) -> list[Device]:
         """The devices with their free memory now, within `--memory-limit` if one is set: what

@@ -13,7 +13,6 @@ from rbee.contracts.hive_api import SpawnRequest, SpawnResponse, WorkerProcessLi
 from rbee.hive.state import HiveState, get_state
 
 router = APIRouter()
-SPAWN_NEWS_AFTER_S = 0.5
 State = Annotated[HiveState, Depends(get_state)]
 
 
@@ -30,10 +29,7 @@ async def spawn(request: SpawnRequest, http: Request, state: State) -> SpawnResp
     except ClientGone:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     finally:
-        # The worker holds memory now (or gave it back): the queen hears it in a moment, not
-        # at once (until then it counts the worker's estimate as taken), so that the first
-        # request, which comes the moment the worker is ready, has the cores to itself.
-        state.tell_queen_soon(SPAWN_NEWS_AFTER_S)
+        state.changed.set()  # the worker holds memory now (or gave it back): tell the queen
 
 
 @router.get("/v1/workers")
