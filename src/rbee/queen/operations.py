@@ -370,7 +370,7 @@ class Operations:
                 code="no_hive",
             )
         client = self.clients.get(self._online_hive(info.hive_id))
-        self.spawner.stopping(info.id)
+        self.spawner.stopping(info.id)  # on purpose: not an early death
         exited = False
         try:
             stopped = await self._stopped_by_pid(client, info, say)

@@ -216,7 +216,6 @@ class Room:
         freeing = self._evicting.get(info.id)
         if freeing is not None:
             freeing.stopping = True
-        self.spawner.stopping(info.id)  # on purpose: not an early death
         try:
             stopped = await self.watch.operations.stop_worker(info, "evicted")
         except RbeeError as exc:
