@@ -530,3 +530,28 @@ async def test_requests_that_waited_out_a_cold_start_keep_their_place() -> None:
         assert cluster.log == ["answer a"] * 3 + ["stop w1-a"] + ["answer b"] * 3
     finally:
         await cluster.aclose()
+
+
+async def test_requests_a_model_was_loaded_for_are_served_before_it_is_swapped_out() -> None:
+    """Requests for two models that come in turns while the first one loads: the model loaded
+    serves all of its requests that came before it was ready, even those that came after the
+    other model began to wait, then the other model gets the memory: one swap, where taking
+    them strictly in order of arrival swapped once per request."""
+    cluster = await open_cluster(1, swap_max_wait=3600, queue_timeout=30)
+    cluster.loading = asyncio.Event()
+    try:
+        asked = []
+        for _ in range(3):
+            for model in ("a", "b"):
+                asked.append(asyncio.create_task(cluster.chat(model)))
+                await asyncio.sleep(0.1)
+                cluster.clock.advance(0.1)
+        await asyncio.sleep(0.3)  # a's start is under way, held by its hive; b waits for room
+        cluster.clock.advance(5)
+        cluster.loading.set()  # a loads after 5 s
+        answers = await asyncio.gather(*asked)
+        assert [r.status_code for r in answers] == [200] * 6
+        assert cluster.log == ["answer a"] * 3 + ["stop w1-a"] + ["answer b"] * 3
+        assert "rbee_model_swaps_total 1.0" in await cluster.metrics()
+    finally:
+        await cluster.aclose()

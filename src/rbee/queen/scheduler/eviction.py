@@ -8,7 +8,8 @@ evicted already give back) holds the model. The device that needs the fewest evi
 then a GPU before the CPU, then the device whose evicted workers were used longest ago.
 
 A pinned worker never goes. Nor does one whose model had requests waiting when the model
-asking began to wait: a loaded model serves the queue it had first (no thrash), unless the
+asking began to wait, or when the worker became ready (those it was loaded for): a loaded
+model serves the queue it had first (no thrash), unless the
 model asking has waited past the swap wait (`drain`). A worker with requests in flight but no
 such queue may be chosen, after the idle ones: it takes no new request from then on and is
 stopped once the requests in flight on it have ended, never cut off; requests for its model
@@ -38,7 +39,9 @@ class Resident:
     bytes: int  # the memory it holds (its model's estimate)
     pinned: bool
     in_flight: int  # requests on it now
-    queued: int  # requests waiting for its model's workers since before the model asking
+    # Requests waiting for its model that came before the model asking began to wait, or
+    # before it was ready (those it was loaded for).
+    queued: int
     last_used: float  # when a request on it last began or ended, queen's clock
 
     @property

@@ -11,8 +11,10 @@ here, within the queen's queue timeout, while:
 - with nothing to evict (every worker there busy or pinned), it waits for a change: a worker
   going idle, a heartbeat, a keep-alive unload.
 No thrash: a worker whose model had requests waiting when the model asking began to wait is
-not evicted, so a loaded model serves that queue before it is swapped out; requests for it
-that come later wait for its next turn. A worker with only requests in flight is drained:
+not evicted, so a loaded model serves that queue before it is swapped out; so are the
+requests it was loaded for (all that came before it was ready: two models asked in turns
+while the first loads are one swap, not one per request). Requests for it that come later
+wait for its next turn. A worker with only requests in flight is drained:
 retired, stopped once they end. Once a model has waited for room for the swap wait
 (`--swap-max-wait`), any unpinned worker may be drained, so the other model cannot starve.
 A drain that nobody waits for any more (the asking requests got room elsewhere, gave up or
@@ -94,7 +96,8 @@ class Room:
 
     def residents(self, asked_at: float) -> list[Resident]:
         """The loaded workers that could make room (serving, heard from, not going away);
-        their queues count the requests that came by `asked_at` (queen's clock)."""
+        their queues count the requests that came by `asked_at` (queen's clock), or by the
+        moment the worker was ready if that is later."""
         registry, router = self.registry, self.router
         hives = {h.id: h for h in self.spawner.hives.all()}
         now = registry.now()
@@ -114,6 +117,10 @@ class Room:
             demand = Demand(info.model_id, info.ctx_size or DEFAULT_CTX_SIZE, info.slots)
             estimate = estimate_for(hive, device, demand) if device else None
             used = router.tracker.last_used(info.id)
+            # The requests it was loaded for (those that came before it was ready) are its
+            # queue too, though some came after the model asking began to wait.
+            ready_at = self.spawner.ready_at(info.id)
+            queue_by = asked_at if ready_at is None else max(asked_at, ready_at)
             found.append(
                 Resident(
                     worker_id=info.id,
@@ -123,7 +130,7 @@ class Room:
                     bytes=estimate.total if estimate else 0,
                     pinned=math.isinf(self.watch.keep_alive_s(info)),
                     in_flight=router.tracker.in_flight(info.id),
-                    queued=router.admission.waiting_since(pool_of(info), asked_at),
+                    queued=router.admission.waiting_since(pool_of(info), queue_by),
                     last_used=now if used is None else used,
                 )
             )
