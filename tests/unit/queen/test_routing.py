@@ -155,3 +155,20 @@ def test_excluded_workers_are_not_offered() -> None:
         assert lease.worker_id == "b"
         router.release(lease)
     assert not router.has_live_worker("m", exclude={"a", "b"})
+
+
+async def test_a_wait_for_a_worker_to_go_idle_ends_with_its_last_request() -> None:
+    tracker = LoadTracker(10)
+    first, second = tracker.begin("w1"), tracker.begin("w1")
+    idle = asyncio.create_task(tracker.idle("w1"))
+    tracker.end("w1", first)
+    await asyncio.sleep(0)
+    assert not idle.done(), "one request still runs"
+    tracker.end("w1", second)
+    await asyncio.wait_for(idle, 1)
+    await asyncio.wait_for(tracker.idle("w1"), 1)  # already idle: at once
+    tracker.begin("w2")
+    gone = asyncio.create_task(tracker.idle("w2"))
+    await asyncio.sleep(0)
+    tracker.forget("w2")  # removed with a request in flight: nothing to wait for any more
+    await asyncio.wait_for(gone, 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from dataclasses import dataclass
 
@@ -35,6 +36,7 @@ class LoadTracker:
         self._used: dict[str, float] = {}
         self._begun: Counter[str] = Counter()  # requests begun on each worker
         self._keep_alive: dict[str, float] = {}
+        self._idle_waiters: dict[str, list[asyncio.Future[None]]] = {}
 
     def in_flight(self, worker_id: str) -> int:
         return self._in_flight[worker_id]
@@ -56,6 +58,26 @@ class LoadTracker:
         self._in_flight[worker_id] -= 1
         if self._in_flight[worker_id] <= 0:
             del self._in_flight[worker_id]
+            self._wake(worker_id)
+
+    async def idle(self, worker_id: str) -> None:
+        """Return once no request is in flight on the worker (or it is forgotten)."""
+        while self._in_flight[worker_id] > 0:
+            waiter = asyncio.get_running_loop().create_future()
+            self._idle_waiters.setdefault(worker_id, []).append(waiter)
+            try:
+                await waiter
+            finally:
+                waiters = self._idle_waiters.get(worker_id, [])
+                if waiter in waiters:
+                    waiters.remove(waiter)
+                if not waiters:
+                    self._idle_waiters.pop(worker_id, None)
+
+    def _wake(self, worker_id: str) -> None:
+        for waiter in self._idle_waiters.pop(worker_id, []):
+            if not waiter.done():
+                waiter.set_result(None)
 
     def forget(self, worker_id: str) -> None:
         """The worker left the registry: nothing of it carries over to the next with its id."""
@@ -65,6 +87,7 @@ class LoadTracker:
         self._begun.pop(worker_id, None)
         self._keep_alive.pop(worker_id, None)
         self._generations[worker_id] += 1
+        self._wake(worker_id)
 
     def joined(self, worker_id: str) -> None:
         """The worker registered: a worker never used is idle from now."""

@@ -43,9 +43,9 @@ log = logging.getLogger("rbee.queen.room")
 # How often a wait for room looks again between the events that wake it (heartbeats, workers
 # coming and going): a queue emptying or a request ending publishes none, and a swap waits for it.
 POLL_S = 0.05
-# How often a drained worker's requests in flight are counted (in memory): its stop, and so the
-# swap, follows the last one's end by at most this.
-DRAIN_POLL_S = 0.02
+# A drained worker stops the moment its last request in flight ends; meanwhile, how often it
+# is checked that the worker is still in the registry.
+DRAIN_CHECK_S = 1.0
 # A model that asks again within this long after its wait for room ran out keeps its place
 # in time (a client retrying as Retry-After says): its swap wait is not restarted.
 HUNGER_GAP_S = 2.0 * RETRY_AFTER_S
@@ -219,7 +219,8 @@ class Room:
         while self.router.tracker.in_flight(info.id) > 0:
             if self.registry.get_worker(info.id) is None:
                 break
-            await asyncio.sleep(DRAIN_POLL_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.router.tracker.idle(info.id), DRAIN_CHECK_S)
         freeing = self._evicting.get(info.id)
         if freeing is not None:
             freeing.stopping = True
