@@ -7,9 +7,7 @@ here, within the queen's queue timeout, while:
 - workers chosen for eviction are retired at once (no request takes them any more), stopped
   through their hive once the requests in flight on them have ended (never cut off), and their
   memory counts as coming back until the hive's heartbeat no longer lists them: the hive's
-  figures then show the room, and nothing is evicted twice for it. It is free for the next
-  model as soon as the hive has signalled them (`?wait=false`): idle, they exit within
-  milliseconds, while the next model's worker starts (llama.cpp's router does the same);
+  figures then show the room, and nothing is evicted twice for it;
 - with nothing to evict (every worker there busy or pinned), it waits for a change: a worker
   going idle, a heartbeat, a keep-alive unload.
 No thrash: a worker whose model had requests waiting when the model asking began to wait is
