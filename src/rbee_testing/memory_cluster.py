@@ -66,11 +66,7 @@ class MemoryCluster:
         self.loading: asyncio.Event | None = None  # set: the hive's starts go on
         self.beat_after_stop = True  # False: a hive whose heartbeat after a stop is slow
         self.beat_after_spawn = True  # False: one whose heartbeat after a spawn is
-        self.stop_takes_s = 0.0  # how long the hive takes to answer a stop
-        # How long a worker signalled by a stop that does not wait (an eviction's) takes to exit.
-        self.exit_after_signal_s = 0.05
-        self.signalled: set[int] = set()  # pids signalled, not yet exited
-        self.exiting: set[asyncio.Task[None]] = set()
+        self.stop_takes_s = 0.0  # how long a worker takes to exit once asked to stop
         self.app = create_app(
             QueenSettings.model_validate(
                 {"heartbeat_timeout": 10**6, "spawn_timeout": 10, "queue_timeout": 10, **settings}
@@ -128,12 +124,9 @@ class MemoryCluster:
         if path == "/v1/workers/spawn":
             spec = json.loads(request.content)
             model = spec["model"]
-            held = len(self.running.keys() - self.signalled)  # a signalled worker's room is free
-            assert self.limit - NEED * held >= NEED, "the hive was double-booked"
+            assert self.limit - NEED * len(self.running) >= NEED, "the hive was double-booked"
             if self.loading is not None:
                 await self.loading.wait()
-            if self.one_port:  # its one port is free once the worker holding it has exited
-                await asyncio.gather(*self.exiting)
             self.spawns.append(model)
             worker_id = "h1-8080" if self.one_port else f"w{len(self.spawns)}-{model}"
             pid = 100 + len(self.spawns)
@@ -158,26 +151,14 @@ class MemoryCluster:
             # As a worker does: its last heartbeat says it stopped, then it exits.
             await self.heartbeat(worker_id, model, "stopped")
             await asyncio.sleep(self.stop_takes_s)
+            del self.running[pid]
             self.stops.append(worker_id)
             self.log.append(f"stop {worker_id}")
+            if self.beat_after_stop:
+                await self.hive_heartbeat()
             stopped = {"pid": pid, "worker_id": worker_id, "signal": "SIGTERM"}
-            if request.url.params.get("wait") == "false":
-                # Answered once signalled: its room is the next model's, though it still runs.
-                self.signalled.add(pid)
-                task = asyncio.create_task(self.exit(pid, after_s=self.exit_after_signal_s))
-                self.exiting.add(task)
-                task.add_done_callback(self.exiting.discard)
-                return httpx.Response(200, json={**stopped, "memory_bytes": NEED})
-            await self.exit(pid)
-            return httpx.Response(200, json={**stopped, "memory_bytes": NEED, "exit_code": 0})
+            return httpx.Response(200, json={**stopped, "memory_bytes": NEED})
         raise AssertionError(f"unexpected hive call {request.method} {path}")
-
-    async def exit(self, pid: int, after_s: float = 0.0) -> None:
-        await asyncio.sleep(after_s)
-        del self.running[pid]
-        self.signalled.discard(pid)
-        if self.beat_after_stop:
-            await self.hive_heartbeat()
 
     async def heartbeat(
         self, worker_id: str, model: str, status: str = "ready", **extra: Any
@@ -197,7 +178,6 @@ class MemoryCluster:
         return (await self.client.get("/metrics")).text
 
     async def aclose(self) -> None:
-        await asyncio.gather(*self.exiting, return_exceptions=True)
         await self.client.aclose()
         await self.state.aclose()
         await self.servers.aclose()

@@ -124,14 +124,9 @@ class HiveClient(OwnedHttpClient):
         response = await self._request("GET", f"/v1/workers/{worker_id}/log?lines={lines}")
         return response.text
 
-    async def stop_worker(
-        self, pid: int, worker_id: str | None = None, *, wait: bool = True
-    ) -> WorkerStopped:
-        """Stop the worker process `pid`; with `worker_id`, only if it is that worker. `wait`:
-        return once it has exited, else once it is signalled (no exit code then)."""
+    async def stop_worker(self, pid: int, worker_id: str | None = None) -> WorkerStopped:
+        """Stop the worker process `pid`; with `worker_id`, only if it is that worker."""
         query = f"?worker_id={quote_plus(worker_id)}" if worker_id is not None else ""
-        if not wait:
-            query += "&wait=false" if query else "?wait=false"
         response = await self._request("POST", f"/v1/workers/{pid}/stop{query}", wait_s=60.0)
         return WorkerStopped.model_validate_json(response.content)
 

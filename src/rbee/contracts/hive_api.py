@@ -115,9 +115,9 @@ class WorkerStopped(BaseModel):
     pid: int
     worker_id: str
     signal: Literal["SIGTERM", "SIGKILL"]
-    exit_code: int | None = None  # None: not known, or the stop did not wait for the exit
+    exit_code: int | None = None
     # What it held (resident memory, its engine's included) when the hive stopped it: free
-    # again once it has exited. The queen counts it free until the hive's next heartbeat.
+    # again now that it has exited. The queen counts it free until the hive's next heartbeat.
     memory_bytes: int | None = None
 
 

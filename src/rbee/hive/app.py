@@ -92,7 +92,6 @@ def create_app(
             beat.cancel()
             await asyncio.gather(beat, return_exceptions=True)
             await state.jobs.close()
-            await state.supervisor.aclose()
             await asyncio.to_thread(state.supervisor.standby.close)  # none outlives the hive
             state.supervisor.reap()
             state.devices.close()

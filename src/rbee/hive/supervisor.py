@@ -24,7 +24,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -86,11 +86,7 @@ def _children_rss(proc: psutil.Process) -> int:
     return total
 
 
-Signal = Literal["SIGTERM", "SIGKILL"]
-Ending = tuple[Signal, int | None]  # the signal that ended a worker, and its exit code
-
-
-async def exited_code(proc: psutil.Process, timeout_s: float) -> int | None:
+async def exited(proc: psutil.Process, timeout_s: float) -> int | None:
     """Wait for the process to end, and its exit code (None: not a child of ours). Told by the
     kernel at once where it can (a pidfd), not at the next look of a polling wait: a swap waits
     for the old worker's end. Raises psutil.TimeoutExpired."""
@@ -134,7 +130,6 @@ class Supervisor:
         self._reserved_cores: dict[int, tuple[int, ...]] = {}  # their cores, by port
         self._machine = usable_cpus()
         self._children: dict[int, subprocess.Popen[bytes]] = {}  # for reaping only
-        self._stops: set[asyncio.Task[Ending]] = set()  # workers signalled, not yet seen out
         self.standby = Standby(
             [
                 settings.worker_command,
@@ -442,17 +437,7 @@ class Supervisor:
         worker = self._inspect(proc)
         return None if worker is None else (proc, worker)
 
-    async def stop(
-        self,
-        pid: int,
-        worker_id: str | None = None,
-        *,
-        wait: bool = True,
-        exited: Callable[[], None] = lambda: None,
-    ) -> WorkerStopped:
-        """Stop the worker `pid` (SIGTERM, SIGKILL past the stop grace). `wait`: answer once it
-        has exited, with its exit code; else once it is signalled, seeing it out meanwhile.
-        `exited` is called once it has exited, either way."""
+    async def stop(self, pid: int, worker_id: str | None = None) -> WorkerStopped:
         found = await asyncio.to_thread(self._worker, pid)  # reads /proc: off the loop
         if found is None or worker_id not in (None, found[1].worker_id):
             which = "a worker" if worker_id is None else f"worker {quote(worker_id)}"
@@ -461,48 +446,32 @@ class Supervisor:
                 code="not_a_worker",
             )
         proc, worker = found
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.terminate()  # psutil checks the pid was not reused since it was inspected
-        stopped = WorkerStopped(
-            pid=pid, worker_id=worker.worker_id, signal="SIGTERM", memory_bytes=worker.memory_bytes
-        )
-        seeing_out = asyncio.create_task(self._see_out(proc, exited), name=f"stop-{pid}")
-        if not wait:
-            self._stops.add(seeing_out)
-            seeing_out.add_done_callback(self._stops.discard)
-            return stopped
-        sent, exit_code = await seeing_out
-        return stopped.model_copy(update={"signal": sent, "exit_code": exit_code})
-
-    async def _see_out(self, proc: psutil.Process, exited: Callable[[], None]) -> Ending:
-        """Wait for a signalled worker's end, killing it past the stop grace: the signal that
-        ended it and its exit code (None: unknown)."""
-        sent: Signal = "SIGTERM"
+        sent: Literal["SIGTERM", "SIGKILL"] = "SIGTERM"
         exit_code: int | None = None
         try:
+            proc.terminate()  # psutil checks the pid was not reused since it was inspected
             try:
-                exit_code = await exited_code(proc, self.settings.stop_grace)
+                exit_code = await exited(proc, self.settings.stop_grace)
             except psutil.TimeoutExpired:
                 sent = "SIGKILL"
                 proc.kill()
-                exit_code = await exited_code(proc, 10.0)
+                exit_code = await exited(proc, 10.0)
         except psutil.NoSuchProcess:
             pass
         except psutil.TimeoutExpired:
             # Killed but not yet gone (a zombie whose parent has not reaped it): the signal was
             # sent, which is all a stop can promise; its exit code is unknown.
-            log.warning("worker pid %d was sent SIGKILL but has not exited yet", proc.pid)
+            log.warning("worker pid %d was sent SIGKILL but has not exited yet", pid)
         if exit_code is None:  # not the hive's child: a fork of its standby, which tells it
-            exit_code = await asyncio.to_thread(self.standby.exit_code, proc.pid)
+            exit_code = await asyncio.to_thread(self.standby.exit_code, pid)
         self.reap()
-        exited()
-        return sent, exit_code
-
-    async def aclose(self) -> None:
-        """Stop seeing out the workers signalled without waiting (they end on their own)."""
-        for task in list(self._stops):
-            task.cancel()
-        await asyncio.gather(*self._stops, return_exceptions=True)
+        return WorkerStopped(
+            pid=pid,
+            worker_id=worker.worker_id,
+            signal=sent,
+            exit_code=exit_code,
+            memory_bytes=worker.memory_bytes,
+        )
 
     def reap(self) -> None:
         # Runs in threads too (listing processes): pop, as another reap may be at the same pid.

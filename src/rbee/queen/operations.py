@@ -360,17 +360,10 @@ class Operations:
         )
 
     async def stop_worker(
-        self,
-        info: WorkerInfo,
-        reason: str,
-        say: Callable[[str], None] = lambda message: None,
-        *,
-        wait: bool = True,
+        self, info: WorkerInfo, reason: str, say: Callable[[str], None] = lambda message: None
     ) -> dict[str, Any]:
         """Stop a worker through its hive (its process and llama-server exit, its memory is
-        free again), for `reason`: `manual` (someone asked), `idle` (past its keep-alive).
-        `wait=False`: done once the hive has signalled it, not once it has exited; only for an
-        idle worker, which exits in milliseconds (its room counts as free from then on)."""
+        free again), for `reason`: `manual` (someone asked), `idle` (past its keep-alive)."""
         if info.hive_id is None:
             raise BadRequest(
                 f"worker {info.id} was not started by a hive; stop it where it runs",
@@ -380,7 +373,7 @@ class Operations:
         self.spawner.stopping(info.id)  # on purpose: not an early death
         exited = False
         try:
-            stopped = await self._stopped_by_pid(client, info, say, wait)
+            stopped = await self._stopped_by_pid(client, info, say)
             if stopped is None:  # the worker did not say its pid, or that one is not it
                 processes = await client.workers()
                 pid = next((p.pid for p in processes if p.worker_id == info.id), None)
@@ -391,8 +384,8 @@ class Operations:
                         code="worker_not_found",
                     )
                 say(f"stopping pid {pid} on {info.hive_id}")
-                stopped = await client.stop_worker(pid, wait=wait)
-            exited = True  # or, not waited for, about to: an idle worker exits at once
+                stopped = await client.stop_worker(pid)
+            exited = True
         except HiveError as exc:
             raise hive_failure(exc) from None
         finally:
@@ -408,7 +401,7 @@ class Operations:
 
     @staticmethod
     async def _stopped_by_pid(
-        client: HiveClient, info: WorkerInfo, say: Callable[[str], None], wait: bool
+        client: HiveClient, info: WorkerInfo, say: Callable[[str], None]
     ) -> WorkerStopped | None:
         """Stop the worker by the pid its heartbeats carry, the hive checking that the process
         is still that worker; None if they carry none or it is not (then the hive's list says)."""
@@ -416,7 +409,7 @@ class Operations:
             return None
         say(f"stopping pid {info.pid} on {info.hive_id}")
         try:
-            return await client.stop_worker(info.pid, info.id, wait=wait)
+            return await client.stop_worker(info.pid, info.id)
         except HiveError as exc:
             if exc.code != "not_a_worker":
                 raise

@@ -189,8 +189,7 @@ async def test_requests_that_come_after_the_other_model_asked_wait_for_their_tur
         # The late request for a did not keep a loaded: b got its turn as a's answer ended.
         assert cluster.log[:4] == ["answer a", "answer a", "stop w1-a", "answer b"]
         assert gate.count == 1, "a draining worker takes no new request"
-        # a went, for b (b may follow, for a's late request, once its answer is out).
-        assert (unloads[0]["worker_id"], unloads[0]["reason"]) == ("w1-a", "evicted")
+        assert [u["reason"] for u in unloads] == ["evicted"]
         # a's late request waits for its turn: b goes idle, a comes back in b's place.
         cluster.clock.advance(10)
         assert (await late_a).status_code == 200

@@ -38,16 +38,15 @@ async def list_workers(state: State) -> WorkerProcessList:
 
 
 @router.post("/v1/workers/{pid}/stop")
-async def stop(
-    pid: int, state: State, worker_id: str | None = None, wait: bool = True
-) -> WorkerStopped:
+async def stop(pid: int, state: State, worker_id: str | None = None) -> WorkerStopped:
     """`worker_id`: stop the process only if it is that worker (a caller that knew the pid from
-    the worker itself, which may have exited since and its pid been reused). `wait=false`:
-    answer once it is signalled, not once it has exited (no exit code then): a queen swapping
-    models starts the next one while an idle worker exits, as llama.cpp's router does."""
-    # Once it has exited its memory is free again: the queen learns it then, not at the next
-    # beat (a model waiting for that room, evicting for it, would wait a whole interval).
-    return await state.supervisor.stop(pid, worker_id, wait=wait, exited=state.changed.set)
+    the worker itself, which may have exited since and its pid been reused)."""
+    try:
+        return await state.supervisor.stop(pid, worker_id)
+    finally:
+        # The worker's memory is free again: the queen learns it now, not at the next beat
+        # (a model waiting for that room, evicting for it, would wait a whole interval).
+        state.changed.set()
 
 
 @router.get("/v1/workers/{worker_id}/log", response_class=PlainTextResponse)

@@ -225,9 +225,7 @@ class Room:
         if freeing is not None:
             freeing.stopping = True
         try:
-            # Not waiting for its exit: it is idle, so it ends in milliseconds, and the next
-            # model starts meanwhile (as llama.cpp's router does).
-            stopped = await self.watch.operations.stop_worker(info, "evicted", wait=False)
+            stopped = await self.watch.operations.stop_worker(info, "evicted")
         except RbeeError as exc:
             log.warning("could not evict worker %s: %s", info.id, exc.message)
             self._evicting.pop(info.id, None)
