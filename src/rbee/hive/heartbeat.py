@@ -22,11 +22,12 @@ log = logging.getLogger("rbee.hive.heartbeat")
 
 async def build_heartbeat(state: HiveState) -> HiveHeartbeat:
     # The workers first: the queen takes the memory of those listed as counted in `devices`.
-    workers, running = await state.supervisor.started()
+    workers, running, table = await state.supervisor.started()
     # Both read the disk or the driver: keep them off the event loop. The memory the workers
-    # hold is that of the same look at the processes (each look reads all of /proc).
+    # (and RPC servers) hold is that of the same look at the processes (each reads all of /proc).
     devices, models = await asyncio.gather(
-        asyncio.to_thread(state.current_devices, running), asyncio.to_thread(state.catalog.models)
+        asyncio.to_thread(state.current_devices, running, table),
+        asyncio.to_thread(state.catalog.models),
     )
     footprints = await asyncio.to_thread(state.footprints.footprints, models)
     info = HiveInfo(id=state.settings.hive_id, url=state.settings.url, version=__version__)

@@ -43,6 +43,7 @@ from rbee.common.tunnel import TunnelServer
 from rbee.common.worker_command import parse_flags
 from rbee.contracts.rpc import RpcServerInfo, RpcServerRequest, RpcServerStopped
 from rbee.hive.ports import pick_port
+from rbee.hive.proctable import ProcessTable, resident
 from rbee.hive.settings import HiveSettings
 from rbee.hive.supervisor import SPAWN_MARKER
 from rbee.hive.worker_launch import worker_env
@@ -107,9 +108,13 @@ class RpcServers:
         self._children: dict[int, subprocess.Popen[bytes]] = {}  # for reaping only
 
     def _inspect(
-        self, proc: psutil.Process, cmdline: list[str] | None = None
+        self,
+        proc: psutil.Process,
+        cmdline: list[str] | None = None,
+        table: ProcessTable | None = None,
     ) -> tuple[RpcServerInfo, psutil.Process] | None:
-        """`cmdline`: the process's command line as just read, if it was."""
+        """`cmdline`: the process's command line as just read, if it was; `table`: the look it
+        was read in."""
         try:
             flags = part_flags(
                 proc.cmdline() if cmdline is None else cmdline, self.settings.hive_id
@@ -118,10 +123,8 @@ class RpcServers:
                 return None
             if proc.status() == psutil.STATUS_ZOMBIE:
                 return None
-            rss = proc.memory_info().rss
-            for child in proc.children(recursive=True):
-                with contextlib.suppress(psutil.Error):
-                    rss += child.memory_info().rss
+            under = proc.children(recursive=True) if table is None else table.descendants(proc.pid)
+            rss = proc.memory_info().rss + resident(under)
             started = proc.create_time()
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             return None
@@ -139,27 +142,30 @@ class RpcServers:
         )
         return info, proc
 
-    def _found(self) -> list[tuple[RpcServerInfo, psutil.Process]]:
+    def _found(
+        self, table: ProcessTable | None = None
+    ) -> list[tuple[RpcServerInfo, psutil.Process]]:
         self.reap()
+        table = table or ProcessTable.read()
         found = []
-        for proc in psutil.process_iter(["cmdline"]):  # each command line read once
-            if (part := self._inspect(proc, proc.info.get("cmdline"))) is not None:
+        for proc in table.processes:
+            if (part := self._inspect(proc, proc.info.get("cmdline"), table)) is not None:
                 found.append(part)
         return sorted(found, key=lambda p: p[0].port)
 
     def listed(self) -> list[RpcServerInfo]:
         return [info for info, _ in self._found()]
 
-    def memory_held(self) -> tuple[int, frozenset[int]]:
+    def memory_held(self, table: ProcessTable | None = None) -> tuple[int, frozenset[int]]:
         """What the RPC servers of this hive hold, their share of its `--memory-limit`: RAM
         (resident, or the bytes the queen's plan gave them while they still receive them), and
-        the pids of their processes (for what they hold on GPUs)."""
+        the pids of their processes (for what they hold on GPUs). `table`: a look just taken."""
+        table = table or ProcessTable.read()
         ram, pids = 0, set()
-        for info, proc in self._found():
+        for info, proc in self._found(table):
             ram += max(info.memory_bytes, info.bytes)
             pids.add(info.pid)
-            with contextlib.suppress(psutil.Error):
-                pids.update(child.pid for child in proc.children(recursive=True))
+            pids.update(child.pid for child in table.descendants(proc.pid))
         return ram, frozenset(pids)
 
     def command(

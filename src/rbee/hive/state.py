@@ -15,6 +15,7 @@ from rbee.hive.catalog import Catalog
 from rbee.hive.devices import DeviceProbe, within_limit
 from rbee.hive.downloads import Downloader
 from rbee.hive.footprints import FootprintCache
+from rbee.hive.proctable import ProcessTable
 from rbee.hive.rpc import RpcServers
 from rbee.hive.settings import HiveSettings
 from rbee.hive.supervisor import Supervisor
@@ -34,17 +35,20 @@ class HiveState:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     rpc_servers: RpcServers | None = None  # the devices it lends split workers (`rbee.hive.rpc`)
 
-    def current_devices(self, running: Sequence[WorkerProcess] | None = None) -> list[Device]:
+    def current_devices(
+        self, running: Sequence[WorkerProcess] | None = None, table: ProcessTable | None = None
+    ) -> list[Device]:
         """The devices with their free memory now, within `--memory-limit` if one is set: what
         the heartbeat and `/v1/capabilities` report (`running`: the hive's workers as just
-        listed, else listed now). Blocks (reads /proc and the driver)."""
+        listed, else listed now; `table`: the look they were listed in). Blocks (reads /proc
+        and the driver)."""
         devices = self.devices.devices()
         limit = self.settings.memory_limit
         if limit is None:
             return devices
         ram, pids = self.supervisor.memory_held(running)
         if self.rpc_servers is not None:  # what it lends split workers counts too
-            lent, their = self.rpc_servers.memory_held()
+            lent, their = self.rpc_servers.memory_held(table)
             ram, pids = ram + lent, pids | their
         return within_limit(devices, limit, ram, self.devices.gpu_memory_of(pids))
 

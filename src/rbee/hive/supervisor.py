@@ -48,6 +48,7 @@ from rbee.contracts.workers import WORKER_ID_PATTERN, http_url
 from rbee.hive.catalog import Catalog
 from rbee.hive.cores import CorePlacement, place_cores
 from rbee.hive.ports import pick_port
+from rbee.hive.proctable import ProcessTable, resident
 from rbee.hive.settings import HiveSettings
 from rbee.hive.standby import EXIT_UNKNOWN, Forked, Standby, standby_flags
 from rbee.hive.worker_launch import split_flags, worker_env
@@ -75,15 +76,6 @@ def worker_flags(cmdline: Sequence[str], hive_id: str) -> dict[str, str] | None:
     if not flags.get("--port", "").isdigit():
         return None
     return flags
-
-
-def _children_rss(proc: psutil.Process) -> int:
-    """The worker's engine runs in a child process; its memory is the worker's too."""
-    total = 0
-    for child in proc.children(recursive=True):
-        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            total += child.memory_info().rss
-    return total
 
 
 async def exited(proc: psutil.Process, timeout_s: float) -> int | None:
@@ -130,6 +122,7 @@ class Supervisor:
         self._reserved_cores: dict[int, tuple[int, ...]] = {}  # their cores, by port
         self._machine = usable_cpus()
         self._children: dict[int, subprocess.Popen[bytes]] = {}  # for reaping only
+        self._family: dict[int, frozenset[int]] = {}  # worker pid: its processes, as last seen
         self.standby = Standby(
             [
                 settings.worker_command,
@@ -143,24 +136,28 @@ class Supervisor:
 
     # -- finding -------------------------------------------------------------------------
 
-    def processes(self) -> list[WorkerProcess]:
-        """The workers of this hive, as the operating system reports them right now."""
+    def processes(self, table: ProcessTable | None = None) -> list[WorkerProcess]:
+        """The workers of this hive, as the operating system reports them right now (or as
+        `table`, a look just taken, does)."""
         self.reap()
-        found = []
-        # Each command line read once (the look through every process is most of a heartbeat).
-        for proc in psutil.process_iter(["cmdline"]):
-            if (worker := self._inspect(proc, proc.info.get("cmdline"))) is not None:
+        table = table or ProcessTable.read()
+        found, family = [], {}
+        for proc in table.processes:
+            if (worker := self._inspect(proc, proc.info.get("cmdline"), table)) is not None:
                 found.append(worker)
+                family[worker.pid] = frozenset(p.pid for p in table.descendants(worker.pid))
+        self._family = family
         return sorted(found, key=lambda w: w.port)
 
-    async def started(self) -> tuple[list[str], list[WorkerProcess]]:
+    async def started(self) -> tuple[list[str], list[WorkerProcess], ProcessTable]:
         """Ids of the workers past start-up, and every worker process (starting ones too), from
-        one look. Read before the devices are, the memory they take is in the devices' figures
-        (a worker counts as started once it answers `/health`)."""
+        one look, and that look. Read before the devices are, the memory they take is in the
+        devices' figures (a worker counts as started once it answers `/health`)."""
         before = set(self._reserved)
-        running = await asyncio.to_thread(self.processes)
+        table = await asyncio.to_thread(ProcessTable.read)
+        running = await asyncio.to_thread(self.processes, table)
         starting = before | self._reserved  # and those that began while the list was read
-        return sorted(w.worker_id for w in running if w.port not in starting), running
+        return sorted(w.worker_id for w in running if w.port not in starting), running, table
 
     def memory_held(
         self, running: Sequence[WorkerProcess] | None = None
@@ -172,6 +169,9 @@ class Supervisor:
         for worker in self.processes() if running is None else running:
             ram += worker.memory_bytes
             pids.add(worker.pid)
+            if (family := self._family.get(worker.pid)) is not None:  # from the same look
+                pids.update(family)
+                continue
             with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
                 pids.update(child.pid for child in psutil.Process(worker.pid).children(True))
         return ram, frozenset(pids)
@@ -188,16 +188,21 @@ class Supervisor:
         return flags
 
     def _inspect(
-        self, proc: psutil.Process, cmdline: list[str] | None = None
+        self,
+        proc: psutil.Process,
+        cmdline: list[str] | None = None,
+        table: ProcessTable | None = None,
     ) -> WorkerProcess | None:
-        """`cmdline`: the process's command line as just read, if it was."""
+        """`cmdline`: the process's command line as just read, if it was; `table`: the look it
+        was read in."""
         try:
             flags = self._flags(proc, proc.cmdline() if cmdline is None else cmdline)
             if flags is None or proc.environ().get(SPAWN_MARKER) != self.settings.hive_id:
                 return None
             if proc.status() == psutil.STATUS_ZOMBIE:
                 return None
-            rss = proc.memory_info().rss + _children_rss(proc)
+            under = proc.children(recursive=True) if table is None else table.descendants(proc.pid)
+            rss = proc.memory_info().rss + resident(under)
             started = proc.create_time()
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             return None
