@@ -105,6 +105,6 @@ class WorkerServers:
         return response
 
     async def aclose(self) -> None:
-        for runner, _ in self._runners.values():
+        for runner, _ in list(self._runners.values()):
             await runner.cleanup()
         self._runners.clear()
