@@ -46,7 +46,10 @@ class HiveState:
         limit = self.settings.memory_limit
         if limit is None:
             return devices
-        ram, pids = self.supervisor.memory_held(running)
+        if running is None or table is None:
+            table = ProcessTable.read()
+            running = self.supervisor.processes(table)
+        ram, pids = self.supervisor.memory_held(running, table)
         if self.rpc_servers is not None:  # what it lends split workers counts too
             lent, their = self.rpc_servers.memory_held(table)
             ram, pids = ram + lent, pids | their

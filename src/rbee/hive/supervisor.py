@@ -122,7 +122,6 @@ class Supervisor:
         self._reserved_cores: dict[int, tuple[int, ...]] = {}  # their cores, by port
         self._machine = usable_cpus()
         self._children: dict[int, subprocess.Popen[bytes]] = {}  # for reaping only
-        self._family: dict[int, frozenset[int]] = {}  # worker pid: its processes, as last seen
         self.standby = Standby(
             [
                 settings.worker_command,
@@ -141,12 +140,10 @@ class Supervisor:
         `table`, a look just taken, does)."""
         self.reap()
         table = table or ProcessTable.read()
-        found, family = [], {}
+        found = []
         for proc in table.processes:
             if (worker := self._inspect(proc, proc.info.get("cmdline"), table)) is not None:
                 found.append(worker)
-                family[worker.pid] = frozenset(p.pid for p in table.descendants(worker.pid))
-        self._family = family
         return sorted(found, key=lambda w: w.port)
 
     async def started(self) -> tuple[list[str], list[WorkerProcess], ProcessTable]:
@@ -160,20 +157,19 @@ class Supervisor:
         return sorted(w.worker_id for w in running if w.port not in starting), running, table
 
     def memory_held(
-        self, running: Sequence[WorkerProcess] | None = None
+        self, running: Sequence[WorkerProcess] | None = None, table: ProcessTable | None = None
     ) -> tuple[int, frozenset[int]]:
         """The RAM this hive's workers hold (resident memory, their engines included), and the
-        pids of all their processes (for what they hold on GPUs). `running`: the workers as just
-        listed (default: listed now)."""
+        pids of all their processes (for what they hold on GPUs). `running` and `table`: the
+        workers as just listed and the look they were listed in (default: a look now)."""
+        if running is None or table is None:
+            table = ProcessTable.read()
+            running = self.processes(table)
         ram, pids = 0, set()
-        for worker in self.processes() if running is None else running:
+        for worker in running:
             ram += worker.memory_bytes
             pids.add(worker.pid)
-            if (family := self._family.get(worker.pid)) is not None:  # from the same look
-                pids.update(family)
-                continue
-            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-                pids.update(child.pid for child in psutil.Process(worker.pid).children(True))
+            pids.update(child.pid for child in table.descendants(worker.pid))
         return ram, frozenset(pids)
 
     def _flags(self, proc: psutil.Process, cmdline: list[str]) -> dict[str, str] | None:

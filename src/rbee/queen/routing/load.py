@@ -36,7 +36,7 @@ class LoadTracker:
         self._used: dict[str, float] = {}
         self._begun: Counter[str] = Counter()  # requests begun on each worker
         self._keep_alive: dict[str, float] = {}
-        self._idle_waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._idle: dict[str, asyncio.Event] = {}  # set when the worker's last request ends
 
     def in_flight(self, worker_id: str) -> int:
         return self._in_flight[worker_id]
@@ -63,21 +63,11 @@ class LoadTracker:
     async def idle(self, worker_id: str) -> None:
         """Return once no request is in flight on the worker (or it is forgotten)."""
         while self._in_flight[worker_id] > 0:
-            waiter = asyncio.get_running_loop().create_future()
-            self._idle_waiters.setdefault(worker_id, []).append(waiter)
-            try:
-                await waiter
-            finally:
-                waiters = self._idle_waiters.get(worker_id, [])
-                if waiter in waiters:
-                    waiters.remove(waiter)
-                if not waiters:
-                    self._idle_waiters.pop(worker_id, None)
+            await self._idle.setdefault(worker_id, asyncio.Event()).wait()
 
     def _wake(self, worker_id: str) -> None:
-        for waiter in self._idle_waiters.pop(worker_id, []):
-            if not waiter.done():
-                waiter.set_result(None)
+        if (went_idle := self._idle.pop(worker_id, None)) is not None:
+            went_idle.set()
 
     def forget(self, worker_id: str) -> None:
         """The worker left the registry: nothing of it carries over to the next with its id."""
