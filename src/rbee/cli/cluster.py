@@ -23,7 +23,7 @@ from rbee.cli.ssh import Ssh, SshTarget
 from rbee.clients.hive import HiveError
 from rbee.clients.queen import QueenClient, QueenError
 from rbee.common.cpus import usable_cpus
-from rbee.common.worker_command import worker_command_flags
+from rbee.common.worker_command import HIVE_EXECUTABLE, STANDBY_FLAG, worker_command_flags
 from rbee.contracts.jobs import WorkerSpawnJob, WorkerStopJob
 from rbee.contracts.workers import WorkerView
 
@@ -32,13 +32,30 @@ WATCH_POLL_S = 0.5
 
 
 def worker_processes(queen_url: str) -> list[psutil.Process]:
-    """Worker processes on this machine that report to `queen_url`: ours to stop."""
+    """Worker processes on this machine that report to `queen_url`: ours to stop. A hive's
+    standby is not one while its hive runs: the hive stops it, and the exited standby stays
+    the hive's zombie until then. Its forks (the workers) and a standby whose hive is gone
+    are."""
     found = []
     for proc in psutil.process_iter(["cmdline"]):
-        flags = worker_command_flags(proc.info.get("cmdline") or [])
-        if flags is not None and flags.get("--queen-url", "").rstrip("/") == queen_url:
-            found.append(proc)
+        cmdline = proc.info.get("cmdline") or []
+        flags = worker_command_flags(cmdline)
+        if flags is None or flags.get("--queen-url", "").rstrip("/") != queen_url:
+            continue
+        if STANDBY_FLAG in cmdline[1:4] and _child_of_a_hive(proc):
+            continue
+        found.append(proc)
     return found
+
+
+def _child_of_a_hive(proc: psutil.Process) -> bool:
+    with contextlib.suppress(psutil.Error):
+        parent = proc.parent()
+        return parent is not None and any(
+            Path(arg).name == HIVE_EXECUTABLE or arg.startswith("rbee.hive")
+            for arg in parent.cmdline()[:3]
+        )
+    return False
 
 
 def lock_name(plan: UpPlan) -> str:

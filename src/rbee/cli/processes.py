@@ -7,11 +7,13 @@ pid is never mistaken for ours.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
 import socket
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ from rbee.common.sizes import format_size
 from rbee.contracts.workers import http_url
 
 HEALTH_POLL_S = 0.1
+ENDED_POLL_S = 0.05  # how often a stop looks whether the process has exited
 
 
 def find_program(name: str) -> str:
@@ -186,18 +189,35 @@ def terminate(proc: psutil.Process, timeout_s: float) -> bool:
     """SIGTERM, wait, SIGKILL. True when it stopped on SIGTERM alone."""
     try:
         proc.terminate()
-        proc.wait(timeout_s)
-        return True
     except psutil.NoSuchProcess:
         return True
-    except psutil.TimeoutExpired:
-        pass
-    try:
+    if _ended(proc, timeout_s):
+        return True
+    with contextlib.suppress(psutil.NoSuchProcess):
         proc.kill()
-        proc.wait(5)
-    except (psutil.NoSuchProcess, psutil.TimeoutExpired):
-        pass
+    _ended(proc, 5)
     return False
+
+
+def _ended(proc: psutil.Process, timeout_s: float) -> bool:
+    """Wait until `proc` has exited. A zombie has: what is left is for its parent to reap
+    (psutil's wait on another's child would wait for that)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            proc.wait(max(0.0, min(ENDED_POLL_S, deadline - time.monotonic())))
+            return True
+        except psutil.NoSuchProcess:
+            return True
+        except psutil.TimeoutExpired:
+            pass
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        if time.monotonic() >= deadline:
+            return False
 
 
 async def stop(started: Started, timeout_s: float) -> bool:

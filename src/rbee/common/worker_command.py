@@ -13,6 +13,8 @@ from pathlib import Path
 import psutil
 
 WORKER_EXECUTABLE = "llm-worker-rbee"
+HIVE_EXECUTABLE = "rbee-hive"
+STANDBY_FLAG = "--standby"  # a hive's standby worker (rbee.hive.standby), and the forks it made
 # The environment variable a hive marks its workers with (its id): with the command line, how
 # a process is known as one of its workers.
 SPAWN_MARKER = "RBEE_SPAWNED_BY_HIVE"

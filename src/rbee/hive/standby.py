@@ -36,10 +36,14 @@ from pathlib import Path
 
 import psutil
 
-from rbee.common.worker_command import WORKER_EXECUTABLE, handed_flags_file, parse_flags
+from rbee.common.worker_command import (
+    STANDBY_FLAG,
+    WORKER_EXECUTABLE,
+    handed_flags_file,
+    parse_flags,
+)
 
 log = logging.getLogger("rbee.hive.standby")
-STANDBY_FLAG = "--standby"
 STANDING_BY = b"standby\n"  # what a standby says first, on its stdout
 CLOSE_WAIT_S = 5.0  # a standby ends at the end of its pipe at once; one that does not is killed
 # Longest a spawn waits for the standby to fork its worker: its imports may still be running, on

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import socket
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -140,6 +143,92 @@ def test_leftover_workers_of_our_queen_are_found_and_no_others(tmp_path: Path) -
 
 def plan(port: int, hive_port: int) -> UpPlan:
     return from_flags(model="m", workers=1, port=port, hive_port=hive_port, hive_id="h")
+
+
+def _script(path: Path, body: str) -> str:
+    path.write_text(f"#!{sys.executable}\n{body}")
+    path.chmod(0o755)
+    return str(path)
+
+
+def _wait_for(check: Callable[[], bool]) -> None:
+    for _ in range(300):
+        if check():
+            return
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def test_a_hives_standby_is_left_to_its_hive_and_its_forks_are_stopped(tmp_path: Path) -> None:
+    """`rbee up` stops leftover workers by pid before it stops the hives. A hive's standby
+    (a worker command line, `--standby`) is the hive's to stop: SIGTERMed by the CLI, it stays
+    the hive's zombie, and the stop waited on it for 15 s. A worker the standby forked, and a
+    standby whose hive is gone, are still stopped."""
+    url = "http://127.0.0.1:9933"
+    worker = _script(
+        tmp_path / "llm-worker-rbee",
+        "import os, time\nos.fork()\ntime.sleep(60)\n",  # the standby and the worker it forks
+    )
+    hive = processes.spawn(
+        "rbee-hive",
+        [
+            _script(
+                tmp_path / "rbee-hive",
+                "import subprocess, sys, time\n"
+                f"subprocess.Popen([{worker!r}, '--standby', '--hive-id', 'h', '--queen-url', "
+                f"{url!r}])\ntime.sleep(60)\n",
+            )
+        ],
+        url="",
+        log=tmp_path / "hive.log",
+        env=dict(os.environ),
+    )
+    hive_proc = hive.process()
+    assert hive_proc is not None
+    try:
+        _wait_for(lambda: len(hive_proc.children(recursive=True)) == 2)
+        (standby,) = hive_proc.children()
+        (fork,) = standby.children()
+
+        assert [p.pid for p in cluster.worker_processes(url)] == [fork.pid]
+
+        processes.terminate(hive_proc, 10)  # a hive that is gone: its standby is a leftover
+        _wait_for(lambda: standby.ppid() != hive.pid)
+        assert sorted(p.pid for p in cluster.worker_processes(url)) == sorted(
+            [standby.pid, fork.pid]
+        )
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(hive.pid, signal.SIGKILL)
+
+
+def test_a_process_that_exited_is_stopped_though_its_parent_has_not_reaped_it(
+    tmp_path: Path,
+) -> None:
+    """A zombie has exited: the stop does not wait for its parent to reap it."""
+    parent = processes.spawn(
+        "parent",
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys, time\n"
+            "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+            "time.sleep(60)\n",  # never reaps its child
+        ],
+        url="",
+        log=tmp_path / "parent.log",
+        env=dict(os.environ),
+    )
+    parent_proc = parent.process()
+    assert parent_proc is not None
+    try:
+        _wait_for(lambda: len(parent_proc.children()) == 1)
+        (child,) = parent_proc.children()
+
+        assert processes.terminate(child, 10)  # on SIGTERM alone: not killed after 10 s
+        assert child.status() == psutil.STATUS_ZOMBIE
+    finally:
+        processes.terminate(parent_proc, 5)
 
 
 def test_a_second_rbee_up_is_refused_clearly(sleeper: processes.Started) -> None:
