@@ -2,7 +2,7 @@
 recently used idle worker; busy and pinned workers are never evicted; a loaded model serves
 its queue before it is swapped out, and the swap wait keeps the other model from starving.
 
-The hive is played by `rbee_testing.memory_cluster`: a device with a memory limit, heartbeats
+The hive is played by `rbee_testing.fake_hive`: a device with a memory limit, heartbeats
 as a real hive sends them, loopback workers."""
 
 from __future__ import annotations
@@ -11,14 +11,21 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
-from rbee_testing.memory_cluster import NEED, Gate, MemoryCluster, drain, open_cluster
+from rbee_testing.fake_hive import NEED, FakeHiveCluster, Gate, drain
+from rbee_testing.fake_hive import open_cluster as open_any
+
+
+async def open_cluster(fits: int, **settings: Any) -> FakeHiveCluster:
+    """A hive with room for `fits` workers of any of the models a, b and c."""
+    return await open_any(fits, models=("a", "b", "c"), **settings)
 
 
 @pytest.fixture
-async def one() -> AsyncIterator[MemoryCluster]:
+async def one() -> AsyncIterator[FakeHiveCluster]:
     """Room for one worker; the swap wait is long, so busy workers are never drained."""
     c = await open_cluster(1, swap_max_wait=3600, queue_timeout=1)
     yield c
@@ -37,7 +44,7 @@ async def test_the_least_recently_used_idle_worker_makes_room_for_a_new_model() 
         async with cluster.state.bus.subscribe() as events:
             assert (await cluster.chat("c")).status_code == 200
             unloads = [d for e, d in drain(events) if e == "model" and d["change"] == "unloaded"]
-        assert cluster.spawns == ["a", "b", "c"]
+        assert cluster.spawned == ["a", "b", "c"]
         assert cluster.stops == ["w2-b"], "only the least recently used worker goes"
         assert unloads == [
             {
@@ -59,7 +66,7 @@ async def test_the_least_recently_used_idle_worker_makes_room_for_a_new_model() 
 
 
 async def test_a_busy_worker_is_never_evicted_the_request_waits_then_gets_503(
-    one: MemoryCluster,
+    one: FakeHiveCluster,
 ) -> None:
     assert (await one.chat("a")).status_code == 200
     gate = Gate()
@@ -83,7 +90,7 @@ async def test_a_busy_worker_is_never_evicted_the_request_waits_then_gets_503(
     # Nothing waits for room any more: a keeps serving, with no new start.
     assert (await one.chat("a")).status_code == 200
     assert one.stops == []
-    assert one.spawns == ["a"]
+    assert one.spawned == ["a"]
     assert "rbee_model_swaps_total 0.0" in await one.metrics()
 
 
@@ -108,7 +115,7 @@ async def test_a_request_waiting_for_room_gets_it_when_the_busy_worker_goes_idle
         await cluster.aclose()
 
 
-async def test_a_pinned_worker_is_never_evicted(one: MemoryCluster) -> None:
+async def test_a_pinned_worker_is_never_evicted(one: FakeHiveCluster) -> None:
     job = {"operation": "worker_spawn", "model": "a"}
     created = await one.client.post("/v1/jobs", json=job)
     assert created.status_code == 201, created.text
@@ -193,7 +200,7 @@ async def test_requests_that_come_after_the_other_model_asked_wait_for_their_tur
         # a's late request waits for its turn: b goes idle, a comes back in b's place.
         cluster.clock.advance(10)
         assert (await late_a).status_code == 200
-        assert cluster.spawns == ["a", "b", "a"]
+        assert cluster.spawned == ["a", "b", "a"]
         assert "rbee_model_swaps_total 2.0" in await cluster.metrics()
     finally:
         await cluster.aclose()
@@ -220,7 +227,7 @@ async def test_the_swap_wait_keeps_the_other_model_from_starving() -> None:
         assert gate.count == 1, "the queued request did not go to the draining worker"
         cluster.clock.advance(10)
         assert (await queued_a).status_code == 200
-        assert cluster.spawns == ["a", "b", "a"]
+        assert cluster.spawned == ["a", "b", "a"]
     finally:
         await cluster.aclose()
 
@@ -264,7 +271,7 @@ async def test_room_a_stopped_worker_held_is_free_for_the_next_load_at_once() ->
                 created = await cluster.client.post("/v1/jobs", json=job)
                 await cluster.client.get(created.json()["sse_url"])
             cluster.clock.advance(10)
-        assert cluster.spawns == ["a", "b", "a", "b"]
+        assert cluster.spawned == ["a", "b", "a", "b"]
     finally:
         await cluster.aclose()
 
@@ -280,12 +287,12 @@ async def test_the_memory_a_stopped_worker_held_is_free_before_the_hive_heartbea
         cluster.clock.advance(10)
         answer = await asyncio.wait_for(cluster.chat("b"), 3)
         assert answer.status_code == 200, answer.text
-        assert cluster.spawns == ["a", "b"]
+        assert cluster.spawned == ["a", "b"]
         assert cluster.stops == ["w1-a"]
         # Counted once: with the hive's figures now showing the room, nothing more is free.
         cluster.clock.advance(10)
         assert (await cluster.chat("c")).status_code == 200
-        assert cluster.spawns == ["a", "b", "c"]
+        assert cluster.spawned == ["a", "b", "c"]
     finally:
         await cluster.aclose()
 
@@ -302,7 +309,7 @@ async def test_a_worker_the_hive_has_not_reported_yet_keeps_its_room_until_it_st
         cluster.clock.advance(10)
         answer = await cluster.chat("b")
         assert answer.status_code == 200, answer.text
-        assert cluster.spawns == ["a", "b"]
+        assert cluster.spawned == ["a", "b"]
         assert cluster.stops == ["w1-a"]
     finally:
         await cluster.aclose()
@@ -317,12 +324,12 @@ async def test_a_new_worker_with_an_evicted_ones_id_can_be_evicted_in_turn() -> 
     try:
         for _ in range(2):
             r = await cluster.chat("a")
-            assert r.status_code == 200, (r.text, cluster.spawns, cluster.stops)
+            assert r.status_code == 200, (r.text, cluster.spawned, cluster.stops)
             cluster.clock.advance(10)
             r = await cluster.chat("b")
-            assert r.status_code == 200, (r.text, cluster.spawns, cluster.stops)
+            assert r.status_code == 200, (r.text, cluster.spawned, cluster.stops)
             cluster.clock.advance(10)
-        assert cluster.spawns == ["a", "b", "a", "b"]
+        assert cluster.spawned == ["a", "b", "a", "b"]
         assert cluster.stops == ["h1-8080"] * 3
     finally:
         await cluster.aclose()

@@ -1,8 +1,8 @@
 """Replicas follow the load, on an in-process queen with a fake clock: a 1-slot model with 8
 concurrent clients gets another worker once its requests have waited past the threshold, at
 most max_replicas, and its idle replicas unload again down to min_replicas. The hive is played
-by an injected transport (see test_keep_alive); workers are loopback servers that hold every
-request until the test lets them answer."""
+by `rbee_testing.fake_hive`; workers are loopback servers that hold every request until the test
+lets them answer."""
 
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ import httpx
 import pytest
 
 from rbee.queen.replicas_loop import ReplicaWatch, replica_watch
-
-from .test_keep_alive import KeepAliveCluster, answer, open_cluster
+from rbee_testing.fake_hive import FakeHiveCluster, answer, open_cluster
 
 
 class Held:
@@ -39,7 +38,7 @@ async def until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
 
 
 @pytest.fixture
-async def cluster() -> AsyncIterator[KeepAliveCluster]:
+async def cluster() -> AsyncIterator[FakeHiveCluster]:
     c = await open_cluster(
         keep_alive="5m", model_max_replicas={"cold": 2}, model_min_replicas={"cold": 1}
     )
@@ -54,10 +53,10 @@ async def check(watch: ReplicaWatch) -> list[tuple[str, bool]]:
 
 
 async def test_a_busy_one_slot_model_gets_replicas_up_to_max_then_unloads_to_min(
-    cluster: KeepAliveCluster,
+    cluster: FakeHiveCluster,
 ) -> None:
     held = Held()
-    for worker_id in ("spawned-1", "spawned-2", "spawned-3"):
+    for worker_id in ("w1-cold", "w2-cold", "w3-cold"):
         cluster.workers[worker_id] = held
     watch = replica_watch(cluster.state)
     clients = [asyncio.create_task(cluster.chat()) for _ in range(8)]
@@ -84,7 +83,7 @@ async def test_a_busy_one_slot_model_gets_replicas_up_to_max_then_unloads_to_min
     answers = await asyncio.gather(*clients)
     assert [a.status_code for a in answers] == [200] * 8
     served = {a.headers["x-rbee-worker-id"] for a in answers}
-    assert served == {"spawned-1", "spawned-2"}
+    assert served == {"w1-cold", "w2-cold"}
     metrics = await cluster.metrics()
     assert 'rbee_model_loads_total{model="cold",reason="replica"} 1.0' in metrics
     assert 'rbee_model_loads_total{model="cold",reason="demand"} 1.0' in metrics
@@ -101,7 +100,7 @@ async def test_without_a_max_a_model_gets_as_many_replicas_as_its_load_wants() -
     try:
         held = Held()
         for n in range(1, 6):
-            cluster.workers[f"spawned-{n}"] = held
+            cluster.workers[f"w{n}-cold"] = held
         watch = replica_watch(cluster.state)
         clients = [asyncio.create_task(cluster.chat()) for _ in range(4)]
         admission = cluster.state.router.admission
@@ -122,7 +121,7 @@ async def test_without_a_max_a_model_gets_as_many_replicas_as_its_load_wants() -
 
 
 async def test_no_replica_where_there_is_no_room_and_nothing_is_unloaded_for_one(
-    cluster: KeepAliveCluster,
+    cluster: FakeHiveCluster,
 ) -> None:
     footprint = {"weights_bytes": 1 << 30, "layers": 16, "kv_bytes_per_token": 16 << 10,
                  "vocab_size": 32000, "head_count": 16}  # fmt: skip
@@ -135,13 +134,13 @@ async def test_no_replica_where_there_is_no_room_and_nothing_is_unloaded_for_one
             "devices": [cpu],
             "models": ["cold", "other"],
             "footprints": {"cold": footprint, "other": footprint},
-            "workers": [w for w, _ in cluster.pids.values()],
+            "workers": [w for w, _ in cluster.running.values()],
         }
         (await cluster.client.post("/v1/hive-heartbeat", json=beat)).raise_for_status()
 
     await hive_beat(free=8 << 30)
     held = Held()
-    cluster.workers["spawned-1"] = held
+    cluster.workers["w1-cold"] = held
     watch = replica_watch(cluster.state)
     clients = [asyncio.create_task(cluster.chat()) for _ in range(3)]
     admission = cluster.state.router.admission
