@@ -12,10 +12,9 @@ model, greedy, `--max-tokens` tokens.
 
 Two pairs of models, each with its own queen, hive and router:
 
-  smollm2+gemma  SmolLM2-135M and Gemma 3 270M, hive limit 950 MiB: Gemma does not fit beside
-                 SmolLM2 (estimates 269 + 799 MiB). rbee places by what workers really hold, so
-                 SmolLM2 (269 MiB) does fit beside a loaded Gemma (about 420 MiB held): after
-                 its first swap rbee keeps both, where the router keeps swapping.
+  smollm2+gemma  SmolLM2-135M and Gemma 3 270M, hive limit 600 MiB: either fits alone, never
+                 both (on a CPU estimated 275 + 477 MiB, held ~250 + ~440 MiB), so in either
+                 system every alternation can be a swap.
   smollm2+copy   SmolLM2 and a copy of its file under another name, hive limit 400 MiB: only
                  one fits at a time in either system, so every alternation can be a swap.
 
@@ -64,7 +63,7 @@ PROMPT = "The capital of France is"
 REQUEST_TIMEOUT_S = 600.0  # patient: a swap under load on two busy cores can take a while
 PAIRS: dict[str, tuple[str, str, str]] = {
     # name: (model A, model B, hive memory limit)
-    "smollm2+gemma": (DEFAULT_MODEL, GEMMA_MODEL, "950MiB"),
+    "smollm2+gemma": (DEFAULT_MODEL, GEMMA_MODEL, "600MiB"),
     "smollm2+copy": (DEFAULT_MODEL, COPY, "400MiB"),
 }
 

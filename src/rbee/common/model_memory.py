@@ -1,13 +1,25 @@
 """How much memory a model needs on the device it runs on: a pure estimate from its GGUF header.
 
-weights + KV cache + compute buffers, where
+weights + KV cache + compute buffers (+ on a CPU, the worker's own memory), where
 - weights are every tensor of the file (on a GPU, the offloaded layers' share of them);
 - the KV cache is K and V for every token of every slot's context, stored as a worker stores
   it (`kv_cache_type`): f16 for one slot, q8_0 (34 bytes per 32 values) for several when the
   model's heads are whole q8_0 blocks;
-- the compute buffer is what llama.cpp allocates for one 512-token batch: its logits over the
-  vocabulary and the attention scores against the whole cache, in f32. Flash attention makes
-  the latter smaller, so this errs on the safe side.
+- on a GPU (or a device not known), the compute buffer is what llama.cpp allocates for one
+  512-token batch: its logits over the vocabulary and the attention scores against the whole
+  cache, in f32. A GPU's allocations are real memory. Flash attention makes the scores smaller,
+  so this errs on the safe side;
+- on a CPU, llama.cpp reserves that buffer too, but only the pages a batch writes are ever
+  taken, and `llama-server` writes the logits of one token per sequence, with flash attention
+  (its default there) the scores never whole. What a CPU worker holds beside its weights and
+  KV cache is a batch's activations (hidden and feed-forward widths), one row of logits per
+  slot, `llama-server`'s own memory (most of it the vocabulary: its tokens, their ids, the
+  sampler's candidates) and the worker's Python. Measured as resident memory (what a hive
+  counts against its `--memory-limit`) after a 1,760-token prompt: SmolLM2-135M at 2,048 to
+  8,192 tokens x 1 or 2 slots held 254-401 MiB, estimated 275-421; Gemma 3 270M (its
+  sliding-window layers keep a shorter cache than counted here) 436-457 MiB, estimated
+  477-595. A header that does not give the widths (a hive before they were read) gets the
+  GPU's estimate.
 
 It is an estimate for placement (will it fit, and where is there most room), not an allocator.
 """
@@ -26,6 +38,11 @@ GIB = 1 << 30
 Q8_0_BLOCK = 32  # values per block of q8_0 ...
 Q8_0_BLOCK_BYTES = 34  # ... stored as 32 bytes and an f16 scale
 F16 = 2
+MIB = 1 << 20
+# On a CPU, besides weights, KV cache and a batch's buffers (measured, with some margin):
+ENGINE_BASE = 32 * MIB  # llama-server's own memory, whatever the model
+VOCAB_ENTRY = 320  # ... and per token of the vocabulary (SmolLM2 49k tokens, Gemma 3 262k)
+WORKER_PROCESS = 80 * MIB  # the worker's Python (measured ~66 MiB; it grows as it serves)
 
 
 def kv_cache_type(setting: str, slots: int, quantizable: bool) -> str:
@@ -47,17 +64,19 @@ class MemoryEstimate:
     ctx_size: int
     slots: int
     kv_type: str = "f16"
+    processes: int = 0  # on a CPU: llama-server's own memory and the worker's
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.compute
+        return self.weights + self.kv_cache + self.compute + self.processes
 
     def describe(self) -> str:
+        processes = f" + processes {gib(self.processes)}" if self.processes else ""
         return (
             f"about {gib(self.total)} (weights {gib(self.weights)} + KV cache "
             f"{gib(self.kv_cache)} for {self.ctx_size} tokens x {self.slots} slot(s) at "
             f"{self.kv_type} + "
-            f"compute {gib(self.compute)})"
+            f"compute {gib(self.compute)}{processes})"
         )
 
 
@@ -72,9 +91,11 @@ def estimate_memory(
     slots: int = 1,
     gpu_layers: int | None = None,
     kv_cache_setting: KvCacheType = "auto",
+    device_kind: str | None = None,
 ) -> MemoryEstimate:
-    """Memory one worker needs on its device. `gpu_layers` K < all: a GPU holding K layers.
-    The KV cache is stored as the worker's `--kv-cache-type kv_cache_setting` will store it."""
+    """Memory one worker needs on its device (`device_kind`: `cpu`, a GPU's kind, or None when
+    not known). `gpu_layers` K < all: a GPU holding K layers. The KV cache is stored as the
+    worker's `--kv-cache-type kv_cache_setting` will store it."""
     layers = footprint.layers
     kv_type = kv_cache_type(kv_cache_setting, slots, footprint.kv_quantizable)
     kv_per_token = footprint.kv_bytes_per_token
@@ -83,6 +104,11 @@ def estimate_memory(
     share = 1.0 if gpu_layers is None or gpu_layers < 0 else min(gpu_layers, layers) / layers
     tokens = ctx_size * slots
     compute = F32 * BATCH_TOKENS * (footprint.vocab_size + footprint.head_count * tokens)
+    processes = 0
+    if device_kind == "cpu" and footprint.embedding_length and footprint.feed_forward_length:
+        widths = 4 * footprint.embedding_length + 2 * footprint.feed_forward_length
+        compute = F32 * (BATCH_TOKENS * widths + slots * footprint.vocab_size)
+        processes = ENGINE_BASE + VOCAB_ENTRY * footprint.vocab_size + WORKER_PROCESS
     return MemoryEstimate(
         weights=round(footprint.weights_bytes * share),
         kv_cache=round(kv_per_token * tokens * share),
@@ -90,6 +116,7 @@ def estimate_memory(
         ctx_size=ctx_size,
         slots=slots,
         kv_type=kv_type,
+        processes=processes,
     )
 
 
@@ -131,6 +158,7 @@ def default_sizing(
             slots=n,
             gpu_layers=gpu_layers,
             kv_cache_setting=kv_cache_setting,
+            device_kind=device_kind,
         )
 
     contexts = (

@@ -60,6 +60,13 @@ class ModelFootprint(BaseModel):
     quantization: str | None = Field(
         None, description="how its weights are stored, e.g. Q4_K_M (GGUF general.file_type)"
     )
+    embedding_length: Annotated[int, Field(ge=0)] = Field(
+        0, description="the width of its hidden state (GGUF <arch>.embedding_length; 0: unknown)"
+    )
+    feed_forward_length: Annotated[int, Field(ge=0)] = Field(
+        0,
+        description="the width of its feed-forward layers, the widest if they differ (0: unknown)",
+    )
 
 
 class HiveInfo(BaseModel):

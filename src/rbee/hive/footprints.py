@@ -50,6 +50,7 @@ def read_footprint(path: Path) -> ModelFootprint:
         head_sizes |= {key, value}
     vocab = hparam("vocab_size") or header.lengths.get("tokenizer.ggml.tokens", 0)
     trained = hparam("context_length")
+    feed_forward = max(_per_layer(hparam("feed_forward_length", 0), layers))
     return ModelFootprint(
         weights_bytes=header.tensor_bytes,
         layers=layers,
@@ -59,6 +60,8 @@ def read_footprint(path: Path) -> ModelFootprint:
         kv_quantizable=all(size > 0 and size % Q8_0_BLOCK == 0 for size in head_sizes),
         context_length=int(trained) if isinstance(trained, int) and trained > 0 else None,
         quantization=quantization(values.get("general.file_type")),
+        embedding_length=int(embd),
+        feed_forward_length=feed_forward,
     )
 
 

