@@ -101,7 +101,13 @@ async def exited(proc: psutil.Process, timeout_s: float) -> int | None:
     finally:
         loop.remove_reader(pidfd)
         os.close(pidfd)
-    return await asyncio.to_thread(proc.wait, 1.0)  # it has ended: reaps it, if ours
+    # It has ended, its memory freed. Ours: reaped here, with its code. Another's (a fork of the
+    # standby): its parent reaps it, and psutil's wait would poll until it had.
+    try:
+        pid, status = os.waitpid(proc.pid, os.WNOHANG)  # noqa: ASYNC222 (WNOHANG: never blocks)
+    except ChildProcessError:
+        return None
+    return os.waitstatus_to_exitcode(status) if pid else None
 
 
 class Supervisor:

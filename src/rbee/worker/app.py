@@ -159,10 +159,11 @@ def create_app(
             )
             runtime.heartbeat = heartbeat
             board.set_on_change(heartbeat.notify)
+            # The load first: llama-server starts before the first heartbeat is made and sent.
+            loading = asyncio.create_task(runtime.load(), name="load-model")
             beating = asyncio.create_task(
                 supervise("heartbeat", heartbeat.run, runtime.loop_errors), name="heartbeat"
             )
-            loading = asyncio.create_task(runtime.load(), name="load-model")
             try:
                 yield
             finally:

@@ -13,6 +13,7 @@ against 0.7 ms in httpx.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 
@@ -71,14 +72,21 @@ class Heartbeater:
         self._headers = {**auth_headers(token), "Content-Type": "application/json"}
         self._first_retry_s = min(first_retry_s, interval_s)
         self._wake = asyncio.Event()
+        self._settle = False
+        self._hurry = asyncio.Event()  # ends a settling: a lifecycle step, or the close
         self.sent = 0
         self.failures = 0
         self.connected = False
         self._closing = False
 
-    def notify(self) -> None:
-        """The status changed: send now rather than at the next interval."""
+    def notify(self, settle: bool = False) -> None:
+        """The status changed: send now rather than at the next interval (`settle`: a moment
+        after now)."""
+        # One still to go that does not settle keeps its haste.
+        self._settle = settle and self._settle if self._wake.is_set() else settle
         self._wake.set()
+        if not settle:
+            self._hurry.set()
 
     async def send(self, info: WorkerInfo, timeout_s: float | None = None) -> bool:
         """One heartbeat. True if the queen accepted it; failures are logged, never raised."""
@@ -121,11 +129,13 @@ class Heartbeater:
         """
         self._closing = True
         self._wake.set()
+        self._hurry.set()
 
     async def run(self) -> None:
         retry_s = self._first_retry_s
         while True:
             self._wake.clear()
+            self._hurry.clear()
             if await self.send(self._info(), timeout_s=min(10.0, self.interval_s)):
                 delay, retry_s = self.interval_s, self._first_retry_s
             else:
@@ -137,8 +147,10 @@ class Heartbeater:
                     await self._wake.wait()
             except TimeoutError:
                 continue
-            if not self._closing:
-                # A status change arrives as a request starts; sending a moment later keeps the
-                # send out of that request's way (it cost ~2 ms of its first-token time) and
-                # sends only the latest of several quick changes.
-                await asyncio.sleep(STATUS_SETTLE_S)
+            if self._settle and not self._closing:
+                # A change of the slots arrives as a request starts; sending a moment later
+                # keeps the send out of that request's way (it cost ~2 ms of its first-token
+                # time) and sends only the latest of several quick changes. A lifecycle step
+                # goes at once: the queen routes to a worker once it hears `ready`.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._hurry.wait(), STATUS_SETTLE_S)

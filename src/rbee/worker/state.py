@@ -33,14 +33,19 @@ class WorkerStatusBoard:
     """Status as the queen should see it. `busy` and `ready` follow the slots; the lifecycle
     steps (`starting` → `ready` … `stopping` → `stopped`) are set explicitly."""
 
-    def __init__(self, identity: Identity, on_change: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self, identity: Identity, on_change: Callable[[bool], None] = lambda settle: None
+    ) -> None:
         self.identity = identity
         self._lifecycle = WorkerStatus.STARTING
         self.in_flight = 0
         self._on_change = on_change
         self._last = self.status
 
-    def set_on_change(self, on_change: Callable[[], None]) -> None:
+    def set_on_change(self, on_change: Callable[[bool], None]) -> None:
+        """`on_change(settle)`: the status changed; `settle` False for a lifecycle step (the
+        queen waits for `ready` to route, and a swap for `stopped`), True for `busy` and
+        `ready` following the slots (sent a moment later, out of a starting request's way)."""
         self._on_change = on_change
 
     @property
@@ -55,17 +60,17 @@ class WorkerStatusBoard:
 
     def set_lifecycle(self, status: WorkerStatus) -> None:
         self._lifecycle = status
-        self._changed()
+        self._changed(settle=False)
 
     def set_in_flight(self, in_flight: int) -> None:
         self.in_flight = in_flight
-        self._changed()
+        self._changed(settle=True)
 
-    def _changed(self) -> None:
+    def _changed(self, *, settle: bool) -> None:
         status = self.status
         if status is not self._last:
             self._last = status
-            self._on_change()
+            self._on_change(settle)
 
     def info(self, status: WorkerStatus | None = None) -> WorkerInfo:
         i = self.identity

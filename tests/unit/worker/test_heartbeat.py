@@ -14,6 +14,7 @@ import pytest
 
 from rbee.common.net import dead_peer_options
 from rbee.contracts.workers import WorkerInfo, WorkerStatus
+from rbee.worker import heartbeat
 from rbee.worker.heartbeat import Heartbeater, queen_session
 from rbee_testing.queen_catcher import QueenCatcher
 
@@ -60,6 +61,30 @@ async def test_status_change_is_sent_at_once_not_at_the_next_interval(
     await wait_for(lambda: queen.statuses[-1] is WorkerStatus.READY, within_s=1.0)
     assert queen.auth
     assert set(queen.auth) == {"Bearer s3cret"}
+    beater.close()
+    await task
+
+
+async def test_a_lifecycle_step_goes_at_once_and_a_change_of_the_slots_settles_first(
+    queen: QueenCatcher, client: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The queen routes to a new worker once it hears `ready`: that beat is not held back by
+    the settling that keeps `busy`/`ready` flips out of a starting request's way."""
+    monkeypatch.setattr(heartbeat, "STATUS_SETTLE_S", 60.0)
+    status = Status()
+    beater = Heartbeater(client, queen.url, status.info, interval_s=60)
+    task = asyncio.create_task(beater.run())
+    await wait_for(lambda: queen.statuses == [WorkerStatus.STARTING])
+    status.value = WorkerStatus.READY
+    beater.notify(settle=False)
+    await wait_for(lambda: queen.statuses[-1] is WorkerStatus.READY, within_s=1.0)
+    status.value = WorkerStatus.BUSY
+    beater.notify(settle=True)
+    await asyncio.sleep(0.3)
+    assert queen.statuses[-1] is WorkerStatus.READY, "a slot change waits for the settling"
+    status.value = WorkerStatus.STOPPING
+    beater.notify(settle=False)  # a lifecycle step during the settling ends it
+    await wait_for(lambda: queen.statuses[-1] is WorkerStatus.STOPPING, within_s=1.0)
     beater.close()
     await task
 
