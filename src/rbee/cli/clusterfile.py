@@ -34,6 +34,7 @@ and what is wrong.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import tomllib
@@ -211,16 +212,25 @@ class ClusterFile(Strict):
         args: list[str] = []
         for model, section in self.models.items():
             if section.keep_alive is not None:
-                args += ["--model-keep-alive", f"{model}={section.keep_alive}"]
+                args += ["--model-keep-alive", model_value(model, section.keep_alive)]
             if section.max_replicas is not None:
-                args += ["--model-max-replicas", f"{model}={section.max_replicas}"]
+                args += ["--model-max-replicas", model_value(model, section.max_replicas)]
             if section.min_replicas is not None:
-                args += ["--model-min-replicas", f"{model}={section.min_replicas}"]
+                args += ["--model-min-replicas", model_value(model, section.min_replicas)]
             if section.ctx_size is not None:
-                args += ["--model-ctx-size", f"{model}={section.ctx_size}"]
+                args += ["--model-ctx-size", model_value(model, section.ctx_size)]
             if section.slots is not None:
-                args += ["--model-slots", f"{model}={section.slots}"]
+                args += ["--model-slots", model_value(model, section.slots)]
         return args
+
+
+def model_value(model: str, value: str | float) -> str:
+    """One model's value for a `--model-…` flag of the queen: `MODEL=VALUE`, or a JSON object
+    for an id that form cannot carry (the queen's flags read `a,b=1` as two pairs, and `a=b=1`
+    as `a` with the value `b=1`)."""
+    if any(c in model for c in ",={"):
+        return json.dumps({model: value})
+    return f"{model}={value}"
 
 
 class ClusterFileError(ValueError):

@@ -23,7 +23,7 @@ from typing import Any, NoReturn, TypeVar
 import uvicorn
 from fastapi import FastAPI
 from pydantic import ValidationError
-from pydantic_settings import BaseSettings, CliApp, CliSettingsSource
+from pydantic_settings import BaseSettings, CliApp, CliSettingsSource, SettingsError
 
 from rbee import __version__
 from rbee.common import net
@@ -66,6 +66,15 @@ def parse_settings(cls: type[S], prog: str, argv: list[str] | None = None) -> S:
         )
     try:
         return CliApp.run(cls, cli_args=args, cli_settings_source=flags_parser(cls))
+    except SettingsError as exc:  # a flag's value its parser cannot split, e.g. `a,b=1`
+        field, _, why = str(exc).removeprefix("Parsing error encountered for ").partition(": ")
+        hint = (
+            ": give MODEL=VALUE, or a JSON object such as '{\"MODEL\": VALUE}' for an id with "
+            "',' or '='"
+            if field.startswith("model_")
+            else f" ({why})"
+        )
+        fail(prog, f"--{field.replace('_', '-')}: cannot read its value{hint}", code=2)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = "-".join(str(p) for p in first["loc"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import textwrap
 from pathlib import Path
 
@@ -180,6 +181,36 @@ def test_keep_alives_reach_the_queen_for_all_models_and_per_model() -> None:
     assert (
         "unknown key (allowed: keep_alive, max_replicas, min_replicas, ctx_size, slots)"
         in problem("[[hive]]\n\n[models.m]\nttl = 5\n")
+    )
+
+
+def test_a_model_id_with_a_comma_or_an_equals_sign_keeps_its_settings() -> None:
+    """The queen's `--model-…` flags read `a,b=1` as two pairs and `a=b=1` as `a`: such an id
+    goes as a JSON object, and the queen gets each value for the whole id."""
+    cluster = parse(
+        '[[hive]]\n\n[models."v1,v2.gguf"]\nkeep_alive = "30m"\nmax_replicas = 2\n\n'
+        '[models."q=4.gguf"]\nkeep_alive = -1\nslots = 3\n\n[models.plain]\nkeep_alive = "1m"\n',
+        path="cluster.toml",
+        local_hive_id="here",
+    )
+    flags = cluster.model_flags()
+    assert flags[:2] == ["--model-keep-alive", '{"v1,v2.gguf": "30m"}']
+    assert flags[-2:] == ["--model-keep-alive", "plain=1m"]
+    settings = parse_settings(QueenSettings, "queen-rbee", flags)
+    assert settings.model_keep_alive == {"v1,v2.gguf": 1800.0, "q=4.gguf": math.inf, "plain": 60.0}
+    assert settings.max_replicas_of("v1,v2.gguf") == 2
+    assert settings.model_slots == {"q=4.gguf": 3}
+
+
+def test_a_per_model_flag_the_queen_cannot_read_is_a_clear_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        parse_settings(QueenSettings, "queen-rbee", ["--model-keep-alive", "v1,v2.gguf=30m"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == (
+        "queen-rbee: error: --model-keep-alive: cannot read its value: give MODEL=VALUE, or a "
+        "JSON object such as '{\"MODEL\": VALUE}' for an id with ',' or '='\n"
     )
 
 
