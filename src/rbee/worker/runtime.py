@@ -71,6 +71,7 @@ class WorkerRuntime:
         self._watch: asyncio.Task[None] | None = None
         self._cut_timer: asyncio.TimerHandle | None = None
         self._stop_asked = asyncio.Event()
+        self._early_close: asyncio.Task[None] | None = None  # engines freed at the stop signal
         self.settled = asyncio.Event()  # the load ended: ready, or failed (load_error)
 
     @property
@@ -210,6 +211,10 @@ class WorkerRuntime:
         self._stop_asked.set()
         if self.pool is not None:
             self.pool.close()
+            if self.pool.idle and not self.pool.waiting and self._early_close is None:
+                # Nothing to finish: the engine goes now, beside the server's own shutdown,
+                # so its memory is back sooner (a swap waits for it).
+                self._early_close = asyncio.get_running_loop().create_task(self._free_engines())
         if self.board.lifecycle not in (WorkerStatus.STOPPING, WorkerStatus.STOPPED):
             self.board.set_lifecycle(WorkerStatus.STOPPING)
             # Answers still running when the grace period is over are cut, each with an error
@@ -239,9 +244,16 @@ class WorkerRuntime:
         for generation in stuck:
             generation.abort()
 
+    async def _free_engines(self) -> None:
+        await self._close_engines()
+        await self._close_host()
+
     async def finish(self) -> None:
         """Let running generations end (bounded), cancel the rest, free the engines."""
         self._enter_stopping()
+        if self._early_close is not None:
+            await self._early_close
+            return
         if self.pool is not None and not await self.pool.wait_idle(self.shutdown_grace_s):
             self._cut_running()
             # A cancelled generation stops within a token.

@@ -315,6 +315,30 @@ async def test_an_engine_that_exits_with_the_workers_own_stop_signal_is_no_failu
     assert worker.statuses[-1] is WorkerStatus.STOPPED
 
 
+async def test_an_idle_worker_frees_its_engine_at_the_stop_signal(make_worker: Any) -> None:
+    """Nothing to finish: llama-server goes at once, beside the server's own shutdown, so a
+    swap gets its memory back sooner. One with a request in flight keeps it until the end."""
+    host = DyingHost()
+    worker = await make_worker(engine_host=host)
+    worker.runtime.begin_shutdown()  # what the worker's SIGTERM handler calls
+    await eventually(lambda: host.closed)
+    await worker.stop()
+    assert worker.statuses[-1] is WorkerStatus.STOPPED
+
+    busy_host = DyingHost()
+    busy = await make_worker(slow(0.02), engine_host=busy_host, shutdown_grace=3)
+    running = asyncio.create_task(
+        busy.client.post("/v1/chat/completions", json=chat_body(max_tokens=20))
+    )
+    await eventually(lambda: busy.runtime.board.in_flight == 1)
+    busy.runtime.begin_shutdown()
+    await asyncio.sleep(0.1)
+    assert not busy_host.closed, "its engine serves the request in flight"
+    await busy.stop()
+    assert (await running).status_code == 200
+    assert busy_host.closed
+
+
 class HeldHost:
     """An engine host whose start (the model's load) waits until `release`, then fails with
     `error` if one is given."""
