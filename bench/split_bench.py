@@ -59,7 +59,7 @@ from rbee_testing.lan_cluster import LanCluster
 from split_lan import has_netem, shaping
 from split_raw import SPIN, Part, RawEngine
 
-# SmolLM2 at 2048 tokens x 1 slot: ~269 MiB on one device; a split device needs ~137 MiB of
+# SmolLM2 at 2048 tokens x 1 slot: ~275 MiB on one CPU; a split device needs ~137 MiB of
 # compute buffer and slack, and the model's 144 MiB of weights and KV cache are shared out.
 LIMITS = {2: "230MiB", 3: "197MiB"}
 # Every layout's worker gets the same context and slots (so the same KV cache type, f16).
