@@ -23,7 +23,7 @@ from rbee.cli.ssh import Ssh, SshTarget
 from rbee.clients.hive import HiveError
 from rbee.clients.queen import QueenClient, QueenError
 from rbee.common.cpus import usable_cpus
-from rbee.common.worker_command import HIVE_EXECUTABLE, STANDBY_FLAG, worker_command_flags
+from rbee.common.worker_command import HIVE_EXECUTABLE, STANDBY_FLAG, runs, worker_command_flags
 from rbee.contracts.jobs import WorkerSpawnJob, WorkerStopJob
 from rbee.contracts.workers import WorkerView
 
@@ -51,10 +51,7 @@ def worker_processes(queen_url: str) -> list[psutil.Process]:
 def _child_of_a_hive(proc: psutil.Process) -> bool:
     with contextlib.suppress(psutil.Error):
         parent = proc.parent()
-        return parent is not None and any(
-            Path(arg).name == HIVE_EXECUTABLE or arg.startswith("rbee.hive")
-            for arg in parent.cmdline()[:3]
-        )
+        return parent is not None and runs(parent.cmdline(), HIVE_EXECUTABLE, "rbee.hive")
     return False
 
 

@@ -34,12 +34,15 @@ def parse_flags(args: Sequence[str]) -> dict[str, str]:
     return flags
 
 
+def runs(cmdline: Sequence[str], executable: str, package: str) -> bool:
+    """The command line runs one of our programs: its script, or `python -m PACKAGE…`."""
+    return any(Path(arg).name == executable or arg.startswith(package) for arg in cmdline[:3])
+
+
 def worker_command_flags(cmdline: Sequence[str]) -> dict[str, str] | None:
     """The flags of a worker's command line (its script, or `python -m rbee.worker.main`),
     or None for any other process."""
-    if not any(
-        Path(arg).name == WORKER_EXECUTABLE or arg.startswith("rbee.worker") for arg in cmdline[:3]
-    ):
+    if not runs(cmdline, WORKER_EXECUTABLE, "rbee.worker"):
         return None
     return parse_flags(cmdline[1:])
 

@@ -38,9 +38,8 @@ import psutil
 
 from rbee.common.worker_command import (
     STANDBY_FLAG,
-    WORKER_EXECUTABLE,
     handed_flags_file,
-    parse_flags,
+    worker_command_flags,
 )
 
 log = logging.getLogger("rbee.hive.standby")
@@ -56,13 +55,10 @@ KEPT_EXITS = 256
 
 def standby_flags(cmdline: Sequence[str], hive_id: str) -> bool:
     """A standby command line of this hive (`llm-worker-rbee --standby --hive-id ID …`)."""
-    if len(cmdline) < 2 or STANDBY_FLAG not in cmdline[1:4]:
+    if STANDBY_FLAG not in cmdline[1:4]:
         return False
-    if not any(
-        Path(arg).name == WORKER_EXECUTABLE or arg.startswith("rbee.worker") for arg in cmdline[:3]
-    ):
-        return False
-    return parse_flags(cmdline[1:]).get("--hive-id") == hive_id
+    flags = worker_command_flags(cmdline)
+    return flags is not None and flags.get("--hive-id") == hive_id
 
 
 def _close_pipes(proc: subprocess.Popen[bytes]) -> None:

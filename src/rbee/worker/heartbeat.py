@@ -72,8 +72,9 @@ class Heartbeater:
         self._headers = {**auth_headers(token), "Content-Type": "application/json"}
         self._first_retry_s = min(first_retry_s, interval_s)
         self._wake = asyncio.Event()
-        self._settle = False
-        self._hurry = asyncio.Event()  # ends a settling: a lifecycle step, or the close
+        # Set by a change that must not settle (a lifecycle step) or by the close: it skips or
+        # ends the settling of the next send.
+        self._hurry = asyncio.Event()
         self.sent = 0
         self.failures = 0
         self.connected = False
@@ -82,8 +83,6 @@ class Heartbeater:
     def notify(self, settle: bool = False) -> None:
         """The status changed: send now rather than at the next interval (`settle`: a moment
         after now)."""
-        # One still to go that does not settle keeps its haste.
-        self._settle = settle and self._settle if self._wake.is_set() else settle
         self._wake.set()
         if not settle:
             self._hurry.set()
@@ -147,7 +146,7 @@ class Heartbeater:
                     await self._wake.wait()
             except TimeoutError:
                 continue
-            if self._settle and not self._closing:
+            if not self._hurry.is_set():
                 # A change of the slots arrives as a request starts; sending a moment later
                 # keeps the send out of that request's way (it cost ~2 ms of its first-token
                 # time) and sends only the latest of several quick changes. A lifecycle step

@@ -261,8 +261,7 @@ class WorkerRuntime:
                 log.error("a generation did not stop; leaving its engine open")
                 await self._close_host()
                 return
-        await self._close_engines()
-        await self._close_host()
+        await self._free_engines()
 
     async def _close_host(self) -> None:
         if self._watch is not None:

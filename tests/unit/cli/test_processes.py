@@ -159,6 +159,15 @@ def _wait_for(check: Callable[[], bool]) -> None:
     raise AssertionError("timed out")
 
 
+def _started(tmp_path: Path, name: str, argv: list[str]) -> psutil.Process:
+    """A process started as `rbee up` starts its daemons (a session of its own)."""
+    proc = processes.spawn(
+        name, argv, url="", log=tmp_path / f"{name}.log", env=dict(os.environ)
+    ).process()
+    assert proc is not None
+    return proc
+
+
 def test_a_hives_standby_is_left_to_its_hive_and_its_forks_are_stopped(tmp_path: Path) -> None:
     """`rbee up` stops leftover workers by pid before it stops the hives. A hive's standby
     (a worker command line, `--standby`) is the hive's to stop: SIGTERMed by the CLI, it stays
@@ -169,7 +178,8 @@ def test_a_hives_standby_is_left_to_its_hive_and_its_forks_are_stopped(tmp_path:
         tmp_path / "llm-worker-rbee",
         "import os, time\nos.fork()\ntime.sleep(60)\n",  # the standby and the worker it forks
     )
-    hive = processes.spawn(
+    hive_proc = _started(
+        tmp_path,
         "rbee-hive",
         [
             _script(
@@ -179,12 +189,7 @@ def test_a_hives_standby_is_left_to_its_hive_and_its_forks_are_stopped(tmp_path:
                 f"{url!r}])\ntime.sleep(60)\n",
             )
         ],
-        url="",
-        log=tmp_path / "hive.log",
-        env=dict(os.environ),
     )
-    hive_proc = hive.process()
-    assert hive_proc is not None
     try:
         _wait_for(lambda: len(hive_proc.children(recursive=True)) == 2)
         (standby,) = hive_proc.children()
@@ -193,20 +198,21 @@ def test_a_hives_standby_is_left_to_its_hive_and_its_forks_are_stopped(tmp_path:
         assert [p.pid for p in cluster.worker_processes(url)] == [fork.pid]
 
         processes.terminate(hive_proc, 10)  # a hive that is gone: its standby is a leftover
-        _wait_for(lambda: standby.ppid() != hive.pid)
+        _wait_for(lambda: standby.ppid() != hive_proc.pid)
         assert sorted(p.pid for p in cluster.worker_processes(url)) == sorted(
             [standby.pid, fork.pid]
         )
     finally:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(hive.pid, signal.SIGKILL)
+            os.killpg(hive_proc.pid, signal.SIGKILL)
 
 
 def test_a_process_that_exited_is_stopped_though_its_parent_has_not_reaped_it(
     tmp_path: Path,
 ) -> None:
     """A zombie has exited: the stop does not wait for its parent to reap it."""
-    parent = processes.spawn(
+    parent_proc = _started(
+        tmp_path,
         "parent",
         [
             sys.executable,
@@ -215,12 +221,7 @@ def test_a_process_that_exited_is_stopped_though_its_parent_has_not_reaped_it(
             "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
             "time.sleep(60)\n",  # never reaps its child
         ],
-        url="",
-        log=tmp_path / "parent.log",
-        env=dict(os.environ),
     )
-    parent_proc = parent.process()
-    assert parent_proc is not None
     try:
         _wait_for(lambda: len(parent_proc.children()) == 1)
         (child,) = parent_proc.children()
