@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -30,12 +29,13 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
 import psutil
 
+from rbee.common.children import dies_with
 from rbee.common.cpus import usable_cpus
 from rbee.common.errors import BadRequest, NotFound, RbeeError, Unavailable, quote
 from rbee.common.gpu import default_llama_server
@@ -319,19 +319,6 @@ def _free_loopback_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _dies_with(parent: int) -> Callable[[], None]:
-    """For the RPC server before exec: be killed when its part dies, however it dies."""
-
-    def child() -> None:
-        with contextlib.suppress(Exception):
-            pr_set_pdeathsig = 1
-            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-        if os.getppid() != parent:
-            os._exit(1)
-
-    return child
-
-
 def rpc_server_command(
     binary: str, port: int, devices: Sequence[str], threads: int, cache: bool
 ) -> tuple[list[str], dict[str, str]]:
@@ -378,7 +365,7 @@ async def run_part(args: argparse.Namespace) -> int:
         *command,
         env={**os.environ, **extra},
         stdin=asyncio.subprocess.DEVNULL,
-        preexec_fn=_dies_with(os.getpid()),  # prctl only, before exec
+        preexec_fn=dies_with(os.getpid()),  # prctl only, before exec
     )
     server_exit = asyncio.ensure_future(server.wait())
     server_exit.add_done_callback(

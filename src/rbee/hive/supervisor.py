@@ -31,6 +31,7 @@ from typing import Literal
 import httpx
 import psutil
 
+from rbee.common.children import ended
 from rbee.common.clock import Clock, monotonic
 from rbee.common.cpus import format_cpu_set, parse_cpu_set, usable_cpus
 from rbee.common.errors import BadRequest, Conflict, NotFound, RbeeError, Unavailable, quote
@@ -83,24 +84,9 @@ async def exited(proc: psutil.Process, timeout_s: float) -> int | None:
     kernel at once where it can (a pidfd), not at the next look of a polling wait: a swap waits
     for the old worker's end. Raises psutil.TimeoutExpired."""
     try:
-        pidfd = os.pidfd_open(proc.pid)
-    except (AttributeError, OSError):  # not Linux 5.3+, or gone already
-        return await asyncio.to_thread(proc.wait, timeout_s)
-    loop = asyncio.get_running_loop()
-    ended: asyncio.Future[None] = loop.create_future()
-
-    def readable() -> None:
-        if not ended.done():
-            ended.set_result(None)
-
-    loop.add_reader(pidfd, readable)
-    try:
-        await asyncio.wait_for(ended, timeout_s)
+        await asyncio.wait_for(ended(proc.pid), timeout_s)
     except TimeoutError:
         raise psutil.TimeoutExpired(timeout_s, proc.pid) from None
-    finally:
-        loop.remove_reader(pidfd)
-        os.close(pidfd)
     # It has ended, its memory freed. Ours: reaped here, with its code. Another's (a fork of the
     # standby): its parent reaps it, and psutil's wait would poll until it had.
     try:

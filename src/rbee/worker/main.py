@@ -152,6 +152,9 @@ def serve_worker(args: list[str]) -> None:
     if settings.cpu_set is not None:
         pin(settings.cpu_set)
     server = llama_server(settings, pooled=facts.pooling is not None)
+    # Its model loads from now on, while the worker builds its app and starts serving: a swap
+    # waits for the load, not for both one after the other.
+    server.launch()
     app = create_app(settings, engine_factory=lambda: LlamaServerEngine(server), engine_host=server)
     runtime: WorkerRuntime = app.state.worker
     code = serve(

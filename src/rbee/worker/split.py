@@ -73,6 +73,11 @@ class SplitLlamaServer(LlamaServer):
         self.tunnels: list[TunnelClient] = []
         self.tunnel_failures: list[str] = []
 
+    def launch(self) -> None:
+        # Its flags name its tunnels: it starts once they are up (`start`), not before.
+        if self.tunnels:
+            super().launch()
+
     async def start(self) -> None:
         ports = []
         for endpoint in self.endpoints:

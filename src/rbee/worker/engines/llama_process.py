@@ -12,16 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import secrets
 import shutil
-import signal
-import sys
 import tempfile
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +25,7 @@ from typing import Any
 import aiohttp
 import psutil
 
+from rbee.common.children import Child, spawn
 from rbee.common.gpu import default_llama_server
 from rbee.common.lines import read_lines
 from rbee.worker.engines.base import EngineError, as_json
@@ -40,7 +37,9 @@ _server_log = logging.getLogger("llama-server")
 SERVER_BINARY = "llama-server"
 DIR_PREFIX = "rbee-llama-server-"  # then the worker's pid and a random part
 OUTPUT_LINES_KEPT = 60
-READY_POLL_S = 0.02
+READY_POLL_S = 0.02  # how often /health is asked while the server has not logged LOADED_LINE
+LOADED_LINE = "model loaded"  # how llama-server's log line ends once /health answers 200
+FIRST = asyncio.FIRST_COMPLETED
 STOP_GRACE_S = 5.0
 PROBE_INTERVAL_S = 5.0  # how often the worker checks that the server still answers
 LEARN_AFTER_S = 0.5  # how long after it serves the chat template is probed
@@ -91,8 +90,10 @@ class ServerConfig:
             # knows tools) on /v1/chat/completions, /v1/messages and /v1/responses.
             "--jinja",
             *("--n-gpu-layers", "all" if self.gpu_layers < 0 else str(self.gpu_layers)),
-            # Our heartbeats and /health say how the worker is; its own loading log is noise.
-            *("--log-verbosity", "2"),
+            # Its log at info level: ~10 lines a load and 7 a request (nothing for /health or
+            # /slots), and the line that says its model is loaded (LOADED_LINE), which tells
+            # the worker at once rather than at its next look.
+            *("--log-verbosity", "3"),
         ]
         args += self.extra_args
         if self.passive_wait:
@@ -127,39 +128,6 @@ class ServerConfig:
         return env
 
 
-def _dies_with(parent: int) -> Callable[[], None]:
-    """For the child before exec: be killed when the worker dies, however it dies.
-
-    SIGKILL, not SIGTERM: a server with nobody left to answer has nothing to save, and its
-    SIGTERM handler, called a second time while it shuts down, may hang in exit() (a server
-    outlived its worker so in a test run). A worker that died before the child asked is
-    checked for by pid, since the request only covers deaths after it."""
-
-    def child() -> None:
-        with contextlib.suppress(Exception):
-            pr_set_pdeathsig = 1
-            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-        if os.getppid() != parent:
-            os._exit(1)
-
-    return child
-
-
-def keep_to_this_process() -> None:
-    """Mark every file this process has open as not inherited by the children it starts.
-
-    uvloop's subprocesses ignore `close_fds`: a child gets every inheritable descriptor, and
-    the listening socket uvicorn serves on is one. A llama-server holding the worker's port
-    kept accepting connections (that nobody answered) for seconds after the worker exited,
-    and a new worker could not bind it. The child's stdio is set up after this, as always."""
-    with contextlib.suppress(OSError):  # /dev/fd is /proc/self/fd on Linux
-        for name in os.listdir("/dev/fd"):
-            fd = int(name)
-            with contextlib.suppress(OSError):
-                if fd > 2 and os.get_inheritable(fd):
-                    os.set_inheritable(fd, False)
-
-
 def sweep_stale_dirs(root: Path) -> list[Path]:
     """Remove (and return) the socket directories of this user's workers that are gone."""
     removed = []
@@ -192,7 +160,9 @@ class LlamaServer:
         self._dir = Path(tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-"))  # mode 0700
         self.socket = self._dir / "server.sock"
         self.api_key = secrets.token_urlsafe(24)
-        self._proc: asyncio.subprocess.Process | None = None
+        self._proc: Child | None = None
+        self._launch_error: EngineError | None = None
+        self._said_loaded = asyncio.Event()  # its log said the model is loaded
         self._output: deque[str] = deque(maxlen=OUTPUT_LINES_KEPT)
         self._reader: asyncio.Task[None] | None = None
         self._closing = False
@@ -223,24 +193,27 @@ class LlamaServer:
             timeout=timeout,
         )
 
-    async def start(self) -> None:
+    def launch(self) -> None:
+        """Start the server's process now, before the worker serves: the model loads while the
+        worker sets up (`start` waits for it). A failure is kept for `start` to raise."""
+        if self._proc is not None or self._launch_error is not None:
+            return
         binary = shutil.which(self.config.binary)
         if binary is None:
-            raise EngineError(
+            self._launch_error = EngineError(
                 f"llama.cpp's server ({self.config.binary}) was not found; ./dev install builds it"
             )
-        keep_to_this_process()
+            return
         try:
-            self._proc = await asyncio.create_subprocess_exec(
-                *self.config.args(self.socket),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
-                env=self.config.env(self.api_key),
-                preexec_fn=_dies_with(os.getpid()) if sys.platform == "linux" else None,
-            )
+            self._proc = Child(spawn(self.config.args(self.socket), self.config.env(self.api_key)))
         except OSError as exc:
-            raise EngineError(f"cannot start {binary}: {exc.strerror or exc}") from None
+            self._launch_error = EngineError(f"cannot start {binary}: {exc.strerror or exc}")
+
+    async def start(self) -> None:
+        self.launch()
+        if self._launch_error is not None:
+            raise self._launch_error
+        assert self._proc is not None
         self._reader = asyncio.create_task(self._read_output(), name="llama-server-output")
         async with self.client(aiohttp.ClientTimeout(total=5.0)) as http:
             try:
@@ -289,26 +262,32 @@ class LlamaServer:
 
     async def _read_output(self) -> None:
         assert self._proc is not None
-        assert self._proc.stdout is not None
         # Never stops draining before the end: a server blocked on a full pipe hangs the worker.
-        async for line in read_lines(self._proc.stdout):
+        async for line in read_lines(self._proc.stdout()):
             self._output.append(line)
+            if line.endswith(LOADED_LINE):
+                self._said_loaded.set()
             _server_log.debug("%s", line)
 
     async def _wait_ready(self, http: aiohttp.ClientSession) -> None:
-        while True:
-            with contextlib.suppress(*NETWORK_ERRORS):
-                async with http.get("/health") as response:
-                    if response.status == 200:
-                        return
-            if await self._exited(READY_POLL_S):
-                raise EngineError(await self._load_failure())
-
-    async def _exited(self, wait_s: float) -> bool:
+        """Until `/health` says the model is loaded: asked again each time the server logs that
+        it is (`model loaded`), else every READY_POLL_S, in case it never says so."""
         assert self._proc is not None
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._proc.wait(), wait_s)
-        return self._proc.returncode is not None
+        exited = asyncio.ensure_future(self._proc.wait())
+        try:
+            while True:
+                with contextlib.suppress(*NETWORK_ERRORS):
+                    async with http.get("/health") as response:
+                        if response.status == 200:
+                            return
+                said = asyncio.ensure_future(self._said_loaded.wait())
+                await asyncio.wait({exited, said}, timeout=READY_POLL_S, return_when=FIRST)
+                said.cancel()
+                self._said_loaded.clear()
+                if exited.done():
+                    raise EngineError(await self._load_failure())
+        finally:
+            exited.cancel()
 
     async def _last_words(self) -> str:
         if self._reader is not None:
@@ -433,8 +412,7 @@ class LlamaServer:
             # nothing it holds outlives it either way (it writes no files; its slots' caches
             # die with it). Its own shutdown took ~10 ms longer to free the memory (SmolLM2),
             # which a swap waits for. SIGKILL also ends a stopped (SIGSTOP) server.
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
+            proc.kill()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(proc.wait(), STOP_GRACE_S)
         if self._reader is not None:
