@@ -180,7 +180,7 @@ class LlamaServer:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
-    def client(self, timeout: aiohttp.ClientTimeout) -> aiohttp.ClientSession:
+    def client(self, timeout: aiohttp.ClientTimeout, connections: int = 1) -> aiohttp.ClientSession:
         """A client for one engine. Made inside the running event loop, as aiohttp requires.
 
         A new connection per request: llama-server may close a connection once it has answered,
@@ -188,7 +188,9 @@ class LlamaServer:
         a POST). Connecting over the Unix socket costs tens of microseconds."""
         return aiohttp.ClientSession(
             BASE_URL,
-            connector=aiohttp.UnixConnector(path=str(self.socket), limit=1, force_close=True),
+            connector=aiohttp.UnixConnector(
+                path=str(self.socket), limit=connections, force_close=True
+            ),
             headers={"Authorization": f"Bearer {self.api_key}"},
             timeout=timeout,
         )
@@ -215,7 +217,7 @@ class LlamaServer:
             raise self._launch_error
         assert self._proc is not None
         self._reader = asyncio.create_task(self._read_output(), name="llama-server-output")
-        async with self.client(aiohttp.ClientTimeout(total=5.0)) as http:
+        async with self.client(aiohttp.ClientTimeout(total=5.0), connections=2) as http:
             try:
                 async with asyncio.timeout(self.load_timeout_s):
                     await self._wait_ready(http)
@@ -316,9 +318,10 @@ class LlamaServer:
                 return await response.json()
 
         try:
-            props = await get("/props")
+            # Both at once: the first request after a swap waits for them.
+            props, models = await asyncio.gather(get("/props"), get("/v1/models"))
             self.context_size = int(props["default_generation_settings"]["n_ctx"])
-            meta = (await get("/v1/models"))["data"][0]["meta"]
+            meta = models["data"][0]["meta"]
             self.vocab_size = int(meta["n_vocab"])
             self.embedding_size = int(meta["n_embd"])
             caps = props.get("chat_template_caps")
