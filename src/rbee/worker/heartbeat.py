@@ -121,10 +121,12 @@ class Heartbeater:
         self.failures += 1
 
     def close(self) -> None:
-        """Ask `run` to send the current status once more and return.
+        """Ask `run` to return: at once if it waits, else once its send in flight is answered.
 
         `run` is never cancelled mid-send at shutdown: a heartbeat still in flight could reach
-        the queen after the final `stopped` one and put the worker back into its registry.
+        the queen after the final `stopped` one and put the worker back into its registry. It
+        sends nothing more itself: the final status (`stopped`), which says all there is, comes
+        from whoever closed it, and a stop (a swap waits for it) waits for that one beat only.
         """
         self._closing = True
         self._wake.set()
@@ -135,12 +137,12 @@ class Heartbeater:
         while True:
             self._wake.clear()
             self._hurry.clear()
+            if self._closing:
+                return
             if await self.send(self._info(), timeout_s=min(10.0, self.interval_s)):
                 delay, retry_s = self.interval_s, self._first_retry_s
             else:
                 delay, retry_s = retry_s, min(retry_s * 2, self.interval_s)
-            if self._closing:
-                return
             try:
                 async with asyncio.timeout(delay):
                     await self._wake.wait()

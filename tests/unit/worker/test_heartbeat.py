@@ -194,3 +194,16 @@ async def test_the_connection_to_the_queen_notices_a_dead_peer(
     with socket.socket(fileno=os.dup(held.fd)) as sock:
         for level, option, value in dead_peer_options():
             assert sock.getsockopt(level, option) == value, (level, option)
+
+
+async def test_closing_sends_nothing_more_as_the_closer_sends_the_final_status(
+    queen: QueenCatcher, client: aiohttp.ClientSession
+) -> None:
+    """A stop (a swap waits for it) sends one last beat, `stopped`, not one more before it."""
+    beater = Heartbeater(client, queen.url, Status().info, interval_s=60)
+    task = asyncio.create_task(beater.run())
+    await wait_for(lambda: len(queen.beats) == 1)
+    beater.close()
+    async with asyncio.timeout(2):
+        await task
+    assert len(queen.beats) == 1
