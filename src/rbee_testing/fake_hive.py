@@ -91,6 +91,9 @@ class FakeHiveCluster:
         self.beat_after_spawn = fits is not None  # False: a hive whose heartbeat after a
         self.beat_after_stop = fits is not None  # spawn (a stop) is slow
         self.stop_takes_s = 0.0  # how long a worker takes to exit once asked to stop
+        # How long a worker's model takes to load on the queen's clock: it heartbeats `starting`
+        # first, then `ready` once that much time has passed.
+        self.load_takes_s = 0.0
         self.app = create_app(
             QueenSettings.model_validate({**DEFAULTS, **settings}),
             clock=self.clock,
@@ -169,7 +172,11 @@ class FakeHiveCluster:
         self.running[pid] = (worker_id, model)
         self.workers.setdefault(worker_id, answer)
         # As a real worker does: it reports the keep-alive the hive gave it.
-        await self.heartbeat(worker_id, model, keep_alive_s=spec.get("keep_alive_s"))
+        keep_alive_s = spec.get("keep_alive_s")
+        if self.load_takes_s:
+            await self.heartbeat(worker_id, model, "starting", keep_alive_s=keep_alive_s)
+            self.clock.advance(self.load_takes_s)
+        await self.heartbeat(worker_id, model, keep_alive_s=keep_alive_s)
         if self.beat_after_spawn:
             await self.hive_heartbeat()
         url = f"http://{worker_id}:8080"

@@ -50,6 +50,18 @@ async def test_a_worker_started_on_demand_unloads_after_its_keep_alive(
     assert len(cluster.spawns) == 2
 
 
+async def test_the_keep_alive_clock_starts_once_the_model_is_loaded_not_while_it_loads(
+    cluster: FakeHiveCluster,
+) -> None:
+    """`rbee load` of a model that takes a minute to load, with a keep-alive of 30 s: it stays
+    30 s once loaded, not none at all."""
+    cluster.load_takes_s = 60
+    await cluster.spawn_job(keep_alive="30s")
+    assert (await cluster.model())["keep_alive_left_s"] == 30.0
+    assert await cluster.idle_for(29) == []
+    assert await cluster.idle_for(2) == ["w1-cold"]
+
+
 async def test_the_keep_alive_clock_restarts_when_a_request_ends(
     cluster: FakeHiveCluster,
 ) -> None:

@@ -19,7 +19,7 @@ from rbee.contracts.workers import WORKER_ID_PATTERN, HeartbeatAck, WorkerHeartb
 from rbee.queen.live import queen_view, snapshot, worker_json
 from rbee.queen.operations import hive_failure
 from rbee.queen.registry import ChangeKind, RegistryChange
-from rbee.queen.routing.router import pool_of
+from rbee.queen.routing.router import SERVING, pool_of
 from rbee.queen.state import QueenState, get_state
 
 router = APIRouter()
@@ -49,8 +49,11 @@ def registry_changed(state: QueenState, change: RegistryChange) -> None:
     first byte go elsewhere, and an early death counts against on-demand starts."""
     publish_change(state, change)
     worker_id = change.worker.id
-    if change.kind is ChangeKind.REGISTERED:
-        state.router.tracker.joined(worker_id)  # its keep-alive's clock starts
+    if change.kind in (ChangeKind.REGISTERED, ChangeKind.STATUS_CHANGED):
+        if change.worker.status in SERVING:
+            # Its keep-alive's clock starts once it serves: a load (minutes, for a big model) is
+            # no idleness. Only the first time: its requests restart the clock after that.
+            state.router.tracker.joined(worker_id)
     elif change.kind is ChangeKind.OFFLINE:
         state.router.depart(worker_id)
         state.router.lost(change.worker)

@@ -80,7 +80,7 @@ class LoadTracker:
         self._wake(worker_id)
 
     def joined(self, worker_id: str) -> None:
-        """The worker registered: a worker never used is idle from now."""
+        """The worker serves (its model is loaded): a worker never used is idle from now."""
         self._used.setdefault(worker_id, self._clock())
 
     def restart_idle(self, worker_id: str) -> None:
@@ -88,7 +88,7 @@ class LoadTracker:
         self._used[worker_id] = self._clock()
 
     def last_used(self, worker_id: str) -> float | None:
-        """When a request on the worker last began or ended, or else when it registered."""
+        """When a request on the worker last began or ended, or else when it began to serve."""
         return self._used.get(worker_id)
 
     def ask_keep_alive(self, worker_id: str, seconds: float) -> None:
