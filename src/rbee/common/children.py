@@ -1,10 +1,11 @@
 """Child processes started without copying the parent, watched from the event loop.
 
 uvloop starts a subprocess with fork(): the kernel copies the page tables of the whole
-worker (~60 MB of Python) first, ~10 ms on the machines we measured, and a swap waits for it.
+worker (~60 MB of Python) first, ~10 ms on our two-core machine, and a swap waits for it.
 CPython's `subprocess.Popen` uses vfork() (posix_spawn's way) when no Python code has to run
 in the child, ~0.3 ms: `spawn` starts a child so, its death with the parent arranged by
-`setpriv --pdeathsig` (util-linux) rather than by a `preexec_fn`, which would force a fork.
+`setpriv --pdeathsig` (util-linux) rather than by a `preexec_fn`, which would force a fork
+(and is the way where no setpriv has that option).
 `Child` then reads its output and waits for its end on the running loop, told by the kernel
 (a pidfd) rather than by polling.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import os
 import shutil
 import signal
@@ -42,20 +44,32 @@ def dies_with(parent: int) -> Callable[[], None]:
     return child
 
 
+@functools.cache
+def pdeathsig_prefix() -> tuple[str, ...]:
+    """`setpriv --pdeathsig KILL --` where util-linux's setpriv has that option (2.33 and
+    later), else nothing. Asked once per process (a standby asks before it forks its workers).
+    SIGKILL: a child with nobody left to answer has nothing to save."""
+    setpriv = shutil.which("setpriv") if sys.platform == "linux" else None
+    if setpriv is None:
+        return ()
+    try:
+        usage = subprocess.run(
+            [setpriv, "--help"], capture_output=True, text=True, timeout=5, check=False
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    return (setpriv, "--pdeathsig", "KILL", "--") if "--pdeathsig" in usage else ()
+
+
 def spawn(argv: Sequence[str], env: Mapping[str, str]) -> subprocess.Popen[bytes]:
     """Start `argv` with its output (stdout and stderr) on a pipe, stdin empty, no other file
     of ours inherited, SIGKILLed when this process dies, however it dies (Linux; elsewhere it
     outlives us). Raises OSError when it cannot start."""
-    prefix: list[str] = []
+    # With setpriv, the same pid runs the command once setpriv has set it up.
+    prefix = pdeathsig_prefix()
     before_exec: Callable[[], None] | None = None
-    if sys.platform == "linux":
-        setpriv = shutil.which("setpriv")
-        if setpriv is not None:
-            # SIGKILL: a child with nobody left to answer has nothing to save. The same pid
-            # runs the command once setpriv has set it up.
-            prefix = [setpriv, "--pdeathsig", "KILL", "--"]
-        else:
-            before_exec = dies_with(os.getpid())
+    if sys.platform == "linux" and not prefix:
+        before_exec = dies_with(os.getpid())
     return subprocess.Popen(
         [*prefix, *argv],
         stdin=subprocess.DEVNULL,

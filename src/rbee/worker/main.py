@@ -67,6 +67,7 @@ def _import_ahead() -> None:
     """A standby's imports (`rbee.worker.standby`), and what a worker makes before it serves."""
     import_worker()
     with contextlib.suppress(ImportError):
+        from rbee.common.children import pdeathsig_prefix
         from rbee.common.serve import flags_parser
         from rbee.common.tls import client_context
         from rbee.worker.settings import WorkerSettings
@@ -75,6 +76,7 @@ def _import_ahead() -> None:
         # has its TLS context (the hive hands a worker no CA setting of its own: the same one).
         flags_parser(WorkerSettings)
         client_context()
+        pdeathsig_prefix()  # how its llama-server dies with it: asked once, for every fork
     # What is imported lives as long as the process: frozen now, the collection `serve` makes
     # before it starts (freezing it too) has next to nothing left to walk, and the forks share
     # these pages with the standby instead of copying them.

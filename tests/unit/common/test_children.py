@@ -56,13 +56,22 @@ time.sleep(600)
 """
 
 
-@pytest.mark.parametrize("setpriv", [True, False], ids=["setpriv", "without-setpriv"])
-def test_a_child_dies_with_its_parent_however_the_parent_dies(
-    tmp_path: Path, setpriv: bool
-) -> None:
+# A setpriv older than util-linux 2.33, which knows no --pdeathsig (and fails if run).
+OLD_SETPRIV = """#!/bin/sh
+echo "Usage: setpriv [options] <program> [<argument>...]"
+exit 1
+"""
+
+
+@pytest.mark.parametrize("setpriv", ["setpriv", "none", "too-old"])
+def test_a_child_dies_with_its_parent_however_the_parent_dies(tmp_path: Path, setpriv: str) -> None:
     env = dict(os.environ)
-    if not setpriv:  # setpriv not found: the child asks the kernel itself, before its exec
+    if setpriv != "setpriv":  # the child asks the kernel itself, before its exec
         env["PATH"] = str(tmp_path)
+    if setpriv == "too-old":
+        fake = tmp_path / "setpriv"
+        fake.write_text(OLD_SETPRIV)
+        fake.chmod(0o755)
     parent = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(PARENT)], stdout=subprocess.PIPE, env=env
     )
