@@ -1,7 +1,8 @@
 """Prefix routing next to least-loaded routing, on real workers, in one run (issue 26).
 
     .venv/bin/python bench/affinity_bench.py [--conversations 24] [--turns 6] [--clients 4]
-        [--system-tokens 1500] [--unique 48] [--max-tokens 8] [--shared-system] [--think 0]
+        [--open 3] [--system-tokens 1500] [--unique 48] [--max-tokens 8] [--shared-system]
+        [--think 0]
 
 For each policy (`prefix`, `least-loaded`) a cluster of its own, both up at once: queen-rbee
 with that `--routing-policy`, one rbee-hive, and three workers of SmolLM2-135M started through
@@ -9,8 +10,10 @@ the queen (2 slots of 4096 tokens each, passive waits so the idle cluster costs 
 both policies start from cold caches. On each, two workloads (multi-turn on one cluster, then on
 the other; the unique prompts in --rounds rounds taking turns which goes first):
 
-  multi-turn  --conversations conversations of --turns turns, --clients at once (each client
-              takes the next conversation when its own ends). Each conversation has its own
+  multi-turn  --conversations conversations of --turns turns, --clients at once, each client
+              keeping --open conversations going (a turn of each in turn, as an agent runs
+              sub-agents or a person keeps several chats) and taking the next when one ends
+              (--open 1: one conversation after another). Each conversation has its own
               system prompt of about --system-tokens tokens (a coding agent's instructions and
               its project's context); each turn adds a question of about 60 tokens and the
               answer. With --shared-system all conversations share one system prompt instead
@@ -18,6 +21,11 @@ the other; the unique prompts in --rounds rounds taking turns which goes first):
               seconds between a turn's answer and the next turn (a person reading, a tool
               running); with none, a client's next turn finds the worker it just left the least
               loaded, so least-loaded routing keeps most conversations on one worker by itself.
+              A worker holds a conversation in a slot, or, once the slot moved on, in its
+              prompt cache (llama-server's --cache-ram), which rbee sizes as the worker's KV
+              cache: here 2 x 4096 tokens, room for ~4 conversations of ~2,000 tokens besides
+              the 2 in its slots. With 4 clients x 3 open, the 12 conversations in flight are
+              more than one worker holds and fewer than three do: the case routing decides.
   unique      --unique requests of about 400 tokens that share no prefix, --clients at once.
 
 Every request streams (`stream_options.include_usage`), greedy, at most --max-tokens tokens. It
@@ -322,18 +330,32 @@ async def multi_turn(url: str, args: argparse.Namespace) -> Figures:
     for n in range(args.conversations):
         queue.put_nowait(n)
 
+    @dataclass
+    class Conversation:
+        rng: random.Random
+        messages: list[dict[str, str]]
+        turn: int = 0
+
+    def opened(n: int) -> Conversation:
+        system = shared if args.shared_system else system_prompt(n + 1, args.system_tokens)
+        return Conversation(random.Random(1000 + n), [{"role": "system", "content": system}])
+
     async def client(http: httpx.AsyncClient) -> None:
-        while not queue.empty():
-            n = queue.get_nowait()
-            rng = random.Random(1000 + n)
-            system = shared if args.shared_system else system_prompt(n + 1, args.system_tokens)
-            messages = [{"role": "system", "content": system}]
-            for turn in range(args.turns):
-                question = f"Step {turn}: {words(rng, 50)}. What should change first?"
-                messages.append({"role": "user", "content": question})
-                answer = await ask(http, messages, args.max_tokens, figures, turn)
-                messages.append({"role": "assistant", "content": answer or "(none)"})
-                if args.think and turn + 1 < args.turns:
+        # Up to --open conversations at once, a turn of each in turn; a finished one makes
+        # way for the next in the queue.
+        open_: list[Conversation] = []
+        while open_ or not queue.empty():
+            while len(open_) < args.open and not queue.empty():
+                open_.append(opened(queue.get_nowait()))
+            for talk in list(open_):
+                question = f"Step {talk.turn}: {words(talk.rng, 50)}. What should change first?"
+                talk.messages.append({"role": "user", "content": question})
+                answer = await ask(http, talk.messages, args.max_tokens, figures, talk.turn)
+                talk.messages.append({"role": "assistant", "content": answer or "(none)"})
+                talk.turn += 1
+                if talk.turn == args.turns:
+                    open_.remove(talk)
+                elif args.think:
                     await asyncio.sleep(args.think)
 
     started = time.perf_counter()
@@ -440,6 +462,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="unique prompts, in rounds")
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--shared-system", action="store_true")
+    parser.add_argument(
+        "--open", type=int, default=3, help="conversations each client keeps going at once"
+    )
     parser.add_argument(
         "--think", type=float, default=0.0, help="seconds between a turn's answer and the next"
     )

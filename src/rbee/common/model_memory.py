@@ -19,7 +19,14 @@ weights + KV cache + compute buffers (+ on a CPU, the worker's own memory), wher
   8,192 tokens x 1 or 2 slots held 254-401 MiB, estimated 275-421; Gemma 3 270M (its
   sliding-window layers keep a shorter cache than counted here) 436-457 MiB, estimated
   477-595. A header that does not give the widths (a hive before they were read) gets the
-  GPU's estimate.
+  GPU's estimate;
+- the prompt cache is `llama-server`'s copy, in the machine's RAM, of prompts it served that no
+  slot holds any more (`--cache-ram`), so that a conversation that comes back after its slot
+  served others is restored rather than read again. Left to itself it grows to 8 GiB per
+  worker (~40 MiB per 1,800-token prompt of SmolLM2 at f16), past any `--memory-limit`; a
+  worker gets as much as its KV cache (`PROMPT_CACHE_SHARE`): as many tokens again as its slots
+  hold. It is counted where it lives: on a CPU or an Apple GPU (the machine's memory), not in
+  an NVIDIA GPU's. Embedding workers get none (nothing they read comes back).
 
 It is an estimate for placement (will it fit, and where is there most room), not an allocator.
 """
@@ -43,6 +50,10 @@ MIB = 1 << 20
 ENGINE_BASE = 32 * MIB  # llama-server's own memory, whatever the model
 VOCAB_ENTRY = 320  # ... and per token of the vocabulary (SmolLM2 49k tokens, Gemma 3 262k)
 WORKER_PROCESS = 80 * MIB  # the worker's Python (measured ~66 MiB; it grows as it serves)
+# A worker's prompt cache, as a share of its KV cache (whole MiB: llama-server's unit).
+PROMPT_CACHE_SHARE = 1.0
+# Devices whose memory is the machine's RAM, where the prompt cache lives.
+RAM_DEVICE_KINDS = frozenset({"cpu", "metal"})
 
 
 def kv_cache_type(setting: str, slots: int, quantizable: bool) -> str:
@@ -65,18 +76,22 @@ class MemoryEstimate:
     slots: int
     kv_type: str = "f16"
     processes: int = 0  # on a CPU: llama-server's own memory and the worker's
+    prompt_cache: int = 0  # llama-server's --cache-ram, in bytes
+    prompt_cache_here: bool = True  # it is in this device's memory (counted in `total`)
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.compute + self.processes
+        cache = self.prompt_cache if self.prompt_cache_here else 0
+        return self.weights + self.kv_cache + self.compute + self.processes + cache
 
     def describe(self) -> str:
         processes = f" + processes {gib(self.processes)}" if self.processes else ""
+        cache = f" + prompt cache {gib(self.prompt_cache)}" if self.prompt_cache_here else ""
         return (
             f"about {gib(self.total)} (weights {gib(self.weights)} + KV cache "
             f"{gib(self.kv_cache)} for {self.ctx_size} tokens x {self.slots} slot(s) at "
             f"{self.kv_type} + "
-            f"compute {gib(self.compute)}{processes})"
+            f"compute {gib(self.compute)}{processes}{cache})"
         )
 
 
@@ -92,10 +107,12 @@ def estimate_memory(
     gpu_layers: int | None = None,
     kv_cache_setting: KvCacheType = "auto",
     device_kind: str | None = None,
+    embedding: bool = False,
 ) -> MemoryEstimate:
     """Memory one worker needs on its device (`device_kind`: `cpu`, a GPU's kind, or None when
     not known). `gpu_layers` K < all: a GPU holding K layers. The KV cache is stored as the
-    worker's `--kv-cache-type kv_cache_setting` will store it."""
+    worker's `--kv-cache-type kv_cache_setting` will store it. `embedding`: a worker for
+    embeddings or reranking (no prompt cache)."""
     layers = footprint.layers
     kv_type = kv_cache_type(kv_cache_setting, slots, footprint.kv_quantizable)
     kv_per_token = footprint.kv_bytes_per_token
@@ -109,6 +126,9 @@ def estimate_memory(
         widths = 4 * footprint.embedding_length + 2 * footprint.feed_forward_length
         compute = F32 * (BATCH_TOKENS * widths + slots * footprint.vocab_size)
         processes = ENGINE_BASE + VOCAB_ENTRY * footprint.vocab_size + WORKER_PROCESS
+    # The whole context of every slot, whatever share of the layers a GPU holds: the cache
+    # keeps every layer's K and V, in RAM.
+    prompt_cache = 0 if embedding else round(kv_per_token * tokens * PROMPT_CACHE_SHARE)
     return MemoryEstimate(
         weights=round(footprint.weights_bytes * share),
         kv_cache=round(kv_per_token * tokens * share),
@@ -117,6 +137,8 @@ def estimate_memory(
         slots=slots,
         kv_type=kv_type,
         processes=processes,
+        prompt_cache=prompt_cache // MIB * MIB,
+        prompt_cache_here=device_kind is None or device_kind in RAM_DEVICE_KINDS,
     )
 
 
@@ -143,6 +165,7 @@ def default_sizing(
     slots: int | None = None,
     gpu_layers: int | None = None,
     kv_cache_setting: KvCacheType = "auto",
+    embedding: bool = False,
 ) -> MemoryEstimate:
     """The context and slots of a new worker, as the estimate of the memory it needs (its
     `ctx_size` and `slots` are what to start it with). What the caller fixed stays; the rest is
@@ -159,6 +182,7 @@ def default_sizing(
             gpu_layers=gpu_layers,
             kv_cache_setting=kv_cache_setting,
             device_kind=device_kind,
+            embedding=embedding,
         )
 
     contexts = (

@@ -51,5 +51,14 @@ def format_size(size: int) -> str:
     return str(size)
 
 
+def parse_size_or_zero(value: object) -> int:
+    """parse_size, where 0 (none) is a size too."""
+    if not isinstance(value, bool) and value in (0, "0"):
+        return 0
+    return parse_size(value)
+
+
 # A size field: written as text or a number, held as bytes.
 ByteSize = Annotated[int, BeforeValidator(parse_size)]
+# The same where 0 means none.
+ByteSizeOrZero = Annotated[int, BeforeValidator(parse_size_or_zero)]

@@ -39,6 +39,11 @@ class SpawnRequest(BaseModel):
     kv_cache_type: KvCacheType = Field(
         "auto", description="how it stores its KV cache (llm-worker-rbee --kv-cache-type)"
     )
+    prompt_cache_bytes: Annotated[int, Field(ge=0)] | None = Field(
+        None,
+        description="RAM for llama-server's copies of prompts it served (llm-worker-rbee "
+        "--prompt-cache); unset: the worker's default, none",
+    )
     keep_alive_s: KeepAliveField = Field(
         None,
         description="seconds it may stay idle before the queen unloads it (llm-worker-rbee "

@@ -314,6 +314,11 @@ class Supervisor:
                 else ()
             ),
             *(("--gpu-layers", str(request.gpu_layers)) if request.gpu_layers is not None else ()),
+            *(
+                ("--prompt-cache", str(request.prompt_cache_bytes))
+                if request.prompt_cache_bytes is not None
+                else ()
+            ),
             *("--heartbeat-interval", str(s.heartbeat_interval)),
             *(["--embedding"] if request.embedding else []),
             *(["--rerank"] if request.rerank else []),

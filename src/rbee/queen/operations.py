@@ -189,6 +189,7 @@ class Operations:
             device=request.device,
             hive_id=request.hive_id,
             kv_cache_type=request.kv_cache_type,
+            embedding=bool(request.embedding or request.rerank),
         )
         placement = self.spawner.place(demand)
         hive = placement.hive

@@ -9,6 +9,7 @@ from pydantic_settings import CliImplicitFlag, SettingsConfigDict
 
 from rbee.common.cpus import format_cpu_set, parse_cpu_set
 from rbee.common.settings import DaemonSettings, HttpUrl, Seconds
+from rbee.common.sizes import ByteSizeOrZero
 from rbee.contracts.workers import DEFAULT_CTX_SIZE, DeviceId, KeepAliveField, KvCacheType
 from rbee.worker.engines.llama_process import default_binary
 
@@ -74,6 +75,12 @@ class WorkerSettings(DaemonSettings):
         description="how the KV cache stores each slot's context: q8_0 (half the memory of f16, "
         "so more slots fit; a few percent slower), f16, or auto: q8_0 with several slots, f16 "
         "with one",
+    )
+    prompt_cache: ByteSizeOrZero = Field(
+        0,
+        description="RAM where llama.cpp keeps prompts it served after their slot moved on, so "
+        "a conversation that comes back is restored, not read again (e.g. 256MiB; whole MiB; "
+        "0: none). The queen starts each worker with as much as its KV cache",
     )
     threads: int | None = Field(
         None,

@@ -79,3 +79,28 @@ def test_a_conversation_stays_on_one_worker_and_its_cache(prefix_cluster: Cluste
     assert hits >= 4, (decisions, homes)
     cached_total = value(samples, "rbee_prompt_tokens_cached_total", model=DEFAULT_MODEL)
     assert cached_total >= sum(u["prompt_tokens_details"]["cached_tokens"] for u in later)
+
+
+def test_a_worker_keeps_served_prompts_in_ram_only_up_to_its_prompt_cache(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """llama-server keeps prompts whose slot moved on in RAM (up to 8 GiB by default). A worker
+    the queen starts gets as much as its KV cache: for one 512-token slot of SmolLM2, 11 MiB,
+    room for two ~180-token prompts (~3.9 MiB each), not three."""
+    for c in start_cluster(tmp_path_factory.mktemp("prompt-cache")):
+        c.spawn_worker(slots=1, ctx_size=512)
+
+        def cached(project: str) -> int:
+            system = f"You help with project {project}. {SYSTEM} " * 2
+            messages = [{"role": "system", "content": system}, {"role": "user", "content": "Hi"}]
+            _, _, usage = ask(c, messages)
+            assert 150 < usage["prompt_tokens"] < 220, usage
+            return int(usage["prompt_tokens_details"]["cached_tokens"])
+
+        assert cached("A") == 0
+        assert cached("B") < 10  # only the template's first tokens are shared with A
+        # A comes back after B took the slot: restored from RAM, not read again.
+        assert cached("A") > 150
+        assert cached("C") < 10  # B and A wait in RAM
+        # Saving C to make way for B leaves no room for three: B, the oldest, was dropped.
+        assert cached("B") < 10

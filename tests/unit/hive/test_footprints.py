@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import gguf
@@ -86,7 +87,12 @@ def test_the_estimate_adds_weights_kv_cache_and_compute(tmp_path: Path) -> None:
     assert one.weights == 128_000
     assert one.kv_cache == 4096 * 16384  # 64 MiB
     assert one.compute == 4 * BATCH_TOKENS * (32000 + 32 * 4096)
-    assert one.total == one.weights + one.kv_cache + one.compute
+    # llama-server's copies of served prompts, in RAM: as many tokens again as the slots hold.
+    assert one.prompt_cache == one.kv_cache
+    assert one.total == one.weights + one.kv_cache + one.compute + one.prompt_cache
+    assert "+ prompt cache 0.06 GiB" in one.describe()
+    # An embedding worker keeps none: nothing it reads comes back.
+    assert estimate_memory(footprint, ctx_size=4096, embedding=True).prompt_cache == 0
     assert footprint.kv_quantizable  # heads of 128 values: four whole q8_0 blocks
     two = estimate_memory(footprint, ctx_size=4096, slots=2)
     # A cache per slot, stored as q8_0 (34 bytes per 32 values) as a 2-slot worker stores it.
@@ -95,6 +101,7 @@ def test_the_estimate_adds_weights_kv_cache_and_compute(tmp_path: Path) -> None:
     assert two.weights == one.weights  # one copy of the weights
     half = estimate_memory(footprint, ctx_size=4096, gpu_layers=2)
     assert (half.weights, half.kv_cache) == (one.weights // 2, one.kv_cache // 2)
+    assert half.prompt_cache == one.prompt_cache  # every layer's K and V, whatever the GPU holds
     assert "for 4096 tokens x 1 slot(s) at f16" in one.describe()
 
 
@@ -109,15 +116,23 @@ def test_on_a_cpu_the_estimate_counts_what_a_worker_holds_not_what_llama_cpp_res
     assert (cpu.weights, cpu.kv_cache) == (gpu.weights, gpu.kv_cache)
     assert cpu.compute == 4 * (BATCH_TOKENS * (4 * 4096 + 2 * 14336) + 2 * 32000)
     assert cpu.processes == ENGINE_BASE + VOCAB_ENTRY * 32000 + WORKER_PROCESS
-    assert cpu.total == cpu.weights + cpu.kv_cache + cpu.compute + cpu.processes
+    assert cpu.prompt_cache == gpu.prompt_cache == cpu.kv_cache
+    assert cpu.total == (
+        cpu.weights + cpu.kv_cache + cpu.compute + cpu.processes + cpu.prompt_cache
+    )
+    # An NVIDIA GPU's worker keeps its prompt cache in the machine's RAM, not in the GPU's.
+    assert gpu.total == gpu.weights + gpu.kv_cache + gpu.compute
     assert gpu.processes == 0
     assert "processes" not in gpu.describe()
+    assert "prompt cache" not in gpu.describe()
     assert "processes 0.1" in cpu.describe()
-    # Not told the device: a GPU's (real allocations), the safe side.
-    assert estimate_memory(footprint, ctx_size=4096, slots=2) == gpu
+    # Not told the device: a GPU's (real allocations), with the prompt cache: the safe side.
+    unknown_device = estimate_memory(footprint, ctx_size=4096, slots=2)
+    assert replace(unknown_device, prompt_cache_here=False) == gpu
+    assert unknown_device.total == gpu.total + gpu.prompt_cache
     # A footprint without the widths (from an older hive): the safe side on a CPU too.
     unknown = footprint.model_copy(update={"feed_forward_length": 0})
-    assert estimate_memory(unknown, ctx_size=4096, slots=2, device_kind="cpu") == gpu
+    assert estimate_memory(unknown, ctx_size=4096, slots=2, device_kind="cpu") == unknown_device
 
 
 def test_gemmas_large_vocabulary_costs_a_cpu_worker_far_less_than_a_batch_of_logits() -> None:
@@ -130,7 +145,8 @@ def test_gemmas_large_vocabulary_costs_a_cpu_worker_far_less_than_a_batch_of_log
     cpu = estimate_memory(footprint, ctx_size=2048, device_kind="cpu")
     gpu = estimate_memory(footprint, ctx_size=2048, device_kind="cuda")
     assert gpu.total > 790 * MIB
-    assert 436 * MIB < cpu.total < 500 * MIB  # it held 436 MiB with its worker's Python
+    # It held 436 MiB with its worker's Python, before any prompt was cached.
+    assert 436 * MIB < cpu.total - cpu.prompt_cache < 500 * MIB
 
 
 def test_smollm2_kv_cache_is_what_llama_cpp_allocates() -> None:

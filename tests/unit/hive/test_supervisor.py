@@ -92,6 +92,11 @@ def test_the_worker_command_carries_identity_but_not_the_token(tmp_path: Path) -
         chosen = request.model_copy(update={"kv_cache_type": kv})
         args = supervisor.command("w3", model, 8083, chosen, CorePlacement((0,), shared=False))
         assert parse_flags(args)["--kv-cache-type"] == kv
+    # The prompt cache the queen sized is passed on; none asked, the worker's default (none).
+    assert "--prompt-cache" not in flags
+    sized = request.model_copy(update={"prompt_cache_bytes": 96 << 20})
+    args = supervisor.command("w4", model, 8084, sized, CorePlacement((0,), shared=False))
+    assert parse_flags(args)["--prompt-cache"] == str(96 << 20)
 
 
 def test_output_tail_keeps_the_end(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from rbee.worker.app import kv_cache_type, resolve_model
+from rbee.worker.app import kv_cache_type, llama_server, resolve_model
 from rbee.worker.engines.base import EngineError, Prompt, PromptError, PromptTooLong, SamplingParams
 from rbee.worker.engines.gguf import read_model_facts
 from rbee.worker.engines.llama_process import ServerConfig
@@ -162,6 +162,24 @@ def test_a_model_file_replaced_under_the_same_name_is_read_again(tmp_path: Path)
     path.write_bytes(b"not a model")
     with pytest.raises(EngineError, match="GGUF"):
         read_model_facts(path)
+
+
+def test_llama_servers_prompt_cache_is_the_workers_never_its_8_gib_default(tmp_path: Path) -> None:
+    """llama-server keeps up to 8 GiB of served prompts in RAM unless told otherwise: the worker
+    always tells it, 0 (none) unless the queen sized one; an embedding worker keeps none."""
+
+    def cache_ram(**fields: object) -> str:
+        model = str(write_tiny_gguf(tmp_path / "tiny.gguf"))
+        settings = WorkerSettings(model=model, port=1, queen_url="http://q", **fields)
+        args = llama_server(settings).config.args(Path("/run/s.sock"))
+        return args[args.index("--cache-ram") + 1]
+
+    assert cache_ram() == "0"
+    assert cache_ram(prompt_cache="96MiB") == "96"
+    assert cache_ram(prompt_cache=str(96 << 20)) == "96"  # as the hive passes it: bytes
+    assert cache_ram(prompt_cache="96MiB", embedding=True) == "0"
+    with pytest.raises(ValueError, match="unknown unit"):
+        cache_ram(prompt_cache="96MB")
 
 
 def test_auto_quantizes_the_kv_cache_only_when_several_slots_share_the_memory() -> None:

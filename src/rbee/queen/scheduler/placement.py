@@ -49,6 +49,7 @@ class Demand:
     device: str | None = None
     hive_id: str | None = None
     kv_cache_type: KvCacheType = "auto"
+    embedding: bool = False  # a worker for embeddings or reranking
 
 
 def hives_with_model(hives: Sequence[HiveView], model: str) -> list[HiveView]:
@@ -72,6 +73,7 @@ def estimate_for(
         slots=demand.slots,
         gpu_layers=demand.gpu_layers if device.kind != "cpu" else None,
         kv_cache_setting=demand.kv_cache_type,
+        embedding=demand.embedding,
     )
 
 

@@ -114,7 +114,12 @@ class Room:
             ):
                 continue
             device = next((d for d in hive.devices if d.id == info.device), None)
-            demand = Demand(info.model_id, info.ctx_size or DEFAULT_CTX_SIZE, info.slots)
+            demand = Demand(
+                info.model_id,
+                info.ctx_size or DEFAULT_CTX_SIZE,
+                info.slots,
+                embedding=info.embedding,
+            )
             estimate = estimate_for(hive, device, demand) if device else None
             used = router.tracker.last_used(info.id)
             # The requests it was loaded for (those that came before it was ready) are its

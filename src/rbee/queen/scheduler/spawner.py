@@ -116,10 +116,10 @@ class Spawner:
         # A hive heartbeats right after a spawn; one heartbeat timeout is ample for it.
         self.reservations = Reservations(registry.timeout_s, clock)
 
-    def demand(self, model: str) -> Demand:
+    def demand(self, model: str, embedding: bool = False) -> Demand:
         """What a worker of the model started on demand (or as a replica) asks for."""
         ctx_size, slots = self.sizing(model)
-        return Demand(model=model, ctx_size=ctx_size, slots=slots)
+        return Demand(model=model, ctx_size=ctx_size, slots=slots, embedding=embedding)
 
     def place(
         self,
@@ -175,6 +175,7 @@ class Spawner:
             rerank=rerank,
             cores=cores,
             kv_cache_type=demand.kv_cache_type,
+            prompt_cache_bytes=placement.estimate.prompt_cache if placement.estimate else None,
             keep_alive_s=keep_alive_s,
             load_timeout_s=deadline_s,
         )
@@ -279,7 +280,7 @@ class Spawner:
         second_round = False
         while True:
             exclude = frozenset(tried | self.backoff.held_hives(model))
-            demand = self.demand(model)
+            demand = self.demand(model, embedding)
             try:
                 placement = self.place(demand, exclude)
             except InsufficientMemory as refused:

@@ -64,6 +64,9 @@ class ServerConfig:
     # Reranking (`--reranking`: embeddings pooled by rank, and llama.cpp's /v1/rerank).
     rerank: bool = False
     kv_cache_type: str = "f16"
+    # Its copies, in RAM, of prompts it served that no slot holds any more (--cache-ram), in
+    # MiB; 0: none. llama-server's own default is 8 GiB: past any memory budget.
+    prompt_cache_mib: int = 0
     pooled: bool = True  # the file names a pooling of its own (embedding models do)
     binary: str = SERVER_BINARY
     # llama.cpp's layers on the GPU: -1 all, 0 none. The worker is pinned to its one GPU
@@ -94,6 +97,7 @@ class ServerConfig:
             # /slots), and the line that says its model is loaded (LOADED_LINE), which tells
             # the worker at once rather than at its next look.
             *("--log-verbosity", "3"),
+            *("--cache-ram", str(self.prompt_cache_mib)),
         ]
         args += self.extra_args
         if self.passive_wait:
