@@ -13,7 +13,7 @@ model, greedy, `--max-tokens` tokens.
 Two pairs of models, each with its own queen, hive and router:
 
   smollm2+gemma  SmolLM2-135M and Gemma 3 270M, hive limit 600 MiB: either fits alone, never
-                 both (on a CPU estimated 275 + 477 MiB, held ~250 + ~440 MiB), so in either
+                 both (on a CPU estimated 319 + 513 MiB, held ~250 + ~440 MiB), so in either
                  system every alternation can be a swap.
   smollm2+copy   SmolLM2 and a copy of its file under another name, hive limit 400 MiB: only
                  one fits at a time in either system, so every alternation can be a swap.
