@@ -1,7 +1,7 @@
 """Prefix routing next to least-loaded routing, on real workers, in one run (issue 26).
 
     .venv/bin/python bench/affinity_bench.py [--conversations 24] [--turns 6] [--clients 4]
-        [--open 3] [--system-tokens 1500] [--unique 48] [--max-tokens 8] [--shared-system]
+        [--open 1] [--system-tokens 1500] [--unique 48] [--max-tokens 8] [--shared-system]
         [--think 0]
 
 For each policy (`prefix`, `least-loaded`) a cluster of its own, both up at once: queen-rbee
@@ -23,9 +23,9 @@ the other; the unique prompts in --rounds rounds taking turns which goes first):
               loaded, so least-loaded routing keeps most conversations on one worker by itself.
               A worker holds a conversation in a slot, or, once the slot moved on, in its
               prompt cache (llama-server's --cache-ram), which rbee sizes as the worker's KV
-              cache: here 2 x 4096 tokens, room for ~4 conversations of ~2,000 tokens besides
-              the 2 in its slots. With 4 clients x 3 open, the 12 conversations in flight are
-              more than one worker holds and fewer than three do: the case routing decides.
+              cache: here 2 x 4096 tokens at q8_0 (~95 MiB), room for about four conversations
+              of ~2,000 tokens besides the two in its slots. --open 3 or 4 puts 12 or 16
+              conversations in flight: more than one worker holds, about what three do.
   unique      --unique requests of about 400 tokens that share no prefix, --clients at once.
 
 Every request streams (`stream_options.include_usage`), greedy, at most --max-tokens tokens. It
@@ -463,7 +463,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--shared-system", action="store_true")
     parser.add_argument(
-        "--open", type=int, default=3, help="conversations each client keeps going at once"
+        "--open", type=int, default=1, help="conversations each client keeps going at once"
     )
     parser.add_argument(
         "--think", type=float, default=0.0, help="seconds between a turn's answer and the next"
