@@ -90,10 +90,10 @@ def test_a_worker_keeps_served_prompts_in_ram_only_up_to_its_prompt_cache(
     for c in start_cluster(tmp_path_factory.mktemp("prompt-cache")):
         c.spawn_worker(slots=1, ctx_size=512)
 
-        def cached(project: str) -> int:
+        def cached(project: str, cluster: Cluster = c) -> int:
             system = f"You help with project {project}. {SYSTEM} " * 2
             messages = [{"role": "system", "content": system}, {"role": "user", "content": "Hi"}]
-            _, _, usage = ask(c, messages)
+            _, _, usage = ask(cluster, messages)
             assert 150 < usage["prompt_tokens"] < 220, usage
             return int(usage["prompt_tokens_details"]["cached_tokens"])
 
