@@ -86,7 +86,8 @@ class MemoryEstimate:
 
     def describe(self) -> str:
         processes = f" + processes {gib(self.processes)}" if self.processes else ""
-        cache = f" + prompt cache {gib(self.prompt_cache)}" if self.prompt_cache_here else ""
+        counted = self.prompt_cache and self.prompt_cache_here
+        cache = f" + prompt cache {gib(self.prompt_cache)}" if counted else ""
         return (
             f"about {gib(self.total)} (weights {gib(self.weights)} + KV cache "
             f"{gib(self.kv_cache)} for {self.ctx_size} tokens x {self.slots} slot(s) at "

@@ -92,7 +92,9 @@ def test_the_estimate_adds_weights_kv_cache_and_compute(tmp_path: Path) -> None:
     assert one.total == one.weights + one.kv_cache + one.compute + one.prompt_cache
     assert "+ prompt cache 0.06 GiB" in one.describe()
     # An embedding worker keeps none: nothing it reads comes back.
-    assert estimate_memory(footprint, ctx_size=4096, embedding=True).prompt_cache == 0
+    embedding = estimate_memory(footprint, ctx_size=4096, embedding=True)
+    assert embedding.prompt_cache == 0
+    assert "prompt cache" not in embedding.describe()
     assert footprint.kv_quantizable  # heads of 128 values: four whole q8_0 blocks
     two = estimate_memory(footprint, ctx_size=4096, slots=2)
     # A cache per slot, stored as q8_0 (34 bytes per 32 values) as a 2-slot worker stores it.
