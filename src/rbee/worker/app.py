@@ -99,9 +99,7 @@ def llama_server(settings: WorkerSettings, *, pooled: bool = True) -> LlamaServe
         embedding=settings.embedding or settings.rerank,
         rerank=settings.rerank,
         kv_cache_type=kv_cache_type(settings),
-        prompt_cache_mib=0
-        if settings.embedding or settings.rerank
-        else settings.prompt_cache >> 20,
+        prompt_cache_mib=settings.prompt_cache >> 20,
         pooled=pooled,
         binary=settings.llama_server,
         gpu_layers=gpu_layers_for(parse_device(settings.device), settings.gpu_layers),

@@ -97,7 +97,8 @@ class ServerConfig:
             # /slots), and the line that says its model is loaded (LOADED_LINE), which tells
             # the worker at once rather than at its next look.
             *("--log-verbosity", "3"),
-            *("--cache-ram", str(self.prompt_cache_mib)),
+            # An embedding worker's texts never come back: it keeps none.
+            *("--cache-ram", "0" if self.embedding else str(self.prompt_cache_mib)),
         ]
         args += self.extra_args
         if self.passive_wait:
